@@ -1,0 +1,14 @@
+//! Atelier's Stable Diffusion engine, built on Candle.
+//!
+//! Loads diffusers-layout SD 1.x / 2.x models ([`model`]), tokenizes prompts
+//! ([`tokenizer`]), encodes them ([`clip`]), denoises with a [`unet`] under one of
+//! the [`scheduler`]s and decodes with the [`vae`]. [`pipeline`] ties them together.
+//! This crate never downloads outside [`hub`], never prints, and never parses flags.
+
+pub mod attention;
+pub mod error;
+pub mod noise;
+pub mod pipeline;
+pub mod scheduler;
+
+pub use error::{Error, Result};
