@@ -12,3 +12,10 @@ pub mod pipeline;
 pub mod scheduler;
 
 pub use error::{Error, Result};
+pub mod clip;
+pub mod layers;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;
+pub mod model;
+pub mod reference;

@@ -1,10 +1,19 @@
 //! The text-to-image / image-to-image pipeline: tokenizer → text encoder →
 //! denoising loop with classifier-free guidance → VAE decode.
 
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use crate::attention::AttentionKind;
-use crate::scheduler::SchedulerKind;
+use crate::clip::{ClipConfig, ClipTextModel};
+use crate::model::{build_from_file, read_config, short_hash, ModelFiles};
+use crate::noise::Noise;
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::vae::{AutoencoderKL, VaeConfig};
 use crate::{Error, Result};
 
 /// Everything that determines one generation. Same params + same model + same device ⇒ same images.
@@ -95,27 +104,189 @@ pub struct Generated {
     pub warnings: Vec<String>,
 }
 
-/// A loaded Stable Diffusion model, ready to generate. Cheap to share behind an `Arc`;
-/// `generate` takes `&self` so several jobs can use one loaded model in turn.
+/// A loaded Stable Diffusion model, ready to generate. `generate` takes `&self`, so one
+/// loaded model can serve many jobs in turn (share it behind an `Arc`).
 pub struct StableDiffusion {
-    dir: std::path::PathBuf,
+    files: ModelFiles,
+    device: Device,
+    dtype: DType,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    scheduler_config: SchedulerConfig,
     hash: String,
 }
 
+/// Latent → RGB coefficients for SD-family VAEs, for cheap step previews.
+const LATENT_RGB: [[f32; 3]; 4] =
+    [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]];
+
 impl StableDiffusion {
-    /// Loads a diffusers-layout folder onto `device`.
-    pub fn load(dir: &std::path::Path, _device: &candle_core::Device) -> Result<Self> {
-        Ok(Self { dir: dir.to_path_buf(), hash: "0000000000".into() })
+    /// Loads a diffusers-layout folder onto `device` (f32 on CPU, f16 on GPUs).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let dtype = if device.is_cpu() { DType::F32 } else { DType::F16 };
+        Self::load_with_dtype(dir, device, dtype)
+    }
+
+    /// Loads with an explicit compute dtype.
+    pub fn load_with_dtype(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let files = ModelFiles::locate(dir)?;
+        let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
+        let clip_cfg: ClipConfig = read_config(&files.text_encoder_config)?;
+        let text_encoder = build_from_file(&files.text_encoder_weights, dtype, device, |vb| ClipTextModel::new(&clip_cfg, vb))?;
+        let unet_cfg: UNetConfig = read_config(&files.unet_config)?;
+        unet_cfg
+            .check_supported()
+            .map_err(|message| Error::Config { path: files.unet_config.clone(), message })?;
+        let unet = build_from_file(&files.unet_weights, dtype, device, |vb| UNet2DConditionModel::new(&unet_cfg, vb))?;
+        let vae_cfg: VaeConfig = read_config(&files.vae_config)?;
+        let vae = build_from_file(&files.vae_weights, dtype, device, |vb| AutoencoderKL::new(&vae_cfg, vb))?;
+        if vae_cfg.latent_channels != unet_cfg.in_channels {
+            return Err(Error::Config {
+                path: files.vae_config.clone(),
+                message: format!(
+                    "VAE latent_channels {} does not match the UNet's in_channels {}",
+                    vae_cfg.latent_channels, unet_cfg.in_channels
+                ),
+            });
+        }
+        if clip_cfg.hidden_size != unet_cfg.cross_attention_dim {
+            return Err(Error::Config {
+                path: files.text_encoder_config.clone(),
+                message: format!(
+                    "text encoder hidden_size {} does not match the UNet's cross_attention_dim {}",
+                    clip_cfg.hidden_size, unet_cfg.cross_attention_dim
+                ),
+            });
+        }
+        let scheduler_config = SchedulerConfig::load(&files.scheduler_config)?;
+        let hash = short_hash(&files.unet_weights)?;
+        Ok(Self {
+            files,
+            device: device.clone(),
+            dtype,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            hash,
+        })
     }
 
     /// The folder the model was loaded from.
-    pub fn dir(&self) -> &std::path::Path {
-        &self.dir
+    pub fn dir(&self) -> &Path {
+        &self.files.root
     }
 
     /// A1111-style short model hash (first 10 hex digits of the UNet weights' sha256).
     pub fn model_hash(&self) -> &str {
         &self.hash
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn text_encoder(&self) -> &ClipTextModel {
+        &self.text_encoder
+    }
+
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// Pixels per latent cell (8 for SD, 2 for the tiny test model).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    /// The image size the UNet was trained for, in pixels.
+    pub fn default_size(&self) -> usize {
+        self.unet.config().sample_size.unwrap_or(64) * self.vae_scale_factor()
+    }
+
+    /// Tokenizes and encodes one prompt to (1, tokens, dim); warns when it was truncated.
+    pub fn encode_prompt(&self, prompt: &str, attn: AttentionKind, warnings: &mut Vec<String>) -> Result<Tensor> {
+        let enc = self.tokenizer.encode(prompt);
+        if enc.truncated {
+            let max = self.tokenizer.max_len();
+            warnings.push(format!(
+                "prompt is {} tokens long; only the first {} are used (the text after \"{}\" was cut)",
+                enc.untruncated_length.saturating_sub(2),
+                max - 2,
+                self.tokenizer.decode(&enc.ids[enc.length.saturating_sub(4)..enc.length.saturating_sub(1)]).trim()
+            ));
+        }
+        let ids = Tensor::new(enc.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids, attn)?.last_hidden_state)
+    }
+
+    /// The denoising loop from step `start` of `scheduler`. `cond` / `uncond` are
+    /// (batch, tokens, dim); with `uncond` the UNet sees `cat([uncond, cond])` and the
+    /// prediction is guided as `u + g·(c − u)`, exactly as diffusers does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise(
+        &self,
+        mut latents: Tensor,
+        cond: &Tensor,
+        uncond: Option<&Tensor>,
+        guidance: f64,
+        scheduler: &mut dyn Scheduler,
+        start: usize,
+        noise: &mut Noise,
+        attn: AttentionKind,
+        on_step: &mut dyn FnMut(usize, &Tensor) -> bool,
+    ) -> Result<Tensor> {
+        let context = match uncond {
+            Some(u) => Tensor::cat(&[u, cond], 0)?,
+            None => cond.clone(),
+        };
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
+            let input = match uncond {
+                Some(_) => Tensor::cat(&[&latents, &latents], 0)?,
+                None => latents.clone(),
+            };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let pred = self.unet.forward(&input, t, &context, attn)?;
+            let pred = match uncond {
+                Some(_) => {
+                    let b = latents.dim(0)?;
+                    let (u, c) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
+                    (&u + ((c - &u)? * guidance)?)?
+                }
+                None => pred,
+            };
+            latents = scheduler.step(&pred, i, &latents, noise)?;
+            if !on_step(i, &latents) {
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(latents)
+    }
+
+    /// Decodes latents (as the denoiser leaves them) to images in roughly [-1, 1].
+    pub fn decode(&self, latents: &Tensor, attn: AttentionKind) -> Result<Tensor> {
+        let cfg = self.vae.config();
+        let mut z = (latents / cfg.scaling_factor)?;
+        if let Some(shift) = cfg.shift_factor {
+            z = (z + shift)?;
+        }
+        Ok(self.vae.decode(&z, attn)?)
     }
 
     /// Runs the pipeline. `on_step` is called after each denoising step; returning
@@ -126,14 +297,102 @@ impl StableDiffusion {
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> Result<Generated> {
         params.validate()?;
-        // Placeholder until the engine lands: a gradient, with progress.
-        for step in 1..=params.steps {
-            let preview = Some(RgbImage::from_pixel(params.width as u32 / 8, params.height as u32 / 8, image::Rgb([(step * 255 / params.steps) as u8, 0, 0])));
-            if !on_step(&StepProgress { step, total: params.steps, preview }) {
-                return Err(Error::Cancelled);
-            }
+        let attn = params.attention;
+        let f = self.vae_scale_factor();
+        if params.width % f != 0 || params.height % f != 0 {
+            return Err(Error::invalid("size", format!("width and height must be multiples of {f} for this model")));
         }
-        let img = RgbImage::from_fn(params.width as u32, params.height as u32, |x, y| image::Rgb([x as u8, y as u8, (params.seed % 255) as u8]));
-        Ok(Generated { images: vec![img; params.batch_size], warnings: vec![] })
+        let mut warnings = Vec::new();
+        let cond1 = self.encode_prompt(&params.prompt, attn, &mut warnings)?;
+        let use_cfg = params.guidance > 1.0;
+        let uncond1 = if use_cfg { Some(self.encode_prompt(&params.negative_prompt, attn, &mut warnings)?) } else { None };
+        let n = params.batch_size;
+        let repeat = |t: &Tensor| t.repeat((n, 1, 1));
+        let cond = repeat(&cond1)?;
+        let uncond = uncond1.as_ref().map(repeat).transpose()?;
+
+        let mut scheduler = crate::scheduler::build(params.scheduler, &self.scheduler_config, params.steps)?;
+        let (h, w) = (params.height / f, params.width / f);
+        let ch = self.unet.config().in_channels;
+        // Image k of a batch uses seed + k, so it can be reproduced alone.
+        let init_noise = (0..n)
+            .map(|k| Noise::new(params.seed.wrapping_add(k as u64)).randn(&[1, ch, h, w], &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let init_noise = Tensor::cat(&init_noise, 0)?.to_dtype(self.dtype)?;
+        let mut noise = Noise::new(params.seed ^ 0x5eed_5eed_5eed_5eed);
+
+        let (latents, start) = match &params.init_image {
+            None => ((init_noise * scheduler.init_noise_sigma())?, 0),
+            Some(img) => {
+                let steps = scheduler.timesteps().len();
+                let init_steps = ((steps as f64 * params.strength) as usize).min(steps);
+                if init_steps == 0 {
+                    return Err(Error::invalid(
+                        "strength",
+                        format!("strength {} with {} steps leaves no denoising step; raise strength or steps", params.strength, params.steps),
+                    ));
+                }
+                let start = steps - init_steps;
+                let pixels = image_to_tensor(img, params.width, params.height, &self.device)?.to_dtype(self.dtype)?;
+                let dist = self.vae.encode(&pixels, attn)?;
+                let sample_noise = noise.randn(dist.mean.dims(), &self.device)?.to_dtype(self.dtype)?;
+                let mut x0 = dist.sample(&sample_noise)?;
+                if let Some(shift) = self.vae.config().shift_factor {
+                    x0 = (x0 - shift)?;
+                }
+                let x0 = (x0 * self.vae.config().scaling_factor)?.repeat((n, 1, 1, 1))?;
+                (scheduler.add_noise(&x0, &init_noise, start)?, start)
+            }
+        };
+
+        let total = scheduler.timesteps().len() - start;
+        let mut cb = |i: usize, x: &Tensor| -> bool {
+            let preview = latent_preview(x).ok();
+            on_step(&StepProgress { step: i + 1 - start, total, preview })
+        };
+        let latents = self.denoise(latents, &cond, uncond.as_ref(), params.guidance, scheduler.as_mut(), start, &mut noise, attn, &mut cb)?;
+        let decoded = self.decode(&latents, attn)?;
+        let images = tensor_to_images(&decoded)?;
+        Ok(Generated { images, warnings })
     }
+}
+
+/// Converts decoder output in [-1, 1] to 8-bit images as diffusers does:
+/// `round(clamp(x/2 + 0.5, 0, 1) · 255)`.
+pub fn tensor_to_images(decoded: &Tensor) -> Result<Vec<RgbImage>> {
+    let x = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    let x = (x * 255.0)?.round()?.to_dtype(DType::U8)?.permute((0, 2, 3, 1))?.to_device(&Device::Cpu)?;
+    let (b, h, w, _) = x.dims4()?;
+    (0..b)
+        .map(|i| {
+            let data = x.get(i)?.flatten_all()?.to_vec1::<u8>()?;
+            RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| Error::Image("bad decoded size".into()))
+        })
+        .collect()
+}
+
+/// Resizes an image to width×height and maps it to a (1, 3, H, W) tensor in [-1, 1].
+pub fn image_to_tensor(img: &RgbImage, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    let img = if img.width() as usize != width || img.height() as usize != height {
+        image::imageops::resize(img, width as u32, height as u32, image::imageops::FilterType::Lanczos3)
+    } else {
+        img.clone()
+    };
+    let t = Tensor::from_vec(img.into_raw(), (height, width, 3), &Device::Cpu)?
+        .permute((2, 0, 1))?
+        .to_dtype(DType::F32)?;
+    Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?.to_device(device)?)
+}
+
+/// A cheap preview of the first latent of a batch: a fixed linear map of the latent
+/// channels to RGB (SD-family VAEs), one pixel per latent cell.
+pub fn latent_preview(latents: &Tensor) -> Result<RgbImage> {
+    let x = latents.get(0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let (c, h, w) = x.dims3()?;
+    let coeffs: Vec<f32> = (0..c).flat_map(|i| LATENT_RGB[i % 4]).collect();
+    let m = Tensor::from_vec(coeffs, (c, 3), &Device::Cpu)?;
+    let rgb = x.reshape((c, h * w))?.t()?.matmul(&m)?; // (hw, 3)
+    let rgb = ((rgb + 1.0)? * 127.5)?.clamp(0f32, 255f32)?.to_dtype(DType::U8)?;
+    RgbImage::from_raw(w as u32, h as u32, rgb.flatten_all()?.to_vec1::<u8>()?)
+        .ok_or_else(|| Error::Image("bad preview size".into()))
 }

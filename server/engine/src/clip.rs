@@ -1,0 +1,200 @@
+//! CLIP text encoder (transformers' `CLIPTextModel`), configured from its `config.json`.
+//! SD 1.x uses OpenAI CLIP ViT-L/14 (quick_gelu), SD 2.x OpenCLIP ViT-H (gelu, 23 layers).
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::attention::{scaled_dot_product, AttentionKind};
+use crate::layers::{layer_norm, Activation, Linear};
+
+/// The fields of a transformers `CLIPTextConfig` that shape the model.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_eos")]
+    pub eos_token_id: i64,
+}
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_eos() -> i64 {
+    2
+}
+
+impl ClipConfig {
+    /// SD 1.5's text encoder (openai/clip-vit-large-patch14, `text_encoder/config.json`).
+    pub fn v1_5() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            eos_token_id: 2,
+        }
+    }
+}
+
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl ClipAttention {
+    fn new(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            q_proj: Linear::new(h, h, vb.pp("q_proj"))?,
+            k_proj: Linear::new(h, h, vb.pp("k_proj"))?,
+            v_proj: Linear::new(h, h, vb.pp("v_proj"))?,
+            out_proj: Linear::new(h, h, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            head_dim: h / c.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor, attn: AttentionKind) -> Result<Tensor> {
+        let (b, t, c) = xs.dims3()?;
+        let split = |x: Tensor| x.reshape((b, t, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let q = split(self.q_proj.forward(xs)?)?;
+        let k = split(self.k_proj.forward(xs)?)?;
+        let v = split(self.v_proj.forward(xs)?)?;
+        let kind = if attn == AttentionKind::Flash { AttentionKind::Original } else { attn };
+        let o = scaled_dot_product(kind, &q, &k, &v, Some(mask), (self.head_dim as f64).powf(-0.5))?;
+        self.out_proj.forward(&o.transpose(1, 2)?.reshape((b, t, c))?)
+    }
+}
+
+struct ClipLayer {
+    layer_norm1: candle_nn::LayerNorm,
+    self_attn: ClipAttention,
+    layer_norm2: candle_nn::LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl ClipLayer {
+    fn new(c: &ClipConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            layer_norm1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            self_attn: ClipAttention::new(c, vb.pp("self_attn"))?,
+            layer_norm2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: Linear::new(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: Linear::new(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
+            act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor, attn: AttentionKind) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask, attn)?;
+        let xs = (xs + h)?;
+        let h = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?)?;
+        xs + h
+    }
+}
+
+/// Output of the text encoder.
+pub struct ClipOutput {
+    /// (batch, tokens, hidden) after the final layer norm: SD's `encoder_hidden_states`.
+    pub last_hidden_state: Tensor,
+    /// (batch, hidden): the state at the end-of-text token.
+    pub pooler_output: Tensor,
+}
+
+/// `CLIPTextModel` with weights under `text_model.`.
+pub struct ClipTextModel {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<ClipLayer>,
+    final_layer_norm: candle_nn::LayerNorm,
+    eos_token_id: i64,
+}
+
+impl ClipTextModel {
+    /// Builds the model from `vb` rooted at the checkpoint's top level (keys `text_model.…`).
+    pub fn new(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let act = Activation::from_name(&c.hidden_act)
+            .ok_or_else(|| candle_core::Error::Msg(format!("unsupported hidden_act {:?}", c.hidden_act)))?;
+        let vb = vb.pp("text_model");
+        let emb = vb.pp("embeddings");
+        let token_embedding = emb.get((c.vocab_size, c.hidden_size), "token_embedding.weight")?;
+        let position_embedding =
+            emb.get((c.max_position_embeddings, c.hidden_size), "position_embedding.weight")?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| ClipLayer::new(c, act, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        Ok(Self { token_embedding, position_embedding, layers, final_layer_norm, eos_token_id: c.eos_token_id })
+    }
+
+    /// Encodes token ids (batch, tokens) of dtype u32 or i64 with the causal mask only.
+    pub fn forward(&self, ids: &Tensor, attn: AttentionKind) -> Result<ClipOutput> {
+        let (b, t) = ids.dims2()?;
+        let dev = ids.device();
+        let ids_u32 = ids.to_dtype(DType::U32)?;
+        let tok = self.token_embedding.index_select(&ids_u32.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let pos = self.position_embedding.narrow(0, 0, t)?;
+        let mut xs = tok.broadcast_add(&pos)?;
+        let mask = causal_mask(t, xs.dtype(), dev)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask, attn)?;
+        }
+        let last_hidden_state = self.final_layer_norm.forward(&xs)?;
+        let pooler_output = self.pool(&last_hidden_state, &ids_u32)?;
+        Ok(ClipOutput { last_hidden_state, pooler_output })
+    }
+
+    /// transformers' pooling: with the legacy config eos id 2 the end token is
+    /// `argmax(ids)` (the highest id, `<|endoftext|>`); otherwise the first eos id.
+    fn pool(&self, hidden: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let rows = ids.to_vec2::<u32>()?;
+        let idx: Vec<u32> = rows
+            .iter()
+            .map(|r| {
+                let pos = if self.eos_token_id == 2 {
+                    // first position of the maximum, as torch.argmax does
+                    let max = r.iter().copied().max().unwrap_or(0);
+                    r.iter().position(|&x| x == max)
+                } else {
+                    r.iter().position(|&x| x as i64 == self.eos_token_id)
+                };
+                pos.unwrap_or(r.len().saturating_sub(1)) as u32
+            })
+            .collect();
+        let pooled = idx
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| hidden.get(i)?.get(p as usize))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&pooled, 0)
+    }
+}
+
+fn causal_mask(t: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_slice(&mask, (1, 1, t, t), dev)?.to_dtype(dtype)
+}
+
