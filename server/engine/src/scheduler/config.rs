@@ -219,8 +219,10 @@ impl SchedulerConfig {
     /// Parses the text of a `scheduler_config.json`; `path` only names it in errors.
     pub fn parse(json: &str, path: impl Into<PathBuf>) -> Result<Self> {
         let cleaned = quote_non_finite_tokens(json);
-        let config: Self = serde_json::from_str(&cleaned)
-            .map_err(|e| Error::Config { path: path.into(), message: e.to_string() })?;
+        let config: Self = serde_json::from_str(&cleaned).map_err(|e| Error::Config {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
         Ok(config)
     }
 
@@ -228,7 +230,10 @@ impl SchedulerConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |message: String| Err(Error::invalid("scheduler config", message));
         if self.num_train_timesteps < 2 {
-            return bad(format!("num_train_timesteps must be at least 2, got {}", self.num_train_timesteps));
+            return bad(format!(
+                "num_train_timesteps must be at least 2, got {}",
+                self.num_train_timesteps
+            ));
         }
         if let Some(betas) = &self.trained_betas {
             if betas.len() != self.num_train_timesteps {
@@ -238,7 +243,10 @@ impl SchedulerConfig {
                     self.num_train_timesteps
                 ));
             }
-            if betas.iter().any(|b| !(b.is_finite() && *b >= 0.0 && *b < 1.0)) {
+            if betas
+                .iter()
+                .any(|b| !(b.is_finite() && *b >= 0.0 && *b < 1.0))
+            {
                 return bad("trained_betas must lie in [0, 1)".to_string());
             }
         } else if self.beta_schedule != BetaSchedule::SquaredcosCapV2
@@ -254,7 +262,10 @@ impl SchedulerConfig {
             ));
         }
         if self.steps_offset >= self.num_train_timesteps {
-            return bad(format!("steps_offset {} is not below num_train_timesteps", self.steps_offset));
+            return bad(format!(
+                "steps_offset {} is not below num_train_timesteps",
+                self.steps_offset
+            ));
         }
         let unsupported = [
             (self.thresholding, "thresholding"),
@@ -268,13 +279,23 @@ impl SchedulerConfig {
             }
         }
         if self.interpolation_type != "linear" {
-            return bad(format!("interpolation_type {:?} is not supported (only \"linear\")", self.interpolation_type));
+            return bad(format!(
+                "interpolation_type {:?} is not supported (only \"linear\")",
+                self.interpolation_type
+            ));
         }
         if self.timestep_type != "discrete" {
-            return bad(format!("timestep_type {:?} is not supported (only \"discrete\")", self.timestep_type));
+            return bad(format!(
+                "timestep_type {:?} is not supported (only \"discrete\")",
+                self.timestep_type
+            ));
         }
-        if self.clip_sample && !(self.clip_sample_range.is_finite() && self.clip_sample_range > 0.0) {
-            return bad(format!("clip_sample_range must be positive, got {}", self.clip_sample_range));
+        if self.clip_sample && !(self.clip_sample_range.is_finite() && self.clip_sample_range > 0.0)
+        {
+            return bad(format!(
+                "clip_sample_range must be positive, got {}",
+                self.clip_sample_range
+            ));
         }
         for (value, key) in [(self.sigma_min, "sigma_min"), (self.sigma_max, "sigma_max")] {
             if let Some(v) = value {
@@ -311,9 +332,13 @@ fn quote_non_finite_tokens(json: &str) -> std::borrow::Cow<'_, str> {
             rest = &rest[c.len_utf8()..];
             continue;
         }
-        let replaced = [("-Infinity", "\"-inf\""), ("Infinity", "\"inf\""), ("NaN", "\"nan\"")]
-            .into_iter()
-            .find(|(token, _)| rest.starts_with(token));
+        let replaced = [
+            ("-Infinity", "\"-inf\""),
+            ("Infinity", "\"inf\""),
+            ("NaN", "\"nan\""),
+        ]
+        .into_iter()
+        .find(|(token, _)| rest.starts_with(token));
         if let Some((token, quoted)) = replaced {
             out.push_str(quoted);
             rest = &rest[token.len()..];
@@ -344,7 +369,9 @@ impl FloatRepr {
                 "inf" | "+inf" | "infinity" | "+infinity" => Ok(f64::INFINITY),
                 "-inf" | "-infinity" => Ok(f64::NEG_INFINITY),
                 "nan" => Ok(f64::NAN),
-                other => other.parse().map_err(|_| E::custom(format!("expected a number, got {s:?}"))),
+                other => other
+                    .parse()
+                    .map_err(|_| E::custom(format!("expected a number, got {s:?}"))),
             },
         }
     }
@@ -355,13 +382,21 @@ fn de_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error>
 }
 
 fn de_opt_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<f64>, D::Error> {
-    Option::<FloatRepr>::deserialize(d)?.map(FloatRepr::value).transpose()
+    Option::<FloatRepr>::deserialize(d)?
+        .map(FloatRepr::value)
+        .transpose()
 }
 
-fn de_opt_vec_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<f64>>, D::Error> {
+fn de_opt_vec_f64<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Vec<f64>>, D::Error> {
     match Option::<Vec<FloatRepr>>::deserialize(d)? {
         None => Ok(None),
-        Some(values) => values.into_iter().map(FloatRepr::value).collect::<std::result::Result<Vec<_>, _>>().map(Some),
+        Some(values) => values
+            .into_iter()
+            .map(FloatRepr::value)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map(Some),
     }
 }
 
@@ -380,7 +415,10 @@ mod tests {
 
     #[test]
     fn fixture_config_loads() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/sd-tiny/pipeline/scheduler/scheduler_config.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/fixtures/sd-tiny/pipeline/scheduler/scheduler_config.json"
+        );
         let c = SchedulerConfig::load(path).unwrap();
         assert_eq!(c, SchedulerConfig::sd_v1_5());
     }
@@ -406,7 +444,10 @@ mod tests {
         let c = SchedulerConfig::parse(json, "x.json").unwrap();
         assert_eq!(c.lambda_min_clipped, f64::NEG_INFINITY);
         assert_eq!(c.sigma_max, Some(f64::INFINITY));
-        assert!(c.validate().is_err(), "an infinite sigma_max must be rejected");
+        assert!(
+            c.validate().is_err(),
+            "an infinite sigma_max must be rejected"
+        );
         let quoted = quote_non_finite_tokens(json);
         assert!(quoted.contains(r#""NaN and -Infinity stay text""#));
     }

@@ -34,7 +34,11 @@ impl Ddim {
             ));
         }
         let alphas_cumprod = schedule::alphas_cumprod(config);
-        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Leading);
         let train_timesteps = ddim_timesteps(spacing, n, num_inference_steps, config.steps_offset)?;
         Ok(Self {
@@ -44,19 +48,32 @@ impl Ddim {
             train_timesteps,
             step_ratio: n / num_inference_steps,
             prediction_type: config.prediction_type,
-            clip_range: config.clip_sample.then_some(config.clip_sample_range as f32),
+            clip_range: config
+                .clip_sample
+                .then_some(config.clip_sample_range as f32),
         })
     }
 
     fn timestep(&self, i: usize) -> Result<usize> {
         self.train_timesteps.get(i).copied().ok_or_else(|| {
-            Error::invalid("step", format!("step index {i} is past the {} steps of this run", self.train_timesteps.len()))
+            Error::invalid(
+                "step",
+                format!(
+                    "step index {i} is past the {} steps of this run",
+                    self.train_timesteps.len()
+                ),
+            )
         })
     }
 }
 
 /// diffusers' `DDIMScheduler.set_timesteps`: integer timesteps in visiting order.
-fn ddim_timesteps(spacing: TimestepSpacing, n: usize, steps: usize, offset: usize) -> Result<Vec<usize>> {
+fn ddim_timesteps(
+    spacing: TimestepSpacing,
+    n: usize,
+    steps: usize,
+    offset: usize,
+) -> Result<Vec<usize>> {
     let raw: Vec<i64> = match spacing {
         TimestepSpacing::Linspace => schedule::np_linspace(0.0, (n - 1) as f64, steps)
             .into_iter()
@@ -65,17 +82,25 @@ fn ddim_timesteps(spacing: TimestepSpacing, n: usize, steps: usize, offset: usiz
             .collect(),
         TimestepSpacing::Leading => {
             let ratio = n / steps;
-            (0..steps).rev().map(|i| (i * ratio + offset) as i64).collect()
+            (0..steps)
+                .rev()
+                .map(|i| (i * ratio + offset) as i64)
+                .collect()
         }
-        TimestepSpacing::Trailing => schedule::np_arange_down_to_zero(n as f64, n as f64 / steps as f64)
-            .into_iter()
-            .map(|t| t.round_ties_even() as i64 - 1)
-            .collect(),
+        TimestepSpacing::Trailing => {
+            schedule::np_arange_down_to_zero(n as f64, n as f64 / steps as f64)
+                .into_iter()
+                .map(|t| t.round_ties_even() as i64 - 1)
+                .collect()
+        }
     };
     raw.into_iter()
         .map(|t| {
             usize::try_from(t).ok().filter(|&t| t < n).ok_or_else(|| {
-                Error::invalid("steps", format!("timestep {t} falls outside the training range 0..{n}"))
+                Error::invalid(
+                    "steps",
+                    format!("timestep {t} falls outside the training range 0..{n}"),
+                )
             })
         })
         .collect()
@@ -94,7 +119,13 @@ impl Scheduler for Ddim {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut Noise) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        _noise: &mut Noise,
+    ) -> Result<Tensor> {
         let t = self.timestep(i)?;
         let dtype = sample.dtype();
         let sample = sample.to_dtype(DType::F32)?;
@@ -186,14 +217,22 @@ mod tests {
         // ᾱ = [0.8, 0.8, 0.8, 0.25]; step 0 goes from t=3 (ᾱ=0.25) to t=2 (ᾱ=0.8).
         let x = Tensor::new(&[2.0f32, -1.0], &candle_core::Device::Cpu).unwrap();
         let v = Tensor::new(&[0.5f32, 1.0], &candle_core::Device::Cpu).unwrap();
-        let out = s.step(&v, 0, &x, &mut Noise::new(0)).unwrap().to_vec1::<f32>().unwrap();
+        let out = s
+            .step(&v, 0, &x, &mut Noise::new(0))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // x0 = 0.5 x - sqrt(0.75) v; eps = 0.5 v + sqrt(0.75) x; prev = sqrt(0.8) x0 + sqrt(0.2) eps
         let (a, b) = (0.5f64, 0.75f64.sqrt());
         for (k, (&xv, &vv)) in [2.0f64, -1.0].iter().zip(&[0.5f64, 1.0]).enumerate() {
             let x0 = a * xv - b * vv;
             let eps = a * vv + b * xv;
             let expected = 0.8f64.sqrt() * x0 + 0.2f64.sqrt() * eps;
-            assert!((out[k] as f64 - expected).abs() < 1e-5, "{k}: {} vs {expected}", out[k]);
+            assert!(
+                (out[k] as f64 - expected).abs() < 1e-5,
+                "{k}: {} vs {expected}",
+                out[k]
+            );
         }
     }
 

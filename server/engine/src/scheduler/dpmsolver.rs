@@ -47,7 +47,10 @@ impl DpmSolverMultistep {
         let n = config.num_train_timesteps;
         let steps = num_inference_steps;
         if steps == 0 || steps > n {
-            return Err(Error::invalid("steps", format!("DPM-Solver needs between 1 and {n} steps, got {steps}")));
+            return Err(Error::invalid(
+                "steps",
+                format!("DPM-Solver needs between 1 and {n} steps, got {steps}"),
+            ));
         }
         let mut alphas_cumprod = schedule::alphas_cumprod(config);
         if config.rescale_betas_zero_snr {
@@ -61,28 +64,37 @@ impl DpmSolverMultistep {
             .count();
         let last_timestep = n - clipped;
         if last_timestep < 2 {
-            return Err(Error::invalid("scheduler config", "lambda_min_clipped leaves no timesteps".to_string()));
+            return Err(Error::invalid(
+                "scheduler config",
+                "lambda_min_clipped leaves no timesteps".to_string(),
+            ));
         }
 
         let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
         let timesteps: Vec<f64> = match spacing {
             TimestepSpacing::Linspace => {
-                let mut t: Vec<f64> = schedule::np_linspace(0.0, (last_timestep - 1) as f64, steps + 1)
-                    .into_iter()
-                    .map(f64::round_ties_even)
-                    .collect();
+                let mut t: Vec<f64> =
+                    schedule::np_linspace(0.0, (last_timestep - 1) as f64, steps + 1)
+                        .into_iter()
+                        .map(f64::round_ties_even)
+                        .collect();
                 t.reverse();
                 t.pop();
                 t
             }
             TimestepSpacing::Leading => {
                 let ratio = last_timestep / (steps + 1);
-                (1..=steps).rev().map(|i| (i * ratio + config.steps_offset) as f64).collect()
+                (1..=steps)
+                    .rev()
+                    .map(|i| (i * ratio + config.steps_offset) as f64)
+                    .collect()
             }
-            TimestepSpacing::Trailing => schedule::np_arange_down_to_zero(last_timestep as f64, n as f64 / steps as f64)
-                .into_iter()
-                .map(|t| t.round_ties_even() - 1.0)
-                .collect(),
+            TimestepSpacing::Trailing => {
+                schedule::np_arange_down_to_zero(last_timestep as f64, n as f64 / steps as f64)
+                    .into_iter()
+                    .map(|t| t.round_ties_even() - 1.0)
+                    .collect()
+            }
         };
 
         let train_sigmas = schedule::train_sigmas(&alphas_cumprod);
@@ -91,26 +103,44 @@ impl DpmSolverMultistep {
             let sigma_min = config.sigma_min.unwrap_or(train_sigmas[0] as f64);
             let sigma_max = config.sigma_max.unwrap_or(train_sigmas[n - 1] as f64);
             let sigmas = schedule::karras_sigmas(sigma_min, sigma_max, steps);
-            let timesteps =
-                sigmas.iter().map(|&s| schedule::sigma_to_t(s, &log_sigmas).round_ties_even()).collect();
+            let timesteps = sigmas
+                .iter()
+                .map(|&s| schedule::sigma_to_t(s, &log_sigmas).round_ties_even())
+                .collect();
             (sigmas, timesteps)
         } else {
-            let sigmas = timesteps.iter().map(|&t| schedule::interp(t, &train_sigmas)).collect();
+            let sigmas = timesteps
+                .iter()
+                .map(|&t| schedule::interp(t, &train_sigmas))
+                .collect();
             (sigmas, timesteps)
         };
         if let Some(bad) = timesteps.iter().find(|&&t| !(0.0..n as f64).contains(&t)) {
-            return Err(Error::invalid("steps", format!("timestep {bad} falls outside the training range 0..{n}")));
+            return Err(Error::invalid(
+                "steps",
+                format!("timestep {bad} falls outside the training range 0..{n}"),
+            ));
         }
         let sigma_last = match config.final_sigmas_type {
             FinalSigmasType::Zero => 0.0,
             FinalSigmasType::SigmaMin => train_sigmas[0],
         };
-        let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).chain(std::iter::once(sigma_last)).collect();
+        let sigmas: Vec<f32> = sigmas
+            .into_iter()
+            .map(|s| s as f32)
+            .chain(std::iter::once(sigma_last))
+            .collect();
         let count = timesteps.len();
         let lower_order_final = config.final_sigmas_type == FinalSigmasType::Zero
             || config.euler_at_final
             || (config.lower_order_final && count < LOWER_ORDER_FINAL_BELOW);
-        Ok(Self { sigmas, timesteps, prediction_type: config.prediction_type, lower_order_final, previous: None })
+        Ok(Self {
+            sigmas,
+            timesteps,
+            prediction_type: config.prediction_type,
+            lower_order_final,
+            previous: None,
+        })
     }
 
     /// The noise levels of this run (`steps + 1` values, float32 as diffusers keeps them).
@@ -122,14 +152,22 @@ impl DpmSolverMultistep {
         if i >= self.timesteps.len() {
             return Err(Error::invalid(
                 "step",
-                format!("step index {i} is past the {} steps of this run", self.timesteps.len()),
+                format!(
+                    "step index {i} is past the {} steps of this run",
+                    self.timesteps.len()
+                ),
             ));
         }
         Ok(())
     }
 
     /// The data prediction x0 from the model output at step `i`.
-    fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+    fn convert_model_output(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        i: usize,
+    ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
         Ok(match self.prediction_type {
             PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
@@ -153,7 +191,13 @@ impl Scheduler for DpmSolverMultistep {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut Noise) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        _noise: &mut Noise,
+    ) -> Result<Tensor> {
         self.check_index(i)?;
         let dtype = sample.dtype();
         let sample = sample.to_dtype(DType::F32)?;
@@ -189,7 +233,8 @@ impl Scheduler for DpmSolverMultistep {
         self.check_index(i)?;
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
         let dtype = original.dtype();
-        let noisy = (mul(&original.to_dtype(DType::F32)?, alpha_t)? + mul(&noise.to_dtype(DType::F32)?, sigma_t)?)?;
+        let noisy = (mul(&original.to_dtype(DType::F32)?, alpha_t)?
+            + mul(&noise.to_dtype(DType::F32)?, sigma_t)?)?;
         Ok(noisy.to_dtype(dtype)?)
     }
 }
@@ -226,14 +271,25 @@ mod tests {
         let sig = s.sigmas();
         assert_eq!(sig.len(), steps + 1);
         assert_eq!(sig[0], smax as f32, "first sigma is sigma_max");
-        assert!((sig[steps - 1] as f64 / smin - 1.0).abs() < 1e-6, "last sigma is sigma_min");
+        assert!(
+            (sig[steps - 1] as f64 / smin - 1.0).abs() < 1e-6,
+            "last sigma is sigma_min"
+        );
         assert_eq!(sig[steps], 0.0);
-        assert!(sig.windows(2).all(|w| w[1] < w[0]), "strictly decreasing: {sig:?}");
+        assert!(
+            sig.windows(2).all(|w| w[1] < w[0]),
+            "strictly decreasing: {sig:?}"
+        );
         // Interior points: sigma_i = (smax^(1/7) + i/(n-1) (smin^(1/7) - smax^(1/7)))^7.
         for i in [1usize, 7, 13] {
             let r = i as f64 / (steps - 1) as f64;
-            let expected = (smax.powf(1.0 / 7.0) + r * (smin.powf(1.0 / 7.0) - smax.powf(1.0 / 7.0))).powi(7);
-            assert!((sig[i] as f64 / expected - 1.0).abs() < 1e-6, "{i}: {} vs {expected}", sig[i]);
+            let expected =
+                (smax.powf(1.0 / 7.0) + r * (smin.powf(1.0 / 7.0) - smax.powf(1.0 / 7.0))).powi(7);
+            assert!(
+                (sig[i] as f64 / expected - 1.0).abs() < 1e-6,
+                "{i}: {} vs {expected}",
+                sig[i]
+            );
         }
         // Karras timesteps are the rounded training timesteps of those sigmas.
         assert_eq!(s.timesteps()[0], 999.0);
@@ -268,14 +324,27 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::new(&[4.0f32, -2.0], &dev).unwrap();
         let x0 = Tensor::new(&[0.5f32, 0.75], &dev).unwrap();
-        let out = s.step(&x0, 0, &x, &mut Noise::new(0)).unwrap().to_vec1::<f32>().unwrap();
-        let ab = |sig: f64| (1.0 / (sig * sig + 1.0).sqrt(), sig / (sig * sig + 1.0).sqrt());
+        let out = s
+            .step(&x0, 0, &x, &mut Noise::new(0))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let ab = |sig: f64| {
+            (
+                1.0 / (sig * sig + 1.0).sqrt(),
+                sig / (sig * sig + 1.0).sqrt(),
+            )
+        };
         let (a_s, s_s) = ab(s.sigmas()[0] as f64);
         let (a_t, s_t) = ab(s.sigmas()[1] as f64);
         let h = (a_t / s_t).ln() - (a_s / s_s).ln();
         for (k, (xv, x0v)) in [(4.0f64, 0.5f64), (-2.0, 0.75)].into_iter().enumerate() {
             let expected = s_t / s_s * xv - a_t * ((-h).exp() - 1.0) * x0v;
-            assert!((out[k] as f64 - expected).abs() < 1e-5, "{k}: {} vs {expected}", out[k]);
+            assert!(
+                (out[k] as f64 - expected).abs() < 1e-5,
+                "{k}: {} vs {expected}",
+                out[k]
+            );
         }
     }
 
@@ -287,12 +356,23 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::new(&[3.0f32, -1.0], &dev).unwrap();
         let v = Tensor::new(&[0.25f32, 2.0], &dev).unwrap();
-        let got = s.convert_model_output(&v, &x, 2).unwrap().to_vec1::<f32>().unwrap();
+        let got = s
+            .convert_model_output(&v, &x, 2)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let sig = s.sigmas()[2] as f64;
-        let (a, st) = (1.0 / (sig * sig + 1.0).sqrt(), sig / (sig * sig + 1.0).sqrt());
+        let (a, st) = (
+            1.0 / (sig * sig + 1.0).sqrt(),
+            sig / (sig * sig + 1.0).sqrt(),
+        );
         for (k, (xv, vv)) in [(3.0f64, 0.25f64), (-1.0, 2.0)].into_iter().enumerate() {
             let expected = a * xv - st * vv;
-            assert!((got[k] as f64 - expected).abs() < 1e-5, "{k}: {} vs {expected}", got[k]);
+            assert!(
+                (got[k] as f64 - expected).abs() < 1e-5,
+                "{k}: {} vs {expected}",
+                got[k]
+            );
         }
     }
 
@@ -302,8 +382,16 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::new(&[1.0f32, 2.0], &dev).unwrap();
         let eps = Tensor::new(&[0.1f32, -0.3], &dev).unwrap();
-        let x0 = s.convert_model_output(&eps, &x, 2).unwrap().to_vec1::<f32>().unwrap();
-        let out = s.step(&eps, 2, &x, &mut Noise::new(0)).unwrap().to_vec1::<f32>().unwrap();
+        let x0 = s
+            .convert_model_output(&eps, &x, 2)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let out = s
+            .step(&eps, 2, &x, &mut Noise::new(0))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(out, x0);
         assert!(s.step(&eps, 3, &x, &mut Noise::new(0)).is_err());
     }

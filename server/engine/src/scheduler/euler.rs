@@ -41,7 +41,10 @@ impl Euler {
         config.validate()?;
         let n = config.num_train_timesteps;
         if steps == 0 || steps > n {
-            return Err(Error::invalid("steps", format!("Euler needs between 1 and {n} steps, got {steps}")));
+            return Err(Error::invalid(
+                "steps",
+                format!("Euler needs between 1 and {n} steps, got {steps}"),
+            ));
         }
         let mut alphas_cumprod = schedule::alphas_cumprod(config);
         if config.rescale_betas_zero_snr {
@@ -59,14 +62,22 @@ impl Euler {
                 .collect(),
             TimestepSpacing::Leading => {
                 let ratio = n / steps;
-                (0..steps).rev().map(|i| (i * ratio) as f32 + config.steps_offset as f32).collect()
+                (0..steps)
+                    .rev()
+                    .map(|i| (i * ratio) as f32 + config.steps_offset as f32)
+                    .collect()
             }
-            TimestepSpacing::Trailing => schedule::np_arange_down_to_zero(n as f64, n as f64 / steps as f64)
-                .into_iter()
-                .map(|t| t.round_ties_even() as f32 - 1.0)
-                .collect(),
+            TimestepSpacing::Trailing => {
+                schedule::np_arange_down_to_zero(n as f64, n as f64 / steps as f64)
+                    .into_iter()
+                    .map(|t| t.round_ties_even() as f32 - 1.0)
+                    .collect()
+            }
         };
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| schedule::interp(t as f64, &train_sigmas)).collect();
+        let mut sigmas: Vec<f64> = timesteps
+            .iter()
+            .map(|&t| schedule::interp(t as f64, &train_sigmas))
+            .collect();
         let mut timesteps: Vec<f64> = timesteps.into_iter().map(f64::from).collect();
 
         let use_karras = config.use_karras_sigmas && !ancestral;
@@ -75,20 +86,33 @@ impl Euler {
             let sigma_min = config.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
             let sigma_max = config.sigma_max.unwrap_or(sigmas[0]);
             sigmas = schedule::karras_sigmas(sigma_min, sigma_max, steps);
-            timesteps = sigmas.iter().map(|&s| schedule::sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
+            timesteps = sigmas
+                .iter()
+                .map(|&s| schedule::sigma_to_t(s, &log_sigmas) as f32 as f64)
+                .collect();
         }
         let sigma_last = match config.final_sigmas_type {
             FinalSigmasType::SigmaMin if !ancestral => train_sigmas[0] as f64,
             _ => 0.0,
         };
-        let sigmas: Vec<f32> = sigmas.into_iter().chain(std::iter::once(sigma_last)).map(|s| s as f32).collect();
+        let sigmas: Vec<f32> = sigmas
+            .into_iter()
+            .chain(std::iter::once(sigma_last))
+            .map(|s| s as f32)
+            .collect();
 
         let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let init_noise_sigma = match spacing {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
             TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
         };
-        Ok(Self { sigmas, timesteps, init_noise_sigma, prediction_type: config.prediction_type, ancestral })
+        Ok(Self {
+            sigmas,
+            timesteps,
+            init_noise_sigma,
+            prediction_type: config.prediction_type,
+            ancestral,
+        })
     }
 
     /// The noise levels of this run (`steps + 1` values, float32 as diffusers keeps them).
@@ -100,14 +124,22 @@ impl Euler {
         if i + 1 >= self.sigmas.len() {
             return Err(Error::invalid(
                 "step",
-                format!("step index {i} is past the {} steps of this run", self.sigmas.len() - 1),
+                format!(
+                    "step index {i} is past the {} steps of this run",
+                    self.sigmas.len() - 1
+                ),
             ));
         }
         Ok(self.sigmas[i])
     }
 
     /// The denoised estimate x0 from the model output at noise level `sigma`.
-    fn predict_original(&self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    fn predict_original(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        sigma: f32,
+    ) -> Result<Tensor> {
         Ok(match self.prediction_type {
             PredictionType::Epsilon => (sample - mul(model_output, sigma)?)?,
             PredictionType::VPrediction => {
@@ -133,7 +165,13 @@ impl Scheduler for Euler {
         div(sample, (sigma * sigma + 1.0).sqrt())
     }
 
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut Noise) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        noise: &mut Noise,
+    ) -> Result<Tensor> {
         let sigma = self.sigma(i)?;
         let sigma_next = self.sigmas[i + 1];
         let dtype = sample.dtype();
@@ -213,7 +251,10 @@ mod tests {
         };
         let (a, b, c) = (run(7), run(7), run(8));
         assert_eq!(a, b);
-        assert!(a.iter().zip(&c).any(|(p, q)| (p - q).abs() > 1e-3), "different seeds must differ");
+        assert!(
+            a.iter().zip(&c).any(|(p, q)| (p - q).abs() > 1e-3),
+            "different seeds must differ"
+        );
     }
 
     #[test]
@@ -223,15 +264,27 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::new(&[3.0f32, -1.5, 0.25], &dev).unwrap();
         let eps = Tensor::new(&[0.5f32, -0.25, 1.0], &dev).unwrap();
-        let out = s.step(&eps, 1, &x, &mut Noise::new(42)).unwrap().to_vec1::<f32>().unwrap();
-        let z = Noise::new(42).randn(&[3], &dev).unwrap().to_vec1::<f32>().unwrap();
+        let out = s
+            .step(&eps, 1, &x, &mut Noise::new(42))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let z = Noise::new(42)
+            .randn(&[3], &dev)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let (from, to) = (s.sigmas()[1] as f64, s.sigmas()[2] as f64);
         let up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let down = (to * to - up * up).sqrt();
         for k in 0..3 {
             let (xv, ev) = ([3.0, -1.5, 0.25][k], [0.5, -0.25, 1.0][k]);
             let expected = xv + ev * (down - from) + z[k] as f64 * up;
-            assert!((out[k] as f64 - expected).abs() < 1e-5, "{k}: {} vs {expected}", out[k]);
+            assert!(
+                (out[k] as f64 - expected).abs() < 1e-5,
+                "{k}: {} vs {expected}",
+                out[k]
+            );
         }
         assert!(up > 0.1, "the middle step must add noise (sigma_up = {up})");
     }
@@ -246,11 +299,19 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::new(&[10.0f32, -4.0], &dev).unwrap();
         let v = Tensor::new(&[0.5f32, 2.0], &dev).unwrap();
-        let out = s.step(&v, 0, &x, &mut Noise::new(0)).unwrap().to_vec1::<f32>().unwrap();
+        let out = s
+            .step(&v, 0, &x, &mut Noise::new(0))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (k, (xv, vv)) in [(10.0f64, 0.5f64), (-4.0, 2.0)].into_iter().enumerate() {
             let x0 = -sig / (sig * sig + 1.0).sqrt() * vv + xv / (sig * sig + 1.0);
             let expected = xv + (xv - x0) / sig * (next - sig);
-            assert!((out[k] as f64 - expected).abs() < 1e-4 * expected.abs().max(1.0), "{k}: {} vs {expected}", out[k]);
+            assert!(
+                (out[k] as f64 - expected).abs() < 1e-4 * expected.abs().max(1.0),
+                "{k}: {} vs {expected}",
+                out[k]
+            );
         }
     }
 

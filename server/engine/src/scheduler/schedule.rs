@@ -21,7 +21,13 @@ pub(crate) fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32>
             let step = (end - start) / (steps - 1) as f32;
             let halfway = steps / 2;
             (0..steps)
-                .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+                .map(|i| {
+                    if i < halfway {
+                        start + step * i as f32
+                    } else {
+                        end - step * (steps - i - 1) as f32
+                    }
+                })
                 .collect()
         }
     }
@@ -49,7 +55,15 @@ pub(crate) fn np_arange_down_to_zero(start: f64, step: f64) -> Vec<f64> {
         return Vec::new();
     }
     let delta = (start - step) - start;
-    (0..len).map(|i| if i == 0 { start } else { start + i as f64 * delta }).collect()
+    (0..len)
+        .map(|i| {
+            if i == 0 {
+                start
+            } else {
+                start + i as f64 * delta
+            }
+        })
+        .collect()
 }
 
 /// The training betas as float32, as diffusers' `__init__` computes them.
@@ -59,15 +73,23 @@ pub(crate) fn betas(config: &SchedulerConfig) -> Vec<f32> {
         return trained.iter().map(|&b| b as f32).collect();
     }
     match config.beta_schedule {
-        BetaSchedule::Linear => torch_linspace_f32(config.beta_start as f32, config.beta_end as f32, n),
-        BetaSchedule::ScaledLinear => {
-            torch_linspace_f32(config.beta_start.sqrt() as f32, config.beta_end.sqrt() as f32, n)
-                .into_iter()
-                .map(|b| b * b)
-                .collect()
+        BetaSchedule::Linear => {
+            torch_linspace_f32(config.beta_start as f32, config.beta_end as f32, n)
         }
+        BetaSchedule::ScaledLinear => torch_linspace_f32(
+            config.beta_start.sqrt() as f32,
+            config.beta_end.sqrt() as f32,
+            n,
+        )
+        .into_iter()
+        .map(|b| b * b)
+        .collect(),
         BetaSchedule::SquaredcosCapV2 => {
-            let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+            let alpha_bar = |t: f64| {
+                ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                    .cos()
+                    .powi(2)
+            };
             (0..n)
                 .map(|i| {
                     let t1 = i as f64 / n as f64;
@@ -85,7 +107,10 @@ pub(crate) fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
     let sqrt_ac: Vec<f32> = alphas_cumprod.iter().map(|a| a.sqrt()).collect();
     let (first, last) = (sqrt_ac[0], sqrt_ac[sqrt_ac.len() - 1]);
     let scale = first / (first - last);
-    let alphas_bar: Vec<f32> = sqrt_ac.iter().map(|a| ((a - last) * scale).powi(2)).collect();
+    let alphas_bar: Vec<f32> = sqrt_ac
+        .iter()
+        .map(|a| ((a - last) * scale).powi(2))
+        .collect();
     let mut alphas = Vec::with_capacity(alphas_bar.len());
     alphas.push(alphas_bar[0]);
     alphas.extend(alphas_bar.windows(2).map(|w| w[1] / w[0]));
@@ -116,7 +141,10 @@ pub(crate) fn alphas_cumprod(config: &SchedulerConfig) -> Vec<f32> {
 
 /// Training sigmas `sqrt((1 - ᾱ) / ᾱ)` per training timestep, in float32 as diffusers computes them.
 pub(crate) fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+    alphas_cumprod
+        .iter()
+        .map(|&a| ((1.0 - a) / a).sqrt())
+        .collect()
 }
 
 /// `numpy.interp(x, arange(len(fp)), fp)` in float64.
@@ -151,7 +179,11 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let n = log_sigmas.len();
     // Index of the last log-sigma not above `log_sigma` (0 if none), capped at n - 2.
-    let low_idx = log_sigmas.iter().rposition(|&l| log_sigma - l as f64 >= 0.0).unwrap_or(0).min(n - 2);
+    let low_idx = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f64 >= 0.0)
+        .unwrap_or(0)
+        .min(n - 2);
     let high_idx = low_idx + 1;
     let low = log_sigmas[low_idx] as f64;
     let high = log_sigmas[high_idx] as f64;
@@ -177,7 +209,10 @@ mod tests {
 
     #[test]
     fn np_linspace_matches_numpy() {
-        assert_eq!(np_linspace(0.0, 999.0, 7), vec![0.0, 166.5, 333.0, 499.5, 666.0, 832.5, 999.0]);
+        assert_eq!(
+            np_linspace(0.0, 999.0, 7),
+            vec![0.0, 166.5, 333.0, 499.5, 666.0, 832.5, 999.0]
+        );
         assert_eq!(np_linspace(0.0, 999.0, 1), vec![0.0]);
         // numpy: np.linspace(0, 1, 3) -> [0, 0.5, 1]
         assert_eq!(np_linspace(0.0, 1.0, 3), vec![0.0, 0.5, 1.0]);
@@ -186,7 +221,10 @@ mod tests {
     #[test]
     fn np_arange_down_matches_numpy() {
         // np.arange(1000, 0, -250.0) -> [1000, 750, 500, 250]
-        assert_eq!(np_arange_down_to_zero(1000.0, 250.0), vec![1000.0, 750.0, 500.0, 250.0]);
+        assert_eq!(
+            np_arange_down_to_zero(1000.0, 250.0),
+            vec![1000.0, 750.0, 500.0, 250.0]
+        );
         // np.arange(1000, 0, -1000/3) has 3 values: 1000, 666.67, 333.33
         let v = np_arange_down_to_zero(1000.0, 1000.0 / 3.0);
         assert_eq!(v.len(), 3);
@@ -204,7 +242,10 @@ mod tests {
 
     #[test]
     fn cosine_betas_are_capped_and_increasing() {
-        let c = SchedulerConfig { beta_schedule: BetaSchedule::SquaredcosCapV2, ..SchedulerConfig::default() };
+        let c = SchedulerConfig {
+            beta_schedule: BetaSchedule::SquaredcosCapV2,
+            ..SchedulerConfig::default()
+        };
         let b = betas(&c);
         assert_eq!(b.len(), 1000);
         assert_eq!(*b.last().unwrap(), 0.999f32);
