@@ -33,6 +33,9 @@ pub enum Error {
     /// The caller cancelled the run.
     #[error("cancelled")]
     Cancelled,
+    /// A tokenizer file is missing or malformed.
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
     /// A hub model id could not be resolved.
     #[error("model {id}: {message}")]
     Hub { id: String, message: String },

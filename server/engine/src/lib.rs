@@ -10,5 +10,6 @@ pub mod error;
 pub mod noise;
 pub mod pipeline;
 pub mod scheduler;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
