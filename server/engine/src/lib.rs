@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod error;
+pub mod metadata;
 pub mod noise;
 pub mod pipeline;
 pub mod scheduler;

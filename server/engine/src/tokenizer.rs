@@ -36,7 +36,8 @@ const EOS_TOKEN: &str = "<|endoftext|>";
 const END_OF_WORD: &str = "</w>";
 
 /// CLIP's pre-tokenizer pattern (transformers `tokenization_clip`, `tokenizer.json` Split).
-const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 /// GPT-2's byte-level pattern, without its whitespace alternatives: it is only applied to
 /// CLIP words, which never contain whitespace.
 const BYTE_LEVEL_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+";
@@ -155,7 +156,8 @@ impl ClipTokenizer {
         let pad_id = special_id(&config.pad, "pad")?;
         let unk_id = vocab.get(&config.unk).copied();
 
-        let mut specials: Vec<(String, u32)> = vec![(config.bos.clone(), bos_id), (config.eos.clone(), eos_id), (config.pad.clone(), pad_id)];
+        let mut specials: Vec<(String, u32)> =
+            vec![(config.bos.clone(), bos_id), (config.eos.clone(), eos_id), (config.pad.clone(), pad_id)];
         if let Some(id) = unk_id {
             specials.push((config.unk.clone(), id));
         }
@@ -388,7 +390,10 @@ fn parse_vocab(path: &Path, value: &Value) -> Result<HashMap<String, u32>> {
     let map = value.as_object().ok_or_else(|| bad("vocabulary is not a JSON object".into()))?;
     map.iter()
         .map(|(token, id)| {
-            let id = id.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or_else(|| bad(format!("token {token:?} has id {id}, not a u32")))?;
+            let id = id
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| bad(format!("token {token:?} has id {id}, not a u32")))?;
             Ok((token.clone(), id))
         })
         .collect()
@@ -442,7 +447,9 @@ fn read_tokenizer_json(path: &Path) -> Result<BpeFiles> {
         // Older files store "a b", newer ones ["a", "b"].
         let pair = match entry {
             Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
-            Value::Array(v) if v.len() == 2 => v[0].as_str().zip(v[1].as_str()).map(|(a, b)| (a.to_string(), b.to_string())),
+            Value::Array(v) if v.len() == 2 => {
+                v[0].as_str().zip(v[1].as_str()).map(|(a, b)| (a.to_string(), b.to_string()))
+            }
             _ => None,
         };
         merges.push(pair.ok_or_else(|| bad(format!("merge {n} is not a pair: {entry}")))?);
@@ -490,7 +497,12 @@ fn read_special_config(dir: &Path) -> Result<SpecialConfig> {
             continue;
         }
         let value = read_json(&path)?;
-        for (key, slot) in [("bos_token", &mut config.bos), ("eos_token", &mut config.eos), ("pad_token", &mut config.pad), ("unk_token", &mut config.unk)] {
+        for (key, slot) in [
+            ("bos_token", &mut config.bos),
+            ("eos_token", &mut config.eos),
+            ("pad_token", &mut config.pad),
+            ("unk_token", &mut config.unk),
+        ] {
             if let Some(name) = value.get(key).and_then(token_name) {
                 *slot = name;
             }
@@ -526,15 +538,20 @@ mod tests {
 
     fn fixture_tokenizer() -> ClipTokenizer {
         let dir = fixture_dir();
-        ClipTokenizer::from_dir(&dir).unwrap_or_else(|e| panic!("loading the fixture tokenizer from {}: {e}", dir.display()))
+        ClipTokenizer::from_dir(&dir)
+            .unwrap_or_else(|e| panic!("loading the fixture tokenizer from {}: {e}", dir.display()))
     }
 
     /// Prompts and expected (ids, lengths) from `tokenizer_ids.{json,safetensors}`, made with
     /// transformers' CLIPTokenizer (padding="max_length", max_length=77, truncation=True).
     fn fixture_cases() -> anyhow::Result<(Vec<String>, Vec<Vec<i64>>, Vec<i64>)> {
-        let json: Value = serde_json::from_str(&std::fs::read_to_string(Path::new(FIXTURES).join("tokenizer_ids.json"))?)?;
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(Path::new(FIXTURES).join("tokenizer_ids.json"))?)?;
         let prompts: Vec<String> = serde_json::from_value(json["inputs"]["prompts"].clone())?;
-        let tensors = candle_core::safetensors::load(Path::new(FIXTURES).join("tokenizer_ids.safetensors"), &candle_core::Device::Cpu)?;
+        let tensors = candle_core::safetensors::load(
+            Path::new(FIXTURES).join("tokenizer_ids.safetensors"),
+            &candle_core::Device::Cpu,
+        )?;
         let ids = tensors.get("input_ids").ok_or_else(|| anyhow::anyhow!("no input_ids"))?.to_vec2::<i64>()?;
         let lengths = tensors.get("lengths").ok_or_else(|| anyhow::anyhow!("no lengths"))?.to_vec1::<i64>()?;
         anyhow::ensure!(prompts.len() == ids.len() && prompts.len() == lengths.len(), "fixture sizes disagree");
@@ -608,7 +625,10 @@ mod tests {
     #[test]
     fn unpadded_ids_have_no_bos_or_eos() {
         let tok = fixture_tokenizer();
-        assert_eq!(tok.encode_unpadded("a photograph of an astronaut riding a horse"), vec![320, 8853, 539, 550, 18376, 6765, 320, 4558]);
+        assert_eq!(
+            tok.encode_unpadded("a photograph of an astronaut riding a horse"),
+            vec![320, 8853, 539, 550, 18376, 6765, 320, 4558]
+        );
         assert!(tok.encode_unpadded("   \t\n").is_empty());
     }
 
@@ -621,7 +641,10 @@ mod tests {
         // Capitals are not a special-token match; after lowercasing the byte-level regex splits it.
         let upper = tok.encode_unpadded("<|ENDOFTEXT|>");
         assert!(!upper.contains(&49407));
-        assert_eq!(upper, [tok.encode_unpadded("<|"), tok.encode_unpadded("endoftext"), tok.encode_unpadded("|>")].concat());
+        assert_eq!(
+            upper,
+            [tok.encode_unpadded("<|"), tok.encode_unpadded("endoftext"), tok.encode_unpadded("|>")].concat()
+        );
     }
 
     #[test]
