@@ -542,9 +542,15 @@ mod tests {
             .unwrap_or_else(|e| panic!("loading the fixture tokenizer from {}: {e}", dir.display()))
     }
 
-    /// Prompts and expected (ids, lengths) from `tokenizer_ids.{json,safetensors}`, made with
+    /// Prompts and expected ids / lengths from `tokenizer_ids.{json,safetensors}`, made with
     /// transformers' CLIPTokenizer (padding="max_length", max_length=77, truncation=True).
-    fn fixture_cases() -> anyhow::Result<(Vec<String>, Vec<Vec<i64>>, Vec<i64>)> {
+    struct FixtureCases {
+        prompts: Vec<String>,
+        ids: Vec<Vec<i64>>,
+        lengths: Vec<i64>,
+    }
+
+    fn fixture_cases() -> anyhow::Result<FixtureCases> {
         let json: Value =
             serde_json::from_str(&std::fs::read_to_string(Path::new(FIXTURES).join("tokenizer_ids.json"))?)?;
         let prompts: Vec<String> = serde_json::from_value(json["inputs"]["prompts"].clone())?;
@@ -555,11 +561,11 @@ mod tests {
         let ids = tensors.get("input_ids").ok_or_else(|| anyhow::anyhow!("no input_ids"))?.to_vec2::<i64>()?;
         let lengths = tensors.get("lengths").ok_or_else(|| anyhow::anyhow!("no lengths"))?.to_vec1::<i64>()?;
         anyhow::ensure!(prompts.len() == ids.len() && prompts.len() == lengths.len(), "fixture sizes disagree");
-        Ok((prompts, ids, lengths))
+        Ok(FixtureCases { prompts, ids, lengths })
     }
 
     fn check_all_fixture_prompts(tok: &ClipTokenizer) -> anyhow::Result<()> {
-        let (prompts, ids, lengths) = fixture_cases()?;
+        let FixtureCases { prompts, ids, lengths } = fixture_cases()?;
         assert_eq!(prompts.len(), 10);
         for ((prompt, expected), &length) in prompts.iter().zip(&ids).zip(&lengths) {
             let enc = tok.encode(prompt);
@@ -599,7 +605,7 @@ mod tests {
     #[test]
     fn truncation_flags_and_lengths() -> anyhow::Result<()> {
         let tok = fixture_tokenizer();
-        let (prompts, _, _) = fixture_cases()?;
+        let prompts = fixture_cases()?.prompts;
         let long = tok.encode(&prompts[9]);
         assert!(long.truncated);
         assert_eq!((long.length, long.untruncated_length, long.ids.len()), (77, 198, 77));
