@@ -33,6 +33,12 @@ pub enum Error {
     /// The caller cancelled the run.
     #[error("cancelled")]
     Cancelled,
+    /// A tokenizer file is missing or malformed.
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    /// Image metadata (the A1111 `parameters` text, PNG chunks) could not be written or parsed.
+    #[error("image metadata: {0}")]
+    Metadata(String),
     /// A hub model id could not be resolved.
     #[error("model {id}: {message}")]
     Hub { id: String, message: String },

@@ -7,9 +7,11 @@
 
 pub mod attention;
 pub mod error;
+pub mod metadata;
 pub mod noise;
 pub mod pipeline;
 pub mod scheduler;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub mod clip;
