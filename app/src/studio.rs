@@ -36,6 +36,24 @@ pub mod ssr {
     /// How the server passes the studio to server functions (`leptos_routes_with_context`).
     pub type SharedStudio = Arc<dyn Studio>;
 
+    /// Passes `result` through, setting the HTTP status of the server-function response to
+    /// match the error (400, 404, 413 or 500) so it reads right in logs and dev tools.
+    pub fn with_status<T>(result: Result<T, AppError>) -> Result<T, AppError> {
+        if let Err(e) = &result {
+            use http::StatusCode;
+            let status = match e {
+                AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                AppError::NotFound(_) => StatusCode::NOT_FOUND,
+                AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                AppError::Internal(_) | AppError::ServerFn(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            if let Some(response) = use_context::<leptos_axum::ResponseOptions>() {
+                response.set_status(status);
+            }
+        }
+        result
+    }
+
     /// The studio provided by the server for this request.
     pub fn studio() -> Result<SharedStudio, AppError> {
         use_context::<SharedStudio>()
@@ -46,29 +64,30 @@ pub mod ssr {
 /// The loaded model's name, hash, native size and note.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn get_model_info() -> Result<ModelInfo, AppError> {
-    Ok(ssr::studio()?.model_info())
+    ssr::with_status(ssr::studio().map(|s| s.model_info()))
 }
 
 /// Queues a generation; progress then comes from `/api/jobs/{id}/events`.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn submit_generation(request: GenerateRequest) -> Result<JobAccepted, AppError> {
-    ssr::studio()?.submit(request).await
+    let studio = ssr::with_status(ssr::studio())?;
+    ssr::with_status(studio.submit(request).await)
 }
 
 /// Cancels a queued or running job.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn cancel_job(job_id: String) -> Result<(), AppError> {
-    ssr::studio()?.cancel(&job_id)
+    ssr::with_status(ssr::studio().and_then(|s| s.cancel(&job_id)))
 }
 
 /// A page of the gallery, newest first.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn list_gallery(offset: usize, limit: usize) -> Result<GalleryPage, AppError> {
-    ssr::studio()?.gallery(offset, limit)
+    ssr::with_status(ssr::studio().and_then(|s| s.gallery(offset, limit)))
 }
 
 /// Deletes an image and its file.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn delete_image(id: String) -> Result<(), AppError> {
-    ssr::studio()?.delete_image(&id)
+    ssr::with_status(ssr::studio().and_then(|s| s.delete_image(&id)))
 }

@@ -75,6 +75,36 @@ impl Generator for LoadedModel {
     }
 }
 
+/// Wraps a generator so every step takes at least `min_step`: makes live progress visible
+/// with tiny test models (demos, the browser test). `atelier serve --min-step-ms`.
+pub struct Throttled<G> {
+    pub inner: G,
+    pub min_step: std::time::Duration,
+}
+
+impl<G: Generator> Generator for Throttled<G> {
+    fn generate(
+        &self,
+        params: &GenerateParams,
+        on_step: &mut dyn FnMut(&StepProgress) -> bool,
+    ) -> atelier_engine::Result<Generated> {
+        let mut last = std::time::Instant::now();
+        self.inner.generate(params, &mut |p: &StepProgress| {
+            if let Some(rest) = self.min_step.checked_sub(last.elapsed()) {
+                std::thread::sleep(rest);
+            }
+            last = std::time::Instant::now();
+            on_step(p)
+        })
+    }
+    fn model_hash(&self) -> String {
+        self.inner.model_hash()
+    }
+    fn model_name(&self) -> String {
+        self.inner.model_name()
+    }
+}
+
 /// The little the UI needs from a model's configs: native size and whether it is a toy.
 struct ModelShape {
     size: usize,

@@ -14,6 +14,6 @@ pub mod state;
 pub mod studio;
 
 pub use error::ApiError;
-pub use generator::{Generator, LoadedModel};
+pub use generator::{Generator, LoadedModel, Throttled};
 pub use routes::app;
 pub use state::AppState;

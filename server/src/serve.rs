@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use atelier_server::{AppState, LoadedModel};
+use atelier_server::{AppState, Generator, LoadedModel, Throttled};
 use leptos::config::LeptosOptions;
 
 /// Arguments of `atelier serve`.
@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// The built site (`cargo run -p xtask -- build` writes it): pkg/atelier.js, .wasm, .css.
     #[arg(long, env = "ATELIER_SITE_ROOT", default_value = "target/site")]
     site_root: PathBuf,
+    /// Make every denoising step take at least this many milliseconds, so live progress is
+    /// visible with the tiny built-in model (demos, the browser test). 0 = full speed.
+    #[arg(long, env = "ATELIER_MIN_STEP_MS", default_value_t = 0)]
+    min_step_ms: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -59,7 +63,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .site_pkg_dir("pkg")
         .site_addr(args.addr)
         .build();
-    let state = AppState::new(leptos_options, Arc::new(model), &args.data_dir, default_size, note)
+    let generator: Arc<dyn Generator> = if args.min_step_ms > 0 {
+        let min_step = std::time::Duration::from_millis(args.min_step_ms);
+        Arc::new(Throttled { inner: model, min_step })
+    } else {
+        Arc::new(model)
+    };
+    let state = AppState::new(leptos_options, generator, &args.data_dir, default_size, note)
         .with_context(|| format!("opening the gallery in {}", args.data_dir.display()))?;
 
     let listener = tokio::net::TcpListener::bind(args.addr)

@@ -69,7 +69,10 @@ before(async () => {
   baseUrl = `http://127.0.0.1:${port}`;
   server = spawn(
     bin,
-    ['serve', '--addr', `127.0.0.1:${port}`, '--data-dir', dataDir, '--model', path.join(root, 'models/sd-tiny'), '--site-root', path.join(root, 'target/site')],
+    ['serve', '--addr', `127.0.0.1:${port}`, '--data-dir', dataDir, '--model', path.join(root, 'models/sd-tiny'), '--site-root', path.join(root, 'target/site'),
+     // The tiny model can finish 4 steps before the progress stream connects: slow steps
+     // down so the step counter is observable.
+     '--min-step-ms', '250'],
     { cwd: root, env: { ...process.env, RUST_LOG: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] },
   );
   server.stdout.on('data', (d) => (serverLog += d));
@@ -133,7 +136,8 @@ test('generate shows live progress, then the image in the gallery', async () => 
 
   await page.waitForFunction(() => document.querySelector('.step-counter')?.textContent.startsWith('done'), null, { timeout: 120_000 });
   const seen = await page.evaluate(() => window.__seen);
-  assert.ok(seen.some((t) => /^step [1-4]\/4$/.test(t)), `no step counter seen: ${JSON.stringify(seen)}`);
+  const steps = seen.filter((t) => /^step [1-4]\/4$/.test(t));
+  assert.ok(steps.length >= 2, `the step counter did not advance: ${JSON.stringify(seen)}`);
   assert.equal(seen.at(-1), 'done: 1 image');
   assert.match(await page.getAttribute('.bar-fill', 'style'), /width: 100(\.0)?%/);
   assert.match(await page.textContent('.seed-used'), /^seed \d+$/);
@@ -154,6 +158,43 @@ test('reuse settings fills the form from a gallery image', async () => {
   assert.equal(await page.inputValue('input[name=steps]'), '4');
   assert.equal(await page.isChecked('input[name=random_seed]'), false);
   assert.equal(`seed ${await page.inputValue('input[name=seed]')}`, seedText);
+});
+
+test('cancel stops a running job', async () => {
+  await page.fill('input[name=steps]', '40');
+  await page.click('button[type=submit]');
+  await page.waitForFunction(() => /^step [1-9]\d*\/40$/.test(document.querySelector('.step-counter')?.textContent), null, { timeout: 30_000 });
+  await page.click('button:has-text("Cancel")');
+  await page.waitForFunction(() => document.querySelector('.step-counter')?.textContent === 'cancelled', null, { timeout: 30_000 });
+  assert.equal(await page.$$eval('.cards .card', (cards) => cards.length), 1, 'a cancelled job must not add an image');
+  await page.fill('input[name=steps]', '4');
+});
+
+test('two browsers each follow their own job', async () => {
+  const other = await browser.newPage();
+  try {
+    await other.goto(baseUrl);
+    await other.waitForSelector('.studio[data-ready="true"]', { timeout: 60_000 });
+    await other.fill('textarea[name=prompt]', 'second browser');
+    await other.fill('input[name=steps]', '3');
+    await other.uncheck('input[name=random_seed]');
+    await other.fill('input[name=seed]', '777');
+    await page.fill('textarea[name=prompt]', 'first browser');
+    await page.fill('input[name=steps]', '3');
+    await Promise.all([page.click('button[type=submit]'), other.click('button[type=submit]')]);
+    for (const p of [page, other]) {
+      await p.waitForFunction(() => document.querySelector('.step-counter')?.textContent.startsWith('done'), null, { timeout: 60_000 });
+    }
+    assert.equal(await other.textContent('.seed-used'), 'seed 777');
+    assert.notEqual(await page.textContent('.seed-used'), 'seed 777');
+    // Both images are in both galleries (the other page refreshed when its job finished).
+    await other.reload();
+    await other.waitForSelector('.studio[data-ready="true"]');
+    const prompts = await other.$$eval('.card .prompt', (els) => els.map((e) => e.textContent));
+    assert.ok(prompts.includes('first browser') && prompts.includes('second browser'), JSON.stringify(prompts));
+  } finally {
+    await other.close();
+  }
 });
 
 test('no errors in the browser console', () => {

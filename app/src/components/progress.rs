@@ -9,6 +9,8 @@ use crate::dto::{JobState, JobStatus};
 pub fn Progress(status: ReadSignal<Option<JobStatus>>) -> impl IntoView {
     let line = move || {
         status.get().map(|s| match s.state {
+            // Position 0: submitted, the first progress event has not arrived yet.
+            JobState::Queued { position: 0 } => "queued".to_string(),
             JobState::Queued { position } => format!("queued (position {position})"),
             JobState::Running { step, total } => format!("step {step}/{total}"),
             JobState::Done { image_ids, .. } => {
