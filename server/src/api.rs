@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use app::dto::{GalleryItem, GalleryPage, GenerateRequest, JobAccepted, JobStatus, ModelInfo, MAX_BODY_BYTES};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, OriginalUri, Path, Query, State};
+use axum::http::{header, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -28,7 +28,7 @@ pub fn routes() -> Router<AppState> {
         .route("/gallery", get(gallery_list))
         .route("/gallery/{id}", get(gallery_item).delete(gallery_delete))
         .route("/images/{file}", get(image_file))
-        .fallback(|| async { ApiError::NotFound { what: "API route", id: "(see README)".into() } })
+        .fallback(|method: Method, OriginalUri(uri): OriginalUri| async move { ApiError::UnknownRoute(format!("{method} {}", uri.path())) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 

@@ -22,6 +22,8 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("no {what} with id {id:?}")]
     NotFound { what: &'static str, id: String },
+    #[error("no API route {0}; see the README for the endpoints")]
+    UnknownRoute(String),
     #[error("the queue is full ({0} jobs waiting); try again later")]
     QueueFull(usize),
     /// A server-side failure; the detail goes to the log only.
@@ -36,7 +38,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::NotFound { .. } | ApiError::UnknownRoute(_) => StatusCode::NOT_FOUND,
             ApiError::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
