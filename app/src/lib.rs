@@ -1,1 +1,56 @@
-//! Atelier UI.
+//! Atelier's user interface: the Leptos app shared by the server (SSR) and the browser (hydration).
+//!
+//! Only plain Rust lives here: DTOs, server functions and components. The engine never
+//! enters this crate, so the WASM build stays small.
+
+pub mod browser;
+pub mod components;
+pub mod dto;
+pub mod error;
+pub mod pages;
+pub mod studio;
+
+pub use error::AppError;
+
+use leptos::prelude::*;
+use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
+use leptos_router::{
+    components::{Route, Router, Routes},
+    StaticSegment,
+};
+
+/// The HTML document around the app, rendered on the server only.
+pub fn shell(options: LeptosOptions) -> impl IntoView {
+    view! {
+        <!DOCTYPE html>
+        <html lang="en">
+            <head>
+                <meta charset="utf-8" />
+                <meta name="viewport" content="width=device-width, initial-scale=1" />
+                <link rel="icon" type="image/svg+xml" href="/favicon.svg" />
+                <HydrationScripts options />
+                <MetaTags />
+            </head>
+            <body>
+                <App />
+            </body>
+        </html>
+    }
+}
+
+/// The root component: routes to the pages.
+#[component]
+pub fn App() -> impl IntoView {
+    provide_meta_context();
+    view! {
+        <Stylesheet id="atelier" href="/pkg/atelier.css" />
+        <Title text="Atelier" />
+        <Router>
+            <main>
+                <Routes fallback=|| view! { <p class="error">"Page not found."</p> }>
+                    <Route path=StaticSegment("") view=pages::generate::GeneratePage />
+                </Routes>
+            </main>
+        </Router>
+    }
+}

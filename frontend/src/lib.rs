@@ -1,1 +1,8 @@
-//! Hydration entry.
+//! Hydration entry point: the browser runs this once the WASM module loads.
+
+/// Called by Leptos' hydration script; attaches the app to the server-rendered HTML.
+#[wasm_bindgen::prelude::wasm_bindgen]
+pub fn hydrate() {
+    console_error_panic_hook::set_once();
+    leptos::mount::hydrate_body(app::App);
+}

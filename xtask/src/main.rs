@@ -1,1 +1,270 @@
-fn main() {}
+//! Atelier's build tool: builds the hydration WASM, the site folder and the server without
+//! cargo-leptos (which would download sass, tailwind and binaryen, impossible offline).
+//!
+//! ```text
+//! cargo run -p xtask -- build [--release]      # target/site/ + the `atelier` binary
+//! cargo run -p xtask -- serve [--release] [-- serve args]
+//! cargo run -p xtask -- test                   # cargo tests, then the browser test
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// The name Leptos' `HydrationScripts` loads: `/pkg/atelier.js` and `/pkg/atelier_bg.wasm`.
+const OUTPUT_NAME: &str = "atelier";
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
+#[derive(Parser)]
+#[command(about = "Build, serve and test Atelier")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the WASM bundle into target/site/ and the `atelier` server binary.
+    Build {
+        /// Optimised build (wasm-release profile for the WASM, release for the server).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `atelier serve` from the repository root.
+    Serve {
+        /// Optimised build.
+        #[arg(long)]
+        release: bool,
+        /// Arguments passed on to `atelier serve` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the Rust tests, build the site, then run the headless-browser test.
+    Test,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let ws = Workspace::locate()?;
+    match cli.command {
+        Cmd::Build { release } => ws.build(release),
+        Cmd::Serve { release, args } => {
+            ws.build(release)?;
+            let bin = ws.server_binary(release);
+            eprintln!("xtask: running {} serve {}", bin.display(), args.join(" "));
+            let status = Command::new(&bin)
+                .arg("serve")
+                .args(&args)
+                .current_dir(&ws.root)
+                .status()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            if !status.success() {
+                bail!("atelier serve exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test => ws.test(),
+    }
+}
+
+/// Paths of the repository and of cargo's target directory.
+struct Workspace {
+    root: PathBuf,
+    target_dir: PathBuf,
+}
+
+impl Workspace {
+    fn locate() -> Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask has no parent folder")?
+            .to_path_buf();
+        // Ask cargo rather than guess: CARGO_TARGET_DIR or .cargo/config may move it.
+        let out = Command::new(cargo())
+            .args(["metadata", "--format-version", "1", "--no-deps"])
+            .current_dir(&root)
+            .output()
+            .context("running cargo metadata")?;
+        if !out.status.success() {
+            bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let meta: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+        let target_dir = meta["target_directory"]
+            .as_str()
+            .context("cargo metadata has no target_directory")?
+            .into();
+        Ok(Self { root, target_dir })
+    }
+
+    /// The site folder the server serves (`--site-root`, default `target/site` in the repo).
+    fn site_dir(&self) -> PathBuf {
+        self.root.join("target").join("site")
+    }
+
+    fn server_binary(&self, release: bool) -> PathBuf {
+        self.target_dir
+            .join(if release { "release" } else { "debug" })
+            .join(format!("atelier{}", std::env::consts::EXE_SUFFIX))
+    }
+
+    fn build(&self, release: bool) -> Result<()> {
+        check_wasm_target()?;
+        let wasm = self.build_wasm(release)?;
+        let pkg = self.site_dir().join("pkg");
+        self.bindgen(&wasm, &pkg, release)?;
+        if release {
+            wasm_opt(&pkg.join(format!("{OUTPUT_NAME}_bg.wasm")))?;
+        }
+        std::fs::copy(self.root.join("style/main.css"), pkg.join(format!("{OUTPUT_NAME}.css")))
+            .context("copying style/main.css")?;
+        let public = self.root.join("public");
+        if public.is_dir() {
+            copy_dir(&public, &self.site_dir())?;
+        }
+        self.build_server(release)
+    }
+
+    /// Builds `frontend` for the browser. A separate cargo run from the server's: one
+    /// invocation would unify the `ssr` and `hydrate` features of `app` and `leptos`.
+    fn build_wasm(&self, release: bool) -> Result<PathBuf> {
+        let profile = if release { "wasm-release" } else { "dev" };
+        eprintln!("xtask: building frontend for {WASM_TARGET} ({profile})");
+        let status = Command::new(cargo())
+            .args(["build", "-p", "frontend", "--lib", "--target", WASM_TARGET, "--profile", profile])
+            .env("LEPTOS_OUTPUT_NAME", OUTPUT_NAME)
+            .current_dir(&self.root)
+            .status()
+            .context("running cargo build for the frontend")?;
+        if !status.success() {
+            bail!("building the frontend failed");
+        }
+        let dir = if release { "wasm-release" } else { "debug" };
+        Ok(self.target_dir.join(WASM_TARGET).join(dir).join("frontend.wasm"))
+    }
+
+    fn bindgen(&self, wasm: &Path, pkg: &Path, release: bool) -> Result<()> {
+        eprintln!("xtask: wasm-bindgen {} -> {}", wasm.display(), pkg.display());
+        std::fs::create_dir_all(pkg).with_context(|| format!("creating {}", pkg.display()))?;
+        wasm_bindgen_cli_support::Bindgen::new()
+            .input_path(wasm)
+            .out_name(OUTPUT_NAME)
+            .web(true)?
+            .typescript(false)
+            .debug(!release)
+            .keep_debug(false)
+            .generate(pkg)
+            .context("wasm-bindgen")?;
+        Ok(())
+    }
+
+    fn build_server(&self, release: bool) -> Result<()> {
+        eprintln!("xtask: building the server");
+        let mut cmd = Command::new(cargo());
+        cmd.args(["build", "-p", "server", "--bin", "atelier"]);
+        if release {
+            cmd.arg("--release");
+        }
+        // The server's leptos must be compiled WITHOUT LEPTOS_OUTPUT_NAME: then
+        // HydrationScripts loads `<name>_bg.wasm`, the file wasm-bindgen writes.
+        let status = cmd
+            .env_remove("LEPTOS_OUTPUT_NAME")
+            .current_dir(&self.root)
+            .status()
+            .context("running cargo build for the server")?;
+        if !status.success() {
+            bail!("building the server failed");
+        }
+        Ok(())
+    }
+
+    fn test(&self) -> Result<()> {
+        run(Command::new(cargo())
+            .args(["test", "-p", "atelier-engine", "-p", "server"])
+            .env_remove("LEPTOS_OUTPUT_NAME")
+            .current_dir(&self.root))?;
+        self.build(false)?;
+        let browser = self.root.join("tests/browser");
+        if !browser.join("node_modules").is_dir() {
+            bail!("tests/browser/node_modules is missing: run `npm ci` in tests/browser (or .ci/run)");
+        }
+        run(Command::new("node")
+            .args(["--test", "--test-reporter=spec", "generate.spec.mjs"])
+            .env("ATELIER_BIN", self.server_binary(false))
+            .env("ATELIER_ROOT", &self.root)
+            .current_dir(&browser))
+    }
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Fails early, with the fix, when the WASM standard library is not installed.
+fn check_wasm_target() -> Result<()> {
+    let out = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .context("running rustc --print sysroot")?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !sysroot.join("lib/rustlib").join(WASM_TARGET).is_dir() {
+        bail!("the {WASM_TARGET} target is not installed: run `rustup target add {WASM_TARGET}`");
+    }
+    Ok(())
+}
+
+/// Shrinks the release WASM with binaryen's `wasm-opt -Oz` when a recent one is on PATH
+/// (npm's `binaryen` package). Old binaryen (Debian's 108) miscompiles Leptos' hydration,
+/// so versions below 116 are skipped.
+fn wasm_opt(wasm: &Path) -> Result<()> {
+    let bin = std::env::var("WASM_OPT").unwrap_or_else(|_| "wasm-opt".into());
+    let Ok(out) = Command::new(&bin).arg("--version").output() else {
+        eprintln!("xtask: {bin} not found, skipping WASM optimisation (npm i -g binaryen provides it)");
+        return Ok(());
+    };
+    let version = String::from_utf8_lossy(&out.stdout);
+    let major = version
+        .split_whitespace()
+        .find_map(|w| w.parse::<u32>().ok())
+        .unwrap_or(0);
+    if major < 116 {
+        eprintln!("xtask: skipping {bin} ({}): version 116 or newer needed", version.trim());
+        return Ok(());
+    }
+    eprintln!("xtask: {bin} -Oz {}", wasm.display());
+    run(Command::new(&bin)
+        .arg("-Oz")
+        .arg("--enable-bulk-memory")
+        .arg("--enable-nontrapping-float-to-int")
+        .arg("--enable-sign-ext")
+        .arg("--enable-mutable-globals")
+        .arg(wasm)
+        .arg("-o")
+        .arg(wasm))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), &dest)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}

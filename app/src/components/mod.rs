@@ -1,0 +1,4 @@
+//! Components shared by pages, one per file.
+
+pub mod gallery;
+pub mod progress;

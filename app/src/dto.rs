@@ -1,0 +1,153 @@
+//! Data exchanged between the browser, the server functions and the JSON API.
+//!
+//! Plain serde structs so both the server and the WASM build use the same definitions.
+
+use serde::{Deserialize, Serialize};
+
+/// Scheduler ids the engine accepts, with the A1111 names shown in the UI, in UI order.
+/// Mirrors `atelier_engine::scheduler::SchedulerKind::ALL` (the server checks they agree).
+pub const SCHEDULERS: [(&str, &str); 5] = [
+    ("ddim", "DDIM"),
+    ("euler", "Euler"),
+    ("euler-a", "Euler a"),
+    ("dpmpp-2m", "DPM++ 2M"),
+    ("dpmpp-2m-karras", "DPM++ 2M Karras"),
+];
+
+/// The scheduler used when a request names none.
+pub const DEFAULT_SCHEDULER: &str = "dpmpp-2m-karras";
+
+/// Largest request body the server accepts (JSON with a base64 init image), in bytes.
+pub const MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
+
+/// A generation request: the body of `POST /api/generate` and of the submit server function.
+/// Every field has a default, so `{"prompt": "a cat"}` is a complete request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    /// `None` picks a random seed; the seed used is returned in [`JobAccepted`].
+    pub seed: Option<u64>,
+    /// A scheduler id from [`SCHEDULERS`].
+    pub scheduler: String,
+    /// Defaults to the model's native size ([`ModelInfo::default_width`]).
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub batch_size: usize,
+    /// img2img strength in 0..=1; only used with `init_image`.
+    pub strength: f64,
+    /// img2img source: base64 PNG/JPEG/WebP, optionally as a `data:` URL.
+    pub init_image: Option<String>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 20,
+            guidance: 7.5,
+            seed: None,
+            scheduler: DEFAULT_SCHEDULER.into(),
+            width: None,
+            height: None,
+            batch_size: 1,
+            strength: 0.6,
+            init_image: None,
+        }
+    }
+}
+
+/// Reply to a submitted generation (HTTP 202).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobAccepted {
+    pub job_id: String,
+    /// The seed the job runs with (the random one when the request gave none).
+    pub seed: u64,
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting; `position` 1 is next.
+    Queued { position: usize },
+    /// Denoising: `step` of `total` steps done.
+    Running { step: usize, total: usize },
+    /// Finished; the images are in the gallery.
+    Done { image_ids: Vec<String>, warnings: Vec<String> },
+    Failed { message: String },
+    Cancelled,
+}
+
+impl JobState {
+    /// True once the job will not change any more.
+    pub fn is_finished(&self) -> bool {
+        matches!(self, JobState::Done { .. } | JobState::Failed { .. } | JobState::Cancelled)
+    }
+}
+
+/// A job's status: `GET /api/jobs/{id}` and every event of `GET /api/jobs/{id}/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub seed: u64,
+    #[serde(flatten)]
+    pub state: JobState,
+    /// The latest intermediate preview as a `data:image/png;base64,...` URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
+}
+
+/// One image in the gallery, with everything needed to make it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GalleryItem {
+    pub id: String,
+    /// UTC time, ISO 8601.
+    pub created_at: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub scheduler: String,
+    pub width: usize,
+    pub height: usize,
+    pub strength: f64,
+    pub has_init_image: bool,
+    pub model_name: String,
+    pub model_hash: String,
+    pub warnings: Vec<String>,
+    /// Where the PNG is served (`/api/images/{id}.png`).
+    pub url: String,
+}
+
+/// A page of the gallery, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GalleryPage {
+    pub items: Vec<GalleryItem>,
+    pub total: usize,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// The loaded model: `GET /api/model`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub hash: String,
+    pub default_width: usize,
+    pub default_height: usize,
+    /// Set for the built-in test model, whose images are coloured noise.
+    pub note: Option<String>,
+    pub schedulers: Vec<String>,
+}
+
+/// Error body of every failed JSON API call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,93 @@
+//! Server functions the pages call, and (server side only) the [`ssr::Studio`] trait the
+//! server implements to answer them. The engine, job queue and gallery live in the server
+//! crate; this crate only sees them through that trait, so the WASM build never links them.
+
+use leptos::prelude::*;
+use leptos::server_fn::codec::Json;
+
+use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo};
+use crate::error::AppError;
+
+/// Server-only half: what the server provides through context.
+#[cfg(feature = "ssr")]
+pub mod ssr {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+
+    use leptos::prelude::use_context;
+
+    use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo};
+    use crate::error::AppError;
+
+    /// A boxed future, so [`Studio`] stays object-safe.
+    pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+    /// The studio's operations, implemented by the server over its job queue and gallery.
+    pub trait Studio: Send + Sync + 'static {
+        fn model_info(&self) -> ModelInfo;
+        /// Validates and queues a generation (decoding the init image off the async runtime).
+        fn submit(&self, request: GenerateRequest) -> BoxFuture<Result<JobAccepted, AppError>>;
+        fn cancel(&self, job_id: &str) -> Result<(), AppError>;
+        fn gallery(&self, offset: usize, limit: usize) -> Result<GalleryPage, AppError>;
+        fn delete_image(&self, id: &str) -> Result<(), AppError>;
+    }
+
+    /// How the server passes the studio to server functions (`leptos_routes_with_context`).
+    pub type SharedStudio = Arc<dyn Studio>;
+
+    /// Passes `result` through, setting the HTTP status of the server-function response to
+    /// match the error (400, 404, 413 or 500) so it reads right in logs and dev tools.
+    pub fn with_status<T>(result: Result<T, AppError>) -> Result<T, AppError> {
+        if let Err(e) = &result {
+            use http::StatusCode;
+            let status = match e {
+                AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                AppError::NotFound(_) => StatusCode::NOT_FOUND,
+                AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                AppError::Internal(_) | AppError::ServerFn(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            if let Some(response) = use_context::<leptos_axum::ResponseOptions>() {
+                response.set_status(status);
+            }
+        }
+        result
+    }
+
+    /// The studio provided by the server for this request.
+    pub fn studio() -> Result<SharedStudio, AppError> {
+        use_context::<SharedStudio>()
+            .ok_or_else(|| AppError::Internal("the studio is not available in this context".into()))
+    }
+}
+
+/// The loaded model's name, hash, native size and note.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn get_model_info() -> Result<ModelInfo, AppError> {
+    ssr::with_status(ssr::studio().map(|s| s.model_info()))
+}
+
+/// Queues a generation; progress then comes from `/api/jobs/{id}/events`.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn submit_generation(request: GenerateRequest) -> Result<JobAccepted, AppError> {
+    let studio = ssr::with_status(ssr::studio())?;
+    ssr::with_status(studio.submit(request).await)
+}
+
+/// Cancels a queued or running job.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn cancel_job(job_id: String) -> Result<(), AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.cancel(&job_id)))
+}
+
+/// A page of the gallery, newest first.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn list_gallery(offset: usize, limit: usize) -> Result<GalleryPage, AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.gallery(offset, limit)))
+}
+
+/// Deletes an image and its file.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn delete_image(id: String) -> Result<(), AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.delete_image(&id)))
+}

@@ -1,0 +1,19 @@
+//! Atelier's web server: the job queue around the engine, the on-disk gallery, the JSON API
+//! and the Leptos pages. [`app`] builds the whole router from an [`AppState`], so tests can
+//! drive it with `tower::ServiceExt::oneshot` and no socket.
+
+pub mod api;
+pub mod error;
+pub mod gallery;
+pub mod generator;
+pub mod jobs;
+pub mod png;
+pub mod request;
+pub mod routes;
+pub mod state;
+pub mod studio;
+
+pub use error::ApiError;
+pub use generator::{Generator, LoadedModel, Throttled};
+pub use routes::app;
+pub use state::AppState;

@@ -1,0 +1,112 @@
+//! `atelier serve`: loads the model, opens the gallery and serves the studio until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use atelier_server::{AppState, Generator, LoadedModel, Throttled};
+use leptos::config::LeptosOptions;
+
+/// Arguments of `atelier serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "ATELIER_ADDR", default_value = "127.0.0.1:3000")]
+    addr: SocketAddr,
+    /// Diffusers-layout Stable Diffusion folder to load (the built-in test model paints noise).
+    #[arg(long, env = "ATELIER_MODEL", default_value = "models/sd-tiny")]
+    model: PathBuf,
+    /// Folder for the gallery (images and their database); created if missing.
+    #[arg(long, env = "ATELIER_DATA", default_value = "data")]
+    data_dir: PathBuf,
+    /// The built site (`cargo run -p xtask -- build` writes it): pkg/atelier.js, .wasm, .css.
+    #[arg(long, env = "ATELIER_SITE_ROOT", default_value = "target/site")]
+    site_root: PathBuf,
+    /// Make every denoising step take at least this many milliseconds, so live progress is
+    /// visible with the tiny built-in model (demos, the browser test). 0 = full speed.
+    #[arg(long, env = "ATELIER_MIN_STEP_MS", default_value_t = 0)]
+    min_step_ms: u64,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let pkg = args.site_root.join("pkg");
+    for file in ["atelier.js", "atelier_bg.wasm", "atelier.css"] {
+        if !pkg.join(file).is_file() {
+            tracing::warn!(
+                "{} is missing: the page will not be interactive; build the site with `cargo run -p xtask -- build`",
+                pkg.join(file).display()
+            );
+        }
+    }
+
+    let device = candle_core::Device::cuda_if_available(0).context("opening the compute device")?;
+    tracing::info!(model = %args.model.display(), ?device, "loading model");
+    let model_dir = args.model.clone();
+    let model = tokio::task::spawn_blocking(move || LoadedModel::load(&model_dir, &device))
+        .await?
+        .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let default_size = model.default_size;
+    let note = model.note.clone();
+    if let Some(note) = &note {
+        tracing::warn!("{note}");
+    }
+
+    let leptos_options = LeptosOptions::builder()
+        .output_name("atelier")
+        .site_root(args.site_root.to_string_lossy().as_ref())
+        .site_pkg_dir("pkg")
+        .site_addr(args.addr)
+        .build();
+    let generator: Arc<dyn Generator> = if args.min_step_ms > 0 {
+        let min_step = std::time::Duration::from_millis(args.min_step_ms);
+        Arc::new(Throttled { inner: model, min_step })
+    } else {
+        Arc::new(model)
+    };
+    let state = AppState::new(leptos_options, generator, &args.data_dir, default_size, note)
+        .with_context(|| format!("opening the gallery in {}", args.data_dir.display()))?;
+
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("binding {}", args.addr))?;
+    let local = listener.local_addr()?;
+    tracing::info!("Atelier is running: open http://{local}/");
+    eprintln!("Atelier is running: open http://{local}/  (Ctrl-C to stop)");
+    let jobs = state.jobs.clone();
+    axum::serve(listener, atelier_server::app(state))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // Ends running jobs (and so their progress streams) instead of waiting for them.
+            jobs.cancel_all();
+        })
+        .await
+        .context("serving")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,67 @@
+//! Shared server state: the Leptos options, the job queue, the gallery and the model's facts.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use app::dto::{ModelInfo, SCHEDULERS};
+use axum::extract::FromRef;
+use leptos::config::LeptosOptions;
+
+use crate::gallery::{Gallery, GalleryError};
+use crate::generator::Generator;
+use crate::jobs::JobQueue;
+
+/// Cheap to clone; handed to every handler and, as [`app::studio::ssr::SharedStudio`], to
+/// server functions.
+#[derive(Clone)]
+pub struct AppState {
+    pub leptos_options: LeptosOptions,
+    pub jobs: Arc<JobQueue>,
+    pub gallery: Arc<Gallery>,
+    pub model: Arc<ModelInfo>,
+}
+
+impl AppState {
+    /// Opens the gallery in `data_dir` and starts the worker thread around `generator`.
+    pub fn new(
+        leptos_options: LeptosOptions,
+        generator: Arc<dyn Generator>,
+        data_dir: &Path,
+        default_size: (usize, usize),
+        note: Option<String>,
+    ) -> Result<Self, GalleryError> {
+        let gallery = Arc::new(Gallery::open(data_dir)?);
+        let model = Arc::new(ModelInfo {
+            name: generator.model_name(),
+            hash: generator.model_hash(),
+            default_width: default_size.0,
+            default_height: default_size.1,
+            note,
+            schedulers: SCHEDULERS.iter().map(|(id, _)| id.to_string()).collect(),
+        });
+        let jobs = Arc::new(JobQueue::start(generator, gallery.clone()));
+        Ok(Self { leptos_options, jobs, gallery, model })
+    }
+
+    pub fn default_size(&self) -> (usize, usize) {
+        (self.model.default_width, self.model.default_height)
+    }
+}
+
+impl FromRef<AppState> for LeptosOptions {
+    fn from_ref(state: &AppState) -> Self {
+        state.leptos_options.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use atelier_engine::scheduler::SchedulerKind;
+
+    /// The UI's scheduler list must match the engine's.
+    #[test]
+    fn ui_scheduler_list_matches_engine() {
+        let engine: Vec<_> = SchedulerKind::ALL.iter().map(|k| (k.id(), k.a1111_name())).collect();
+        assert_eq!(engine, app::dto::SCHEDULERS.to_vec());
+    }
+}

@@ -1,0 +1,316 @@
+//! Router tests: the whole app driven with `oneshot`, no socket, a fake generator.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use app::dto::{GalleryItem, GalleryPage, JobAccepted, JobState, JobStatus, ModelInfo};
+use atelier_engine::pipeline::{GenerateParams, Generated, StepProgress};
+use atelier_server::{app, AppState, Generator};
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use leptos::config::LeptosOptions;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+/// Paints a flat colour after `steps` steps of `step_delay` each, with a preview per step.
+struct FakeGenerator {
+    step_delay: Duration,
+    calls: AtomicUsize,
+}
+
+impl FakeGenerator {
+    fn new(step_delay: Duration) -> Arc<Self> {
+        Arc::new(Self { step_delay, calls: AtomicUsize::new(0) })
+    }
+}
+
+impl Generator for FakeGenerator {
+    fn generate(
+        &self,
+        params: &GenerateParams,
+        on_step: &mut dyn FnMut(&StepProgress) -> bool,
+    ) -> atelier_engine::Result<Generated> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        for step in 1..=params.steps {
+            std::thread::sleep(self.step_delay);
+            let preview = Some(image::RgbImage::from_pixel(4, 4, image::Rgb([step as u8, 0, 0])));
+            if !on_step(&StepProgress { step, total: params.steps, preview }) {
+                return Err(atelier_engine::Error::Cancelled);
+            }
+        }
+        let img = image::RgbImage::from_pixel(params.width as u32, params.height as u32, image::Rgb([10, 200, 30]));
+        Ok(Generated { images: vec![img; params.batch_size], warnings: vec!["fake warning".into()] })
+    }
+    fn model_hash(&self) -> String {
+        "fakehash00".into()
+    }
+    fn model_name(&self) -> String {
+        "fake-model".into()
+    }
+}
+
+fn state(data_dir: &Path, generator: Arc<dyn Generator>) -> AppState {
+    let options = LeptosOptions::builder()
+        .output_name("atelier")
+        .site_root(data_dir.join("site").to_string_lossy().as_ref())
+        .build();
+    AppState::new(options, generator, data_dir, (64, 64), Some("test note: coloured noise".into())).unwrap()
+}
+
+async fn send(app: &Router, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Vec<u8>) {
+    let mut req = Request::builder().method(method).uri(uri);
+    let body = match body {
+        Some(v) => {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+            Body::from(serde_json::to_vec(&v).unwrap())
+        }
+        None => Body::empty(),
+    };
+    let res = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, bytes)
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(app: &Router, uri: &str) -> T {
+    let (status, body) = send(app, Method::GET, uri, None).await;
+    assert_eq!(status, StatusCode::OK, "{uri}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+async fn submit(app: &Router, body: Value) -> JobAccepted {
+    let (status, bytes) = send(app, Method::POST, "/api/generate", Some(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&bytes));
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Polls the job until `done` says stop, failing after 20 s.
+async fn wait_for(app: &Router, job: &str, done: impl Fn(&JobState) -> bool) -> JobStatus {
+    let start = Instant::now();
+    loop {
+        let s: JobStatus = get_json(app, &format!("/api/jobs/{job}")).await;
+        if done(&s.state) {
+            return s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "job {job} stuck in {:?}", s.state);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_finished(app: &Router, job: &str) -> JobStatus {
+    wait_for(app, job, JobState::is_finished).await
+}
+
+/// Asserts a JSON error with `status` whose message contains `needle`.
+async fn expect_error(app: &Router, method: Method, uri: &str, body: Option<Value>, status: StatusCode, needle: &str) {
+    let (got, bytes) = send(app, method, uri, body).await;
+    let text = String::from_utf8_lossy(&bytes);
+    assert_eq!(got, status, "{uri}: {text}");
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error field: {text}"));
+    assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+}
+
+#[tokio::test]
+async fn generate_completes_and_lands_in_gallery_with_png_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(state(dir.path(), FakeGenerator::new(Duration::ZERO)));
+
+    let accepted = submit(&app, json!({"prompt": "a cat", "negative_prompt": "dogs", "steps": 3, "seed": 42, "scheduler": "euler-a"})).await;
+    assert_eq!(accepted.seed, 42);
+    let done = wait_finished(&app, &accepted.job_id).await;
+    let JobState::Done { image_ids, warnings } = done.state else { panic!("{done:?}") };
+    assert_eq!((image_ids.len(), warnings), (1, vec!["fake warning".to_string()]));
+    assert!(done.preview.is_some_and(|p| p.starts_with("data:image/png;base64,")));
+
+    let page: GalleryPage = get_json(&app, "/api/gallery").await;
+    assert_eq!(page.total, 1);
+    let item = &page.items[0];
+    assert_eq!((item.id.as_str(), item.prompt.as_str(), item.seed, item.steps), (image_ids[0].as_str(), "a cat", 42, 3));
+    assert_eq!((item.scheduler.as_str(), item.width, item.model_hash.as_str()), ("euler-a", 64, "fakehash00"));
+
+    let meta: GalleryItem = get_json(&app, &format!("/api/gallery/{}", item.id)).await;
+    assert_eq!(&meta, item);
+
+    let res = app.clone().oneshot(Request::get(&item.url).body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "image/png");
+    let png = res.into_body().collect().await.unwrap().to_bytes();
+    let params = atelier_server::png::read_parameters(&png).expect("parameters chunk");
+    assert!(params.starts_with("a cat\nNegative prompt: dogs\nSteps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x64"), "{params}");
+    let img = image::load_from_memory(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+}
+
+#[tokio::test]
+async fn random_seed_is_returned_and_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(state(dir.path(), FakeGenerator::new(Duration::ZERO)));
+    let accepted = submit(&app, json!({"prompt": "x", "steps": 1})).await;
+    wait_finished(&app, &accepted.job_id).await;
+    let page: GalleryPage = get_json(&app, "/api/gallery").await;
+    assert_eq!(page.items[0].seed, accepted.seed);
+}
+
+#[tokio::test]
+async fn sse_streams_progress_and_ends_after_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(state(dir.path(), FakeGenerator::new(Duration::from_millis(20))));
+    let accepted = submit(&app, json!({"prompt": "x", "steps": 10})).await;
+    let res = app
+        .clone()
+        .oneshot(Request::get(format!("/api/jobs/{}/events", accepted.job_id)).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "text/event-stream");
+    // The stream ends by itself after the final state.
+    let body = tokio::time::timeout(Duration::from_secs(20), res.into_body().collect()).await.unwrap().unwrap().to_bytes();
+    let events: Vec<JobStatus> = String::from_utf8_lossy(&body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(events.iter().any(|e| matches!(e.state, JobState::Running { step, total: 10 } if step > 0)), "{events:?}");
+    assert!(matches!(events.last().unwrap().state, JobState::Done { .. }));
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_errors_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let generator = FakeGenerator::new(Duration::ZERO);
+    let app = app(state(dir.path(), generator.clone()));
+    let bad = StatusCode::BAD_REQUEST;
+    let post = |body| (Method::POST, "/api/generate", Some(body));
+
+    for (body, needle) in [
+        (json!({"prompt": "x", "width": 30}), "width"),
+        (json!({"prompt": "x", "height": 0}), "height"),
+        (json!({"prompt": "x", "steps": 0}), "steps"),
+        (json!({"prompt": "x", "guidance": 100}), "guidance"),
+        (json!({"prompt": "x", "strength": 2}), "strength"),
+        (json!({"prompt": "x", "scheduler": "plms"}), "scheduler"),
+        (json!({"prompt": "x", "init_image": "!!! not base64 !!!"}), "init_image"),
+        (json!({"prompt": "x", "init_image": "aGVsbG8gd29ybGQ="}), "init_image"), // "hello world"
+        (json!({"prompt": "x", "steps": "many"}), "steps"),
+    ] {
+        let (m, uri, b) = post(body);
+        expect_error(&app, m, uri, b, bad, needle).await;
+    }
+
+    // Not JSON at all.
+    let res = app
+        .clone()
+        .oneshot(Request::post("/api/generate").header(header::CONTENT_TYPE, "application/json").body(Body::from("{nope")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), bad);
+
+    // Over the body limit: 413 with a JSON message.
+    let huge = "A".repeat(app::dto::MAX_BODY_BYTES + 1024);
+    expect_error(&app, Method::POST, "/api/generate", Some(json!({"prompt": "x", "init_image": huge})), StatusCode::PAYLOAD_TOO_LARGE, "limit").await;
+
+    let nf = StatusCode::NOT_FOUND;
+    expect_error(&app, Method::GET, "/api/jobs/nope", None, nf, "job").await;
+    expect_error(&app, Method::GET, "/api/jobs/nope/events", None, nf, "job").await;
+    expect_error(&app, Method::POST, "/api/jobs/nope/cancel", None, nf, "job").await;
+    expect_error(&app, Method::GET, "/api/gallery/nope", None, nf, "image").await;
+    expect_error(&app, Method::DELETE, "/api/gallery/nope", None, nf, "image").await;
+    expect_error(&app, Method::GET, "/api/images/nope.png", None, nf, "image").await;
+    expect_error(&app, Method::GET, "/api/images/..%2F..%2Fgallery.sqlite", None, nf, "image").await;
+    expect_error(&app, Method::GET, "/api/no-such-route", None, nf, "API route").await;
+
+    // Nothing reached the generator, and the server still works.
+    assert_eq!(generator.calls.load(Ordering::SeqCst), 0);
+    let accepted = submit(&app, json!({"prompt": "still alive", "steps": 2})).await;
+    assert!(matches!(wait_finished(&app, &accepted.job_id).await.state, JobState::Done { .. }));
+}
+
+#[tokio::test]
+async fn img2img_accepts_a_base64_png() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(state(dir.path(), FakeGenerator::new(Duration::ZERO)));
+    let src = image::RgbImage::from_pixel(32, 32, image::Rgb([1, 2, 3]));
+    let png = atelier_server::png::encode_png(&src, None).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(png);
+    let accepted = submit(&app, json!({"prompt": "x", "steps": 2, "init_image": format!("data:image/png;base64,{b64}"), "strength": 0.3})).await;
+    wait_finished(&app, &accepted.job_id).await;
+    let page: GalleryPage = get_json(&app, "/api/gallery").await;
+    assert!(page.items[0].has_init_image);
+    assert_eq!(page.items[0].strength, 0.3);
+}
+
+#[tokio::test]
+async fn queue_positions_and_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(state(dir.path(), FakeGenerator::new(Duration::from_millis(20))));
+    let a = submit(&app, json!({"prompt": "a", "steps": 150})).await;
+    let b = submit(&app, json!({"prompt": "b", "steps": 150})).await;
+    let c = submit(&app, json!({"prompt": "c", "steps": 2})).await;
+
+    wait_for(&app, &a.job_id, |s| matches!(s, JobState::Running { step, .. } if *step > 0)).await;
+    let sc: JobStatus = get_json(&app, &format!("/api/jobs/{}", c.job_id)).await;
+    assert_eq!(sc.state, JobState::Queued { position: 2 });
+
+    // Cancelling a queued job removes it at once; the one behind moves up.
+    let (status, body) = send(&app, Method::POST, &format!("/api/jobs/{}/cancel", b.job_id), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(serde_json::from_slice::<JobStatus>(&body).unwrap().state, JobState::Cancelled);
+    let sc: JobStatus = get_json(&app, &format!("/api/jobs/{}", c.job_id)).await;
+    assert_eq!(sc.state, JobState::Queued { position: 1 });
+
+    // Cancelling the running job stops it at its next step; the queue moves on.
+    send(&app, Method::POST, &format!("/api/jobs/{}/cancel", a.job_id), None).await;
+    assert_eq!(wait_finished(&app, &a.job_id).await.state, JobState::Cancelled);
+    assert!(matches!(wait_finished(&app, &c.job_id).await.state, JobState::Done { .. }));
+
+    let page: GalleryPage = get_json(&app, "/api/gallery").await;
+    assert_eq!(page.items.iter().map(|i| i.prompt.as_str()).collect::<Vec<_>>(), ["c"]);
+}
+
+#[tokio::test]
+async fn gallery_survives_a_restart_and_delete_removes_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let app = app(state(dir.path(), FakeGenerator::new(Duration::ZERO)));
+        let accepted = submit(&app, json!({"prompt": "persist me", "steps": 1})).await;
+        let JobState::Done { image_ids, .. } = wait_finished(&app, &accepted.job_id).await.state else { panic!() };
+        image_ids[0].clone()
+    };
+    // A new state on the same data dir: a restart.
+    let app = app(state(dir.path(), FakeGenerator::new(Duration::ZERO)));
+    let page: GalleryPage = get_json(&app, "/api/gallery?limit=10").await;
+    assert_eq!(page.items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
+    let (status, _) = send(&app, Method::GET, &format!("/api/images/{id}.png"), None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, _) = send(&app, Method::DELETE, &format!("/api/gallery/{id}"), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(!dir.path().join(format!("images/{id}.png")).exists());
+    let page: GalleryPage = get_json(&app, "/api/gallery").await;
+    assert_eq!(page.total, 0);
+}
+
+#[tokio::test]
+async fn health_model_and_server_rendered_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(state(dir.path(), FakeGenerator::new(Duration::ZERO)));
+    let health: Value = get_json(&app, "/api/health").await;
+    assert_eq!(health["status"], "ok");
+    let model: ModelInfo = get_json(&app, "/api/model").await;
+    assert_eq!((model.name.as_str(), model.default_width), ("fake-model", 64));
+    assert!(model.note.unwrap().contains("noise"));
+    assert!(model.schedulers.contains(&"dpmpp-2m-karras".to_string()));
+
+    let (status, body) = send(&app, Method::GET, "/", None).await;
+    let html = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert!(html.contains("/pkg/atelier.js"), "hydration script missing: {html}");
+    assert!(html.contains("test note: coloured noise"), "model note missing: {html}");
+    assert!(html.contains("Reuse settings") || html.contains("No images yet"), "{html}");
+}
