@@ -200,7 +200,7 @@ impl ReferenceRunner {
 fn scheduler_from_case(json: &Value, model: &SchedulerConfig) -> std::result::Result<(SchedulerKind, SchedulerConfig), String> {
     let class = json.get("scheduler_class").and_then(Value::as_str).unwrap_or("DDIMScheduler");
     let config = match json.get("scheduler_config") {
-        Some(v) => SchedulerConfig::from_json(v.clone()).map_err(|e| format!("scheduler_config: {e}"))?,
+        Some(v) => SchedulerConfig::parse(&v.to_string(), "scheduler_config").map_err(|e| format!("scheduler_config: {e}"))?,
         None => model.clone(),
     };
     let karras = json.pointer("/scheduler_config/use_karras_sigmas").and_then(Value::as_bool).unwrap_or(false);
