@@ -127,3 +127,96 @@ pub fn short_hash(path: &Path) -> Result<String> {
     let digest = h.finalize();
     Ok(digest.iter().take(5).map(|b| format!("{b:02x}")).collect())
 }
+
+/// Turns a `--model` value into a folder: an existing path is used as is; an id like
+/// `runwayml/stable-diffusion-v1-5` is looked up in the standard Hugging Face cache
+/// (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`), at the
+/// snapshot that `refs/main` names (or the only snapshot there is).
+pub fn resolve(spec: &str) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let looks_like_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.contains('\\');
+    if !looks_like_id {
+        return Err(Error::MissingComponent { dir: path.to_path_buf(), what: "the folder itself (it does not exist)".into() });
+    }
+    let cache = hub_cache_dir();
+    resolve_in_cache(spec, &cache)
+}
+
+/// The Hugging Face hub cache folder from the environment.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Ok(p) = std::env::var("HF_HOME") {
+        return PathBuf::from(p).join("hub");
+    }
+    dirs::home_dir().unwrap_or_default().join(".cache/huggingface/hub")
+}
+
+/// Looks a hub id up in a cache folder laid out as `huggingface_hub` does.
+pub fn resolve_in_cache(id: &str, cache: &Path) -> Result<PathBuf> {
+    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let hub_err = |message: String| Error::Hub { id: id.to_string(), message };
+    if !repo.is_dir() {
+        return Err(hub_err(format!(
+            "not found in the Hugging Face cache {} and this build does not download; run `huggingface-cli download {id}` on a machine with a network, or pass a local diffusers folder",
+            cache.display()
+        )));
+    }
+    let snapshots = repo.join("snapshots");
+    if let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) {
+        let snap = snapshots.join(rev.trim());
+        if snap.is_dir() {
+            return Ok(snap);
+        }
+    }
+    let mut snaps: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .map_err(|e| Error::io(&snapshots, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    snaps.sort();
+    match snaps.len() {
+        1 => Ok(snaps.remove(0)),
+        0 => Err(hub_err(format!("{} has no snapshot", repo.display()))),
+        _ => Err(hub_err(format!("{} has several snapshots and no refs/main", repo.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_hub_id_through_cache_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("models--runwayml--stable-diffusion-v1-5");
+        let snap = repo.join("snapshots/abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+        assert_eq!(resolve_in_cache("runwayml/stable-diffusion-v1-5", tmp.path()).unwrap(), snap);
+        let err = resolve_in_cache("other/model", tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("other/model") && err.contains("not found"), "{err}");
+    }
+
+    #[test]
+    fn missing_component_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("model_index.json"), "{}").unwrap();
+        let err = ModelFiles::locate(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("unet/config.json"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_weights_are_refused_with_the_file_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("w.safetensors");
+        std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+        let err = load_safetensors(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("w.safetensors") && err.contains("corrupt"), "{err}");
+    }
+}

@@ -3,3 +3,17 @@
 pub mod bench;
 pub mod generate;
 pub mod reference;
+
+/// The compute device: the first CUDA / Metal GPU in builds with those features, else the CPU.
+pub fn device() -> anyhow::Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok(candle_core::Device::new_cuda(0)?);
+    }
+    #[cfg(all(feature = "metal", not(feature = "cuda")))]
+    {
+        return Ok(candle_core::Device::new_metal(0)?);
+    }
+    #[allow(unreachable_code)]
+    Ok(candle_core::Device::Cpu)
+}

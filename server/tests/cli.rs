@@ -1,0 +1,80 @@
+//! The `atelier` binary as a user runs it: `reference` on the public fixtures and
+//! `generate` writing a PNG with A1111 parameters, plus bad-input exits.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use atelier_engine::reference::max_abs_diff;
+use candle_core::Device;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/sd-tiny")
+}
+
+#[test]
+fn reference_command_writes_every_case_within_tolerance() {
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_atelier"))
+        .args(["reference", "--model"])
+        .arg(fixtures().join("pipeline"))
+        .arg("--cases")
+        .arg(fixtures())
+        .arg("--out")
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let got = candle_core::safetensors::load(out.path().join("unet.safetensors"), &Device::Cpu).unwrap();
+    let exp = candle_core::safetensors::load(fixtures().join("unet.safetensors"), &Device::Cpu).unwrap();
+    assert!(max_abs_diff(&got["noise_pred"], &exp["noise_pred"]).unwrap() < 1e-4);
+    let got = candle_core::safetensors::load(out.path().join("tokenizer_ids.safetensors"), &Device::Cpu).unwrap();
+    let exp = candle_core::safetensors::load(fixtures().join("tokenizer_ids.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(got["input_ids"].to_vec2::<i64>().unwrap(), exp["input_ids"].to_vec2::<i64>().unwrap());
+    for case in ["text_encoder", "vae_encode", "vae_decode", "pipeline_ddim", "pipeline_euler", "pipeline_dpmpp2m"] {
+        assert!(out.path().join(format!("{case}.safetensors")).is_file(), "{case} missing");
+    }
+}
+
+#[test]
+fn generate_writes_png_with_parameters_and_is_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let path = dir.path().join(name);
+        let out = Command::new(env!("CARGO_BIN_EXE_atelier"))
+            .args(["generate", "--prompt", "a red circle", "--negative-prompt", "blurry", "--steps", "4", "--seed", "11"])
+            .args(["--scheduler", "ddim", "--model"])
+            .arg(fixtures().join("pipeline"))
+            .arg("--out")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read(path).unwrap()
+    };
+    let a = run("a.png");
+    let b = run("b.png");
+    let img_a = image::load_from_memory(&a).unwrap().to_rgb8();
+    let img_b = image::load_from_memory(&b).unwrap().to_rgb8();
+    assert_eq!((img_a.width(), img_a.height()), (64, 64));
+    assert_eq!(img_a.as_raw(), img_b.as_raw(), "same seed must give the same image");
+    let params = atelier_engine::metadata::read_png_parameters(&a).unwrap().unwrap();
+    assert!(params.starts_with("a red circle\nNegative prompt: blurry\nSteps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 11, Size: 64x64, Model hash: "), "{params}");
+}
+
+#[test]
+fn generate_rejects_bad_input_with_a_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_atelier"))
+        .args(["generate", "--prompt", "x", "--width", "30", "--out", "/tmp/never.png", "--model"])
+        .arg(fixtures().join("pipeline"))
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("30 is not a positive multiple of 8"));
+    let out = Command::new(env!("CARGO_BIN_EXE_atelier"))
+        .args(["generate", "--prompt", "x", "--out", "/tmp/never.png", "--model", "/nonexistent/model"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model"));
+}
