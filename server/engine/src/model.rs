@@ -220,3 +220,41 @@ mod tests {
         assert!(err.contains("w.safetensors") && err.contains("corrupt"), "{err}");
     }
 }
+
+/// Weights drawn at random (N(0, 0.02²), deterministic per tensor name): lets benchmarks
+/// build a full-size model from its config without downloading anything.
+struct RandomWeights;
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let seed = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let normal = rand_distr::Normal::new(0f32, 0.02).expect("valid normal");
+        let data: Vec<f32> = (0..s.elem_count()).map(|_| normal.sample(&mut rng)).collect();
+        Tensor::from_vec(data, s, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+/// A `VarBuilder` whose every tensor is random (see [`RandomWeights`]); plain tensors,
+/// no autograd tracking.
+pub fn random_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
+    let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(RandomWeights);
+    VarBuilder::from_backend(backend, dtype, device.clone())
+}

@@ -1,11 +1,150 @@
-//! `atelier bench`: Measure generation speed.
+//! `atelier bench`: seconds per UNet step and peak memory for the tiny model and a
+//! full-size SD-1.5 UNet (random weights, batch 2 as with CFG, 64×64 latents) for each
+//! attention implementation, and end-to-end seconds per image for the built-in model.
+//! Prints a table, or one JSON object per case with `--json`.
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use atelier_engine::attention::AttentionKind;
+use atelier_engine::model::{random_var_builder, read_config, ModelFiles};
+use atelier_engine::pipeline::{GenerateParams, StableDiffusion};
+use atelier_engine::scheduler::SchedulerKind;
+use atelier_engine::unet::{UNet2DConditionModel, UNetConfig};
+use candle_core::{DType, Device, Tensor};
 
 /// Arguments of `atelier bench`.
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// One case only: tiny-unet, sd15-unet or e2e-tiny (default: all).
+    #[arg(long)]
+    pub case: Option<String>,
+    /// One attention implementation only (default: original and split-einsum).
+    #[arg(long)]
+    pub attention: Option<String>,
+    /// Timed steps per case (the median is reported; one warm-up step is not timed).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// The built-in model used by tiny-unet and e2e-tiny.
+    #[arg(long, env = "ATELIER_MODEL", default_value = "models/sd-tiny")]
+    pub model: PathBuf,
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: BenchArgs) -> Result<()> {
-    anyhow::bail!("not yet implemented")
+struct Row {
+    case: String,
+    attention: AttentionKind,
+    seconds: f64,
+    peak_bytes: u64,
+    unit: &'static str,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok())
+            })
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Resets the peak RSS counter so each case reports its own peak (Linux only).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn unet_case(name: &str, cfg: &UNetConfig, vb: candle_nn::VarBuilder, attn: AttentionKind, hw: usize, steps: usize) -> Result<Row> {
+    let dev = Device::Cpu;
+    reset_peak();
+    let unet = UNet2DConditionModel::new(cfg, vb)?;
+    let x = Tensor::randn(0f32, 1., (2, cfg.in_channels, hw, hw), &dev)?;
+    let ctx = Tensor::randn(0f32, 1., (2, 77, cfg.cross_attention_dim), &dev)?;
+    unet.forward(&x, 500.0, &ctx, attn)?; // warm-up
+    let mut times = Vec::new();
+    for _ in 0..steps.max(1) {
+        let t = Instant::now();
+        let y = unet.forward(&x, 500.0, &ctx, attn)?;
+        y.flatten_all()?.sum_all()?.to_scalar::<f32>()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(Row { case: name.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), unit: "s/step" })
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let attns: Vec<AttentionKind> = match &args.attention {
+        Some(a) => vec![a.parse()?],
+        None => vec![AttentionKind::Original, AttentionKind::SplitEinsum],
+    };
+    let cases: Vec<&str> = match &args.case {
+        Some(c) => vec![c.as_str()],
+        None => vec!["tiny-unet", "sd15-unet", "e2e-tiny"],
+    };
+    let mut rows = Vec::new();
+    for case in cases {
+        for &attn in &attns {
+            let row = match case {
+                "tiny-unet" => {
+                    let files = ModelFiles::locate(&args.model)?;
+                    let cfg: UNetConfig = read_config(&files.unet_config)?;
+                    let vb = random_var_builder(DType::F32, &Device::Cpu);
+                    unet_case(case, &cfg, vb, attn, 32, args.steps)?
+                }
+                "sd15-unet" => {
+                    let vb = random_var_builder(DType::F32, &Device::Cpu);
+                    unet_case(case, &UNetConfig::v1_5(), vb, attn, 64, args.steps)?
+                }
+                "e2e-tiny" => {
+                    reset_peak();
+                    let sd = StableDiffusion::load(&args.model, &Device::Cpu)
+                        .with_context(|| format!("loading {}", args.model.display()))?;
+                    let params = GenerateParams {
+                        prompt: "a red circle on a blue background".into(),
+                        steps: 20,
+                        scheduler: SchedulerKind::DpmPp2mKarras,
+                        attention: attn,
+                        width: sd.default_size(),
+                        height: sd.default_size(),
+                        ..Default::default()
+                    };
+                    sd.generate(&params, &mut |_| true)?; // warm-up
+                    let mut times = Vec::new();
+                    for _ in 0..args.steps.max(1) {
+                        let t = Instant::now();
+                        sd.generate(&params, &mut |_| true)?;
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                    Row { case: case.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), unit: "s/image (20 steps, CFG)" }
+                }
+                other => anyhow::bail!("unknown case {other}; use tiny-unet, sd15-unet or e2e-tiny"),
+            };
+            if args.json {
+                let key = if row.unit == "s/step" { "seconds_per_step" } else { "seconds_per_image" };
+                println!(
+                    "{}",
+                    serde_json::json!({"case": row.case, "attention": row.attention.id(), key: row.seconds, "peak_bytes": row.peak_bytes})
+                );
+            }
+            rows.push(row);
+        }
+    }
+    if !args.json {
+        println!("| case | attention | seconds | unit | peak RSS |");
+        println!("|---|---|---|---|---|");
+        for r in &rows {
+            println!("| {} | {} | {:.4} | {} | {:.1} MiB |", r.case, r.attention, r.seconds, r.unit, r.peak_bytes as f64 / 1048576.0);
+        }
+    }
+    Ok(())
 }
