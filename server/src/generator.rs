@@ -47,8 +47,10 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads the diffusers folder `dir` on `device`.
+    /// Loads the diffusers folder `dir` (or a hub id found in the Hugging Face cache) on `device`.
     pub fn load(dir: &Path, device: &candle_core::Device) -> atelier_engine::Result<Self> {
+        let resolved = atelier_engine::model::resolve(&dir.to_string_lossy())?;
+        let dir = resolved.as_path();
         let sd = StableDiffusion::load(dir, device)?;
         let name = dir
             .file_name()
