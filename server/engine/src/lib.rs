@@ -21,3 +21,6 @@ pub mod unet_blocks;
 pub mod vae;
 pub mod model;
 pub mod reference;
+pub mod metrics;
+pub mod starter;
+pub mod train;

@@ -1,0 +1,1 @@
+//! Image measurements (to be written).

@@ -1,0 +1,1 @@
+//! The procedural shapes world (to be written).

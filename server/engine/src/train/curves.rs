@@ -1,0 +1,1 @@
+//! Loss curves (to be written).

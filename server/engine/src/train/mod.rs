@@ -1,0 +1,3 @@
+//! Training machinery shared by the starter model and style adapters.
+
+pub mod curves;
