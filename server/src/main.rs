@@ -24,9 +24,17 @@ enum Command {
     Reference(cli::reference::ReferenceArgs),
     /// Measure generation speed.
     Bench(cli::bench::BenchArgs),
+    /// Train the starter model from scratch on the procedural shapes world.
+    TrainBase(cli::train_base::TrainBaseArgs),
 }
 
 fn main() -> Result<()> {
+    // Candle sizes its thread pools from RAYON_NUM_THREADS; when it is unset it reads
+    // /proc/cpuinfo on every parallel operation, which costs several percent.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
@@ -35,5 +43,6 @@ fn main() -> Result<()> {
         Command::Generate(args) => cli::generate::run(args),
         Command::Reference(args) => cli::reference::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::TrainBase(args) => cli::train_base::run(args),
     }
 }

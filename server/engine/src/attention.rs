@@ -83,7 +83,7 @@ fn original(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f6
         Some(m) => scores.reshape((b, h, lq, lk))?.broadcast_add(m)?.reshape((b * h, lq, lk))?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = crate::layers::softmax_last_dim(&scores)?;
     probs.matmul(&v)?.reshape((b, h, lq, d))
 }
 
@@ -107,7 +107,7 @@ fn split(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) 
                 let m = m.reshape((m.dim(D::Minus2)?, m.dim(D::Minus1)?))?;
                 scores = scores.broadcast_add(&m)?;
             }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let probs = crate::layers::softmax_last_dim(&scores)?;
             chunks.push(probs.matmul(&vh)?);
             start += len;
         }

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::attention::{scaled_dot_product, AttentionKind};
-use crate::layers::{layer_norm, Activation, Linear};
+use crate::layers::{layer_norm, LayerNorm, Activation, Linear};
 
 /// The fields of a transformers `CLIPTextConfig` that shape the model.
 #[derive(Debug, Clone, Deserialize)]
@@ -87,9 +87,9 @@ impl ClipAttention {
 }
 
 struct ClipLayer {
-    layer_norm1: candle_nn::LayerNorm,
+    layer_norm1: LayerNorm,
     self_attn: ClipAttention,
-    layer_norm2: candle_nn::LayerNorm,
+    layer_norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
     act: Activation,
@@ -128,7 +128,7 @@ pub struct ClipTextModel {
     token_embedding: Tensor,
     position_embedding: Tensor,
     layers: Vec<ClipLayer>,
-    final_layer_norm: candle_nn::LayerNorm,
+    final_layer_norm: LayerNorm,
     eos_token_id: i64,
 }
 

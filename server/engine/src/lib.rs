@@ -15,6 +15,7 @@ pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub mod clip;
+pub mod conv;
 pub mod layers;
 pub mod unet;
 pub mod unet_blocks;

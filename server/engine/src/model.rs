@@ -258,3 +258,17 @@ pub fn random_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> 
     let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(RandomWeights);
     VarBuilder::from_backend(backend, dtype, device.clone())
 }
+
+/// Writes tensors to a safetensors file atomically (temp file + rename).
+pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    let cpu: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&cpu, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

@@ -215,16 +215,6 @@ fn scheduler_from_case(json: &Value, model: &SchedulerConfig) -> std::result::Re
     Ok((kind, config))
 }
 
-/// Writes tensors to a safetensors file atomically (temp file + rename).
-pub fn save_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    let cpu: HashMap<String, Tensor> = tensors
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&cpu, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
 
 /// Largest absolute difference between two tensors of the same shape (as f64).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {

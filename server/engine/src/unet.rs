@@ -1,11 +1,11 @@
 //! `UNet2DConditionModel` for SD 1.x / 2.x, driven by the diffusers `unet/config.json`.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::attention::AttentionKind;
-use crate::layers::{conv2d, group_norm, Activation, Linear};
+use crate::layers::{conv2d, Conv2d, group_norm, Activation, Linear};
 use crate::unet_blocks::{Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, TransformerConfig, Upsample2D};
 
 /// A value given either once for all blocks or per block.
@@ -341,14 +341,18 @@ impl UNet2DConditionModel {
         &self.config
     }
 
-    /// Predicts noise (or v) for `sample` (batch, C, h, w) at `timestep` (a scalar or a
-    /// (batch,) tensor), conditioned on `context` (batch, tokens, cross_attention_dim).
+    /// Predicts noise (or v) for `sample` (batch, C, h, w) at one `timestep` for the
+    /// whole batch, conditioned on `context` (batch, tokens, cross_attention_dim).
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, attn: AttentionKind) -> Result<Tensor> {
-        let b = sample.dim(0)?;
-        let dev = sample.device();
-        let t = Tensor::full(timestep as f32, b, dev)?;
+        let t = Tensor::full(timestep as f32, sample.dim(0)?, sample.device())?;
+        self.forward_timesteps(sample, &t, context, attn)
+    }
+
+    /// As [`forward`](Self::forward) with one timestep per sample (`timesteps`: (batch,)),
+    /// as training needs.
+    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, attn: AttentionKind) -> Result<Tensor> {
         let c = &self.config;
-        let emb = timestep_embedding(&t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?
+        let emb = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?
             .to_dtype(sample.dtype())?;
         let emb = self.time_linear_2.forward(&self.act.forward(&self.time_linear_1.forward(&emb)?)?)?;
 

@@ -3,10 +3,10 @@
 //! VAE's single-head mid-block attention. Tensor names follow diffusers exactly.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 
 use crate::attention::{scaled_dot_product, AttentionKind};
-use crate::layers::{conv2d, group_norm, layer_norm, Activation, Linear};
+use crate::layers::{conv2d, Conv2d, group_norm, layer_norm, LayerNorm, Activation, Linear};
 
 /// diffusers `ResnetBlock2D` (time-embedding scale-shift "default" only).
 pub struct ResnetBlock2D {

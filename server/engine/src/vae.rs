@@ -3,11 +3,11 @@
 //! the tiny test pipeline.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::attention::AttentionKind;
-use crate::layers::{conv2d, group_norm, Activation};
+use crate::layers::{conv2d, Conv2d, group_norm, Activation};
 use crate::unet_blocks::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D, VaeAttention};
 
 /// The fields of a diffusers `AutoencoderKL` config.

@@ -29,6 +29,12 @@ pub struct BenchArgs {
     /// The built-in model used by tiny-unet and e2e-tiny.
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/sd-tiny")]
     pub model: PathBuf,
+    /// starter-unet: a UNet config.json to time instead of the starter model's.
+    #[arg(long)]
+    pub unet_config: Option<PathBuf>,
+    /// starter-unet: latent size for --unet-config.
+    #[arg(long, default_value_t = atelier_engine::starter::model::LATENT_SIZE)]
+    pub latent_size: usize,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -101,6 +107,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     let vb = random_var_builder(DType::F32, &Device::Cpu);
                     unet_case(case, &cfg, vb, attn, 32, args.steps)?
                 }
+                "starter-unet" => {
+                    let vb = random_var_builder(DType::F32, &Device::Cpu);
+                    let cfg = match &args.unet_config {
+                        Some(p) => read_config(p)?,
+                        None => atelier_engine::starter::model::unet_config(),
+                    };
+                    unet_case(case, &cfg, vb, attn, args.latent_size, args.steps)?
+                }
                 "sd15-unet" => {
                     let vb = random_var_builder(DType::F32, &Device::Cpu);
                     unet_case(case, &UNetConfig::v1_5(), vb, attn, 64, args.steps)?
@@ -127,7 +141,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     }
                     Row { case: case.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), unit: "s/image (20 steps, CFG)" }
                 }
-                other => anyhow::bail!("unknown case {other}; use tiny-unet, sd15-unet or e2e-tiny"),
+                other => anyhow::bail!("unknown case {other}; use tiny-unet, starter-unet, sd15-unet or e2e-tiny"),
             };
             if args.json {
                 let key = if row.unit == "s/step" { "seconds_per_step" } else { "seconds_per_image" };

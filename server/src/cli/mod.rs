@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod generate;
 pub mod reference;
+pub mod train_base;
 
 /// The compute device: the first CUDA / Metal GPU in builds with those features, else the CPU.
 pub fn device() -> anyhow::Result<candle_core::Device> {

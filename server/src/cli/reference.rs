@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use atelier_engine::attention::AttentionKind;
-use atelier_engine::reference::{discover, max_abs_diff, save_atomic, ReferenceRunner};
+use atelier_engine::model::save_safetensors_atomic;
+use atelier_engine::reference::{discover, max_abs_diff, ReferenceRunner};
 use candle_core::Device;
 
 /// Arguments of `atelier reference`.
@@ -37,7 +38,7 @@ pub fn run(args: ReferenceArgs) -> Result<()> {
     for case in &cases {
         bar.set_message(case.name.clone());
         let out = runner.run(case).with_context(|| format!("case {}", case.name))?;
-        save_atomic(&out, &args.out.join(format!("{}.safetensors", case.name)))?;
+        save_safetensors_atomic(&out, &args.out.join(format!("{}.safetensors", case.name)))?;
         // Report how far each output is from the case's expected tensor, when present.
         let expected = atelier_engine::model::load_safetensors(&case.tensors_path, &Device::Cpu)?;
         for name in case.kind.outputs() {

@@ -1,3 +1,12 @@
-//! Training machinery shared by the starter model and style adapters.
+//! Training machinery shared by the starter model and style adapters: the optimiser,
+//! the weight average, checkpoints, and loss curves.
 
+pub mod checkpoint;
 pub mod curves;
+pub mod ema;
+pub mod init;
+pub mod optim;
+
+pub use ema::Ema;
+pub use init::seeded_var_builder;
+pub use optim::{AdamW, OptimConfig, StepStats};

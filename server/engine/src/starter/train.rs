@@ -1,0 +1,577 @@
+//! Training the starter model from scratch, in two stages:
+//!
+//! 1. **VAE**: the autoencoder learns to reconstruct shape images (L1 loss plus a
+//!    small KL term). Its latent scaling factor is then measured as 1/std of the
+//!    latents, as SD's 0.18215 was.
+//! 2. **Diffusion**: the text encoder and the UNet learn together to predict the noise
+//!    added to VAE latents (ε-prediction on SD's scaled-linear schedule, min-SNR
+//!    weighting), with captions dropped for classifier-free guidance.
+//!
+//! Both stages use [`AdamW`] with warm-up and cosine decay, clip gradients, write
+//! checkpoints every `checkpoint_every` steps under `OUT/checkpoints/` and resume from
+//! the newest one exactly: every batch, noise draw and caption choice is a pure
+//! function of the seed and the step number. The diffusion stage keeps an [`Ema`] of
+//! the weights, which is what gets saved. The finished folder has the diffusers
+//! layout plus `training/` (config, loss CSVs and plots).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::attention::AttentionKind;
+use crate::clip::ClipTextModel;
+use crate::layers::enable_grad;
+use crate::model::{load_safetensors, save_safetensors_atomic};
+use crate::noise::Noise;
+use crate::starter::model::{self, IMAGE_SIZE};
+use crate::starter::shapes::{Scene, World};
+use crate::tokenizer::ClipTokenizer;
+use crate::train::curves::{plot_png, CsvLog};
+use crate::train::{checkpoint, seeded_var_builder, AdamW, Ema, OptimConfig};
+use crate::unet::UNet2DConditionModel;
+use crate::vae::AutoencoderKL;
+use crate::{Error, Result};
+
+/// Everything that decides the trained weights; saved as `training/config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainBaseConfig {
+    /// Seeds the data stream, the initial weights and every noise draw.
+    pub seed: u64,
+    /// Autoencoder steps and images per step.
+    pub vae_steps: u64,
+    pub vae_batch: usize,
+    pub vae_optim: OptimConfig,
+    /// Weight of the KL term (per latent element) against the L1 reconstruction loss.
+    pub vae_kl_weight: f64,
+    /// Diffusion steps and latents per step.
+    pub steps: u64,
+    pub batch: usize,
+    pub optim: OptimConfig,
+    pub ema_decay: f64,
+    /// Probability of training on the empty caption (for classifier-free guidance).
+    pub caption_dropout: f64,
+    /// Probability that a degraded image is captioned with its quality words only
+    /// ("blurry, noisy"), so that those words alone, as a negative prompt, mean something.
+    pub quality_only_caption: f64,
+    /// Min-SNR loss weighting γ (0 disables).
+    pub min_snr_gamma: f64,
+    /// Distinct training images encoded once for the diffusion stage.
+    pub latent_pool: usize,
+    pub checkpoint_every: u64,
+    /// Checkpoints kept on disk.
+    pub keep_checkpoints: usize,
+}
+
+impl TrainBaseConfig {
+    /// The recipe of the shipped model, with `steps` diffusion steps.
+    pub fn recipe(seed: u64, steps: u64) -> Self {
+        let vae_steps = 600;
+        Self {
+            seed,
+            vae_steps,
+            vae_batch: 8,
+            vae_optim: OptimConfig::new(2e-3, 50, vae_steps),
+            vae_kl_weight: 1e-4,
+            steps,
+            batch: 16,
+            optim: OptimConfig::new(1e-3, 100.min(steps / 10 + 1), steps),
+            ema_decay: 0.995,
+            caption_dropout: 0.1,
+            quality_only_caption: 0.15,
+            min_snr_gamma: 5.0,
+            latent_pool: 4096,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
+        }
+    }
+
+    /// A few steps of everything, for tests.
+    pub fn smoke(seed: u64, vae_steps: u64, steps: u64) -> Self {
+        let mut c = Self::recipe(seed, steps);
+        c.vae_steps = vae_steps;
+        c.vae_batch = 2;
+        c.vae_optim = OptimConfig::new(2e-3, 1, vae_steps);
+        c.batch = 4;
+        c.optim = OptimConfig::new(1e-3, 1, steps);
+        c.latent_pool = 16;
+        c.checkpoint_every = 2;
+        c
+    }
+}
+
+/// Which stage a progress report belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    Vae,
+    Diffusion,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Vae => "vae",
+            Stage::Diffusion => "diffusion",
+        }
+    }
+}
+
+/// What the trainer reports after every step (and while it prepares a stage).
+#[derive(Debug, Clone)]
+pub enum TrainEvent {
+    /// A stage starts (or resumes) at `step` of `total`.
+    StageStart { stage: Stage, step: u64, total: u64 },
+    /// One optimiser step finished.
+    Step { stage: Stage, step: u64, total: u64, loss: f64, lr: f64, grad_norm: f64 },
+    /// Something long that is not a step (encoding the latent pool, saving).
+    Note(String),
+}
+
+/// Where the files of a run live inside `OUT`.
+struct Layout {
+    out: PathBuf,
+}
+
+impl Layout {
+    fn training(&self) -> PathBuf {
+        self.out.join("training")
+    }
+    fn checkpoints(&self, stage: Stage) -> PathBuf {
+        self.out.join("checkpoints").join(stage.name())
+    }
+    fn vae_weights(&self) -> PathBuf {
+        self.out.join("vae").join("diffusion_pytorch_model.safetensors")
+    }
+    fn vae_config(&self) -> PathBuf {
+        self.out.join("vae").join("config.json")
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointState {
+    stage: Stage,
+    step: u64,
+    config: TrainBaseConfig,
+}
+
+/// The result of a finished run.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub out: PathBuf,
+    pub vae_final_loss: Option<f64>,
+    pub diffusion_final_loss: Option<f64>,
+    pub scaling_factor: f64,
+}
+
+/// A deterministic per-step random source, independent of how the run was split up.
+fn step_rng(seed: u64, stage: Stage, step: u64) -> rand::rngs::StdRng {
+    let salt = match stage {
+        Stage::Vae => 0x5641_4500,
+        Stage::Diffusion => 0x4449_4600,
+    };
+    rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
+/// Images (B, 3, 64, 64) in [-1, 1].
+fn images_to_tensor(images: &[image::RgbImage], device: &Device) -> Result<Tensor> {
+    let n = images.len();
+    let s = IMAGE_SIZE;
+    let mut data = Vec::with_capacity(n * 3 * s * s);
+    for img in images {
+        let raw = img.as_raw();
+        for c in 0..3 {
+            data.extend(raw.chunks_exact(3).map(|p| p[c] as f32 / 127.5 - 1.0));
+        }
+    }
+    Ok(Tensor::from_vec(data, (n, 3, s, s), &Device::Cpu)?.to_device(device)?)
+}
+
+/// SD's cumulative ᾱ_t for the scaled-linear schedule (β from 0.00085 to 0.012, 1000 steps).
+pub fn alphas_cumprod() -> Vec<f64> {
+    let (b0, b1, n) = (0.00085f64.sqrt(), 0.012f64.sqrt(), 1000);
+    let mut acc = 1.0;
+    (0..n)
+        .map(|i| {
+            let b = b0 + (b1 - b0) * i as f64 / (n - 1) as f64;
+            acc *= 1.0 - b * b;
+            acc
+        })
+        .collect()
+}
+
+fn note(progress: &mut dyn FnMut(&TrainEvent) -> bool, msg: impl Into<String>) -> Result<()> {
+    if progress(&TrainEvent::Note(msg.into())) {
+        Ok(())
+    } else {
+        Err(Error::Cancelled)
+    }
+}
+
+/// Trains the starter model into `out` (diffusers layout), resuming from the newest
+/// checkpoint there when one exists. `tokenizer_dir` holds the CLIP `vocab.json` and
+/// `merges.txt`. `progress` returning false stops the run after the current step (a
+/// checkpoint is written first, so it can be resumed).
+pub fn train_base(
+    out: &Path,
+    tokenizer_dir: &Path,
+    config: &TrainBaseConfig,
+    device: &Device,
+    progress: &mut dyn FnMut(&TrainEvent) -> bool,
+) -> Result<TrainSummary> {
+    let layout = Layout { out: out.to_path_buf() };
+    std::fs::create_dir_all(layout.training()).map_err(|e| Error::io(layout.training(), e))?;
+    let config_path = layout.training().join("config.json");
+    if config_path.exists() {
+        let text = std::fs::read(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let previous: TrainBaseConfig =
+            serde_json::from_slice(&text).map_err(|e| Error::Config { path: config_path.clone(), message: e.to_string() })?;
+        if &previous != config {
+            return Err(Error::invalid(
+                "out",
+                format!(
+                    "{} holds a run with different settings ({}); pass the same settings to resume it, or choose another --out",
+                    out.display(),
+                    config_path.display()
+                ),
+            ));
+        }
+    }
+    let config_json = serde_json::to_value(config).map_err(|e| Error::Metadata(e.to_string()))?;
+    model::write_json(&config_path, &config_json)?;
+    let tokenizer = ClipTokenizer::from_dir(tokenizer_dir)?;
+
+    let (vae_final_loss, scaling_factor) = if layout.vae_weights().is_file() && layout.vae_config().is_file() {
+        let cfg: crate::vae::VaeConfig = crate::model::read_config(&layout.vae_config())?;
+        (None, cfg.scaling_factor)
+    } else {
+        train_vae(&layout, config, device, progress)?
+    };
+    let diffusion_final_loss = train_diffusion(&layout, &tokenizer, config, scaling_factor, device, progress)?;
+
+    model::write_json(&out.join("model_index.json"), &model::model_index_json())?;
+    model::write_json(&out.join("scheduler").join("scheduler_config.json"), &model::scheduler_config_json())?;
+    model::write_tokenizer(tokenizer_dir, &out.join("tokenizer"))?;
+    let ckpts = out.join("checkpoints");
+    if ckpts.exists() {
+        std::fs::remove_dir_all(&ckpts).map_err(|e| Error::io(&ckpts, e))?;
+    }
+    Ok(TrainSummary { out: out.to_path_buf(), vae_final_loss, diffusion_final_loss, scaling_factor })
+}
+
+/// Reads back the `loss` column of a curve and plots it.
+fn plot_curve(csv: &Path, png: &Path, title: &str) -> Result<()> {
+    let (columns, rows) = CsvLog::read(csv)?;
+    let loss_col = columns.iter().position(|c| c == "loss").unwrap_or(0);
+    let points: Vec<(f64, f64)> = rows.iter().filter_map(|(s, v)| v.get(loss_col).map(|l| (*s as f64, *l))).collect();
+    if points.is_empty() {
+        return Ok(());
+    }
+    plot_png(png, title, "step", "loss", &[("loss", points)], true)
+}
+
+fn train_vae(
+    layout: &Layout,
+    config: &TrainBaseConfig,
+    device: &Device,
+    progress: &mut dyn FnMut(&TrainEvent) -> bool,
+) -> Result<(Option<f64>, f64)> {
+    let stage = Stage::Vae;
+    let vae_cfg = model::vae_config(1.0);
+    let varmap = VarMap::new();
+    let vae = {
+        let _g = enable_grad();
+        AutoencoderKL::new(&vae_cfg, seeded_var_builder(&varmap, config.seed, DType::F32, device))?
+    };
+    let mut opt = AdamW::new(&varmap, config.vae_optim.clone())?;
+    let ckpt_root = layout.checkpoints(stage);
+    let start = resume(&ckpt_root, stage, config, &varmap, &mut opt, None, device)?;
+    let csv_path = layout.training().join("loss_vae.csv");
+    let mut log = CsvLog::open(&csv_path, &["loss", "l1", "kl", "lr", "grad_norm"], Some(start))?;
+    if !progress(&TrainEvent::StageStart { stage, step: start, total: config.vae_steps }) {
+        return Err(Error::Cancelled);
+    }
+    let world = World::new(config.seed);
+    let mut last = None;
+    for step in start + 1..=config.vae_steps {
+        let _g = enable_grad();
+        let images: Vec<_> =
+            (0..config.vae_batch).map(|i| world.training_sample((step - 1) * config.vae_batch as u64 + i as u64).1).collect();
+        let x = images_to_tensor(&images, device)?;
+        let dist = vae.encode(&x, AttentionKind::Original)?;
+        let mut noise = Noise::new(step_rng(config.seed, stage, step).random());
+        let eps = noise.randn(dist.mean.dims(), device)?;
+        let z = dist.sample(&eps)?;
+        let recon = vae.decode(&z, AttentionKind::Original)?;
+        let l1 = (recon - &x)?.abs()?.mean_all()?;
+        let var = dist.logvar.exp()?;
+        let kl = ((dist.mean.sqr()? + &var)? - 1.0)?.sub(&dist.logvar)?.mean_all()?.affine(0.5, 0.0)?;
+        let loss = (&l1 + (&kl * config.vae_kl_weight)?)?;
+        let stats = opt.step(&loss.backward()?)?;
+        drop(_g);
+        let (loss_v, l1_v, kl_v) =
+            (loss.to_scalar::<f32>()? as f64, l1.to_scalar::<f32>()? as f64, kl.to_scalar::<f32>()? as f64);
+        log.append(step, &[loss_v, l1_v, kl_v, stats.lr, stats.grad_norm])?;
+        last = Some(loss_v);
+        let keep_going =
+            progress(&TrainEvent::Step { stage, step, total: config.vae_steps, loss: loss_v, lr: stats.lr, grad_norm: stats.grad_norm });
+        if step % config.checkpoint_every == 0 || step == config.vae_steps || !keep_going {
+            save_checkpoint(&ckpt_root, stage, step, config, &varmap, &opt, None)?;
+        }
+        if !keep_going {
+            return Err(Error::Cancelled);
+        }
+    }
+    plot_curve(&csv_path, &layout.training().join("loss_vae.png"), "VAE reconstruction loss")?;
+
+    // Latent scale: 1/std of the latent means over a sample of training images.
+    note(progress, "measuring the VAE latent scale")?;
+    let weights = detached(&varmap)?;
+    let frozen = AutoencoderKL::new(&vae_cfg, VarBuilder::from_tensors(weights.clone(), DType::F32, device))?;
+    let world = World::new(config.seed ^ 0x5CA1E);
+    let images: Vec<_> = (0..256u64).map(|i| world.training_sample(i).1).collect();
+    let mut means = Vec::new();
+    for chunk in images.chunks(32) {
+        means.push(frozen.encode(&images_to_tensor(chunk, device)?, AttentionKind::Original)?.mean);
+    }
+    let all = Tensor::cat(&means, 0)?.flatten_all()?;
+    let mean = all.mean_all()?.to_scalar::<f32>()? as f64;
+    let std = (all.sqr()?.mean_all()?.to_scalar::<f32>()? as f64 - mean * mean).max(1e-12).sqrt();
+    let scaling_factor = 1.0 / std;
+    save_safetensors_atomic(&weights, &layout.vae_weights())?;
+    model::write_json(&layout.vae_config(), &model::vae_config_json(scaling_factor))?;
+    Ok((last, scaling_factor))
+}
+
+fn detached(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
+    let data = varmap.data().lock().map_err(|_| Error::Metadata("VarMap lock poisoned".into()))?;
+    data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?))).collect()
+}
+
+fn save_checkpoint(
+    root: &Path,
+    stage: Stage,
+    step: u64,
+    config: &TrainBaseConfig,
+    varmap: &VarMap,
+    opt: &AdamW,
+    ema: Option<&Ema>,
+) -> Result<()> {
+    let weights = detached(varmap)?;
+    let optim = opt.state();
+    let ema_t = ema.map(|e| e.tensors());
+    let mut files: Vec<(&str, &HashMap<String, Tensor>)> = vec![("model", &weights), ("optim", &optim)];
+    if let Some(e) = &ema_t {
+        files.push(("ema", e));
+    }
+    checkpoint::save(root, step, &files, &CheckpointState { stage, step, config: config.clone() }, config.keep_checkpoints)?;
+    Ok(())
+}
+
+/// Restores the newest checkpoint under `root` into the model, optimiser and EMA;
+/// returns the step to continue after (0 when there is none).
+fn resume(
+    root: &Path,
+    stage: Stage,
+    config: &TrainBaseConfig,
+    varmap: &VarMap,
+    opt: &mut AdamW,
+    ema: Option<&mut Ema>,
+    device: &Device,
+) -> Result<u64> {
+    let Some((step, dir)) = checkpoint::latest(root)? else { return Ok(0) };
+    let state: CheckpointState = checkpoint::read_state(&dir)?;
+    if state.stage != stage || &state.config != config || state.step != step {
+        return Err(Error::invalid("out", format!("checkpoint {} belongs to a different run", dir.display())));
+    }
+    let weights = checkpoint::read_tensors(&dir, "model", device)?;
+    {
+        let data = varmap.data().lock().map_err(|_| Error::Metadata("VarMap lock poisoned".into()))?;
+        for (name, var) in data.iter() {
+            let t = weights.get(name).ok_or_else(|| Error::Weights { path: dir.clone(), message: format!("lacks {name}") })?;
+            var.set(t)?;
+        }
+    }
+    opt.load_state(&checkpoint::read_tensors(&dir, "optim", device)?, step)?;
+    if let Some(ema) = ema {
+        ema.load(&checkpoint::read_tensors(&dir, "ema", device)?)?;
+    }
+    Ok(step)
+}
+
+/// The caption a training step uses for `scene`, given a uniform draw `u`.
+pub fn training_caption(scene: &Scene, u: f64, config: &TrainBaseConfig) -> String {
+    if u < config.caption_dropout {
+        return String::new();
+    }
+    let q = scene.quality;
+    if !q.is_clean() && u < config.caption_dropout + config.quality_only_caption {
+        let mut words = Vec::new();
+        if q.blurry {
+            words.push("blurry");
+        }
+        if q.noisy {
+            words.push("noisy");
+        }
+        if q.low_contrast {
+            words.push("low contrast");
+        }
+        return words.join(", ");
+    }
+    scene.caption()
+}
+
+fn split_prefix(all: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    all.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|rest| (rest.to_string(), v.clone()))).collect()
+}
+
+fn train_diffusion(
+    layout: &Layout,
+    tokenizer: &ClipTokenizer,
+    config: &TrainBaseConfig,
+    scaling_factor: f64,
+    device: &Device,
+    progress: &mut dyn FnMut(&TrainEvent) -> bool,
+) -> Result<Option<f64>> {
+    let stage = Stage::Diffusion;
+    // The latent pool: distinct training images encoded once by the frozen VAE.
+    note(progress, format!("encoding {} training images with the VAE", config.latent_pool))?;
+    let vae_cfg = model::vae_config(scaling_factor);
+    let vae = AutoencoderKL::new(&vae_cfg, VarBuilder::from_tensors(load_safetensors(&layout.vae_weights(), device)?, DType::F32, device))?;
+    let world = World::new(config.seed);
+    let mut scenes = Vec::with_capacity(config.latent_pool);
+    let mut latents = Vec::new();
+    let pool_base = 1u64 << 40;
+    let mut start = 0;
+    while start < config.latent_pool {
+        let n = 64.min(config.latent_pool - start);
+        let mut images = Vec::with_capacity(n);
+        for i in 0..n {
+            let (scene, img) = world.training_sample(pool_base + (start + i) as u64);
+            scenes.push(scene);
+            images.push(img);
+        }
+        latents.push((vae.encode(&images_to_tensor(&images, device)?, AttentionKind::Original)?.mean * scaling_factor)?);
+        start += n;
+    }
+    let pool = Tensor::cat(&latents, 0)?;
+    drop(vae);
+
+    let varmap = VarMap::new();
+    let (text_encoder, unet) = {
+        let _g = enable_grad();
+        let vb = seeded_var_builder(&varmap, config.seed.wrapping_add(1), DType::F32, device);
+        let te = ClipTextModel::new(&model::text_encoder_config(), vb.pp("text_encoder"))?;
+        let unet = UNet2DConditionModel::new(&model::unet_config(), vb.pp("unet"))?;
+        (te, unet)
+    };
+    let mut opt = AdamW::new(&varmap, config.optim.clone())?;
+    let mut ema = Ema::new(&varmap, config.ema_decay)?;
+    let ckpt_root = layout.checkpoints(stage);
+    let start = resume(&ckpt_root, stage, config, &varmap, &mut opt, Some(&mut ema), device)?;
+    let csv_path = layout.training().join("loss_diffusion.csv");
+    let mut log = CsvLog::open(&csv_path, &["loss", "lr", "grad_norm"], Some(start))?;
+    if !progress(&TrainEvent::StageStart { stage, step: start, total: config.steps }) {
+        return Err(Error::Cancelled);
+    }
+    let acp = alphas_cumprod();
+    let mut token_cache: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut last = None;
+    for step in start + 1..=config.steps {
+        let mut rng = step_rng(config.seed, stage, step);
+        let mut idx = Vec::with_capacity(config.batch);
+        let mut ids = Vec::with_capacity(config.batch * tokenizer.max_len());
+        let mut ts = Vec::with_capacity(config.batch);
+        for _ in 0..config.batch {
+            let i = rng.random_range(0..config.latent_pool);
+            idx.push(i as u32);
+            let caption = training_caption(&scenes[i], rng.random::<f64>(), config);
+            let toks = token_cache.entry(caption.clone()).or_insert_with(|| tokenizer.encode(&caption).ids);
+            ids.extend_from_slice(toks);
+            ts.push(rng.random_range(0..acp.len()));
+        }
+        let x0 = pool.index_select(&Tensor::new(idx.as_slice(), device)?, 0)?;
+        let mut noise = Noise::new(rng.random());
+        let eps = noise.randn(x0.dims(), device)?;
+        let sa: Vec<f32> = ts.iter().map(|&t| acp[t].sqrt() as f32).collect();
+        let sb: Vec<f32> = ts.iter().map(|&t| (1.0 - acp[t]).sqrt() as f32).collect();
+        let col = |v: Vec<f32>| Tensor::from_vec(v, (config.batch, 1, 1, 1), device);
+        let xt = (x0.broadcast_mul(&col(sa)?)? + eps.broadcast_mul(&col(sb)?)?)?;
+        let weights: Vec<f32> = ts
+            .iter()
+            .map(|&t| {
+                let snr = acp[t] / (1.0 - acp[t]);
+                if config.min_snr_gamma > 0.0 { (snr.min(config.min_snr_gamma) / snr) as f32 } else { 1.0 }
+            })
+            .collect();
+        let t_tensor = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), config.batch, device)?;
+        let ids = Tensor::from_vec(ids, (config.batch, tokenizer.max_len()), device)?;
+
+        let g = enable_grad();
+        let ctx = text_encoder.forward(&ids, AttentionKind::Original)?.last_hidden_state;
+        let pred = unet.forward_timesteps(&xt, &t_tensor, &ctx, AttentionKind::Original)?;
+        let per_sample = (pred - &eps)?.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
+        let loss = (per_sample * Tensor::from_vec(weights, config.batch, device)?)?.mean_all()?;
+        let stats = opt.step(&loss.backward()?)?;
+        drop(g);
+        ema.update(step)?;
+        let loss_v = loss.to_scalar::<f32>()? as f64;
+        log.append(step, &[loss_v, stats.lr, stats.grad_norm])?;
+        last = Some(loss_v);
+        let keep_going =
+            progress(&TrainEvent::Step { stage, step, total: config.steps, loss: loss_v, lr: stats.lr, grad_norm: stats.grad_norm });
+        if step % config.checkpoint_every == 0 || step == config.steps || !keep_going {
+            save_checkpoint(&ckpt_root, stage, step, config, &varmap, &opt, Some(&ema))?;
+        }
+        if !keep_going {
+            return Err(Error::Cancelled);
+        }
+    }
+    plot_curve(&csv_path, &layout.training().join("loss_diffusion.png"), "Diffusion loss (min-SNR weighted)")?;
+
+    note(progress, "saving the averaged weights")?;
+    let averaged = ema.tensors();
+    let out = &layout.out;
+    save_safetensors_atomic(&split_prefix(&averaged, "unet."), &out.join("unet").join("diffusion_pytorch_model.safetensors"))?;
+    model::write_json(&out.join("unet").join("config.json"), &model::unet_config_json())?;
+    save_safetensors_atomic(&split_prefix(&averaged, "text_encoder."), &out.join("text_encoder").join("model.safetensors"))?;
+    model::write_json(&out.join("text_encoder").join("config.json"), &model::text_encoder_config_json())?;
+    Ok(last)
+}
+
+/// The state a run would resume from, for tests and `--status`: (stage, step) of the
+/// newest checkpoint under `out`.
+pub fn resume_point(out: &Path) -> Result<Option<(Stage, u64)>> {
+    let layout = Layout { out: out.to_path_buf() };
+    if let Some((step, _)) = checkpoint::latest(&layout.checkpoints(Stage::Diffusion))? {
+        return Ok(Some((Stage::Diffusion, step)));
+    }
+    Ok(checkpoint::latest(&layout.checkpoints(Stage::Vae))?.map(|(s, _)| (Stage::Vae, s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_matches_sd() {
+        let a = alphas_cumprod();
+        assert_eq!(a.len(), 1000);
+        assert!((a[0] - (1.0 - 0.00085)).abs() < 1e-12);
+        // diffusers' DDPMScheduler(scaled_linear).alphas_cumprod[-1] for SD.
+        assert!((a[999] - 0.0046600).abs() < 2e-6, "{}", a[999]);
+    }
+
+    #[test]
+    fn step_randomness_depends_only_on_seed_and_step() {
+        let a: u64 = step_rng(7, Stage::Diffusion, 42).random();
+        let b: u64 = step_rng(7, Stage::Diffusion, 42).random();
+        let c: u64 = step_rng(7, Stage::Diffusion, 43).random();
+        let d: u64 = step_rng(7, Stage::Vae, 42).random();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, d);
+    }
+}

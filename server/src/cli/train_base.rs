@@ -1,0 +1,119 @@
+//! `atelier train-base`: trains the starter model from scratch (VAE, then text encoder
+//! and UNet) into a diffusers folder, with a progress bar showing loss and steps/s.
+//! Re-running the same command resumes from the newest checkpoint in `--out`;
+//! Ctrl-C stops after the current step with a checkpoint written.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use atelier_engine::starter::train::{train_base, Stage, TrainBaseConfig, TrainEvent};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Arguments of `atelier train-base`.
+#[derive(Debug, clap::Args)]
+pub struct TrainBaseArgs {
+    /// Output folder (diffusers layout); an unfinished run there is resumed.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Diffusion (text encoder + UNet) training steps.
+    #[arg(long, default_value_t = 2500)]
+    pub steps: u64,
+    /// VAE training steps.
+    #[arg(long)]
+    pub vae_steps: Option<u64>,
+    /// Seed for data, initial weights and noise: the same seed and steps give the same model.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Diffusion batch size.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Steps between checkpoints.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Folder with the CLIP tokenizer files (vocab.json, merges.txt).
+    #[arg(long, default_value = "models/starter/tokenizer")]
+    pub tokenizer: PathBuf,
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {msg} {elapsed} eta {eta}")
+        .expect("static template")
+        .progress_chars("=> ")
+}
+
+pub fn run(args: TrainBaseArgs) -> Result<()> {
+    let mut config = TrainBaseConfig::recipe(args.seed, args.steps);
+    if let Some(v) = args.vae_steps {
+        config.vae_steps = v;
+        config.vae_optim.total_steps = v;
+    }
+    if let Some(b) = args.batch {
+        config.batch = b;
+    }
+    if let Some(c) = args.checkpoint_every {
+        config.checkpoint_every = c.max(1);
+    }
+    let device = crate::cli::device()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    }
+    let bar = ProgressBar::new(1);
+    bar.set_style(bar_style());
+    let mut window: Option<(Instant, u64)> = None;
+    let mut smoothed: Option<f64> = None;
+    let started = Instant::now();
+    let result = train_base(&args.out, &args.tokenizer, &config, &device, &mut |ev| {
+        match ev {
+            TrainEvent::StageStart { stage, step, total } => {
+                bar.set_prefix(stage.name());
+                bar.set_length(*total);
+                bar.set_position(*step);
+                bar.reset_eta();
+                window = Some((Instant::now(), *step));
+                smoothed = None;
+                if *step > 0 {
+                    bar.println(format!("resuming the {} stage at step {step}", stage.name()));
+                }
+            }
+            TrainEvent::Step { stage, step, total, loss, lr, .. } => {
+                let s = smoothed.map_or(*loss, |m| 0.95 * m + 0.05 * loss);
+                smoothed = Some(s);
+                let rate = window.map_or(0.0, |(t, s0)| (*step - s0) as f64 / t.elapsed().as_secs_f64().max(1e-9));
+                bar.set_position(*step);
+                bar.set_message(format!("loss {s:.4} lr {lr:.1e} {rate:.2} steps/s"));
+                if step == total {
+                    bar.println(format!("{} stage done: loss {s:.4}, {rate:.2} steps/s", stage.name()));
+                }
+            }
+            TrainEvent::Note(msg) => bar.println(msg.clone()),
+        }
+        !stop.load(Ordering::SeqCst)
+    });
+    bar.finish_and_clear();
+    match result {
+        Ok(summary) => {
+            println!(
+                "trained the starter model into {} in {:.1} min (VAE latent scale {:.4}; final loss VAE {} / diffusion {})",
+                summary.out.display(),
+                started.elapsed().as_secs_f64() / 60.0,
+                summary.scaling_factor,
+                summary.vae_final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                summary.diffusion_final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            );
+            println!("loss curves: {}", args.out.join("training").display());
+            Ok(())
+        }
+        Err(atelier_engine::Error::Cancelled) => {
+            let at = atelier_engine::starter::train::resume_point(&args.out)?;
+            let (stage, step) = at.unwrap_or((Stage::Vae, 0));
+            eprintln!("stopped; checkpoint at {} step {step}. Run the same command again to resume.", stage.name());
+            std::process::exit(130);
+        }
+        Err(e) => Err(e).with_context(|| format!("training into {}", args.out.display())),
+    }
+}
