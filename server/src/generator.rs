@@ -1,7 +1,7 @@
 //! The [`Generator`] seam between the job queue and the engine: the real model in production,
 //! a fast fake in tests.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use atelier_engine::pipeline::{GenerateParams, Generated, StableDiffusion, StepProgress};
 
@@ -42,7 +42,7 @@ pub struct LoadedModel {
     name: String,
     /// Native image size (UNet sample size × VAE scale factor).
     pub default_size: (usize, usize),
-    /// Set for tiny untrained models, whose images are coloured noise.
+    /// What the UI tells people about the model (see [`model_note`]).
     pub note: Option<String>,
 }
 
@@ -56,8 +56,9 @@ impl LoadedModel {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| dir.display().to_string());
-        let info = ModelShape::read(dir);
-        Ok(Self { sd, name, default_size: (info.size, info.size), note: info.note() })
+        let note = model_note(dir, &sd);
+        let size = sd.default_size();
+        Ok(Self { sd, name, default_size: (size, size), note })
     }
 }
 
@@ -107,45 +108,25 @@ impl<G: Generator> Generator for Throttled<G> {
     }
 }
 
-/// The little the UI needs from a model's configs: native size and whether it is a toy.
-struct ModelShape {
-    size: usize,
-    max_channels: Option<u64>,
-}
-
 /// Real SD UNets start at 320 channels; anything smaller is a test model.
 const TOY_CHANNELS: u64 = 320;
 
-/// Shown in the UI and `/api/model` for tiny untrained models.
-pub const NOISE_NOTE: &str = "The built-in model is a tiny untrained test model: its images are \
-coloured noise. Start the server with --model pointing at a real Stable Diffusion 1.x/2.x \
-diffusers folder (or hub id) for real images.";
+/// Shown in the UI and `/api/model` for tiny models without a model card.
+pub const NOISE_NOTE: &str = "This is a tiny untrained test model: its images are coloured noise. \
+Start the server with --model pointing at a real Stable Diffusion 1.x/2.x diffusers folder (or \
+hub id) for real images.";
 
-impl ModelShape {
-    fn read(dir: &Path) -> Self {
-        let json = |p: PathBuf| -> Option<serde_json::Value> {
-            serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
-        };
-        let unet = json(dir.join("unet/config.json"));
-        let vae = json(dir.join("vae/config.json"));
-        let sample = unet.as_ref().and_then(|u| u["sample_size"].as_u64());
-        let vae_blocks = vae.as_ref().and_then(|v| v["block_out_channels"].as_array().map(|a| a.len()));
-        let size = match (sample, vae_blocks) {
-            (Some(s), Some(n)) if n > 0 => (s as usize) << (n - 1),
-            _ => vae.as_ref().and_then(|v| v["sample_size"].as_u64()).map_or(512, |s| s as usize),
-        };
-        let max_channels = unet
-            .as_ref()
-            .and_then(|u| u["block_out_channels"].as_array().and_then(|a| a.iter().filter_map(|c| c.as_u64()).max()));
-        Self { size, max_channels }
+/// What the UI says about a model: the `note` of its `atelier.json` card (the starter
+/// model has one), a warning for tiny models without one, nothing for real SD models.
+fn model_note(dir: &Path, sd: &StableDiffusion) -> Option<String> {
+    let card = std::fs::read_to_string(dir.join("atelier.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    if let Some(note) = card.as_ref().and_then(|c| c["note"].as_str()) {
+        return Some(note.to_string());
     }
-
-    fn note(&self) -> Option<String> {
-        match self.max_channels {
-            Some(c) if c < TOY_CHANNELS => Some(NOISE_NOTE.into()),
-            _ => None,
-        }
-    }
+    let max_channels = sd.unet().config().block_out_channels.iter().copied().max().unwrap_or(0) as u64;
+    (max_channels < TOY_CHANNELS).then(|| NOISE_NOTE.to_string())
 }
 
 #[cfg(test)]
@@ -153,10 +134,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn built_in_model_is_64px_and_flagged_as_noise() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/sd-tiny");
-        let shape = ModelShape::read(&dir);
-        assert_eq!(shape.size, 64);
-        assert!(shape.note().is_some());
+    fn built_in_model_is_64px_and_describes_its_world() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/starter");
+        let m = LoadedModel::load(&dir, &candle_core::Device::Cpu).expect("built-in model loads");
+        assert_eq!(m.default_size, (64, 64));
+        assert!(m.note.as_deref().is_some_and(|n| n.contains("a red circle on a blue background")));
+    }
+
+    #[test]
+    fn tiny_models_without_a_card_are_flagged_as_noise() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/sd-tiny/pipeline");
+        let m = LoadedModel::load(&dir, &candle_core::Device::Cpu).expect("fixture loads");
+        assert_eq!(m.note.as_deref(), Some(NOISE_NOTE));
     }
 }

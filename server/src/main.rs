@@ -26,6 +26,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Train the starter model from scratch on the procedural shapes world.
     TrainBase(cli::train_base::TrainBaseArgs),
+    /// Measure the starter model's prompt adherence and negative-prompt effect.
+    EvalStarter(cli::eval_starter::EvalStarterArgs),
 }
 
 fn main() -> Result<()> {
@@ -44,5 +46,6 @@ fn main() -> Result<()> {
         Command::Reference(args) => cli::reference::run(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::TrainBase(args) => cli::train_base::run(args),
+        Command::EvalStarter(args) => cli::eval_starter::run(args),
     }
 }

@@ -15,7 +15,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ATELIER_ADDR", default_value = "127.0.0.1:3000")]
     addr: SocketAddr,
     /// Diffusers-layout Stable Diffusion folder to load (the built-in test model paints noise).
-    #[arg(long, env = "ATELIER_MODEL", default_value = "models/sd-tiny")]
+    #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     model: PathBuf,
     /// Folder for the gallery (images and their database); created if missing.
     #[arg(long, env = "ATELIER_DATA", default_value = "data")]

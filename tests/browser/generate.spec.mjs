@@ -69,7 +69,7 @@ before(async () => {
   baseUrl = `http://127.0.0.1:${port}`;
   server = spawn(
     bin,
-    ['serve', '--addr', `127.0.0.1:${port}`, '--data-dir', dataDir, '--model', path.join(root, 'models/sd-tiny'), '--site-root', path.join(root, 'target/site'),
+    ['serve', '--addr', `127.0.0.1:${port}`, '--data-dir', dataDir, '--model', path.join(root, 'models/starter'), '--site-root', path.join(root, 'target/site'),
      // The tiny model can finish 4 steps before the progress stream connects: slow steps
      // down so the step counter is observable.
      '--min-step-ms', '250'],

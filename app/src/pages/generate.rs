@@ -207,7 +207,7 @@ fn Studio(info: ModelInfo) -> impl IntoView {
                     <textarea
                         name="prompt"
                         rows="3"
-                        placeholder="a watercolour fox in a snowy forest"
+                        placeholder="a red circle on a blue background"
                         prop:value=move || form.prompt.get()
                         on:input=move |ev| form.prompt.set(event_target_value(&ev))
                     ></textarea>

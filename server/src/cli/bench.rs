@@ -1,4 +1,4 @@
-//! `atelier bench`: seconds per UNet step and peak memory for the tiny model and a
+//! `atelier bench`: seconds per UNet step and peak memory for the model's UNet and a
 //! full-size SD-1.5 UNet (random weights, batch 2 as with CFG, 64×64 latents) for each
 //! attention implementation, and end-to-end seconds per image for the built-in model.
 //! Prints a table, or one JSON object per case with `--json`.
@@ -17,7 +17,8 @@ use candle_core::{DType, Device, Tensor};
 /// Arguments of `atelier bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// One case only: tiny-unet, sd15-unet or e2e-tiny (default: all).
+    /// One case only: model-unet (the --model's UNet at its native size), starter-unet,
+    /// sd15-unet or e2e (default: model-unet, sd15-unet and e2e).
     #[arg(long)]
     pub case: Option<String>,
     /// One attention implementation only (default: original and split-einsum).
@@ -26,8 +27,8 @@ pub struct BenchArgs {
     /// Timed steps per case (the median is reported; one warm-up step is not timed).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// The built-in model used by tiny-unet and e2e-tiny.
-    #[arg(long, env = "ATELIER_MODEL", default_value = "models/sd-tiny")]
+    /// The model used by model-unet and e2e.
+    #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: PathBuf,
     /// starter-unet: a UNet config.json to time instead of the starter model's.
     #[arg(long)]
@@ -95,17 +96,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let cases: Vec<&str> = match &args.case {
         Some(c) => vec![c.as_str()],
-        None => vec!["tiny-unet", "sd15-unet", "e2e-tiny"],
+        None => vec!["model-unet", "sd15-unet", "e2e"],
     };
     let mut rows = Vec::new();
     for case in cases {
         for &attn in &attns {
             let row = match case {
-                "tiny-unet" => {
+                "model-unet" => {
                     let files = ModelFiles::locate(&args.model)?;
                     let cfg: UNetConfig = read_config(&files.unet_config)?;
                     let vb = random_var_builder(DType::F32, &Device::Cpu);
-                    unet_case(case, &cfg, vb, attn, 32, args.steps)?
+                    let hw = cfg.sample_size.unwrap_or(64);
+                    unet_case(case, &cfg, vb, attn, hw, args.steps)?
                 }
                 "starter-unet" => {
                     let vb = random_var_builder(DType::F32, &Device::Cpu);
@@ -119,7 +121,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     let vb = random_var_builder(DType::F32, &Device::Cpu);
                     unet_case(case, &UNetConfig::v1_5(), vb, attn, 64, args.steps)?
                 }
-                "e2e-tiny" => {
+                "e2e" => {
                     reset_peak();
                     let sd = StableDiffusion::load(&args.model, &Device::Cpu)
                         .with_context(|| format!("loading {}", args.model.display()))?;
@@ -141,7 +143,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     }
                     Row { case: case.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), unit: "s/image (20 steps, CFG)" }
                 }
-                other => anyhow::bail!("unknown case {other}; use tiny-unet, starter-unet, sd15-unet or e2e-tiny"),
+                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet or e2e"),
             };
             if args.json {
                 let key = if row.unit == "s/step" { "seconds_per_step" } else { "seconds_per_image" };

@@ -49,7 +49,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Model folder (diffusers layout) or hub id.
-    #[arg(long, env = "ATELIER_MODEL", default_value = "models/sd-tiny")]
+    #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: String,
     /// Output PNG; with --batch > 1, `-k` is added before the extension.
     #[arg(long)]

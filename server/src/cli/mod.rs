@@ -1,6 +1,7 @@
 //! The command-line subcommands other than `serve`.
 
 pub mod bench;
+pub mod eval_starter;
 pub mod generate;
 pub mod reference;
 pub mod train_base;

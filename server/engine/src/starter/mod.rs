@@ -2,6 +2,7 @@
 //! procedural world of coloured shapes ([`shapes`]), with the architecture in
 //! [`model`] and the training run in [`train`].
 
+pub mod eval;
 pub mod model;
 pub mod shapes;
 pub mod train;

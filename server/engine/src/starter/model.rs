@@ -57,6 +57,9 @@ pub fn unet_config_json() -> Value {
 }
 
 /// `vae/config.json`; `scaling_factor` is measured after the VAE is trained.
+///
+/// Few norm groups: with one channel per group, GroupNorm removes every channel's
+/// mean, and with it the flat colours that make up most of these images.
 pub fn vae_config_json(scaling_factor: f64) -> Value {
     json!({
         "_class_name": "AutoencoderKL",
@@ -69,7 +72,7 @@ pub fn vae_config_json(scaling_factor: f64) -> Value {
         "layers_per_block": 1,
         "act_fn": "silu",
         "latent_channels": 4,
-        "norm_num_groups": 8,
+        "norm_num_groups": 2,
         "sample_size": IMAGE_SIZE,
         "scaling_factor": scaling_factor,
         "mid_block_add_attention": false,
@@ -151,6 +154,28 @@ pub fn vae_config(scaling_factor: f64) -> VaeConfig {
 }
 pub fn text_encoder_config() -> ClipConfig {
     parse(text_encoder_config_json(), "text encoder")
+}
+
+/// What the studio tells people about the starter model (saved as `atelier.json`).
+pub const STARTER_NOTE: &str = "The built-in starter model was trained by Atelier itself on a \
+procedural world of coloured shapes, so it paints only that world. It understands prompts like \
+\"a red circle on a blue background\": shapes circle, square and triangle; colours red, green, \
+blue, yellow, purple, orange, white and black; \"small\" / \"large\"; \"on the left\" / \
+\"on the right\"; and the quality words blurry, noisy and low contrast (try them as a negative \
+prompt). For real images, start Atelier with --model pointing at a Stable Diffusion 1.x/2.x \
+diffusers folder or hub id.";
+
+/// `atelier.json`: the model card the studio shows.
+pub fn card_json() -> Value {
+    json!({
+        "name": "Atelier starter",
+        "note": STARTER_NOTE,
+        "example_prompts": [
+            "a red circle on a blue background",
+            "a small yellow triangle on the left on a purple background",
+            "a large white square on a black background"
+        ]
+    })
 }
 
 /// Writes `value` as pretty JSON to `path` atomically.

@@ -252,6 +252,7 @@ pub fn train_base(
     let diffusion_final_loss = train_diffusion(&layout, &tokenizer, config, scaling_factor, device, progress)?;
 
     model::write_json(&out.join("model_index.json"), &model::model_index_json())?;
+    model::write_json(&out.join("atelier.json"), &model::card_json())?;
     model::write_json(&out.join("scheduler").join("scheduler_config.json"), &model::scheduler_config_json())?;
     model::write_tokenizer(tokenizer_dir, &out.join("tokenizer"))?;
     let ckpts = out.join("checkpoints");
