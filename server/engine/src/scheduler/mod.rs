@@ -109,8 +109,8 @@ impl std::str::FromStr for SchedulerKind {
             "ddim" => SchedulerKind::Ddim,
             "euler" => SchedulerKind::Euler,
             "euler-a" | "euler-ancestral" => SchedulerKind::EulerAncestral,
-            "dpmpp-2m" | "dpm--2m" | "dpmpp2m" | "dpm-2m" => SchedulerKind::DpmPp2m,
-            "dpmpp-2m-karras" | "dpm--2m-karras" | "dpmpp2m-karras" | "dpm-2m-karras" => {
+            "dpmpp-2m" | "dpmpp2m" | "dpm-2m" => SchedulerKind::DpmPp2m,
+            "dpmpp-2m-karras" | "dpmpp2m-karras" | "dpm-2m-karras" => {
                 SchedulerKind::DpmPp2mKarras
             }
             _ => {

@@ -416,6 +416,14 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
             }
         }
     }
+    if out.len() < 2 {
+        // Less than a factor of ~2.5 in range: evenly spaced values read better.
+        return linear_ticks(10f64.powf(lo), 10f64.powf(hi))
+            .into_iter()
+            .filter(|(v, _)| *v > 0.0)
+            .map(|(v, label)| (v.log10(), label))
+            .collect();
+    }
     out
 }
 
