@@ -107,7 +107,8 @@ test('page hydrates and shows the built-in model note', async () => {
   await page.goto(baseUrl);
   await page.waitForSelector('.studio[data-ready="true"]', { timeout: 60_000 });
   const note = await page.textContent('.note');
-  assert.match(note, /coloured noise/);
+  assert.match(note, /trained by Atelier itself/);
+  assert.match(note, /a red circle on a blue background/);
   assert.match(await page.textContent('.gallery'), /No images yet/);
   assert.equal(await page.isDisabled('button[type=submit]'), false);
 });
@@ -121,9 +122,9 @@ test('a bad size shows the server message', async () => {
 });
 
 test('generate shows live progress, then the image in the gallery', async () => {
-  await page.fill('textarea[name=prompt]', 'a lighthouse at dusk, oil painting');
+  await page.fill('textarea[name=prompt]', 'a red circle on a blue background');
   await page.fill('input[name=steps]', '4');
-  // Record every step-counter text: the tiny model may finish faster than we could poll.
+  // Record every step-counter text: the built-in model may finish faster than we could poll.
   await page.evaluate(() => {
     window.__seen = [];
     const record = () => {
@@ -149,7 +150,7 @@ test('generate shows live progress, then the image in the gallery', async () => 
   const img = await page.waitForSelector('.cards .card img', { timeout: 30_000 });
   await page.waitForFunction((el) => el.complete && el.naturalWidth > 0, img, { timeout: 30_000 });
   assert.equal(await img.evaluate((el) => el.naturalWidth), 64);
-  assert.match(await page.textContent('.card .prompt'), /lighthouse at dusk/);
+  assert.match(await page.textContent('.card .prompt'), /a red circle on a blue background/);
   await page.screenshot({ path: screenshot, fullPage: true });
 });
 
@@ -157,7 +158,7 @@ test('reuse settings fills the form from a gallery image', async () => {
   const seedText = await page.textContent('.seed-used');
   await page.fill('textarea[name=prompt]', 'something else');
   await page.click('.card button.reuse');
-  assert.equal(await page.inputValue('textarea[name=prompt]'), 'a lighthouse at dusk, oil painting');
+  assert.equal(await page.inputValue('textarea[name=prompt]'), 'a red circle on a blue background');
   assert.equal(await page.inputValue('input[name=steps]'), '4');
   assert.equal(await page.isChecked('input[name=random_seed]'), false);
   assert.equal(`seed ${await page.inputValue('input[name=seed]')}`, seedText);

@@ -533,13 +533,36 @@ fn train_diffusion(
     plot_curve(&csv_path, &layout.training().join("loss_diffusion.png"), "Diffusion loss (min-SNR weighted)")?;
 
     note(progress, "saving the averaged weights")?;
-    let averaged = ema.tensors();
-    let out = &layout.out;
-    save_safetensors_atomic(&split_prefix(&averaged, "unet."), &out.join("unet").join("diffusion_pytorch_model.safetensors"))?;
-    model::write_json(&out.join("unet").join("config.json"), &model::unet_config_json())?;
-    save_safetensors_atomic(&split_prefix(&averaged, "text_encoder."), &out.join("text_encoder").join("model.safetensors"))?;
-    model::write_json(&out.join("text_encoder").join("config.json"), &model::text_encoder_config_json())?;
+    write_diffusion_weights(&layout.out, &ema.tensors())?;
     Ok(last)
+}
+
+/// Writes the UNet and text encoder (weights named `unet.*` / `text_encoder.*`) with
+/// their configs into the diffusers folder `out`.
+fn write_diffusion_weights(out: &Path, weights: &HashMap<String, Tensor>) -> Result<()> {
+    save_safetensors_atomic(&split_prefix(weights, "unet."), &out.join("unet").join("diffusion_pytorch_model.safetensors"))?;
+    model::write_json(&out.join("unet").join("config.json"), &model::unet_config_json())?;
+    save_safetensors_atomic(&split_prefix(weights, "text_encoder."), &out.join("text_encoder").join("model.safetensors"))?;
+    model::write_json(&out.join("text_encoder").join("config.json"), &model::text_encoder_config_json())
+}
+
+/// Exports the averaged weights of the newest diffusion checkpoint of the run in `run`
+/// (whose VAE stage has finished) as a complete diffusers folder `dest`, to look at a
+/// run before it ends.
+pub fn export_snapshot(run: &Path, tokenizer_dir: &Path, dest: &Path) -> Result<u64> {
+    let layout = Layout { out: run.to_path_buf() };
+    let (step, dir) = checkpoint::latest(&layout.checkpoints(Stage::Diffusion))?
+        .ok_or_else(|| Error::invalid("run", format!("{} has no diffusion checkpoint yet", run.display())))?;
+    write_diffusion_weights(dest, &checkpoint::read_tensors(&dir, "ema", &Device::Cpu)?)?;
+    let vae = load_safetensors(&layout.vae_weights(), &Device::Cpu)?;
+    save_safetensors_atomic(&vae, &dest.join("vae").join("diffusion_pytorch_model.safetensors"))?;
+    let vae_cfg = std::fs::read(layout.vae_config()).map_err(|e| Error::io(layout.vae_config(), e))?;
+    std::fs::write(dest.join("vae").join("config.json"), vae_cfg).map_err(|e| Error::io(dest.join("vae"), e))?;
+    model::write_json(&dest.join("model_index.json"), &model::model_index_json())?;
+    model::write_json(&dest.join("atelier.json"), &model::card_json())?;
+    model::write_json(&dest.join("scheduler").join("scheduler_config.json"), &model::scheduler_config_json())?;
+    model::write_tokenizer(tokenizer_dir, &dest.join("tokenizer"))?;
+    Ok(step)
 }
 
 /// The state a run would resume from, for tests and `--status`: (stage, step) of the

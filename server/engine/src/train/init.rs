@@ -83,24 +83,27 @@ pub fn seeded_var_builder(varmap: &VarMap, seed: u64, dtype: DType, device: &Dev
 mod tests {
     use super::*;
 
-    fn build(seed: u64) -> candle_core::Result<(VarMap, Vec<f32>)> {
+    fn build(seed: u64) -> candle_core::Result<(VarMap, Vec<f32>, Vec<f32>)> {
         let vm = VarMap::new();
         let vb = seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu);
-        let lin = candle_nn::linear(16, 4, vb.pp("proj"))?;
+        let lin = candle_nn::linear(256, 64, vb.pp("proj"))?;
         let w = lin.weight().flatten_all()?.to_vec1::<f32>()?;
-        Ok((vm, w))
+        let b = lin.bias().expect("bias").to_vec1::<f32>()?;
+        Ok((vm, w, b))
     }
 
     #[test]
-    fn same_seed_same_weights_and_kaiming_bounds() -> candle_core::Result<()> {
-        let (vm, a) = build(3)?;
-        let (_, b) = build(3)?;
-        let (_, c) = build(4)?;
+    fn same_seed_same_weights_following_the_init_hints() -> candle_core::Result<()> {
+        let (vm, a, bias) = build(3)?;
+        let (_, b, _) = build(3)?;
+        let (_, c, _) = build(4)?;
         assert_eq!(a, b);
         assert_ne!(a, c);
-        // candle's linear: Kaiming uniform, fan-in 16, gain 1 → bound √3/4.
-        let bound = 3f32.sqrt() / 4.0;
-        assert!(a.iter().all(|v| v.abs() <= bound) && a.iter().any(|v| v.abs() > bound * 0.5));
+        // candle's linear: weight Kaiming normal (fan-in 256, ReLU gain √2), bias U(±1/√256).
+        let std = (a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32).sqrt();
+        let want = 2f32.sqrt() / 16.0;
+        assert!((std - want).abs() < 0.05 * want, "std {std}, want {want}");
+        assert!(bias.iter().all(|v| v.abs() <= 1.0 / 16.0) && bias.iter().any(|v| v.abs() > 1.0 / 32.0));
         assert_eq!(vm.all_vars().len(), 2);
         assert!(vm.all_vars().iter().all(|v| v.as_tensor().is_variable()));
         Ok(())
