@@ -15,7 +15,7 @@ fn tokenizer() -> &'static Path {
 }
 
 fn config() -> TrainBaseConfig {
-    TrainBaseConfig::smoke(11, 12, 8)
+    TrainBaseConfig::smoke(11, 16, 8)
 }
 
 fn losses(csv: &Path) -> Vec<f64> {
@@ -47,9 +47,9 @@ fn loss_falls_and_a_resumed_run_is_identical() {
 
     // Loss falls: the VAE's reconstruction loss over its first and last steps.
     let vae = losses(&straight.join("training/loss_vae.csv"));
-    assert_eq!(vae.len(), 12);
-    let first = vae[..3].iter().sum::<f64>() / 3.0;
-    let last = vae[9..].iter().sum::<f64>() / 3.0;
+    assert_eq!(vae.len(), 16);
+    let first = vae[..4].iter().sum::<f64>() / 4.0;
+    let last = vae[12..].iter().sum::<f64>() / 4.0;
     assert!(last < 0.9 * first, "VAE loss did not fall: {first:.4} -> {last:.4}");
     let diff = losses(&straight.join("training/loss_diffusion.csv"));
     assert_eq!(diff.len(), 8);

@@ -93,8 +93,8 @@ impl TrainBaseConfig {
     pub fn smoke(seed: u64, vae_steps: u64, steps: u64) -> Self {
         let mut c = Self::recipe(seed, steps);
         c.vae_steps = vae_steps;
-        c.vae_batch = 2;
-        c.vae_optim = OptimConfig::new(2e-3, 1, vae_steps);
+        c.vae_batch = 4;
+        c.vae_optim = OptimConfig::new(2e-3, 3, vae_steps);
         c.batch = 4;
         c.optim = OptimConfig::new(1e-3, 1, steps);
         c.latent_pool = 16;
