@@ -186,40 +186,20 @@ pub fn resolve_in_cache(id: &str, cache: &Path) -> Result<PathBuf> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resolves_hub_id_through_cache_layout() {
-        let tmp = tempfile::tempdir().unwrap();
-        let repo = tmp.path().join("models--runwayml--stable-diffusion-v1-5");
-        let snap = repo.join("snapshots/abc123");
-        std::fs::create_dir_all(&snap).unwrap();
-        std::fs::create_dir_all(repo.join("refs")).unwrap();
-        std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
-        assert_eq!(resolve_in_cache("runwayml/stable-diffusion-v1-5", tmp.path()).unwrap(), snap);
-        let err = resolve_in_cache("other/model", tmp.path()).unwrap_err().to_string();
-        assert!(err.contains("other/model") && err.contains("not found"), "{err}");
+/// Writes tensors to a safetensors file atomically (temp file + rename).
+pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-
-    #[test]
-    fn missing_component_is_named() {
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join("model_index.json"), "{}").unwrap();
-        let err = ModelFiles::locate(tmp.path()).unwrap_err().to_string();
-        assert!(err.contains("unet/config.json"), "{err}");
-    }
-
-    #[test]
-    fn corrupt_weights_are_refused_with_the_file_name() {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = tmp.path().join("w.safetensors");
-        std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
-        let err = load_safetensors(&p, &Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("w.safetensors") && err.contains("corrupt"), "{err}");
-    }
+    let tmp = path.with_extension("safetensors.tmp");
+    let cpu: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&cpu, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
+
 
 /// Weights drawn at random (N(0, 0.02²), deterministic per tensor name): lets benchmarks
 /// build a full-size model from its config without downloading anything.
@@ -259,16 +239,37 @@ pub fn random_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> 
     VarBuilder::from_backend(backend, dtype, device.clone())
 }
 
-/// Writes tensors to a safetensors file atomically (temp file + rename).
-pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_hub_id_through_cache_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("models--runwayml--stable-diffusion-v1-5");
+        let snap = repo.join("snapshots/abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+        assert_eq!(resolve_in_cache("runwayml/stable-diffusion-v1-5", tmp.path()).unwrap(), snap);
+        let err = resolve_in_cache("other/model", tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("other/model") && err.contains("not found"), "{err}");
     }
-    let tmp = path.with_extension("safetensors.tmp");
-    let cpu: HashMap<String, Tensor> = tensors
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&cpu, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+
+    #[test]
+    fn missing_component_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("model_index.json"), "{}").unwrap();
+        let err = ModelFiles::locate(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("unet/config.json"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_weights_are_refused_with_the_file_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("w.safetensors");
+        std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+        let err = load_safetensors(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("w.safetensors") && err.contains("corrupt"), "{err}");
+    }
 }
