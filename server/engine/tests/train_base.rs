@@ -5,7 +5,7 @@ use std::path::Path;
 
 use atelier_engine::model::load_safetensors;
 use atelier_engine::pipeline::StableDiffusion;
-use atelier_engine::starter::train::{resume_point, train_base, Stage, TrainBaseConfig, TrainEvent};
+use atelier_engine::starter::train::{resume_point, train_base, InitFrom, Stage, TrainBaseConfig, TrainEvent};
 use atelier_engine::train::curves::CsvLog;
 use atelier_engine::Error;
 use candle_core::Device;
@@ -73,6 +73,20 @@ fn loss_falls_and_a_resumed_run_is_identical() {
     train_base(&resumed, tokenizer(), &cfg, &Device::Cpu, &mut |_| true).expect("resumed training");
     assert_same_weights(&straight, &resumed);
     assert_eq!(losses(&resumed.join("training/loss_diffusion.csv")), diff, "the loss log continues without gaps or repeats");
+
+    // Fine-tuning starts from the trained weights and keeps the VAE.
+    let tuned = dir.path().join("tuned");
+    let mut fine = TrainBaseConfig::smoke(12, 16, 2);
+    fine.init_from = Some(InitFrom::new(&straight).unwrap());
+    train_base(&tuned, tokenizer(), &fine, &Device::Cpu, &mut |_| true).expect("fine-tuning");
+    assert!(!tuned.join("training/loss_vae.csv").exists(), "the VAE is reused, not retrained");
+    let vae_a = load_safetensors(&straight.join("vae/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let vae_b = load_safetensors(&tuned.join("vae/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(vae_a.len(), vae_b.len());
+    let tuned_loss = losses(&tuned.join("training/loss_diffusion.csv"));
+    eprintln!("diffusion loss: scratch {diff:?}, fine-tuned {tuned_loss:?}");
+    assert!(tuned_loss[0] < 0.9 * diff[0], "fine-tuning starts from trained weights: {} vs {}", tuned_loss[0], diff[0]);
+    StableDiffusion::load(&tuned, &Device::Cpu).expect("the fine-tuned folder loads");
 
     // Different settings are refused rather than mixed into the run.
     let mut other = cfg.clone();

@@ -33,6 +33,10 @@ pub struct TrainBaseArgs {
     /// Steps between checkpoints.
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Fine-tune this starter-architecture model folder (its VAE is kept) instead of
+    /// training from random weights, e.g. `--init-from models/starter --steps 5000`.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     /// Folder with the CLIP tokenizer files (vocab.json, merges.txt).
     #[arg(long, default_value = "models/starter/tokenizer")]
     pub tokenizer: PathBuf,
@@ -55,6 +59,11 @@ pub fn run(args: TrainBaseArgs) -> Result<()> {
     }
     if let Some(c) = args.checkpoint_every {
         config.checkpoint_every = c.max(1);
+    }
+    if let Some(dir) = &args.init_from {
+        config.init_from = Some(
+            atelier_engine::starter::train::InitFrom::new(dir).with_context(|| format!("reading the model to fine-tune, {}", dir.display()))?,
+        );
     }
     let device = crate::cli::device()?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::attention::AttentionKind;
 use crate::clip::ClipTextModel;
@@ -64,6 +65,26 @@ pub struct TrainBaseConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept on disk.
     pub keep_checkpoints: usize,
+    /// Fine-tune instead of starting from random weights: the diffusers folder whose
+    /// VAE is reused and whose text encoder and UNet are the starting point, with the
+    /// short hash of its UNet weights (so the run records exactly what it started from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitFrom>,
+}
+
+/// The model a fine-tuning run starts from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitFrom {
+    pub path: PathBuf,
+    pub unet_hash: String,
+}
+
+impl InitFrom {
+    /// Refers to the starter-architecture model folder `dir`.
+    pub fn new(dir: &Path) -> Result<Self> {
+        let weights = dir.join("unet").join("diffusion_pytorch_model.safetensors");
+        Ok(Self { path: dir.to_path_buf(), unet_hash: crate::model::short_hash(&weights)? })
+    }
 }
 
 impl TrainBaseConfig {
@@ -86,6 +107,7 @@ impl TrainBaseConfig {
             latent_pool: 4096,
             checkpoint_every: 100,
             keep_checkpoints: 2,
+            init_from: None,
         }
     }
 
@@ -243,6 +265,16 @@ pub fn train_base(
     model::write_json(&config_path, &config_json)?;
     let tokenizer = ClipTokenizer::from_dir(tokenizer_dir)?;
 
+    if let Some(init) = &config.init_from {
+        if !layout.vae_weights().is_file() {
+            let weights = load_safetensors(&init.path.join("vae").join("diffusion_pytorch_model.safetensors"), device)?;
+            let src_cfg = init.path.join("vae").join("config.json");
+            let vae_cfg: Value = serde_json::from_slice(&std::fs::read(&src_cfg).map_err(|e| Error::io(&src_cfg, e))?)
+                .map_err(|e| Error::Config { path: src_cfg.clone(), message: e.to_string() })?;
+            save_safetensors_atomic(&weights, &layout.vae_weights())?;
+            model::write_json(&layout.vae_config(), &vae_cfg)?;
+        }
+    }
     let (vae_final_loss, scaling_factor) = if layout.vae_weights().is_file() && layout.vae_config().is_file() {
         let cfg: crate::vae::VaeConfig = crate::model::read_config(&layout.vae_config())?;
         (None, cfg.scaling_factor)
@@ -424,6 +456,26 @@ pub fn training_caption(scene: &Scene, u: f64, config: &TrainBaseConfig) -> Stri
     scene.caption()
 }
 
+/// Sets every variable named `prefix` + k from tensor k of the safetensors file `path`.
+fn load_into(varmap: &VarMap, path: &Path, prefix: &str, device: &Device) -> Result<()> {
+    let tensors = load_safetensors(path, device)?;
+    let data = varmap.data().lock().map_err(|_| Error::Metadata("VarMap lock poisoned".into()))?;
+    for (name, var) in data.iter() {
+        let Some(key) = name.strip_prefix(prefix) else { continue };
+        let t = tensors
+            .get(key)
+            .ok_or_else(|| Error::Weights { path: path.to_path_buf(), message: format!("lacks {key}: not a starter-architecture model") })?;
+        if t.shape() != var.shape() {
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                message: format!("{key} has shape {:?}, the starter architecture needs {:?}", t.shape(), var.shape()),
+            });
+        }
+        var.set(t)?;
+    }
+    Ok(())
+}
+
 fn split_prefix(all: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
     all.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|rest| (rest.to_string(), v.clone()))).collect()
 }
@@ -469,6 +521,10 @@ fn train_diffusion(
         (te, unet)
     };
     let mut opt = AdamW::new(&varmap, config.optim.clone())?;
+    if let Some(init) = &config.init_from {
+        load_into(&varmap, &init.path.join("unet").join("diffusion_pytorch_model.safetensors"), "unet.", device)?;
+        load_into(&varmap, &init.path.join("text_encoder").join("model.safetensors"), "text_encoder.", device)?;
+    }
     let mut ema = Ema::new(&varmap, config.ema_decay)?;
     let ckpt_root = layout.checkpoints(stage);
     let start = resume(&ckpt_root, stage, config, &varmap, &mut opt, Some(&mut ema), device)?;
