@@ -23,6 +23,39 @@ impl ConvGeometry {
     }
 }
 
+/// Calls `f(pixel, column)` for every kernel tap that lands inside the image: `pixel`
+/// indexes the (n, c, h, w) image, `column` the (n, ho·wo, c·k·k) unfolded matrix.
+/// [`Im2Col`] copies pixel → column along these pairs, [`Col2Im`] sums column → pixel.
+fn for_each_tap(g: ConvGeometry, n: usize, c: usize, h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
+    let (ho, wo) = (g.out_len(h), g.out_len(w));
+    let k = g.kernel;
+    let row = c * k * k;
+    for b in 0..n {
+        for ci in 0..c {
+            let plane = (b * c + ci) * h * w;
+            for ky in 0..k {
+                for kx in 0..k {
+                    let col = (ci * k + ky) * k + kx;
+                    for oy in 0..ho {
+                        let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let src_row = plane + iy as usize * w;
+                        let base = (b * ho * wo + oy * wo) * row + col;
+                        for ox in 0..wo {
+                            let ix = (ox * g.stride + kx) as isize - g.padding as isize;
+                            if ix >= 0 && ix < w as isize {
+                                f(src_row + ix as usize, base + ox * row);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// (n, c, h, w) → (n, ho·wo, c·k·k), columns ordered (c, ky, kx) like a conv weight.
 struct Im2Col(ConvGeometry);
 
@@ -58,30 +91,7 @@ impl CustomOp1 for Im2Col {
         let k = g.kernel;
         let row = c * k * k;
         let mut dst = vec![0f32; n * ho * wo * row];
-        for b in 0..n {
-            for ci in 0..c {
-                let plane = &src[(b * c + ci) * h * w..][..h * w];
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let col = (ci * k + ky) * k + kx;
-                        for oy in 0..ho {
-                            let iy = (oy * g.stride + ky) as isize - g.padding as isize;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            let src_row = &plane[iy as usize * w..][..w];
-                            let base = (b * ho * wo + oy * wo) * row + col;
-                            for ox in 0..wo {
-                                let ix = (ox * g.stride + kx) as isize - g.padding as isize;
-                                if ix >= 0 && ix < w as isize {
-                                    dst[base + ox * row] = src_row[ix as usize];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        for_each_tap(g, n, c, h, w, |pixel, column| dst[column] = src[pixel]);
         Ok((CpuStorage::F32(dst), Shape::from((n, ho * wo, row))))
     }
 
@@ -107,29 +117,7 @@ impl CustomOp1 for Col2Im {
             candle_core::bail!("col2im: columns {:?} do not fit an image of {c}×{h}×{w}", layout.shape());
         }
         let mut dst = vec![0f32; n * c * h * w];
-        for b in 0..n {
-            for ci in 0..c {
-                let plane = &mut dst[(b * c + ci) * h * w..][..h * w];
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let col = (ci * k + ky) * k + kx;
-                        for oy in 0..ho {
-                            let iy = (oy * g.stride + ky) as isize - g.padding as isize;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            let base = (b * ho * wo + oy * wo) * row + col;
-                            for ox in 0..wo {
-                                let ix = (ox * g.stride + kx) as isize - g.padding as isize;
-                                if ix >= 0 && ix < w as isize {
-                                    plane[iy as usize * w + ix as usize] += src[base + ox * row];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        for_each_tap(g, n, c, h, w, |pixel, column| dst[pixel] += src[column]);
         Ok((CpuStorage::F32(dst), Shape::from((n, c, h, w))))
     }
 }
