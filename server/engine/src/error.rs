@@ -39,6 +39,9 @@ pub enum Error {
     /// Image metadata (the A1111 `parameters` text, PNG chunks) could not be written or parsed.
     #[error("image metadata: {0}")]
     Metadata(String),
+    /// A LoRA file is malformed or does not fit the loaded model.
+    #[error("LoRA {name}: {message}")]
+    Lora { name: String, message: String },
     /// A hub model id could not be resolved.
     #[error("model {id}: {message}")]
     Hub { id: String, message: String },

@@ -1,16 +1,92 @@
 //! Small building blocks shared by the models: linear and convolution layers loaded
 //! under their checkpoint names, normalisation layers, and activations.
 //!
-//! `Linear` is our own type (not candle-nn's) so that later features can attach
-//! adapters to it without touching the model code.
+//! `Linear` and `Conv2d` are our own types (not candle-nn's): each carries a
+//! [`LoraSlot`] where low-rank adapters attach at run time without being merged into
+//! the weights, so several adapters can be active at once with exact, changeable
+//! weights. Building a model inside [`collect_slots`] lists every slot by its
+//! checkpoint name (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::sync::{Arc, RwLock};
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(false) };
+    static COLLECTING: RefCell<Option<Vec<SlotInfo>>> = const { RefCell::new(None) };
+}
+
+/// One low-rank update attached to a layer: `y += scale · up(down(x))`.
+///
+/// For a linear layer `down` is [r, in] and `up` [out, r]; for a convolution `down` is
+/// a [r, in, k, k] kernel used with the layer's stride and padding and `up` a
+/// [out, r, 1, 1] kernel (LoCon). The scale stays separate from `up`, so trainable
+/// tensors keep their gradient path.
+#[derive(Debug, Clone)]
+pub struct LoraDelta {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+/// The adapters currently attached to one layer (shared by clones of the layer).
+#[derive(Debug, Clone, Default)]
+pub struct LoraSlot(Arc<RwLock<Vec<LoraDelta>>>);
+
+impl LoraSlot {
+    /// Replaces the attached updates.
+    pub fn set(&self, deltas: Vec<LoraDelta>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = deltas;
+    }
+
+    /// Detaches every update.
+    pub fn clear(&self) {
+        self.set(Vec::new());
+    }
+
+    /// The attached updates.
+    pub fn get(&self) -> Vec<LoraDelta> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+}
+
+/// The shape of a layer an adapter can attach to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotShape {
+    Linear { in_dim: usize, out_dim: usize },
+    Conv { in_c: usize, out_c: usize, kernel: usize },
+}
+
+/// A layer that adapters can attach to: its checkpoint name, shape and slot.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub name: String,
+    pub shape: SlotShape,
+    pub slot: LoraSlot,
+}
+
+/// Runs `build` and returns what it built with every adapter slot created inside it.
+pub fn collect_slots<R>(build: impl FnOnce() -> R) -> (R, Vec<SlotInfo>) {
+    let previous = COLLECTING.with(|c| c.replace(Some(Vec::new())));
+    let built = build();
+    let slots = COLLECTING.with(|c| c.replace(previous)).unwrap_or_default();
+    (built, slots)
+}
+
+fn register(name: String, shape: SlotShape) -> LoraSlot {
+    let slot = LoraSlot::default();
+    COLLECTING.with(|c| {
+        if let Some(list) = c.borrow_mut().as_mut() {
+            list.push(SlotInfo { name, shape, slot: slot.clone() });
+        }
+    });
+    slot
 }
 
 /// Whether the current thread builds graphs for backpropagation (see [`enable_grad`]).
@@ -50,27 +126,50 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    lora: LoraSlot,
 }
 
 impl Linear {
     /// Loads `weight` [out, in] and `bias` [out] from `vb`.
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { inner: candle_nn::linear(in_dim, out_dim, vb)? })
+        let lora = register(vb.prefix(), SlotShape::Linear { in_dim, out_dim });
+        Ok(Self { inner: candle_nn::linear(in_dim, out_dim, vb)?, lora })
     }
 
     /// Loads `weight` only.
     pub fn new_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)? })
+        let lora = register(vb.prefix(), SlotShape::Linear { in_dim, out_dim });
+        Ok(Self { inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?, lora })
     }
 
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
     }
+
+    /// The adapters attached to this layer.
+    pub fn lora(&self) -> &LoraSlot {
+        &self.lora
+    }
+}
+
+/// `x · mᵀ` for x of rank 2 or more and a matrix m.
+fn matmul_t(xs: &Tensor, m: &Tensor) -> Result<Tensor> {
+    match xs.rank() {
+        2 => xs.matmul(&m.t()?),
+        _ => xs.broadcast_matmul(&m.t()?),
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.inner.forward(xs)
+        let mut ys = self.inner.forward(xs)?;
+        if !self.lora.is_empty() {
+            for d in self.lora.get() {
+                let low = (matmul_t(xs, &d.down)? * d.scale)?;
+                ys = (ys + matmul_t(&low, &d.up)?)?;
+            }
+        }
+        Ok(ys)
     }
 }
 
@@ -81,6 +180,7 @@ impl Module for Linear {
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
     geometry: crate::conv::ConvGeometry,
+    lora: LoraSlot,
 }
 
 /// Loads a [`Conv2d`] (`weight` [out, in, k, k], `bias` [out]).
@@ -93,9 +193,11 @@ pub fn conv2d(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let cfg = candle_nn::Conv2dConfig { padding, stride, dilation: 1, groups: 1, cudnn_fwd_algo: None };
+    let lora = register(vb.prefix(), SlotShape::Conv { in_c, out_c, kernel });
     Ok(Conv2d {
         inner: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?,
         geometry: crate::conv::ConvGeometry { kernel, stride, padding },
+        lora,
     })
 }
 
@@ -103,15 +205,40 @@ impl Conv2d {
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
     }
+
+    /// The adapters attached to this layer.
+    pub fn lora(&self) -> &LoraSlot {
+        &self.lora
+    }
+
+    fn conv(&self, xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, geometry: crate::conv::ConvGeometry) -> Result<Tensor> {
+        if grad_enabled() && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+            crate::conv::conv2d_im2col(xs, weight, bias, geometry)
+        } else {
+            let ys = xs.conv2d(weight, geometry.padding, geometry.stride, 1, 1)?;
+            match bias {
+                Some(b) => ys.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+                None => Ok(ys),
+            }
+        }
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if grad_enabled() && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
-            crate::conv::conv2d_im2col(xs, self.inner.weight(), self.inner.bias(), self.geometry)
+        let mut ys = if grad_enabled() {
+            self.conv(xs, self.inner.weight(), self.inner.bias(), self.geometry)?
         } else {
-            self.inner.forward(xs)
+            self.inner.forward(xs)?
+        };
+        if !self.lora.is_empty() {
+            let one = crate::conv::ConvGeometry { kernel: 1, stride: 1, padding: 0 };
+            for d in self.lora.get() {
+                let low = (self.conv(xs, &d.down, None, self.geometry)? * d.scale)?;
+                ys = (ys + self.conv(&low, &d.up, None, one)?)?;
+            }
         }
+        Ok(ys)
     }
 }
 

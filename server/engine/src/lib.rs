@@ -17,6 +17,7 @@ pub use error::{Error, Result};
 pub mod clip;
 pub mod conv;
 pub mod layers;
+pub mod lora;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;

@@ -8,6 +8,8 @@ use image::RgbImage;
 
 use crate::attention::AttentionKind;
 use crate::clip::{ClipConfig, ClipTextModel};
+use crate::layers::collect_slots;
+use crate::lora::{ActiveLora, BoundLora, Component, LoraAdapter, ModelSlots};
 use crate::model::{build_from_file, read_config, short_hash, ModelFiles};
 use crate::noise::Noise;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
@@ -38,6 +40,9 @@ pub struct GenerateParams {
     /// img2img strength in 0..=1: the fraction of the schedule that is re-noised.
     pub strength: f64,
     pub attention: AttentionKind,
+    /// LoRA adapters active for this generation (bound to this model with
+    /// [`StableDiffusion::bind_lora`]).
+    pub loras: Vec<ActiveLora>,
 }
 
 impl Default for GenerateParams {
@@ -55,6 +60,7 @@ impl Default for GenerateParams {
             init_image: None,
             strength: 0.6,
             attention: AttentionKind::Original,
+            loras: Vec::new(),
         }
     }
 }
@@ -116,6 +122,10 @@ pub struct StableDiffusion {
     vae: AutoencoderKL,
     scheduler_config: SchedulerConfig,
     hash: String,
+    /// The layers adapters attach to.
+    slots: ModelSlots,
+    /// Held while a generation runs, since the attached adapters are model state.
+    generating: std::sync::Mutex<()>,
 }
 
 /// Latent → RGB coefficients for SD-family VAEs, for cheap step previews.
@@ -134,12 +144,16 @@ impl StableDiffusion {
         let files = ModelFiles::locate(dir)?;
         let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
         let clip_cfg: ClipConfig = read_config(&files.text_encoder_config)?;
-        let text_encoder = build_from_file(&files.text_encoder_weights, dtype, device, |vb| ClipTextModel::new(&clip_cfg, vb))?;
+        let (text_encoder, te_slots) =
+            collect_slots(|| build_from_file(&files.text_encoder_weights, dtype, device, |vb| ClipTextModel::new(&clip_cfg, vb)));
+        let text_encoder = text_encoder?;
         let unet_cfg: UNetConfig = read_config(&files.unet_config)?;
         unet_cfg
             .check_supported()
             .map_err(|message| Error::Config { path: files.unet_config.clone(), message })?;
-        let unet = build_from_file(&files.unet_weights, dtype, device, |vb| UNet2DConditionModel::new(&unet_cfg, vb))?;
+        let (unet, unet_slots) =
+            collect_slots(|| build_from_file(&files.unet_weights, dtype, device, |vb| UNet2DConditionModel::new(&unet_cfg, vb)));
+        let unet = unet?;
         let vae_cfg: VaeConfig = read_config(&files.vae_config)?;
         let vae = build_from_file(&files.vae_weights, dtype, device, |vb| AutoencoderKL::new(&vae_cfg, vb))?;
         if vae_cfg.latent_channels != unet_cfg.in_channels {
@@ -172,7 +186,27 @@ impl StableDiffusion {
             vae,
             scheduler_config,
             hash,
+            slots: ModelSlots::new(vec![(Component::TextEncoder, te_slots), (Component::Unet, unet_slots)]),
+            generating: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Checks a LoRA file against this model (refusing it, with the reason, when any of
+    /// its modules does not fit) and prepares it on the model's device.
+    pub fn bind_lora(&self, adapter: &std::sync::Arc<LoraAdapter>) -> Result<std::sync::Arc<BoundLora>> {
+        Ok(std::sync::Arc::new(LoraAdapter::bind(adapter, &self.slots, &self.device, self.dtype)?))
+    }
+
+    /// Attaches exactly these adapters to the text encoder and UNet (detaching any
+    /// others) for the direct `text_encoder()` / `unet()` calls; [`Self::generate`]
+    /// attaches the ones in its params by itself.
+    pub fn set_loras(&self, active: &[ActiveLora]) {
+        self.slots.attach(active);
+    }
+
+    /// The layers adapters can attach to.
+    pub fn lora_slots(&self) -> &ModelSlots {
+        &self.slots
     }
 
     /// The folder the model was loaded from.
@@ -297,11 +331,24 @@ impl StableDiffusion {
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> Result<Generated> {
         params.validate()?;
-        let attn = params.attention;
         let f = self.vae_scale_factor();
         if params.width % f != 0 || params.height % f != 0 {
             return Err(Error::invalid("size", format!("width and height must be multiples of {f} for this model")));
         }
+        let _running = self.generating.lock().unwrap_or_else(|e| e.into_inner());
+        self.slots.attach(&params.loras);
+        let result = self.generate_attached(params, on_step);
+        self.slots.attach(&[]);
+        result
+    }
+
+    fn generate_attached(
+        &self,
+        params: &GenerateParams,
+        on_step: &mut dyn FnMut(&StepProgress) -> bool,
+    ) -> Result<Generated> {
+        let attn = params.attention;
+        let f = self.vae_scale_factor();
         let mut warnings = Vec::new();
         let cond1 = self.encode_prompt(&params.prompt, attn, &mut warnings)?;
         let use_cfg = params.guidance > 1.0;

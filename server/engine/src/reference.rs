@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::attention::AttentionKind;
+use crate::lora::{ActiveLora, BlockWeights, LoraAdapter, LoraFormat};
 use crate::model::load_safetensors;
 use crate::noise::Noise;
 use crate::pipeline::StableDiffusion;
@@ -28,9 +29,10 @@ pub enum CaseKind {
 }
 
 impl CaseKind {
-    /// Recognises a case by its file stem (`unet`, `unet_24x40`, `pipeline_euler`, …).
-    /// LoRA cases (`lora_*`) are not recognised here.
+    /// Recognises a case by its file stem (`unet`, `unet_24x40`, `pipeline_euler`, …);
+    /// LoRA cases are the same kinds with a `lora_` prefix (`lora_unet_mix`).
     pub fn recognise(stem: &str) -> Option<Self> {
+        let stem = stem.strip_prefix("lora_").unwrap_or(stem);
         let table = [
             ("tokenizer_ids", CaseKind::TokenizerIds),
             ("text_encoder", CaseKind::TextEncoder),
@@ -58,10 +60,13 @@ impl CaseKind {
 /// One case found in a cases folder.
 #[derive(Debug, Clone)]
 pub struct Case {
+    /// The file stem, with `-kohya` / `-diffusers` appended for LoRA cases.
     pub name: String,
     pub kind: CaseKind,
     pub json_path: PathBuf,
     pub tensors_path: PathBuf,
+    /// For LoRA cases (`lora_*`): which of the adapters' two files to load.
+    pub lora_format: Option<LoraFormat>,
 }
 
 /// Lists the recognised cases of a folder (non-recursive), sorted by name.
@@ -79,7 +84,20 @@ pub fn discover(cases_dir: &Path) -> Result<Vec<Case>> {
         if !tensors_path.is_file() {
             continue;
         }
-        cases.push(Case { name: stem.to_string(), kind, json_path: path, tensors_path });
+        if stem.starts_with("lora_") {
+            // A LoRA case is reproduced from each of its adapters' two files.
+            for (format, suffix) in [(LoraFormat::Kohya, "kohya"), (LoraFormat::Diffusers, "diffusers")] {
+                cases.push(Case {
+                    name: format!("{stem}-{suffix}"),
+                    kind,
+                    json_path: path.clone(),
+                    tensors_path: tensors_path.clone(),
+                    lora_format: Some(format),
+                });
+            }
+        } else {
+            cases.push(Case { name: stem.to_string(), kind, json_path: path, tensors_path, lora_format: None });
+        }
     }
     cases.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(cases)
@@ -111,6 +129,66 @@ impl ReferenceRunner {
             inputs.get(name).cloned().ok_or_else(|| case_err(case, format!("INPUT tensor {name} is missing")))
         };
         let attn = self.attention;
+        let loras = match case.lora_format {
+            Some(format) => self.case_loras(case, &json, format)?,
+            None => Vec::new(),
+        };
+        self.sd.set_loras(&loras);
+        let out = self.compute(case, &json, &input, attn);
+        self.sd.set_loras(&[]);
+        out
+    }
+
+    /// The adapters a LoRA case names (`active_adapters`, else every entry of
+    /// `adapters`), read from their `format` files, with `adapter_weights`.
+    fn case_loras(&self, case: &Case, json: &Value, format: LoraFormat) -> Result<Vec<ActiveLora>> {
+        let adapters = json.get("adapters").and_then(Value::as_object).ok_or_else(|| case_err(case, "adapters is missing"))?;
+        let names: Vec<String> = match json.get("active_adapters").and_then(Value::as_array) {
+            Some(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            None => adapters.keys().cloned().collect(),
+        };
+        let weights: Vec<f64> = json
+            .get("adapter_weights")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .ok_or_else(|| case_err(case, "adapter_weights is missing"))?;
+        if weights.len() != names.len() {
+            return Err(case_err(case, format!("{} adapters but {} weights", names.len(), weights.len())));
+        }
+        let key = match format {
+            LoraFormat::Kohya => "file_kohya",
+            LoraFormat::Diffusers => "file_diffusers",
+        };
+        let case_dir = case.json_path.parent().unwrap_or(Path::new("."));
+        let mut active = Vec::new();
+        for (name, weight) in names.iter().zip(weights) {
+            let file = adapters
+                .get(name)
+                .and_then(|a| a.get(key))
+                .and_then(Value::as_str)
+                .ok_or_else(|| case_err(case, format!("adapters.{name}.{key} is missing")))?;
+            // Paths are relative to the fixture root, which is the case folder or its parent.
+            let rel = Path::new(file);
+            let path = [case_dir.join(rel), case_dir.join("..").join(rel), case_dir.join(rel.file_name().unwrap_or_default())]
+                .into_iter()
+                .find(|p| p.is_file())
+                .ok_or_else(|| case_err(case, format!("adapter file {file} not found beside the case")))?;
+            let adapter = std::sync::Arc::new(LoraAdapter::load(&path)?);
+            if adapter.format != format {
+                return Err(case_err(case, format!("{} is not in the {format:?} layout", path.display())));
+            }
+            active.push(ActiveLora { lora: self.sd.bind_lora(&adapter)?, weight, blocks: BlockWeights::default() });
+        }
+        Ok(active)
+    }
+
+    fn compute(
+        &self,
+        case: &Case,
+        json: &Value,
+        input: &dyn Fn(&str) -> Result<Tensor>,
+        attn: AttentionKind,
+    ) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         match case.kind {
             CaseKind::TokenizerIds => {
@@ -161,7 +239,7 @@ impl ReferenceRunner {
                     .and_then(Value::as_u64)
                     .ok_or_else(|| case_err(case, "num_inference_steps is missing"))? as usize;
                 let guidance = json.get("guidance_scale").and_then(Value::as_f64).unwrap_or(7.5);
-                let (kind, config) = scheduler_from_case(&json, self.sd.scheduler_config()).map_err(|m| case_err(case, m))?;
+                let (kind, config) = scheduler_from_case(json, self.sd.scheduler_config()).map_err(|m| case_err(case, m))?;
                 let mut scheduler = crate::scheduler::build(kind, &config, steps)?;
                 let mut warnings = Vec::new();
                 let cond = self.sd.encode_prompt(&prompt, attn, &mut warnings)?;

@@ -18,10 +18,18 @@ fn config() -> TrainBaseConfig {
     TrainBaseConfig::smoke(11, 16, 8)
 }
 
-fn losses(csv: &Path) -> Vec<f64> {
+fn column(csv: &Path, name: &str) -> Vec<f64> {
     let (cols, rows) = CsvLog::read(csv).expect("loss csv");
-    let i = cols.iter().position(|c| c == "loss").expect("loss column");
+    let i = cols.iter().position(|c| c == name).unwrap_or_else(|| panic!("{name} column in {}", csv.display()));
     rows.into_iter().map(|(_, v)| v[i]).collect()
+}
+
+fn losses(csv: &Path) -> Vec<f64> {
+    column(csv, "loss")
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 fn assert_same_weights(a: &Path, b: &Path) {
@@ -30,8 +38,7 @@ fn assert_same_weights(a: &Path, b: &Path) {
         let tb = load_safetensors(&b.join(rel), &Device::Cpu).expect("weights b");
         assert_eq!(ta.len(), tb.len(), "{rel}");
         for (name, x) in &ta {
-            let y = &tb[name];
-            let d = (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = max_abs_diff(x, &tb[name]);
             assert_eq!(d, 0.0, "{rel} {name} differs by {d} after resuming");
         }
     }
@@ -83,10 +90,31 @@ fn loss_falls_and_a_resumed_run_is_identical() {
     let vae_a = load_safetensors(&straight.join("vae/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
     let vae_b = load_safetensors(&tuned.join("vae/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(vae_a.len(), vae_b.len());
+    for (name, t) in &vae_a {
+        assert_eq!(max_abs_diff(t, &vae_b[name]), 0.0, "VAE tensor {name} changed although it was kept");
+    }
     let tuned_loss = losses(&tuned.join("training/loss_diffusion.csv"));
     eprintln!("diffusion loss: scratch {diff:?}, fine-tuned {tuned_loss:?}");
     assert!(tuned_loss[0] < 0.9 * diff[0], "fine-tuning starts from trained weights: {} vs {}", tuned_loss[0], diff[0]);
     StableDiffusion::load(&tuned, &Device::Cpu).expect("the fine-tuned folder loads");
+
+    // --retrain-vae: the VAE stage runs again, from the init model's VAE, with the edge loss.
+    let revae = dir.path().join("revae");
+    let mut re = TrainBaseConfig::smoke(13, 2, 1);
+    re.vae_edge_weight = 1.0;
+    re.init_from = Some(InitFrom::new(&straight).unwrap().retraining_vae(true));
+    train_base(&revae, tokenizer(), &re, &Device::Cpu, &mut |_| true).expect("retraining the VAE");
+    let csv = revae.join("training/loss_vae.csv");
+    let (l1, kl, edge, loss) = (column(&csv, "l1"), column(&csv, "kl"), column(&csv, "edge"), losses(&csv));
+    let scratch_l1 = column(&straight.join("training/loss_vae.csv"), "l1");
+    assert!(l1[0] < 0.9 * scratch_l1[0], "retraining starts from the trained VAE: L1 {} vs {} from scratch", l1[0], scratch_l1[0]);
+    for i in 0..loss.len() {
+        let expected = l1[i] + re.vae_kl_weight * kl[i] + edge[i];
+        assert!(edge[i] > 0.0 && (loss[i] - expected).abs() < 1e-5, "step {i}: loss {} = L1 + KL + edge {expected}", loss[i]);
+    }
+    let vae_c = load_safetensors(&revae.join("vae/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    assert!(vae_a.iter().any(|(name, t)| max_abs_diff(t, &vae_c[name]) > 0.0), "the retrained VAE differs from the one it started from");
+    StableDiffusion::load(&revae, &Device::Cpu).expect("the folder with a retrained VAE loads");
 
     // Different settings are refused rather than mixed into the run.
     let mut other = cfg.clone();

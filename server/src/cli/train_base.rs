@@ -37,6 +37,16 @@ pub struct TrainBaseArgs {
     /// training from random weights, e.g. `--init-from models/starter --steps 5000`.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// With --init-from: train the VAE again, starting from that model's VAE (then the
+    /// diffusion stage on its new latents), instead of keeping it.
+    #[arg(long, requires = "init_from")]
+    pub retrain_vae: bool,
+    /// Weight of the VAE edge loss (L1 of pixel differences), which keeps edges sharp.
+    #[arg(long)]
+    pub vae_edge_weight: Option<f64>,
+    /// Peak learning rate of the VAE stage.
+    #[arg(long)]
+    pub vae_lr: Option<f64>,
     /// Folder with the CLIP tokenizer files (vocab.json, merges.txt).
     #[arg(long, default_value = "models/starter/tokenizer")]
     pub tokenizer: PathBuf,
@@ -54,6 +64,12 @@ pub fn run(args: TrainBaseArgs) -> Result<()> {
         config.vae_steps = v;
         config.vae_optim.total_steps = v;
     }
+    if let Some(w) = args.vae_edge_weight {
+        config.vae_edge_weight = w;
+    }
+    if let Some(lr) = args.vae_lr {
+        config.vae_optim.lr = lr;
+    }
     if let Some(b) = args.batch {
         config.batch = b;
     }
@@ -62,7 +78,9 @@ pub fn run(args: TrainBaseArgs) -> Result<()> {
     }
     if let Some(dir) = &args.init_from {
         config.init_from = Some(
-            atelier_engine::starter::train::InitFrom::new(dir).with_context(|| format!("reading the model to fine-tune, {}", dir.display()))?,
+            atelier_engine::starter::train::InitFrom::new(dir)
+                .with_context(|| format!("reading the model to fine-tune, {}", dir.display()))?
+                .retraining_vae(args.retrain_vae),
         );
     }
     let device = crate::cli::device()?;
