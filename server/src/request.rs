@@ -46,6 +46,7 @@ pub fn to_params(req: GenerateRequest, default_size: (usize, usize)) -> Result<G
         init_image,
         strength: req.strength,
         attention: AttentionKind::default(),
+        loras: Vec::new(),
     };
     params.validate()?;
     Ok(params)
