@@ -130,14 +130,21 @@ const PEFT_DOWN: [&str; 2] = [".lora_A.weight", ".lora.down.weight"];
 const PEFT_UP: [&str; 2] = [".lora_B.weight", ".lora.up.weight"];
 
 /// Names of LoRA variants that are recognised but not supported, by a key fragment.
-const UNSUPPORTED: [(&str, &str); 6] = [
+const UNSUPPORTED: [(&str, &str); 5] = [
     ("hada_w1", "LyCORIS LoHa"),
     ("lokr_w1", "LyCORIS LoKr"),
     (".lora_mid.", "LyCORIS LoCon with a CP-decomposed kernel (lora_mid)"),
     ("lora_magnitude_vector", "DoRA"),
     (".oft_", "OFT"),
-    (".diff", "a full weight difference (LyCORIS 'full')"),
 ];
+
+/// The unsupported variant a key belongs to, if any.
+fn unsupported(key: &str) -> Option<&'static str> {
+    if key.ends_with(".diff") || key.ends_with(".diff_b") {
+        return Some("a full weight difference (LyCORIS 'full')");
+    }
+    UNSUPPORTED.iter().find(|(frag, _)| key.contains(frag)).map(|(_, what)| *what)
+}
 
 impl LoraAdapter {
     /// Reads a `.safetensors` LoRA file (kohya or diffusers/PEFT layout, detected from its keys).
@@ -168,7 +175,7 @@ impl LoraAdapter {
             return Err(lora_err(name, "the file holds no tensors"));
         }
         for key in tensors.keys() {
-            if let Some((_, what)) = UNSUPPORTED.iter().find(|(frag, _)| key.contains(frag)) {
+            if let Some(what) = unsupported(key) {
                 return Err(lora_err(name, format!("{what} files are not supported (key {key}); use a plain LoRA or LoCon file")));
             }
             if key.starts_with("lora_te1_") || key.starts_with("lora_te2_") || key.starts_with("text_encoder_2.") {

@@ -51,6 +51,10 @@ pub struct GenerateArgs {
     /// Model folder (diffusers layout) or hub id.
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: String,
+    /// LoRA file to apply, as `FILE` or `FILE:WEIGHT` (weight 1 when omitted, negative
+    /// allowed); repeat for several adapters, which stay separate (not merged).
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
+    pub loras: Vec<String>,
     /// Output PNG; with --batch > 1, `-k` is added before the extension.
     #[arg(long)]
     pub out: PathBuf,
@@ -72,6 +76,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let sd = StableDiffusion::load(&model_dir, &device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
     let size = sd.default_size();
+    let mut loras = Vec::new();
+    for spec in &args.loras {
+        let (file, weight) = parse_lora_spec(spec)?;
+        let adapter = std::sync::Arc::new(atelier_engine::lora::LoraAdapter::load(&file)?);
+        let bound = sd.bind_lora(&adapter).with_context(|| format!("applying {} to {}", file.display(), model_dir.display()))?;
+        loras.push(atelier_engine::lora::ActiveLora { lora: bound, weight, blocks: Default::default() });
+    }
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let params = GenerateParams {
         prompt: args.prompt.clone(),
@@ -86,6 +97,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         init_image,
         strength: args.strength,
         attention,
+        loras,
     };
     params.validate()?;
     let bar = indicatif::ProgressBar::new(args.steps as u64);
@@ -122,10 +134,44 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             model_hash: sd.model_hash().to_string(),
             model: model_dir.file_name().map(|n| n.to_string_lossy().into_owned()),
             denoising_strength: params.init_image.as_ref().map(|_| params.strength),
-            extra: vec![],
+            extra: lora_hashes(&params.loras).into_iter().collect(),
         };
         write_png_atomic(&path, img, &meta)?;
         println!("{} (seed {})", path.display(), seed + k as u64);
     }
     Ok(())
+}
+
+/// Splits `FILE[:WEIGHT]`; a suffix that is not a number belongs to the file name.
+fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64)> {
+    if let Some((file, w)) = spec.rsplit_once(':') {
+        if let Ok(weight) = w.trim().parse::<f64>() {
+            anyhow::ensure!(weight.is_finite() && weight.abs() <= 10.0, "--lora {spec}: the weight must be between -10 and 10");
+            return Ok((PathBuf::from(file), weight));
+        }
+    }
+    Ok((PathBuf::from(spec), 1.0))
+}
+
+/// A1111's `Lora hashes` entry: `name: hash, …` of the adapters in use.
+fn lora_hashes(loras: &[atelier_engine::lora::ActiveLora]) -> Option<(String, String)> {
+    if loras.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = loras.iter().map(|l| format!("{}: {}", l.lora.adapter.name, l.lora.adapter.hash)).collect();
+    Some(("Lora hashes".into(), format!("\"{}\"", list.join(", "))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_specs() {
+        assert_eq!(parse_lora_spec("a.safetensors").unwrap(), (PathBuf::from("a.safetensors"), 1.0));
+        assert_eq!(parse_lora_spec("dir/a.safetensors:0.5").unwrap(), (PathBuf::from("dir/a.safetensors"), 0.5));
+        assert_eq!(parse_lora_spec("a.safetensors:-0.25").unwrap(), (PathBuf::from("a.safetensors"), -0.25));
+        assert_eq!(parse_lora_spec("C:x.safetensors").unwrap(), (PathBuf::from("C:x.safetensors"), 1.0));
+        assert!(parse_lora_spec("a.safetensors:1e9").is_err());
+    }
 }
