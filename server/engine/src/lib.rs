@@ -18,6 +18,7 @@ pub mod clip;
 pub mod conv;
 pub mod layers;
 pub mod lora;
+pub mod prompt;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;

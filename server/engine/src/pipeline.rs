@@ -269,6 +269,46 @@ impl StableDiffusion {
         Ok(self.text_encoder.forward(&ids, attn)?.last_hidden_state)
     }
 
+    /// Encodes a prompt written in A1111's attention syntax (`(word:1.2)`, `[word]`, see
+    /// [`crate::prompt::parse_attention`]): each token's output vector is multiplied by
+    /// its weight, then the whole embedding is rescaled to the unweighted mean. A prompt
+    /// without weights encodes exactly as [`Self::encode_prompt`].
+    pub fn encode_weighted_prompt(&self, prompt: &str, attn: AttentionKind, warnings: &mut Vec<String>) -> Result<Tensor> {
+        let runs = crate::prompt::parse_attention(prompt);
+        if runs.iter().all(|(_, w)| *w == 1.0) {
+            let text: String = runs.into_iter().map(|(t, _)| t).collect();
+            return self.encode_prompt(&text, attn, warnings);
+        }
+        let tok = &self.tokenizer;
+        let max = tok.max_len();
+        let mut ids = vec![tok.bos_id()];
+        let mut weights = vec![1f32];
+        for (text, w) in &runs {
+            for id in tok.encode_unpadded(text) {
+                ids.push(id);
+                weights.push(*w as f32);
+            }
+        }
+        if ids.len() > max - 1 {
+            warnings.push(format!("prompt is {} tokens long; only the first {} are used", ids.len() - 1, max - 2));
+            ids.truncate(max - 1);
+            weights.truncate(max - 1);
+        }
+        ids.push(tok.eos_id());
+        ids.resize(max, tok.pad_id());
+        weights.resize(max, 1.0);
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let z = self.text_encoder.forward(&ids, attn)?.last_hidden_state;
+        let w = Tensor::from_vec(weights, (1, max, 1), &self.device)?.to_dtype(z.dtype())?;
+        let before = z.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+        let weighted = z.broadcast_mul(&w)?;
+        let after = weighted.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+        if after == 0.0 || !after.is_finite() {
+            return Ok(weighted);
+        }
+        Ok((weighted * (before / after) as f64)?)
+    }
+
     /// The denoising loop from step `start` of `scheduler`. `cond` / `uncond` are
     /// (batch, tokens, dim); with `uncond` the UNet sees `cat([uncond, cond])` and the
     /// prediction is guided as `u + g·(c − u)`, exactly as diffusers does.
@@ -350,9 +390,10 @@ impl StableDiffusion {
         let attn = params.attention;
         let f = self.vae_scale_factor();
         let mut warnings = Vec::new();
-        let cond1 = self.encode_prompt(&params.prompt, attn, &mut warnings)?;
+        let cond1 = self.encode_weighted_prompt(&params.prompt, attn, &mut warnings)?;
         let use_cfg = params.guidance > 1.0;
-        let uncond1 = if use_cfg { Some(self.encode_prompt(&params.negative_prompt, attn, &mut warnings)?) } else { None };
+        let uncond1 =
+            if use_cfg { Some(self.encode_weighted_prompt(&params.negative_prompt, attn, &mut warnings)?) } else { None };
         let n = params.batch_size;
         let repeat = |t: &Tensor| t.repeat((n, 1, 1));
         let cond = repeat(&cond1)?;
