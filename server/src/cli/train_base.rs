@@ -44,6 +44,10 @@ pub struct TrainBaseArgs {
     /// Weight of the VAE edge loss (L1 of pixel differences), which keeps edges sharp.
     #[arg(long)]
     pub vae_edge_weight: Option<f64>,
+    /// Weight of the VAE detail loss (local Laplacian energy), which keeps sharpness,
+    /// grain and blur distinguishable after decoding.
+    #[arg(long)]
+    pub vae_detail_weight: Option<f64>,
     /// Peak learning rate of the VAE stage.
     #[arg(long)]
     pub vae_lr: Option<f64>,
@@ -66,6 +70,9 @@ pub fn run(args: TrainBaseArgs) -> Result<()> {
     }
     if let Some(w) = args.vae_edge_weight {
         config.vae_edge_weight = w;
+    }
+    if let Some(w) = args.vae_detail_weight {
+        config.vae_detail_weight = w;
     }
     if let Some(lr) = args.vae_lr {
         config.vae_optim.lr = lr;
