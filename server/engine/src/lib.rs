@@ -26,4 +26,5 @@ pub mod model;
 pub mod reference;
 pub mod metrics;
 pub mod starter;
+pub mod style;
 pub mod train;

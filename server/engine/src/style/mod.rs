@@ -1,0 +1,3 @@
+//! Style adapters: the datasets they are trained from, training, and the style library.
+
+pub mod dataset;
