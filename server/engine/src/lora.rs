@@ -491,6 +491,16 @@ impl ModelSlots {
         out
     }
 
+    /// The index of the layer `name` (checkpoint name) of `component`.
+    pub fn index_of(&self, component: Component, name: &str) -> Option<usize> {
+        self.dotted.get(&(component, name.to_string())).copied()
+    }
+
+    /// The layer at `index` (from [`Self::index_of`]).
+    pub fn get(&self, index: usize) -> Option<(Component, &SlotInfo)> {
+        self.slots.get(index).map(|(c, s)| (*c, s))
+    }
+
     fn find(&self, component: Component, name: &ModuleName) -> Option<usize> {
         match name {
             ModuleName::Dotted(n) => self.dotted.get(&(component, n.clone())).copied(),
@@ -528,6 +538,19 @@ pub struct BoundModule {
     pub down: Tensor,
     pub up: Tensor,
     pub scale: f64,
+}
+
+impl BoundModule {
+    /// A module for the layer at `slot` of `slots` (shapes already checked by the caller).
+    pub fn new(slots: &ModelSlots, slot: usize, down: Tensor, up: Tensor, scale: f64) -> Option<Self> {
+        let (component, info) = slots.get(slot)?;
+        Some(Self { slot, block: Block::of(component, &info.name), down, up, scale })
+    }
+
+    /// The index of the layer this module attaches to.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
 }
 
 /// An adapter checked against one model, on that model's device.

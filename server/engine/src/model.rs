@@ -200,6 +200,25 @@ pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Like [`save_safetensors_atomic`], with a safetensors metadata header (string pairs).
+pub fn save_safetensors_with_metadata_atomic(
+    tensors: &HashMap<String, Tensor>,
+    metadata: &HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    let mut cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    cpu.sort_by(|a, b| a.0.cmp(&b.0));
+    safetensors::serialize_to_file(cpu, Some(metadata.clone()), &tmp)
+        .map_err(|e| Error::Weights { path: path.to_path_buf(), message: format!("cannot write ({e})") })?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
 
 /// Weights drawn at random (N(0, 0.02²), deterministic per tensor name): lets benchmarks
 /// build a full-size model from its config without downloading anything.

@@ -5,4 +5,5 @@
 pub mod eval;
 pub mod model;
 pub mod shapes;
+pub mod styles;
 pub mod train;

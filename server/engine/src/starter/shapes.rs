@@ -523,6 +523,14 @@ impl World {
         (scene, image)
     }
 
+    /// Sample `index` without degradations (the clean version of its scene).
+    pub fn clean_sample(&self, index: u64) -> (Scene, RgbImage) {
+        let (mut scene, mut rng) = self.scene(index);
+        scene.quality = Quality::default();
+        let image = scene.render(&mut rng);
+        (scene, image)
+    }
+
     /// The scene of sample `index` and the RNG, positioned to render it.
     fn scene(&self, index: u64) -> (Scene, ChaCha8Rng) {
         // One ChaCha key per seed, one stream per index: samples are independent and any
