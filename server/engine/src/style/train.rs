@@ -117,6 +117,36 @@ pub struct StyleOutput {
     pub kohya: PathBuf,
     pub diffusers: PathBuf,
     pub final_loss: Option<f64>,
+    /// [`FIXED_TIMESTEPS`] loss of the base model and of the trained adapter on the dataset.
+    pub fit_before: f64,
+    pub fit_after: f64,
+}
+
+/// The text encoder's output for every caption (token ids), with whatever adapters are attached.
+fn caption_context(sd: &StableDiffusion, ids: &[Vec<u32>]) -> Result<Tensor> {
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    let t = Tensor::from_vec(flat, (ids.len(), sd.tokenizer().max_len()), sd.device())?;
+    Ok(sd.text_encoder().forward(&t, AttentionKind::Original)?.last_hidden_state)
+}
+
+/// Timesteps of the deterministic dataset-fit loss.
+pub const FIXED_TIMESTEPS: [usize; 5] = [100, 300, 500, 700, 900];
+
+/// The ε-prediction MSE over every training latent at each of [`FIXED_TIMESTEPS`], with
+/// noise drawn from `seed`: a deterministic measure of how well the model (with the
+/// adapters attached now) fits the dataset, unlike the noisy per-step training loss.
+fn fixed_loss(sd: &StableDiffusion, pool: &Tensor, context: &Tensor, seed: u64) -> Result<f64> {
+    let acp = alphas_cumprod();
+    let n = pool.dim(0)?;
+    let mut total = 0.0;
+    for (k, &t) in FIXED_TIMESTEPS.iter().enumerate() {
+        let eps = Noise::new(seed.wrapping_add(k as u64)).randn(pool.dims(), sd.device())?;
+        let xt = ((pool * acp[t].sqrt())? + (&eps * (1.0 - acp[t]).sqrt())?)?;
+        let ts = Tensor::from_vec(vec![t as f32; n], n, sd.device())?;
+        let pred = sd.unet().forward_timesteps(&xt, &ts, context, AttentionKind::Original)?;
+        total += (pred.to_dtype(DType::F32)? - &eps)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(total / FIXED_TIMESTEPS.len() as f64)
 }
 
 /// One trainable layer: where it attaches and its variables' names.
@@ -301,17 +331,14 @@ pub fn train_style(
     let tok = sd.tokenizer();
     let ids: Vec<Vec<u32>> = captions.iter().map(|c| tok.encode(c).ids).collect();
     // Without text-encoder training the context of each caption is fixed: encode it once.
-    let fixed_context = if config.text_encoder {
-        None
-    } else {
-        let mut all = Vec::new();
-        for i in &ids {
-            let t = Tensor::new(i.as_slice(), &device)?.unsqueeze(0)?;
-            all.push(sd.text_encoder().forward(&t, AttentionKind::Original)?.last_hidden_state);
-        }
-        Some(Tensor::cat(&all, 0)?)
-    };
+    let fixed_context = if config.text_encoder { None } else { Some(caption_context(sd, &ids)?) };
 
+    let all_context = match &fixed_context {
+        Some(c) => c.clone(),
+        None => caption_context(sd, &ids)?,
+    };
+    sd.set_loras(&[]);
+    let fit_before = fixed_loss(sd, &pool, &all_context, config.seed ^ 0xF17)?;
     let targets = targets(sd, config);
     if targets.is_empty() {
         return Err(Error::invalid("model", "the model has no attention layers to adapt"));
@@ -415,8 +442,23 @@ pub fn train_style(
         }
         Ok(())
     })();
-    sd.set_loras(&[]);
-    result?;
+    let fit_after = match result {
+        Ok(()) => {
+            let ctx = match &fixed_context {
+                Some(c) => c.clone(),
+                None => caption_context(sd, &ids)?,
+            };
+            let fit = fixed_loss(sd, &pool, &ctx, config.seed ^ 0xF17);
+            sd.set_loras(&[]);
+            fit?
+        }
+        Err(e) => {
+            sd.set_loras(&[]);
+            return Err(e);
+        }
+    };
+    let fit = serde_json::json!({ "fit_loss_base": fit_before, "fit_loss_adapter": fit_after, "timesteps": FIXED_TIMESTEPS });
+    crate::starter::model::write_json(&run.join("fit.json"), &fit)?;
     let (columns, rows) = CsvLog::read(&dirs.loss_csv())?;
     let li = columns.iter().position(|c| c == "loss").unwrap_or(0);
     let points: Vec<(f64, f64)> = rows.iter().filter_map(|(s, v)| v.get(li).map(|l| (*s as f64, *l))).collect();
@@ -437,7 +479,7 @@ pub fn train_style(
     if ckpts.exists() {
         std::fs::remove_dir_all(&ckpts).map_err(|e| Error::io(&ckpts, e))?;
     }
-    Ok(StyleOutput { kohya, diffusers, final_loss: last })
+    Ok(StyleOutput { kohya, diffusers, final_loss: last, fit_before, fit_after })
 }
 
 fn detached(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
