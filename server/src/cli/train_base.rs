@@ -41,6 +41,10 @@ pub struct TrainBaseArgs {
     /// diffusion stage on its new latents), instead of keeping it.
     #[arg(long, requires = "init_from")]
     pub retrain_vae: bool,
+    /// With --retrain-vae: train only the decoder, keeping the encoder and so the
+    /// latent space (the UNet stays valid; use --steps 0 to skip the diffusion stage).
+    #[arg(long, requires = "retrain_vae")]
+    pub vae_decoder_only: bool,
     /// Weight of the VAE edge loss (L1 of pixel differences), which keeps edges sharp.
     #[arg(long)]
     pub vae_edge_weight: Option<f64>,
@@ -74,6 +78,7 @@ pub fn run(args: TrainBaseArgs) -> Result<()> {
     if let Some(w) = args.vae_detail_weight {
         config.vae_detail_weight = w;
     }
+    config.vae_decoder_only = args.vae_decoder_only;
     if let Some(lr) = args.vae_lr {
         config.vae_optim.lr = lr;
     }

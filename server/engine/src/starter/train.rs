@@ -61,6 +61,10 @@ pub struct TrainBaseConfig {
     /// alone average away.
     #[serde(default)]
     pub vae_detail_weight: f64,
+    /// Train only the VAE decoder (with `init_from` and `retrain_vae`): the encoder, and
+    /// so the latent space the UNet was trained on, stays exactly as it was.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vae_decoder_only: bool,
     /// Diffusion steps and latents per step.
     pub steps: u64,
     pub batch: usize,
@@ -120,6 +124,7 @@ impl TrainBaseConfig {
             vae_kl_weight: 1e-4,
             vae_edge_weight: 0.0,
             vae_detail_weight: 0.0,
+            vae_decoder_only: false,
             steps,
             batch: 16,
             optim: OptimConfig::new(1e-3, 100.min(steps / 10 + 1), steps),
@@ -341,10 +346,26 @@ fn train_vae(
         let _g = enable_grad();
         AutoencoderKL::new(&vae_cfg, seeded_var_builder(&varmap, config.seed, DType::F32, device))?
     };
-    if let Some(init) = config.init_from.as_ref().filter(|i| i.retrain_vae) {
-        load_into(&varmap, &init.path.join("vae").join("diffusion_pytorch_model.safetensors"), "", device)?;
+    let init_vae = config.init_from.as_ref().filter(|i| i.retrain_vae).map(|i| i.path.join("vae"));
+    if let Some(dir) = &init_vae {
+        load_into(&varmap, &dir.join("diffusion_pytorch_model.safetensors"), "", device)?;
     }
-    let mut opt = AdamW::new(&varmap, config.vae_optim.clone())?;
+    let decoder_only = config.vae_decoder_only && init_vae.is_some();
+    let trained = if decoder_only {
+        // The optimiser sees the decoder's variables only.
+        let sub = VarMap::new();
+        {
+            let all = varmap.data().lock().map_err(|_| Error::Metadata("VarMap lock poisoned".into()))?;
+            let mut dec = sub.data().lock().map_err(|_| Error::Metadata("VarMap lock poisoned".into()))?;
+            for (name, var) in all.iter().filter(|(n, _)| n.starts_with("decoder.") || n.starts_with("post_quant_conv.")) {
+                dec.insert(name.clone(), var.clone());
+            }
+        }
+        sub
+    } else {
+        varmap.clone()
+    };
+    let mut opt = AdamW::new(&trained, config.vae_optim.clone())?;
     let ckpt_root = layout.checkpoints(stage);
     let start = resume(&ckpt_root, stage, config, &varmap, &mut opt, None, device)?;
     let csv_path = layout.training().join("loss_vae.csv");
@@ -359,7 +380,10 @@ fn train_vae(
         let images: Vec<_> =
             (0..config.vae_batch).map(|i| world.training_sample((step - 1) * config.vae_batch as u64 + i as u64).1).collect();
         let x = images_to_tensor(&images, device)?;
-        let dist = vae.encode(&x, AttentionKind::Original)?;
+        let mut dist = vae.encode(&x, AttentionKind::Original)?;
+        if decoder_only {
+            dist = crate::vae::LatentDist { mean: dist.mean.detach(), logvar: dist.logvar.detach() };
+        }
         let mut noise = Noise::new(step_rng(config.seed, stage, step).random());
         let eps = noise.randn(dist.mean.dims(), device)?;
         let z = dist.sample(&eps)?;
@@ -393,9 +417,16 @@ fn train_vae(
     }
     plot_curve(&csv_path, &layout.training().join("loss_vae.png"), "VAE reconstruction loss")?;
 
+    let weights = detached(&varmap)?;
+    if let (true, Some(dir)) = (decoder_only, &init_vae) {
+        // Same encoder, same latents: keep the scale the UNet was trained with.
+        let cfg: crate::vae::VaeConfig = crate::model::read_config(&dir.join("config.json"))?;
+        save_safetensors_atomic(&weights, &layout.vae_weights())?;
+        model::write_json(&layout.vae_config(), &model::vae_config_json(cfg.scaling_factor))?;
+        return Ok((last, cfg.scaling_factor));
+    }
     // Latent scale: 1/std of the latent means over a sample of training images.
     note(progress, "measuring the VAE latent scale")?;
-    let weights = detached(&varmap)?;
     let frozen = AutoencoderKL::new(&vae_cfg, VarBuilder::from_tensors(weights.clone(), DType::F32, device))?;
     let world = World::new(config.seed ^ 0x5CA1E);
     let images: Vec<_> = (0..256u64).map(|i| world.training_sample(i).1).collect();
