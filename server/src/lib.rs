@@ -12,6 +12,7 @@ pub mod request;
 pub mod routes;
 pub mod state;
 pub mod studio;
+pub mod styles;
 
 pub use error::ApiError;
 pub use generator::{Generator, LoadedModel, Throttled};

@@ -28,6 +28,8 @@ enum Command {
     TrainBase(cli::train_base::TrainBaseArgs),
     /// Measure the starter model's prompt adherence and negative-prompt effect.
     EvalStarter(cli::eval_starter::EvalStarterArgs),
+    /// Train a LoRA style adapter from a folder of images into the style library.
+    TrainStyle(cli::train_style::TrainStyleArgs),
 }
 
 fn main() -> Result<()> {
@@ -47,5 +49,6 @@ fn main() -> Result<()> {
         Command::Bench(args) => cli::bench::run(args),
         Command::TrainBase(args) => cli::train_base::run(args),
         Command::EvalStarter(args) => cli::eval_starter::run(args),
+        Command::TrainStyle(args) => cli::train_style::run(args),
     }
 }

@@ -5,6 +5,7 @@ pub mod eval_starter;
 pub mod generate;
 pub mod reference;
 pub mod train_base;
+pub mod train_style;
 
 /// The compute device: the first CUDA / Metal GPU in builds with those features, else the CPU.
 pub fn device() -> anyhow::Result<candle_core::Device> {

@@ -1,0 +1,177 @@
+//! `atelier train-style`: trains a LoRA style adapter from a folder of images into the
+//! style library, with the dataset report first and a progress bar. Re-running the same
+//! command resumes from the newest checkpoint; Ctrl-C stops with one written.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use atelier_engine::pipeline::StableDiffusion;
+use atelier_engine::style::dataset::{prepare, scan};
+use atelier_engine::style::train::{train_style, StyleEvent, StyleTrainConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use atelier_server::styles::{StyleCard, StyleLibrary};
+
+/// Arguments of `atelier train-style`.
+#[derive(Debug, clap::Args)]
+pub struct TrainStyleArgs {
+    /// Name of the style in the library (letters, digits, `-`, `_`).
+    #[arg(long)]
+    pub name: String,
+    /// Folder of training images (PNG, JPEG, WebP), with optional `.txt` captions beside them.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Word that calls the style up in prompts; images without a caption file are
+    /// captioned "TRIGGER style". Defaults to the name.
+    #[arg(long)]
+    pub trigger: Option<String>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Training steps.
+    #[arg(long, default_value_t = 400)]
+    pub steps: u64,
+    /// Peak learning rate (AdamW, linear warm-up then cosine decay).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Images per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also adapt the text encoder's attention layers.
+    #[arg(long)]
+    pub text_encoder: bool,
+    /// Also adapt the UNet's 3×3 resnet convolutions (LoCon).
+    #[arg(long)]
+    pub convs: bool,
+    /// Min-SNR-γ loss weighting (0 turns it off).
+    #[arg(long, default_value_t = 5.0)]
+    pub min_snr_gamma: f64,
+    /// Noise offset (0 turns it off).
+    #[arg(long, default_value_t = 0.0)]
+    pub noise_offset: f64,
+    /// Do not add mirror images.
+    #[arg(long)]
+    pub no_flip: bool,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: u64,
+    /// Steps between sample sheets (0: none).
+    #[arg(long, default_value_t = 100)]
+    pub sample_every: u64,
+    /// Prompt for the sample sheets (repeatable); default: the first four captions.
+    #[arg(long = "sample-prompt")]
+    pub sample_prompts: Vec<String>,
+    /// Fewest usable images to train on.
+    #[arg(long, default_value_t = 5)]
+    pub min_images: usize,
+    /// Base model folder (diffusers layout) or hub id.
+    #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
+    pub model: String,
+    /// The style library the style is written to.
+    #[arg(long, env = "ATELIER_STYLES", default_value = "data/styles")]
+    pub library: PathBuf,
+}
+
+pub fn run(args: TrainStyleArgs) -> Result<()> {
+    let library = StyleLibrary::new(args.library.clone());
+    let run_dir = library.style_dir(&args.name)?;
+    let trigger = args.trigger.clone().unwrap_or_else(|| args.name.clone());
+    let device = crate::cli::device()?;
+    let model_dir = atelier_engine::model::resolve(&args.model)?;
+    let sd = StableDiffusion::load(&model_dir, &device).with_context(|| format!("loading model {}", model_dir.display()))?;
+    let resolution = sd.default_size() as u32;
+
+    let report = scan(&args.images, &trigger, resolution, args.min_images)
+        .with_context(|| format!("reading the images in {}", args.images.display()))?;
+    println!("{}", report.summary());
+    if !report.is_usable() {
+        anyhow::bail!("not enough usable images in {}: add more, or lower --min-images", args.images.display());
+    }
+    let data = prepare(&report)?;
+    println!("dataset hash {} ({} images at {resolution}×{resolution})", data.hash, data.images.len());
+
+    let mut cfg = StyleTrainConfig::new(&args.name, &trigger, args.steps);
+    cfg.rank = args.rank;
+    cfg.alpha = args.alpha.unwrap_or(args.rank as f64);
+    cfg.optim.lr = args.lr;
+    cfg.batch = args.batch;
+    cfg.seed = args.seed;
+    cfg.text_encoder = args.text_encoder;
+    cfg.convs = args.convs;
+    cfg.min_snr_gamma = args.min_snr_gamma;
+    cfg.noise_offset = args.noise_offset;
+    cfg.flip = !args.no_flip;
+    cfg.checkpoint_every = args.checkpoint_every.max(1);
+    cfg.sample_every = args.sample_every;
+    cfg.sample_prompts =
+        if args.sample_prompts.is_empty() { data.captions.iter().take(4).cloned().collect() } else { args.sample_prompts.clone() };
+    cfg.base_model_hash = sd.model_hash().to_string();
+    cfg.dataset_hash = data.hash.clone();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    }
+    let bar = ProgressBar::new(args.steps);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>7} [{bar:30}] {pos}/{len} {msg} {elapsed} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("style");
+    let started = Instant::now();
+    let mut window: Option<(Instant, u64)> = None;
+    let mut smoothed: Option<f64> = None;
+    let result = train_style(&sd, &data, &cfg, &run_dir, &mut |ev| {
+        match ev {
+            StyleEvent::Start { step, .. } => {
+                bar.set_position(*step);
+                window = Some((Instant::now(), *step));
+                if *step > 0 {
+                    bar.println(format!("resuming at step {step}"));
+                }
+            }
+            StyleEvent::Step { step, loss, lr, .. } => {
+                let s = smoothed.map_or(*loss, |m| 0.95 * m + 0.05 * loss);
+                smoothed = Some(s);
+                let rate = window.map_or(0.0, |(t, s0)| (*step - s0) as f64 / t.elapsed().as_secs_f64().max(1e-9));
+                bar.set_position(*step);
+                bar.set_message(format!("loss {s:.4} lr {lr:.1e} {rate:.2} steps/s"));
+            }
+            StyleEvent::Samples { step, path } => bar.println(format!("samples at step {step}: {}", path.display())),
+            StyleEvent::Note(m) => bar.println(m.clone()),
+        }
+        !stop.load(Ordering::SeqCst)
+    });
+    bar.finish_and_clear();
+    match result {
+        Ok(out) => {
+            let card = StyleCard::new(&cfg, &report, &model_dir, &out, started.elapsed().as_secs_f64());
+            library.write_card(&args.name, &card)?;
+            println!(
+                "trained style {} in {:.1} min: dataset fit loss {:.5} (base) -> {:.5} (with the style)",
+                args.name,
+                started.elapsed().as_secs_f64() / 60.0,
+                out.fit_before,
+                out.fit_after
+            );
+            println!("adapter (kohya): {}\nadapter (diffusers): {}", out.kohya.display(), out.diffusers.display());
+            println!("use it in a prompt as <lora:{}:1> {trigger}", args.name);
+            Ok(())
+        }
+        Err(atelier_engine::Error::Cancelled) => {
+            eprintln!("stopped with a checkpoint in {}. Run the same command again to resume.", run_dir.display());
+            std::process::exit(130);
+        }
+        Err(e) => Err(e).with_context(|| format!("training style {}", args.name)),
+    }
+}
