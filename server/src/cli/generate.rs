@@ -55,6 +55,10 @@ pub struct GenerateArgs {
     /// allowed); repeat for several adapters, which stay separate (not merged).
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
+    /// The style library that `<lora:NAME:WEIGHT>` tags in the prompt are looked up in
+    /// (besides the styles shipped in models/styles).
+    #[arg(long, env = "ATELIER_STYLES", default_value = "data/styles")]
+    pub library: PathBuf,
     /// Output PNG; with --batch > 1, `-k` is added before the extension.
     #[arg(long)]
     pub out: PathBuf,
@@ -76,16 +80,28 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let sd = StableDiffusion::load(&model_dir, &device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
     let size = sd.default_size();
+    let mut specs: Vec<(PathBuf, f64)> = args.loras.iter().map(|s| parse_lora_spec(s)).collect::<Result<_>>()?;
+    // `<lora:NAME:WEIGHT>` tags: styles from the library; the tags stay in the saved prompt, as in A1111.
+    let (engine_prompt, tags) = atelier_engine::prompt::extract_lora_tags(&args.prompt)?;
+    if !tags.is_empty() {
+        let library = atelier_server::styles::StyleLibrary::new(args.library.clone()).with_shipped(PathBuf::from("models/styles"));
+        for tag in tags {
+            let entry = library.find(&tag.name).with_context(|| {
+                let known: Vec<String> = library.list().into_iter().map(|s| s.name).collect();
+                format!("<lora:{}> names no style in the library (known: {})", tag.name, if known.is_empty() { "none".into() } else { known.join(", ") })
+            })?;
+            specs.push((entry.adapter(), tag.weight));
+        }
+    }
     let mut loras = Vec::new();
-    for spec in &args.loras {
-        let (file, weight) = parse_lora_spec(spec)?;
+    for (file, weight) in specs {
         let adapter = std::sync::Arc::new(atelier_engine::lora::LoraAdapter::load(&file)?);
         let bound = sd.bind_lora(&adapter).with_context(|| format!("applying {} to {}", file.display(), model_dir.display()))?;
         loras.push(atelier_engine::lora::ActiveLora { lora: bound, weight, blocks: Default::default() });
     }
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let params = GenerateParams {
-        prompt: args.prompt.clone(),
+        prompt: engine_prompt,
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,
         guidance: args.guidance,
@@ -123,7 +139,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.out.with_file_name(format!("{stem}-{k}.png"))
         };
         let meta = ImageMetadata {
-            prompt: params.prompt.clone(),
+            prompt: args.prompt.clone(),
             negative_prompt: params.negative_prompt.clone(),
             steps: params.steps,
             sampler: scheduler.a1111_name().to_string(),
@@ -159,7 +175,8 @@ fn lora_hashes(loras: &[atelier_engine::lora::ActiveLora]) -> Option<(String, St
         return None;
     }
     let list: Vec<String> = loras.iter().map(|l| format!("{}: {}", l.lora.adapter.name, l.lora.adapter.hash)).collect();
-    Some(("Lora hashes".into(), format!("\"{}\"", list.join(", "))))
+    // The metadata writer quotes values that contain commas, as A1111 does.
+    Some(("Lora hashes".into(), list.join(", ")))
 }
 
 #[cfg(test)]
