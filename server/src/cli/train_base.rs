@@ -52,6 +52,10 @@ pub struct TrainBaseArgs {
     /// grain and blur distinguishable after decoding.
     #[arg(long)]
     pub vae_detail_weight: Option<f64>,
+    /// Min-SNR-γ weighting of the diffusion loss (0: plain ε-MSE, which weighs the
+    /// low-noise steps that decide fine detail, such as blur and grain, more).
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
     /// Peak learning rate of the VAE stage.
     #[arg(long)]
     pub vae_lr: Option<f64>,
@@ -79,6 +83,9 @@ pub fn run(args: TrainBaseArgs) -> Result<()> {
         config.vae_detail_weight = w;
     }
     config.vae_decoder_only = args.vae_decoder_only;
+    if let Some(g) = args.min_snr_gamma {
+        config.min_snr_gamma = g;
+    }
     if let Some(lr) = args.vae_lr {
         config.vae_optim.lr = lr;
     }
