@@ -28,6 +28,8 @@ enum Command {
     TrainBase(cli::train_base::TrainBaseArgs),
     /// Measure the starter model's prompt adherence and negative-prompt effect.
     EvalStarter(cli::eval_starter::EvalStarterArgs),
+    /// Measure the styles in the library: style similarity vs the base model and over a weight sweep.
+    EvalStyles(cli::eval_styles::EvalStylesArgs),
     /// Train a LoRA style adapter from a folder of images into the style library.
     TrainStyle(cli::train_style::TrainStyleArgs),
 }
@@ -50,5 +52,6 @@ fn main() -> Result<()> {
         Command::TrainBase(args) => cli::train_base::run(args),
         Command::EvalStarter(args) => cli::eval_starter::run(args),
         Command::TrainStyle(args) => cli::train_style::run(args),
+        Command::EvalStyles(args) => cli::eval_styles::run(args),
     }
 }

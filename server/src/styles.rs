@@ -105,14 +105,16 @@ impl StyleLibrary {
 
     /// Adds a read-only root of shipped styles.
     pub fn with_shipped(mut self, dir: PathBuf) -> Self {
-        self.shipped.push(dir);
+        if dir != self.root {
+            self.shipped.push(dir);
+        }
         self
     }
 
     /// The folder of the user style `name` (created if needed).
     pub fn style_dir(&self, name: &str) -> Result<PathBuf> {
         check_name(name)?;
-        if self.shipped.iter().any(|r| r.join(name).is_dir()) {
+        if self.shipped.iter().any(|r| r != &self.root && r.join(name).is_dir()) {
             bail!("{name} is the name of a style that ships with Atelier; choose another name");
         }
         let dir = self.root.join(name);

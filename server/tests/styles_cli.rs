@@ -44,7 +44,7 @@ fn train_a_style_then_paint_with_it() {
     assert!(stdout.contains("skipped readme.md: not an image"), "{stdout}");
     assert!(stdout.contains("skipped 001.png: near-duplicate of 001-copy.png") || stdout.contains("skipped 001-copy.png: near-duplicate of 001.png"), "{stdout}");
     let style = library.join("ink");
-    for f in ["ink.safetensors", "ink.diffusers.safetensors", "card.json", "loss.csv", "loss.png", "fit.json", "training_config.json"] {
+    for f in ["ink.safetensors", "ink.diffusers.safetensors", "card.json", "loss.csv", "loss.png", "fit.json", "training_config.json", "compare.png"] {
         assert!(style.join(f).is_file(), "{f} missing");
     }
     assert!(!style.join("checkpoints").exists());
@@ -52,6 +52,11 @@ fn train_a_style_then_paint_with_it() {
     assert_eq!(card["trigger"], "inkline");
     assert_eq!(card["dataset_images"], 6);
     assert_eq!(card["dataset_skipped"], 3);
+    for who in ["base", "style"] {
+        let s = card["metrics"][who]["style_similarity"].as_f64().unwrap();
+        assert!(s > 0.0 && s <= 1.0, "{who} similarity {s}");
+        assert!(card["metrics"][who]["sharpness"].as_f64().unwrap() > 0.0);
+    }
 
     let gen = |prompt: &str, extra: &[&str], name: &str| {
         let png = tmp.path().join(name);

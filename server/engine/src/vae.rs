@@ -229,6 +229,33 @@ impl AutoencoderKL {
         &self.config
     }
 
+    /// The device the weights are on.
+    pub fn device(&self) -> candle_core::Device {
+        self.enc_conv_in.weight().device().clone()
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.enc_conv_in.weight().dtype()
+    }
+
+    /// The encoder's activations after each down block's resnets (batch, C, h, w), for
+    /// feature statistics such as the style metrics' Gram matrices.
+    pub fn encoder_features(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        let mut xs = self.enc_conv_in.forward(xs)?;
+        let mut out = Vec::with_capacity(self.enc_blocks.len());
+        for (resnets, down) in &self.enc_blocks {
+            for r in resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            out.push(xs.clone());
+            if let Some(d) = down {
+                xs = d.forward(&xs)?;
+            }
+        }
+        Ok(out)
+    }
+
     /// Encodes images (batch, 3, H, W) in [-1, 1] to the latent distribution (unscaled).
     pub fn encode(&self, xs: &Tensor, attn: AttentionKind) -> Result<LatentDist> {
         let mut xs = self.enc_conv_in.forward(xs)?;

@@ -84,7 +84,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // `<lora:NAME:WEIGHT>` tags: styles from the library; the tags stay in the saved prompt, as in A1111.
     let (engine_prompt, tags) = atelier_engine::prompt::extract_lora_tags(&args.prompt)?;
     if !tags.is_empty() {
-        let library = atelier_server::styles::StyleLibrary::new(args.library.clone()).with_shipped(PathBuf::from("models/styles"));
+        let library = atelier_server::styles::StyleLibrary::new(args.library.clone()).with_shipped(PathBuf::from(crate::cli::train_style::SHIPPED_STYLES));
         for tag in tags {
             let entry = library.find(&tag.name).with_context(|| {
                 let known: Vec<String> = library.list().into_iter().map(|s| s.name).collect();

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod eval_starter;
+pub mod eval_styles;
 pub mod generate;
 pub mod reference;
 pub mod train_base;

@@ -72,6 +72,10 @@ pub struct TrainStyleArgs {
     /// Fewest usable images to train on.
     #[arg(long, default_value_t = 5)]
     pub min_images: usize,
+    /// Prompt for the before/after quality metrics (repeatable); default: 8 starter-world
+    /// prompts over held-out colour/shape triples, each ending in ", TRIGGER style".
+    #[arg(long = "eval-prompt")]
+    pub eval_prompts: Vec<String>,
     /// Base model folder (diffusers layout) or hub id.
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: String,
@@ -81,7 +85,7 @@ pub struct TrainStyleArgs {
 }
 
 pub fn run(args: TrainStyleArgs) -> Result<()> {
-    let library = StyleLibrary::new(args.library.clone());
+    let library = StyleLibrary::new(args.library.clone()).with_shipped(PathBuf::from(SHIPPED_STYLES));
     let run_dir = library.style_dir(&args.name)?;
     let trigger = args.trigger.clone().unwrap_or_else(|| args.name.clone());
     let device = crate::cli::device()?;
@@ -155,7 +159,14 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
     bar.finish_and_clear();
     match result {
         Ok(out) => {
-            let card = StyleCard::new(&cfg, &report, &model_dir, &out, started.elapsed().as_secs_f64());
+            let mut card = StyleCard::new(&cfg, &report, &model_dir, &out, started.elapsed().as_secs_f64());
+            println!("measuring the style: base model vs the new style on the same prompts and seeds");
+            let prompts = if args.eval_prompts.is_empty() {
+                atelier_engine::style::metrics::starter_eval_prompts(&trigger)
+            } else {
+                args.eval_prompts.clone()
+            };
+            card.metrics = measure_style(&sd, &out.kohya, &data.images, &prompts, &run_dir)?;
             library.write_card(&args.name, &card)?;
             println!(
                 "trained style {} in {:.1} min: dataset fit loss {:.5} (base) -> {:.5} (with the style)",
@@ -163,6 +174,19 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
                 started.elapsed().as_secs_f64() / 60.0,
                 out.fit_before,
                 out.fit_after
+            );
+            let m = &card.metrics;
+            println!(
+                "style similarity {:.4} -> {:.4}, sharpness {:.1} -> {:.1}, colourfulness {:.1} -> {:.1}, diversity {:.3} -> {:.3} (base -> style; {})",
+                m["base"]["style_similarity"].as_f64().unwrap_or(0.0),
+                m["style"]["style_similarity"].as_f64().unwrap_or(0.0),
+                m["base"]["sharpness"].as_f64().unwrap_or(0.0),
+                m["style"]["sharpness"].as_f64().unwrap_or(0.0),
+                m["base"]["colourfulness"].as_f64().unwrap_or(0.0),
+                m["style"]["colourfulness"].as_f64().unwrap_or(0.0),
+                m["base"]["diversity"].as_f64().unwrap_or(0.0),
+                m["style"]["diversity"].as_f64().unwrap_or(0.0),
+                run_dir.join("compare.png").display()
             );
             println!("adapter (kohya): {}\nadapter (diffusers): {}", out.kohya.display(), out.diffusers.display());
             println!("use it in a prompt as <lora:{}:1> {trigger}", args.name);
@@ -174,4 +198,49 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("training style {}", args.name)),
     }
+}
+
+/// Where the styles that ship with Atelier live (relative to the repository root).
+pub const SHIPPED_STYLES: &str = "models/styles";
+
+/// File of a style folder holding the training images' mean Gram matrices.
+pub const STYLE_GRAMS: &str = "style_grams.safetensors";
+
+/// Seed of the first evaluation image; image i uses EVAL_SEED + i.
+pub const EVAL_SEED: u64 = 2000;
+
+/// Renders the evaluation prompts with the base model and with the style (weight 1),
+/// writes `compare.png` (base row over style row) and returns the metrics of both.
+pub fn measure_style(
+    sd: &StableDiffusion,
+    adapter: &std::path::Path,
+    training_images: &[image::RgbImage],
+    prompts: &[String],
+    run_dir: &std::path::Path,
+) -> Result<serde_json::Value> {
+    use atelier_engine::style::metrics::{mean_grams, measure, render_set};
+    let lora = sd.bind_lora(&Arc::new(atelier_engine::lora::LoraAdapter::load(adapter)?))?;
+    let reference = mean_grams(sd.vae(), training_images)?;
+    // Kept with the style, so that it can be measured again without its dataset.
+    let grams: std::collections::HashMap<String, candle_core::Tensor> =
+        reference.iter().enumerate().map(|(i, g)| (format!("layer{i}"), g.clone())).collect();
+    atelier_engine::model::save_safetensors_atomic(&grams, &run_dir.join(STYLE_GRAMS))?;
+    let base_images = render_set(sd, None, prompts, EVAL_SEED)?;
+    let style_images = render_set(sd, Some((&lora, 1.0)), prompts, EVAL_SEED)?;
+    let base = measure(sd.vae(), &base_images, &reference)?;
+    let style = measure(sd.vae(), &style_images, &reference)?;
+    let mut all = base_images;
+    all.extend(style_images);
+    let sheet = atelier_engine::starter::eval::contact_sheet(&all, prompts.len().max(1));
+    let path = run_dir.join("compare.png");
+    let tmp = run_dir.join("compare.png.tmp");
+    sheet.save_with_format(&tmp, image::ImageFormat::Png)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(serde_json::json!({
+        "prompts": prompts,
+        "first_seed": EVAL_SEED,
+        "base": base,
+        "style": style,
+        "formulas": "see atelier_engine::style::metrics (README: Styles)",
+    }))
 }

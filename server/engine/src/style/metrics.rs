@@ -1,0 +1,180 @@
+//! Quality metrics of a style, measured on generated images (formulas below, all on
+//! 8-bit RGB images):
+//!
+//! - **style similarity** to the training images, in (0, 1]: `1 / (1 + d)` with
+//!   `d = mean over layers l of ‖Ḡ_gen,l − Ḡ_ref,l‖_F / ‖Ḡ_ref,l‖_F`, where `Ḡ_l` is the
+//!   mean over a set of images of the Gram matrix `F Fᵀ / (C·h·w)` of the activations `F`
+//!   (C × h·w) after down block l of the model's own VAE encoder (the feature statistics
+//!   of Gatys et al.'s style loss, from a fixed network every model ships with);
+//! - **sharpness**: variance of the 4-neighbour Laplacian of the luma
+//!   ([`crate::metrics::laplacian_variance`]);
+//! - **colourfulness** (Hasler & Süsstrunk 2003): with `rg = R − G`, `yb = (R + G)/2 − B`,
+//!   `M = √(σ_rg² + σ_yb²) + 0.3·√(μ_rg² + μ_yb²)`;
+//! - **diversity** of a set: the mean over pairs of the RMS difference of 16×16
+//!   thumbnails, in units of the full 0–255 range (0: identical images).
+
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::image_to_tensor;
+use crate::vae::AutoencoderKL;
+use crate::Result;
+
+/// The four metrics of a set of images.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StyleMetrics {
+    pub style_similarity: f64,
+    pub sharpness: f64,
+    pub colourfulness: f64,
+    pub diversity: f64,
+}
+
+/// Mean Gram matrix per encoder layer of a set of images.
+pub fn mean_grams(vae: &AutoencoderKL, images: &[RgbImage]) -> Result<Vec<Tensor>> {
+    let device = vae.device();
+    let mut sums: Vec<Tensor> = Vec::new();
+    for chunk in images.chunks(16) {
+        let xs = chunk
+            .iter()
+            .map(|i| image_to_tensor(i, i.width() as usize, i.height() as usize, &device))
+            .collect::<Result<Vec<_>>>()?;
+        let x = Tensor::cat(&xs, 0)?.to_dtype(vae.dtype())?;
+        for (l, f) in vae.encoder_features(&x)?.into_iter().enumerate() {
+            let (b, c, h, w) = f.dims4()?;
+            let f = f.to_dtype(DType::F32)?.reshape((b, c, h * w))?;
+            let g = (f.matmul(&f.t()?)? / (c * h * w) as f64)?.sum(0)?;
+            if sums.len() <= l {
+                sums.push(g);
+            } else {
+                sums[l] = (&sums[l] + g)?;
+            }
+        }
+    }
+    let n = images.len().max(1) as f64;
+    sums.into_iter().map(|s| Ok((s / n)?)).collect()
+}
+
+/// `1 / (1 + d)` for the relative Gram distance `d` between two sets' mean Grams.
+pub fn style_similarity(generated: &[Tensor], reference: &[Tensor]) -> Result<f64> {
+    let mut d = 0.0;
+    for (g, r) in generated.iter().zip(reference) {
+        let num = (g - r)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        let den = r.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        d += num.sqrt() / den.sqrt().max(1e-12);
+    }
+    d /= reference.len().max(1) as f64;
+    Ok(1.0 / (1.0 + d))
+}
+
+/// Hasler–Süsstrunk colourfulness.
+pub fn colourfulness(img: &RgbImage) -> f64 {
+    let n = img.pixels().len().max(1) as f64;
+    let (mut s_rg, mut s_yb, mut q_rg, mut q_yb) = (0.0, 0.0, 0.0, 0.0);
+    for p in img.pixels() {
+        let (r, g, b) = (p[0] as f64, p[1] as f64, p[2] as f64);
+        let rg = r - g;
+        let yb = 0.5 * (r + g) - b;
+        s_rg += rg;
+        s_yb += yb;
+        q_rg += rg * rg;
+        q_yb += yb * yb;
+    }
+    let (m_rg, m_yb) = (s_rg / n, s_yb / n);
+    let (v_rg, v_yb) = ((q_rg / n - m_rg * m_rg).max(0.0), (q_yb / n - m_yb * m_yb).max(0.0));
+    (v_rg + v_yb).sqrt() + 0.3 * (m_rg * m_rg + m_yb * m_yb).sqrt()
+}
+
+/// Mean pairwise RMS difference of 16×16 thumbnails, as a fraction of 255.
+pub fn diversity(images: &[RgbImage]) -> f64 {
+    let thumbs: Vec<Vec<f64>> = images
+        .iter()
+        .map(|i| {
+            image::imageops::resize(i, 16, 16, image::imageops::FilterType::Triangle).as_raw().iter().map(|&v| v as f64 / 255.0).collect()
+        })
+        .collect();
+    let (mut sum, mut pairs) = (0.0, 0usize);
+    for a in 0..thumbs.len() {
+        for b in a + 1..thumbs.len() {
+            let ms = thumbs[a].iter().zip(&thumbs[b]).map(|(x, y)| (x - y) * (x - y)).sum::<f64>() / thumbs[a].len() as f64;
+            sum += ms.sqrt();
+            pairs += 1;
+        }
+    }
+    if pairs == 0 { 0.0 } else { sum / pairs as f64 }
+}
+
+/// All four metrics of `generated`, with style similarity to `reference_grams` (from
+/// [`mean_grams`] of the training images).
+pub fn measure(vae: &AutoencoderKL, generated: &[RgbImage], reference_grams: &[Tensor]) -> Result<StyleMetrics> {
+    let n = generated.len().max(1) as f64;
+    Ok(StyleMetrics {
+        style_similarity: style_similarity(&mean_grams(vae, generated)?, reference_grams)?,
+        sharpness: generated.iter().map(crate::metrics::laplacian_variance).sum::<f64>() / n,
+        colourfulness: generated.iter().map(colourfulness).sum::<f64>() / n,
+        diversity: diversity(generated),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colourfulness_of_grey_and_of_colour() {
+        let grey = RgbImage::from_pixel(8, 8, image::Rgb([120, 120, 120]));
+        assert_eq!(colourfulness(&grey), 0.0);
+        // Uniform red: rg = 255, yb = 127.5, no spread → 0.3·√(255² + 127.5²).
+        let red = RgbImage::from_pixel(8, 8, image::Rgb([255, 0, 0]));
+        assert!((colourfulness(&red) - 0.3 * (255f64.powi(2) + 127.5f64.powi(2)).sqrt()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn diversity_is_zero_for_copies_and_grows_with_difference() {
+        let a = RgbImage::from_pixel(32, 32, image::Rgb([0, 0, 0]));
+        let b = RgbImage::from_pixel(32, 32, image::Rgb([255, 255, 255]));
+        assert_eq!(diversity(&[a.clone(), a.clone()]), 0.0);
+        assert!((diversity(&[a.clone(), b.clone()]) - 1.0).abs() < 1e-9);
+        assert!((diversity(&[a.clone(), a, b]) - 2.0 / 3.0).abs() < 1e-9);
+    }
+}
+
+/// Renders one image per prompt (seeds `seed0 + i`, 20 steps, the model's size) with
+/// `lora` at the given weight, or with the base model.
+pub fn render_set(
+    sd: &crate::pipeline::StableDiffusion,
+    lora: Option<(&std::sync::Arc<crate::lora::BoundLora>, f64)>,
+    prompts: &[String],
+    seed0: u64,
+) -> Result<Vec<RgbImage>> {
+    let size = sd.default_size();
+    let mut out = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let params = crate::pipeline::GenerateParams {
+            prompt: p.clone(),
+            seed: seed0 + i as u64,
+            width: size,
+            height: size,
+            loras: lora
+                .iter()
+                .map(|(l, w)| crate::lora::ActiveLora { lora: (*l).clone(), weight: *w, blocks: Default::default() })
+                .collect(),
+            ..Default::default()
+        };
+        out.extend(sd.generate(&params, &mut |_| true)?.images);
+    }
+    Ok(out)
+}
+
+/// Evaluation prompts for a style on the starter model: 8 prompts over colour / shape /
+/// background triples held out of the starter's training (so neither the base model
+/// nor a style dataset made from its world has seen them), each ending in
+/// `, TRIGGER style`.
+pub fn starter_eval_prompts(trigger: &str) -> Vec<String> {
+    crate::starter::eval::held_out_cases(0)
+        .into_iter()
+        .step_by(13)
+        .take(8)
+        .map(|c| if trigger.is_empty() { c.prompt } else { format!("{}, {trigger} style", c.prompt) })
+        .collect()
+}
