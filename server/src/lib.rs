@@ -13,6 +13,7 @@ pub mod routes;
 pub mod state;
 pub mod studio;
 pub mod styles;
+pub mod tracking;
 
 pub use error::ApiError;
 pub use generator::{Generator, LoadedModel, Throttled};

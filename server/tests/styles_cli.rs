@@ -24,6 +24,7 @@ fn train_a_style_then_paint_with_it() {
     std::fs::write(images.join("broken.png"), &std::fs::read(images.join("002.png")).unwrap()[..60]).unwrap();
     std::fs::write(images.join("readme.md"), "# my style").unwrap();
     let library = tmp.path().join("styles");
+    let tracking = tmp.path().join("tracking");
     let lib = library.to_str().unwrap();
     let model = repo().join("models/starter");
     let model = model.to_str().unwrap();
@@ -32,7 +33,7 @@ fn train_a_style_then_paint_with_it() {
     let out = atelier(
         &["train-style", "--name", "ink", "--images", imgs, "--trigger", "inkline", "--steps", "6", "--rank", "2", "--batch", "2"]
             .iter()
-            .chain(&["--sample-every", "0", "--checkpoint-every", "3", "--library", lib, "--model", model])
+            .chain(&["--sample-every", "0", "--checkpoint-every", "3", "--library", lib, "--model", model, "--tracking", tracking.to_str().unwrap()])
             .copied()
             .collect::<Vec<_>>(),
         tmp.path(),
@@ -57,6 +58,17 @@ fn train_a_style_then_paint_with_it() {
         assert!(s > 0.0 && s <= 1.0, "{who} similarity {s}");
         assert!(card["metrics"][who]["sharpness"].as_f64().unwrap() > 0.0);
     }
+
+    // The run is in the experiment store: params, the loss per step, metrics, artifacts.
+    let store = atelier_server::tracking::Tracker::open(&tracking).unwrap();
+    let runs = store.runs(store.experiment("styles").unwrap()).unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!((runs[0].name.as_str(), runs[0].status.as_str()), ("ink", "FINISHED"));
+    let params = store.params(&runs[0].run_id).unwrap();
+    assert!(params.contains(&("rank".to_string(), "2".to_string())), "{params:?}");
+    assert_eq!(store.metric_history(&runs[0].run_id, "loss").unwrap().len(), 6);
+    assert_eq!(store.metric_history(&runs[0].run_id, "style_style_similarity").unwrap().len(), 1);
+    assert!(std::path::Path::new(&runs[0].artifact_uri).join("ink.safetensors").is_file());
 
     let gen = |prompt: &str, extra: &[&str], name: &str| {
         let png = tmp.path().join(name);

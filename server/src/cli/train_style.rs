@@ -76,6 +76,9 @@ pub struct TrainStyleArgs {
     /// prompts over held-out colour/shape triples, each ending in ", TRIGGER style".
     #[arg(long = "eval-prompt")]
     pub eval_prompts: Vec<String>,
+    /// The embedded experiment store the run is recorded in (experiment "styles").
+    #[arg(long, env = "ATELIER_TRACKING", default_value = "data/tracking")]
+    pub tracking: PathBuf,
     /// Base model folder (diffusers layout) or hub id.
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: String,
@@ -120,6 +123,42 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
     cfg.base_model_hash = sd.model_hash().to_string();
     cfg.dataset_hash = data.hash.clone();
 
+    // The experiment store: a resumed run continues the same tracked run.
+    let tracker = atelier_server::tracking::Tracker::open(&args.tracking)?;
+    let run_file = run_dir.join("tracking_run");
+    let tracked = match std::fs::read_to_string(&run_file).ok().filter(|id| tracker.run(id.trim()).ok().flatten().is_some()) {
+        Some(id) => {
+            let id = id.trim().to_string();
+            tracker.reopen_run(&id)?;
+            id
+        }
+        None => {
+            let exp = tracker.experiment("styles")?;
+            let id = tracker.start_run(exp, &args.name)?;
+            std::fs::write(&run_file, &id)?;
+            if let serde_json::Value::Object(fields) = serde_json::to_value(&cfg)? {
+                for (k, v) in fields {
+                    let text = match v {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    tracker.log_param(&id, &k, &text)?;
+                }
+            }
+            for (k, v) in [
+                ("style", args.name.as_str()),
+                ("trigger", trigger.as_str()),
+                ("dataset_hash", data.hash.as_str()),
+                ("base_model_hash", sd.model_hash()),
+                ("base_model", &model_dir.display().to_string()),
+                ("dataset_dir", &args.images.display().to_string()),
+            ] {
+                tracker.set_tag(&id, k, v)?;
+            }
+            id
+        }
+    };
+
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -145,13 +184,18 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
                 }
             }
             StyleEvent::Step { step, loss, lr, .. } => {
+                let _ = tracker.log_metric(&tracked, "loss", *loss, *step as i64);
+                let _ = tracker.log_metric(&tracked, "lr", *lr, *step as i64);
                 let s = smoothed.map_or(*loss, |m| 0.95 * m + 0.05 * loss);
                 smoothed = Some(s);
                 let rate = window.map_or(0.0, |(t, s0)| (*step - s0) as f64 / t.elapsed().as_secs_f64().max(1e-9));
                 bar.set_position(*step);
                 bar.set_message(format!("loss {s:.4} lr {lr:.1e} {rate:.2} steps/s"));
             }
-            StyleEvent::Samples { step, path } => bar.println(format!("samples at step {step}: {}", path.display())),
+            StyleEvent::Samples { step, path } => {
+                let _ = tracker.log_artifact(&tracked, path, Some("samples"));
+                bar.println(format!("samples at step {step}: {}", path.display()))
+            }
             StyleEvent::Note(m) => bar.println(m.clone()),
         }
         !stop.load(Ordering::SeqCst)
@@ -168,6 +212,24 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
             };
             card.metrics = measure_style(&sd, &out.kohya, &data.images, &prompts, &run_dir)?;
             library.write_card(&args.name, &card)?;
+            let step = args.steps as i64;
+            tracker.log_metric(&tracked, "fit_loss_base", out.fit_before, step)?;
+            tracker.log_metric(&tracked, "fit_loss_adapter", out.fit_after, step)?;
+            for who in ["base", "style"] {
+                if let Some(serde_json::Value::Object(m)) = card.metrics.get(who) {
+                    for (k, v) in m {
+                        if let Some(v) = v.as_f64() {
+                            tracker.log_metric(&tracked, &format!("{who}_{k}"), v, step)?;
+                        }
+                    }
+                }
+            }
+            for f in [out.kohya.clone(), out.diffusers.clone(), run_dir.join("compare.png"), run_dir.join("loss.png"), run_dir.join("card.json")] {
+                if f.is_file() {
+                    tracker.log_artifact(&tracked, &f, None)?;
+                }
+            }
+            tracker.end_run(&tracked, atelier_server::tracking::RunStatus::Finished)?;
             println!(
                 "trained style {} in {:.1} min: dataset fit loss {:.5} (base) -> {:.5} (with the style)",
                 args.name,
@@ -193,10 +255,14 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
             Ok(())
         }
         Err(atelier_engine::Error::Cancelled) => {
+            tracker.end_run(&tracked, atelier_server::tracking::RunStatus::Killed)?;
             eprintln!("stopped with a checkpoint in {}. Run the same command again to resume.", run_dir.display());
             std::process::exit(130);
         }
-        Err(e) => Err(e).with_context(|| format!("training style {}", args.name)),
+        Err(e) => {
+            tracker.end_run(&tracked, atelier_server::tracking::RunStatus::Failed)?;
+            Err(e).with_context(|| format!("training style {}", args.name))
+        }
     }
 }
 

@@ -1,0 +1,297 @@
+//! The embedded experiment store, with MLflow's data model: experiments hold runs; a
+//! run has params (string key → value, set once), metrics (key, value, timestamp, step —
+//! many per key), tags (key → value, may change) and artifacts (files under the run's
+//! artifact folder). Stored in SQLite (`DIR/tracking.sqlite`) with artifacts under
+//! `DIR/artifacts/EXPERIMENT_ID/RUN_ID/`, the same shape MLflow's file and SQL stores
+//! have, so that runs can later be copied to an MLflow server as they are.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS experiments (
+    experiment_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    name              TEXT NOT NULL UNIQUE,
+    artifact_location TEXT NOT NULL,
+    lifecycle_stage   TEXT NOT NULL DEFAULT 'active',
+    creation_time     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_uuid        TEXT PRIMARY KEY,
+    experiment_id   INTEGER NOT NULL REFERENCES experiments(experiment_id),
+    name            TEXT NOT NULL,
+    status          TEXT NOT NULL,          -- RUNNING, FINISHED, FAILED, KILLED
+    start_time      INTEGER NOT NULL,       -- ms since the epoch
+    end_time        INTEGER,
+    artifact_uri    TEXT NOT NULL,
+    lifecycle_stage TEXT NOT NULL DEFAULT 'active'
+);
+CREATE TABLE IF NOT EXISTS params (
+    run_uuid TEXT NOT NULL REFERENCES runs(run_uuid),
+    key      TEXT NOT NULL,
+    value    TEXT NOT NULL,
+    PRIMARY KEY (run_uuid, key)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_uuid  TEXT NOT NULL REFERENCES runs(run_uuid),
+    key       TEXT NOT NULL,
+    value     REAL NOT NULL,
+    timestamp INTEGER NOT NULL,
+    step      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_run_key ON metrics (run_uuid, key, step);
+CREATE TABLE IF NOT EXISTS tags (
+    run_uuid TEXT NOT NULL REFERENCES runs(run_uuid),
+    key      TEXT NOT NULL,
+    value    TEXT NOT NULL,
+    PRIMARY KEY (run_uuid, key)
+);
+";
+
+/// Run states, as MLflow names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RunStatus {
+    Running,
+    Finished,
+    Failed,
+    Killed,
+}
+
+impl RunStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "RUNNING",
+            RunStatus::Finished => "FINISHED",
+            RunStatus::Failed => "FAILED",
+            RunStatus::Killed => "KILLED",
+        }
+    }
+}
+
+/// One run as listed.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub experiment_id: i64,
+    pub name: String,
+    pub status: String,
+    pub start_time: i64,
+    pub end_time: Option<i64>,
+    pub artifact_uri: String,
+}
+
+/// One metric value.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct MetricPoint {
+    pub value: f64,
+    pub timestamp: i64,
+    pub step: i64,
+}
+
+/// The store.
+pub struct Tracker {
+    root: PathBuf,
+    db: Mutex<Connection>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Tracker {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let db = Connection::open(dir.join("tracking.sqlite"))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.execute_batch(SCHEMA)?;
+        Ok(Self { root: dir.to_path_buf(), db: Mutex::new(db) })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The id of the experiment `name`, created when missing.
+    pub fn experiment(&self, name: &str) -> Result<i64> {
+        let db = self.db();
+        if let Some(id) = db.query_row("SELECT experiment_id FROM experiments WHERE name = ?1", [name], |r| r.get(0)).optional()? {
+            return Ok(id);
+        }
+        db.execute(
+            "INSERT INTO experiments (name, artifact_location, creation_time) VALUES (?1, '', ?2)",
+            params![name, now_ms()],
+        )?;
+        let id = db.last_insert_rowid();
+        let loc = self.root.join("artifacts").join(id.to_string());
+        db.execute("UPDATE experiments SET artifact_location = ?1 WHERE experiment_id = ?2", params![loc.display().to_string(), id])?;
+        Ok(id)
+    }
+
+    /// Starts a run in `experiment`; returns its id (32 hex digits, as MLflow's).
+    pub fn start_run(&self, experiment: i64, name: &str) -> Result<String> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let artifacts = self.root.join("artifacts").join(experiment.to_string()).join(&id).join("artifacts");
+        std::fs::create_dir_all(&artifacts).with_context(|| format!("creating {}", artifacts.display()))?;
+        self.db().execute(
+            "INSERT INTO runs (run_uuid, experiment_id, name, status, start_time, artifact_uri) VALUES (?1, ?2, ?3, 'RUNNING', ?4, ?5)",
+            params![id, experiment, name, now_ms(), artifacts.display().to_string()],
+        )?;
+        Ok(id)
+    }
+
+    /// Marks a run as running again (a resumed training run).
+    pub fn reopen_run(&self, run: &str) -> Result<()> {
+        self.db().execute("UPDATE runs SET status = 'RUNNING', end_time = NULL WHERE run_uuid = ?1", [run])?;
+        Ok(())
+    }
+
+    /// Ends a run with `status`.
+    pub fn end_run(&self, run: &str, status: RunStatus) -> Result<()> {
+        self.db().execute("UPDATE runs SET status = ?1, end_time = ?2 WHERE run_uuid = ?3", params![status.as_str(), now_ms(), run])?;
+        Ok(())
+    }
+
+    /// Sets a param; params are immutable, so setting one again to another value fails.
+    pub fn log_param(&self, run: &str, key: &str, value: &str) -> Result<()> {
+        let db = self.db();
+        let old: Option<String> =
+            db.query_row("SELECT value FROM params WHERE run_uuid = ?1 AND key = ?2", params![run, key], |r| r.get(0)).optional()?;
+        match old {
+            Some(v) if v == value => Ok(()),
+            Some(v) => anyhow::bail!("param {key} of run {run} is {v:?} already; params cannot change"),
+            None => {
+                db.execute("INSERT INTO params (run_uuid, key, value) VALUES (?1, ?2, ?3)", params![run, key, value])?;
+                Ok(())
+            }
+        }
+    }
+
+    pub fn log_metric(&self, run: &str, key: &str, value: f64, step: i64) -> Result<()> {
+        self.db().execute(
+            "INSERT INTO metrics (run_uuid, key, value, timestamp, step) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![run, key, value, now_ms(), step],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_tag(&self, run: &str, key: &str, value: &str) -> Result<()> {
+        self.db().execute("INSERT OR REPLACE INTO tags (run_uuid, key, value) VALUES (?1, ?2, ?3)", params![run, key, value])?;
+        Ok(())
+    }
+
+    /// Copies a file into the run's artifacts (under `subdir` when given).
+    pub fn log_artifact(&self, run: &str, file: &Path, subdir: Option<&str>) -> Result<PathBuf> {
+        let info = self.run(run)?.with_context(|| format!("no run {run}"))?;
+        let mut dest = PathBuf::from(info.artifact_uri);
+        if let Some(s) = subdir {
+            dest = dest.join(s);
+        }
+        std::fs::create_dir_all(&dest)?;
+        let dest = dest.join(file.file_name().context("artifact without a file name")?);
+        std::fs::copy(file, &dest).with_context(|| format!("copying {} into the run", file.display()))?;
+        Ok(dest)
+    }
+
+    pub fn run(&self, run: &str) -> Result<Option<RunInfo>> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT run_uuid, experiment_id, name, status, start_time, end_time, artifact_uri FROM runs WHERE run_uuid = ?1",
+                [run],
+                row_to_run,
+            )
+            .optional()?)
+    }
+
+    /// Runs of an experiment, newest first.
+    pub fn runs(&self, experiment: i64) -> Result<Vec<RunInfo>> {
+        let db = self.db();
+        let mut st = db.prepare(
+            "SELECT run_uuid, experiment_id, name, status, start_time, end_time, artifact_uri FROM runs \
+             WHERE experiment_id = ?1 AND lifecycle_stage = 'active' ORDER BY start_time DESC, rowid DESC",
+        )?;
+        let rows = st.query_map([experiment], row_to_run)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    pub fn params(&self, run: &str) -> Result<Vec<(String, String)>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT key, value FROM params WHERE run_uuid = ?1 ORDER BY key")?;
+        let rows = st.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    pub fn tags(&self, run: &str) -> Result<Vec<(String, String)>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT key, value FROM tags WHERE run_uuid = ?1 ORDER BY key")?;
+        let rows = st.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Every value of metric `key`, by step then time.
+    pub fn metric_history(&self, run: &str, key: &str) -> Result<Vec<MetricPoint>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT value, timestamp, step FROM metrics WHERE run_uuid = ?1 AND key = ?2 ORDER BY step, timestamp, rowid")?;
+        let rows = st
+            .query_map(params![run, key], |r| Ok(MetricPoint { value: r.get(0)?, timestamp: r.get(1)?, step: r.get(2)? }))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+}
+
+fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunInfo> {
+    Ok(RunInfo {
+        run_id: r.get(0)?,
+        experiment_id: r.get(1)?,
+        name: r.get(2)?,
+        status: r.get(3)?,
+        start_time: r.get(4)?,
+        end_time: r.get(5)?,
+        artifact_uri: r.get(6)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_params_metrics_tags_artifacts_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let run;
+        {
+            let t = Tracker::open(dir.path()).unwrap();
+            let exp = t.experiment("styles").unwrap();
+            assert_eq!(t.experiment("styles").unwrap(), exp, "get-or-create");
+            run = t.start_run(exp, "ink").unwrap();
+            t.log_param(&run, "rank", "8").unwrap();
+            t.log_param(&run, "rank", "8").unwrap();
+            assert!(t.log_param(&run, "rank", "4").unwrap_err().to_string().contains("cannot change"));
+            for (step, v) in [(1, 0.5), (2, 0.25), (3, 0.125)] {
+                t.log_metric(&run, "loss", v, step).unwrap();
+            }
+            t.set_tag(&run, "dataset_hash", "abc").unwrap();
+            t.set_tag(&run, "dataset_hash", "def").unwrap();
+            let f = dir.path().join("samples.png");
+            std::fs::write(&f, b"png").unwrap();
+            let stored = t.log_artifact(&run, &f, Some("samples")).unwrap();
+            assert_eq!(std::fs::read(stored).unwrap(), b"png");
+            t.end_run(&run, RunStatus::Finished).unwrap();
+        }
+        let t = Tracker::open(dir.path()).unwrap();
+        let exp = t.experiment("styles").unwrap();
+        let runs = t.runs(exp).unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].run_id.as_str(), runs[0].status.as_str()), (run.as_str(), "FINISHED"));
+        assert!(runs[0].end_time.unwrap() >= runs[0].start_time);
+        assert_eq!(t.params(&run).unwrap(), vec![("rank".to_string(), "8".to_string())]);
+        assert_eq!(t.tags(&run).unwrap(), vec![("dataset_hash".to_string(), "def".to_string())]);
+        let h: Vec<(i64, f64)> = t.metric_history(&run, "loss").unwrap().iter().map(|p| (p.step, p.value)).collect();
+        assert_eq!(h, vec![(1, 0.5), (2, 0.25), (3, 0.125)]);
+    }
+}
