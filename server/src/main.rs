@@ -30,6 +30,8 @@ enum Command {
     EvalStarter(cli::eval_starter::EvalStarterArgs),
     /// Measure the styles in the library: style similarity vs the base model and over a weight sweep.
     EvalStyles(cli::eval_styles::EvalStylesArgs),
+    /// Write a training folder for one of the example picture styles (stripes, pointillism, inkline, pastel).
+    StyleData(cli::style_data::StyleDataArgs),
     /// Train a LoRA style adapter from a folder of images into the style library.
     TrainStyle(cli::train_style::TrainStyleArgs),
 }
@@ -53,5 +55,6 @@ fn main() -> Result<()> {
         Command::EvalStarter(args) => cli::eval_starter::run(args),
         Command::TrainStyle(args) => cli::train_style::run(args),
         Command::EvalStyles(args) => cli::eval_styles::run(args),
+        Command::StyleData(args) => cli::style_data::run(args),
     }
 }

@@ -116,6 +116,28 @@ fn loss_falls_and_a_resumed_run_is_identical() {
     assert!(vae_a.iter().any(|(name, t)| max_abs_diff(t, &vae_c[name]) > 0.0), "the retrained VAE differs from the one it started from");
     StableDiffusion::load(&revae, &Device::Cpu).expect("the folder with a retrained VAE loads");
 
+    // --vae-decoder-only: the encoder (so the latent space and its scale) stays exactly as it was.
+    let dec = dir.path().join("decoder");
+    let mut d = TrainBaseConfig::smoke(14, 2, 1);
+    d.vae_detail_weight = 1.0;
+    d.vae_decoder_only = true;
+    d.init_from = Some(InitFrom::new(&straight).unwrap().retraining_vae(true));
+    train_base(&dec, tokenizer(), &d, &Device::Cpu, &mut |_| true).expect("decoder-only VAE training");
+    let vae_d = load_safetensors(&dec.join("vae/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    for (name, t) in &vae_a {
+        let changed = max_abs_diff(t, &vae_d[name]) > 0.0;
+        let decoder = name.starts_with("decoder.") || name.starts_with("post_quant_conv.");
+        assert!(changed == decoder || (decoder && !changed && name.contains("norm")), "{name}: changed {changed}");
+        if !decoder {
+            assert!(!changed, "encoder tensor {name} changed");
+        }
+    }
+    let scale = |p: &Path| std::fs::read_to_string(p.join("vae/config.json")).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&scale(&dec)).unwrap()["scaling_factor"],
+        serde_json::from_str::<serde_json::Value>(&scale(&straight)).unwrap()["scaling_factor"]
+    );
+
     // Different settings are refused rather than mixed into the run.
     let mut other = cfg.clone();
     other.seed += 1;
