@@ -1,7 +1,8 @@
 //! Reconstructs a few shape images with a starter VAE (a `vae/` weights file or a
 //! training checkpoint's `model.safetensors`) and writes originals over reconstructions
 //! as one PNG, to look at while a run trains:
-//! `cargo run -p atelier-engine --example vae_recon -- WEIGHTS OUT.png`
+//! `cargo run -p atelier-engine --example vae_recon -- WEIGHTS OUT.png [STYLE]`
+//! (with a picture style name, the shapes are restyled first: can the VAE carry it?)
 
 use atelier_engine::attention::AttentionKind;
 use atelier_engine::model::load_safetensors;
@@ -14,12 +15,18 @@ use candle_nn::VarBuilder;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() == 3, "usage: vae_recon WEIGHTS OUT.png");
+    anyhow::ensure!(args.len() == 3 || args.len() == 4, "usage: vae_recon WEIGHTS OUT.png [STYLE]");
+    let style = args.get(3).map(|s| atelier_engine::starter::styles::PictureStyle::from_name(s).expect("a style name"));
     let dev = Device::Cpu;
     let vb = VarBuilder::from_tensors(load_safetensors(args[1].as_ref(), &dev)?, DType::F32, &dev);
     let vae = AutoencoderKL::new(&model::vae_config(1.0), vb)?;
     let world = World::new(12345);
-    let originals: Vec<_> = (0..12).map(|i| world.training_sample(i).1).collect();
+    let originals: Vec<_> = (0..12)
+        .map(|i| match style {
+            Some(s) => s.apply(&world.clean_sample(i).1),
+            None => world.training_sample(i).1,
+        })
+        .collect();
     let x = Tensor::cat(&originals.iter().map(|i| image_to_tensor(i, 64, 64, &dev)).collect::<Result<Vec<_>, _>>()?, 0)?;
     let z = vae.encode(&x, AttentionKind::Original)?.mean;
     let recon = tensor_to_images(&vae.decode(&z, AttentionKind::Original)?)?;
