@@ -28,6 +28,10 @@ pub fn routes() -> Router<AppState> {
         .route("/gallery", get(gallery_list))
         .route("/gallery/{id}", get(gallery_item).delete(gallery_delete))
         .route("/images/{file}", get(image_file))
+        .route("/styles", get(styles_list))
+        .route("/styles/{name}", axum::routing::delete(style_delete))
+        .route("/styles/{name}/rename", post(style_rename))
+        .route("/styles/{name}/files/{file}", get(style_file))
         .fallback(|method: Method, OriginalUri(uri): OriginalUri| async move { ApiError::UnknownRoute(format!("{method} {}", uri.path())) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
@@ -140,4 +144,101 @@ async fn image_file(State(state): State<AppState>, Path(file): Path<String>) -> 
         bytes,
     )
         .into_response())
+}
+
+/// One style as the API lists it.
+#[derive(serde::Serialize)]
+struct StyleItem {
+    name: String,
+    builtin: bool,
+    card: Option<crate::styles::StyleCard>,
+    /// Files that can be fetched from `/api/styles/{name}/files/{file}`.
+    files: Vec<String>,
+}
+
+/// Files of a style folder the API serves, with their content types.
+const STYLE_FILES: [(&str, &str); 5] = [
+    ("compare.png", "image/png"),
+    ("loss.png", "image/png"),
+    ("card.json", "application/json"),
+    ("adapter.safetensors", "application/octet-stream"),
+    ("adapter.diffusers.safetensors", "application/octet-stream"),
+];
+
+/// `GET /api/styles`: every style with its card.
+async fn styles_list(State(state): State<AppState>) -> Json<Vec<StyleItem>> {
+    let items = state
+        .styles
+        .list()
+        .into_iter()
+        .map(|s| {
+            let files = STYLE_FILES
+                .iter()
+                .map(|(f, _)| f.to_string())
+                .filter(|f| style_path(&s, f).is_some_and(|p| p.is_file()))
+                .collect();
+            StyleItem { name: s.name.clone(), builtin: s.builtin, card: s.card.clone(), files }
+        })
+        .collect();
+    Json(items)
+}
+
+/// The path behind an API file name (`adapter.safetensors` is the kohya file `NAME.safetensors`).
+fn style_path(s: &crate::styles::StyleEntry, file: &str) -> Option<std::path::PathBuf> {
+    match file {
+        "adapter.safetensors" => Some(s.adapter()),
+        "adapter.diffusers.safetensors" => Some(s.diffusers_adapter()),
+        f if STYLE_FILES.iter().any(|(n, _)| *n == f) => Some(s.dir.join(f)),
+        _ => None,
+    }
+}
+
+/// `GET /api/styles/{name}/files/{file}`: the comparison sheet, loss plot, card, or an
+/// adapter file (downloaded as `NAME.safetensors` / `NAME.diffusers.safetensors`).
+async fn style_file(State(state): State<AppState>, Path((name, file)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let s = state.styles.find(&name).ok_or_else(|| ApiError::NotFound { what: "style", id: name.clone() })?;
+    let path = style_path(&s, &file).ok_or_else(|| ApiError::NotFound { what: "style file", id: format!("{name}/{file}") })?;
+    let bytes = tokio::fs::read(&path).await.map_err(|_| ApiError::NotFound { what: "style file", id: format!("{name}/{file}") })?;
+    let ctype = STYLE_FILES.iter().find(|(n, _)| *n == file).map_or("application/octet-stream", |(_, t)| *t);
+    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, ctype)], bytes).into_response();
+    if file.ends_with(".safetensors") {
+        let download = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(file);
+        if let Ok(v) = format!("attachment; filename=\"{download}\"").parse() {
+            resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+        }
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct RenameBody {
+    name: String,
+}
+
+/// `POST /api/styles/{name}/rename` with `{"name": NEW}`.
+async fn style_rename(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<RenameBody>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(body) = body.map_err(json_rejection)?;
+    style_change(&state, &name, |lib| lib.rename(&name, &body.name))?;
+    Ok(Json(serde_json::json!({ "name": body.name })))
+}
+
+/// `DELETE /api/styles/{name}`.
+async fn style_delete(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    style_change(&state, &name, |lib| lib.delete(&name))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn style_change(
+    state: &AppState,
+    name: &str,
+    change: impl FnOnce(&crate::styles::StyleLibrary) -> anyhow::Result<()>,
+) -> Result<(), ApiError> {
+    if state.styles.find(name).is_none() {
+        return Err(ApiError::NotFound { what: "style", id: name.to_string() });
+    }
+    change(&state.styles).map_err(|e| ApiError::Invalid { field: "name".into(), message: e.to_string() })
 }

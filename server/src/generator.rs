@@ -44,7 +44,13 @@ pub struct LoadedModel {
     pub default_size: (usize, usize),
     /// What the UI tells people about the model (see [`model_note`]).
     pub note: Option<String>,
+    /// Where `<lora:NAME:WEIGHT>` tags in prompts are looked up.
+    styles: Option<crate::styles::StyleLibrary>,
+    /// Adapters already checked against this model, by file (and its modification time).
+    bound: std::sync::Mutex<BoundCache>,
 }
+
+type BoundCache = std::collections::HashMap<(std::path::PathBuf, Option<std::time::SystemTime>), std::sync::Arc<atelier_engine::lora::BoundLora>>;
 
 impl LoadedModel {
     /// Loads the diffusers folder `dir` (or a hub id found in the Hugging Face cache) on `device`.
@@ -58,7 +64,51 @@ impl LoadedModel {
             .unwrap_or_else(|| dir.display().to_string());
         let note = model_note(dir, &sd);
         let size = sd.default_size();
-        Ok(Self { sd, name, default_size: (size, size), note })
+        Ok(Self { sd, name, default_size: (size, size), note, styles: None, bound: Default::default() })
+    }
+
+    /// Resolves `<lora:NAME:WEIGHT>` tags in prompts against `library`.
+    pub fn with_styles(mut self, library: crate::styles::StyleLibrary) -> Self {
+        self.styles = Some(library);
+        self
+    }
+
+    /// The adapter file bound to this model (cached).
+    fn bind(&self, file: &Path) -> atelier_engine::Result<std::sync::Arc<atelier_engine::lora::BoundLora>> {
+        let key = (file.to_path_buf(), std::fs::metadata(file).and_then(|m| m.modified()).ok());
+        let mut cache = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = cache.get(&key) {
+            return Ok(b.clone());
+        }
+        let adapter = std::sync::Arc::new(atelier_engine::lora::LoraAdapter::load(file)?);
+        let bound = self.sd.bind_lora(&adapter)?;
+        cache.insert(key, bound.clone());
+        Ok(bound)
+    }
+
+    /// Moves the prompt's `<lora:…>` tags into `params.loras` (the tags stay in the
+    /// prompt that is stored; the text encoder sees the prompt without them).
+    fn with_tagged_loras(&self, params: &GenerateParams) -> atelier_engine::Result<Option<GenerateParams>> {
+        let (text, tags) = atelier_engine::prompt::extract_lora_tags(&params.prompt)?;
+        if tags.is_empty() {
+            return Ok(None);
+        }
+        let Some(library) = &self.styles else {
+            return Err(atelier_engine::Error::invalid("prompt", "<lora:…> tags need a style library"));
+        };
+        let mut out = params.clone();
+        out.prompt = text;
+        for tag in tags {
+            let entry = library.find(&tag.name).ok_or_else(|| {
+                let known: Vec<String> = library.list().into_iter().map(|s| s.name).collect();
+                atelier_engine::Error::invalid(
+                    "prompt",
+                    format!("<lora:{}> names no style in the library (known: {})", tag.name, if known.is_empty() { "none".into() } else { known.join(", ") }),
+                )
+            })?;
+            out.loras.push(atelier_engine::lora::ActiveLora { lora: self.bind(&entry.adapter())?, weight: tag.weight, blocks: Default::default() });
+        }
+        Ok(Some(out))
     }
 }
 
@@ -68,7 +118,10 @@ impl Generator for LoadedModel {
         params: &GenerateParams,
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> atelier_engine::Result<Generated> {
-        self.sd.generate(params, on_step)
+        match self.with_tagged_loras(params)? {
+            Some(p) => self.sd.generate(&p, on_step),
+            None => self.sd.generate(params, on_step),
+        }
     }
     fn model_hash(&self) -> String {
         self.sd.model_hash().to_string()

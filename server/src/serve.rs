@@ -51,6 +51,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let model = tokio::task::spawn_blocking(move || LoadedModel::load(&model_dir, &device))
         .await?
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let styles = atelier_server::styles::StyleLibrary::new(args.data_dir.join("styles")).with_shipped(std::path::PathBuf::from("models/styles"));
+    let model = model.with_styles(styles.clone());
     let default_size = model.default_size;
     let note = model.note.clone();
     if let Some(note) = &note {
@@ -70,7 +72,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         Arc::new(model)
     };
     let state = AppState::new(leptos_options, generator, &args.data_dir, default_size, note)
-        .with_context(|| format!("opening the gallery in {}", args.data_dir.display()))?;
+        .with_context(|| format!("opening the gallery in {}", args.data_dir.display()))?
+        .with_styles(styles);
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await

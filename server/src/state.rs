@@ -19,6 +19,8 @@ pub struct AppState {
     pub jobs: Arc<JobQueue>,
     pub gallery: Arc<Gallery>,
     pub model: Arc<ModelInfo>,
+    /// The style library (user styles in `DATA/styles`, plus shipped ones).
+    pub styles: Arc<crate::styles::StyleLibrary>,
 }
 
 impl AppState {
@@ -40,7 +42,14 @@ impl AppState {
             schedulers: SCHEDULERS.iter().map(|(id, _)| id.to_string()).collect(),
         });
         let jobs = Arc::new(JobQueue::start(generator, gallery.clone()));
-        Ok(Self { leptos_options, jobs, gallery, model })
+        let styles = Arc::new(crate::styles::StyleLibrary::new(data_dir.join("styles")));
+        Ok(Self { leptos_options, jobs, gallery, model, styles })
+    }
+
+    /// Uses `library` as the style library.
+    pub fn with_styles(mut self, library: crate::styles::StyleLibrary) -> Self {
+        self.styles = Arc::new(library);
+        self
     }
 
     pub fn default_size(&self) -> (usize, usize) {
