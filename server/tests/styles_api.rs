@@ -81,7 +81,7 @@ async fn styles_are_listed_downloaded_protected_and_used_in_prompts() {
     assert_eq!(status, StatusCode::OK);
     let list: Vec<Value> = serde_json::from_slice(&body).unwrap();
     let names: Vec<&str> = list.iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["frame", "inkline", "vignette"], "the shipped styles");
+    assert_eq!(names, ["frame", "inkline", "pastel"], "the shipped styles");
     for s in &list {
         assert_eq!(s["builtin"], true);
         assert_eq!(s["card"]["trigger"], s["name"]);
