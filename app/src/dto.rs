@@ -151,3 +151,21 @@ pub struct ModelInfo {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// A style of the library, as the Styles page shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StyleSummary {
+    pub name: String,
+    /// Shipped with Atelier (read-only).
+    pub builtin: bool,
+    pub trigger: String,
+    pub base_model_hash: String,
+    pub dataset_hash: String,
+    pub dataset_images: usize,
+    pub steps: u64,
+    pub rank: usize,
+    /// Style similarity of the base model and of the style on the evaluation prompts.
+    pub similarity: Option<(f64, f64)>,
+    /// Files under `/api/styles/{name}/files/`.
+    pub files: Vec<String>,
+}

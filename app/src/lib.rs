@@ -46,9 +46,14 @@ pub fn App() -> impl IntoView {
         <Stylesheet id="atelier" href="/pkg/atelier.css" />
         <Title text="Atelier" />
         <Router>
+            <nav class="top">
+                <a href="/">"Generate"</a>
+                <a href="/styles">"Styles"</a>
+            </nav>
             <main>
                 <Routes fallback=|| view! { <p class="error">"Page not found."</p> }>
                     <Route path=StaticSegment("") view=pages::generate::GeneratePage />
+                    <Route path=StaticSegment("styles") view=pages::styles::StylesPage />
                 </Routes>
             </main>
         </Router>

@@ -5,7 +5,7 @@
 use leptos::prelude::*;
 use leptos::server_fn::codec::Json;
 
-use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo};
+use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary};
 use crate::error::AppError;
 
 /// Server-only half: what the server provides through context.
@@ -17,7 +17,7 @@ pub mod ssr {
 
     use leptos::prelude::use_context;
 
-    use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo};
+    use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary};
     use crate::error::AppError;
 
     /// A boxed future, so [`Studio`] stays object-safe.
@@ -31,6 +31,10 @@ pub mod ssr {
         fn cancel(&self, job_id: &str) -> Result<(), AppError>;
         fn gallery(&self, offset: usize, limit: usize) -> Result<GalleryPage, AppError>;
         fn delete_image(&self, id: &str) -> Result<(), AppError>;
+        /// The style library, shipped styles first.
+        fn styles(&self) -> Result<Vec<StyleSummary>, AppError>;
+        fn rename_style(&self, name: &str, new_name: &str) -> Result<(), AppError>;
+        fn delete_style(&self, name: &str) -> Result<(), AppError>;
     }
 
     /// How the server passes the studio to server functions (`leptos_routes_with_context`).
@@ -90,4 +94,22 @@ pub async fn list_gallery(offset: usize, limit: usize) -> Result<GalleryPage, Ap
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn delete_image(id: String) -> Result<(), AppError> {
     ssr::with_status(ssr::studio().and_then(|s| s.delete_image(&id)))
+}
+
+/// The style library.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn list_styles() -> Result<Vec<StyleSummary>, AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.styles()))
+}
+
+/// Renames a user style.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn rename_style(name: String, new_name: String) -> Result<(), AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.rename_style(&name, &new_name)))
+}
+
+/// Deletes a user style.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn delete_style(name: String) -> Result<(), AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.delete_style(&name)))
 }

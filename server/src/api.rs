@@ -171,16 +171,14 @@ async fn styles_list(State(state): State<AppState>) -> Json<Vec<StyleItem>> {
         .styles
         .list()
         .into_iter()
-        .map(|s| {
-            let files = STYLE_FILES
-                .iter()
-                .map(|(f, _)| f.to_string())
-                .filter(|f| style_path(&s, f).is_some_and(|p| p.is_file()))
-                .collect();
-            StyleItem { name: s.name.clone(), builtin: s.builtin, card: s.card.clone(), files }
-        })
+        .map(|s| StyleItem { name: s.name.clone(), builtin: s.builtin, card: s.card.clone(), files: style_files(&s) })
         .collect();
     Json(items)
+}
+
+/// The files of a style that `/api/styles/{name}/files/{file}` serves.
+pub(crate) fn style_files(s: &crate::styles::StyleEntry) -> Vec<String> {
+    STYLE_FILES.iter().map(|(f, _)| f.to_string()).filter(|f| style_path(s, f).is_some_and(|p| p.is_file())).collect()
 }
 
 /// The path behind an API file name (`adapter.safetensors` is the kohya file `NAME.safetensors`).

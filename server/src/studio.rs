@@ -1,6 +1,6 @@
 //! The server's answer to the UI's server functions: [`Studio`] over the job queue and gallery.
 
-use app::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo};
+use app::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary};
 use app::studio::ssr::{BoxFuture, Studio};
 use app::AppError;
 
@@ -31,6 +31,45 @@ impl Studio for AppState {
         } else {
             Err(ApiError::NotFound { what: "image", id: id.into() }.into())
         }
+    }
+
+    fn styles(&self) -> Result<Vec<StyleSummary>, AppError> {
+        Ok(self
+            .styles
+            .list()
+            .into_iter()
+            .map(|s| {
+                let files = crate::api::style_files(&s);
+                let card = s.card.as_ref();
+                let sim = |who: &str| card.and_then(|c| c.metrics.get(who)?.get("style_similarity")?.as_f64());
+                StyleSummary {
+                    name: s.name.clone(),
+                    builtin: s.builtin,
+                    trigger: card.map_or_else(|| s.name.clone(), |c| c.trigger.clone()),
+                    base_model_hash: card.map(|c| c.base_model_hash.clone()).unwrap_or_default(),
+                    dataset_hash: card.map(|c| c.dataset_hash.clone()).unwrap_or_default(),
+                    dataset_images: card.map_or(0, |c| c.dataset_images),
+                    steps: card.map_or(0, |c| c.training.steps),
+                    rank: card.map_or(0, |c| c.training.rank),
+                    similarity: sim("base").zip(sim("style")),
+                    files,
+                }
+            })
+            .collect())
+    }
+
+    fn rename_style(&self, name: &str, new_name: &str) -> Result<(), AppError> {
+        if self.styles.find(name).is_none() {
+            return Err(ApiError::NotFound { what: "style", id: name.into() }.into());
+        }
+        self.styles.rename(name, new_name).map_err(|e| AppError::BadRequest(e.to_string()))
+    }
+
+    fn delete_style(&self, name: &str) -> Result<(), AppError> {
+        if self.styles.find(name).is_none() {
+            return Err(ApiError::NotFound { what: "style", id: name.into() }.into());
+        }
+        self.styles.delete(name).map_err(|e| AppError::BadRequest(e.to_string()))
     }
 }
 

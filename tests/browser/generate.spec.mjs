@@ -201,6 +201,27 @@ test('two browsers each follow their own job', async () => {
   }
 });
 
+test('the styles page shows the shipped styles, their comparisons and downloads', async () => {
+  await page.click('nav.top a[href="/styles"]');
+  await page.waitForSelector('.style-card[data-name="pastel"] img.compare', { timeout: 30_000 });
+  const names = await page.$$eval('.style-card', (els) => els.map((e) => e.dataset.name));
+  assert.deepEqual(names, ['frame', 'inkline', 'pastel']);
+  await page.waitForFunction(
+    () => [...document.querySelectorAll('img.compare')].every((i) => i.complete && i.naturalWidth > 0),
+    null,
+    { timeout: 30_000 },
+  );
+  assert.equal(await page.$$eval('.style-card .badge', (b) => b.length), 3, 'all three are marked shipped');
+  assert.equal(await page.$$eval('.style-card button.delete', (b) => b.length), 0, 'shipped styles cannot be deleted');
+  assert.match(await page.textContent('.style-card[data-name="pastel"] .similarity'), /style similarity 0\.\d+ \(base model\) → 0\.\d+/);
+  const href = await page.getAttribute('.style-card[data-name="inkline"] a.download', 'href');
+  assert.equal(href, '/api/styles/inkline/files/adapter.safetensors');
+  const res = await page.request.get(baseUrl + href);
+  assert.equal(res.status(), 200);
+  assert.ok((await res.body()).length > 100_000, 'the adapter file downloads');
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-styles.png'), fullPage: true });
+});
+
 test('no errors in the browser console', () => {
   // The deliberate 400 above is logged by Chromium as a failed resource load; ignore those.
   const real = pageErrors.filter((e) => !/Failed to load resource/.test(e));
