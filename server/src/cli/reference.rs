@@ -45,7 +45,9 @@ pub fn run(args: ReferenceArgs) -> Result<()> {
             if let (Some(g), Some(e)) = (out.get(*name), expected.get(*name)) {
                 let g = g.to_dtype(candle_core::DType::F64)?;
                 let e = e.to_dtype(candle_core::DType::F64)?;
-                bar.println(format!("{:<20} {:<18} max|diff| {:.3e}", case.name, name, max_abs_diff(&g, &e)?));
+                let line = format!("{:<28} {:<18} max|diff| {:.3e}", case.name, name, max_abs_diff(&g, &e)?);
+                // `println` on a hidden bar (output not a terminal) would drop the line.
+                bar.suspend(|| println!("{line}"));
             }
         }
         bar.inc(1);
