@@ -106,7 +106,8 @@ impl LoadedModel {
                     format!("<lora:{}> names no style in the library (known: {})", tag.name, if known.is_empty() { "none".into() } else { known.join(", ") }),
                 )
             })?;
-            out.loras.push(atelier_engine::lora::ActiveLora { lora: self.bind(&entry.adapter())?, weight: tag.weight, blocks: Default::default() });
+            let blocks = tag.blocks.map_or_else(Default::default, |[down, mid, up]| atelier_engine::lora::BlockWeights { down, mid, up });
+            out.loras.push(atelier_engine::lora::ActiveLora { lora: self.bind(&entry.adapter())?, weight: tag.weight, blocks });
         }
         Ok(Some(out))
     }

@@ -121,6 +121,12 @@ async fn styles_are_listed_downloaded_protected_and_used_in_prompts() {
     let copied = image_of(&app, &run_job(&app, "a red circle on a blue background, inkline style <lora:ours:1>").await).await;
     assert_ne!(plain, styled);
     assert_eq!(styled, copied);
+    // Block weights: all three UNet block groups at 0 is the base model (this style has no
+    // text-encoder layers); the up blocks alone change the picture.
+    let off = image_of(&app, &run_job(&app, "a red circle on a blue background, inkline style <lora:inkline:1:lbw=0,0,0>").await).await;
+    assert_eq!(off, plain);
+    let up = image_of(&app, &run_job(&app, "a red circle on a blue background, inkline style <lora:inkline:1:lbw=0,0,1>").await).await;
+    assert!(up != plain && up != styled);
     match run_job(&app, "a red circle <lora:nosuch:1>").await {
         JobState::Failed { message } => assert!(message.contains("names no style") && message.contains("inkline"), "{message}"),
         other => panic!("expected a failure, got {other:?}"),

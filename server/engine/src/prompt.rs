@@ -12,11 +12,19 @@ use crate::{Error, Result};
 /// Factor of one level of `( )`; `[ ]` divides by it.
 pub const BRACKET_FACTOR: f64 = 1.1;
 
-/// A `<lora:NAME:WEIGHT>` tag found in a prompt.
+/// A `<lora:NAME:WEIGHT>` tag found in a prompt; `<lora:NAME:WEIGHT:lbw=D,M,U>` also sets
+/// the multipliers of the UNet's down, mid and up blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraTag {
     pub name: String,
     pub weight: f64,
+    pub blocks: Option<[f64; 3]>,
+}
+
+/// Parses `lbw=D,M,U` (three finite numbers).
+pub fn parse_block_weights(text: &str) -> Option<[f64; 3]> {
+    let v: Vec<f64> = text.strip_prefix("lbw=")?.split(',').map(|x| x.trim().parse::<f64>().ok().filter(|w| w.is_finite())).collect::<Option<_>>()?;
+    <[f64; 3]>::try_from(v).ok()
 }
 
 /// Removes every `<lora:NAME>` / `<lora:NAME:WEIGHT>` tag from `prompt` and returns the
@@ -41,10 +49,19 @@ pub fn extract_lora_tags(prompt: &str) -> Result<(String, Vec<LoraTag>)> {
                 Error::invalid("prompt", format!("<lora:{body}>: \"{}\" is not a weight (write e.g. <lora:{name}:0.8>)", w.trim()))
             })?,
         };
+        let blocks = match parts.next() {
+            None => None,
+            Some(b) => Some(parse_block_weights(b.trim()).ok_or_else(|| {
+                Error::invalid("prompt", format!("<lora:{body}>: \"{}\" is not lbw=DOWN,MID,UP (e.g. lbw=1,0.5,0)", b.trim()))
+            })?),
+        };
         if name.is_empty() || parts.next().is_some() {
-            return Err(Error::invalid("prompt", format!("<lora:{body}> is not of the form <lora:NAME> or <lora:NAME:WEIGHT>")));
+            return Err(Error::invalid(
+                "prompt",
+                format!("<lora:{body}> is not of the form <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:WEIGHT:lbw=DOWN,MID,UP>"),
+            ));
         }
-        tags.push(LoraTag { name: name.to_string(), weight });
+        tags.push(LoraTag { name: name.to_string(), weight, blocks });
         rest = &after[end + 1..];
     }
     text.push_str(rest);
@@ -187,11 +204,13 @@ mod tests {
         assert_eq!(text, "a circle ,  on red");
         assert_eq!(
             tags,
-            vec![LoraTag { name: "stripes".into(), weight: 0.7 }, LoraTag { name: "dots".into(), weight: 1.0 }]
+            vec![LoraTag { name: "stripes".into(), weight: 0.7, blocks: None }, LoraTag { name: "dots".into(), weight: 1.0, blocks: None }]
         );
+        let (_, lbw) = extract_lora_tags("<lora:ink:0.8:lbw=1,0.5,0>").unwrap();
+        assert_eq!(lbw[0].blocks, Some([1.0, 0.5, 0.0]));
         let (_, neg) = extract_lora_tags("<lora:ink:-0.5>").unwrap();
         assert_eq!(neg[0].weight, -0.5);
-        for bad in ["<lora:x:abc>", "<lora::1>", "<lora:x:1", "<lora:x:1:2:3>"] {
+        for bad in ["<lora:x:abc>", "<lora::1>", "<lora:x:1", "<lora:x:1:2:3>", "<lora:x:1:lbw=1,2>", "<lora:x:1:lbw=a,b,c>"] {
             assert!(extract_lora_tags(bad).is_err(), "{bad}");
         }
         assert_eq!(extract_lora_tags("no tags").unwrap(), ("no tags".to_string(), vec![]));

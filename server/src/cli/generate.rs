@@ -51,8 +51,9 @@ pub struct GenerateArgs {
     /// Model folder (diffusers layout) or hub id.
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: String,
-    /// LoRA file to apply, as `FILE` or `FILE:WEIGHT` (weight 1 when omitted, negative
-    /// allowed); repeat for several adapters, which stay separate (not merged).
+    /// LoRA file to apply, as `FILE`, `FILE:WEIGHT` (weight 1 when omitted, negative
+    /// allowed) or `FILE:WEIGHT:lbw=DOWN,MID,UP` (per-block multipliers of the UNet's
+    /// down, mid and up blocks); repeat for several adapters, which stay separate.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
     /// The style library that `<lora:NAME:WEIGHT>` tags in the prompt are looked up in
@@ -80,7 +81,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let sd = StableDiffusion::load(&model_dir, &device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
     let size = sd.default_size();
-    let mut specs: Vec<(PathBuf, f64)> = args.loras.iter().map(|s| parse_lora_spec(s)).collect::<Result<_>>()?;
+    let mut specs: Vec<(PathBuf, f64, atelier_engine::lora::BlockWeights)> =
+        args.loras.iter().map(|s| parse_lora_spec(s)).collect::<Result<_>>()?;
     // `<lora:NAME:WEIGHT>` tags: styles from the library; the tags stay in the saved prompt, as in A1111.
     let (engine_prompt, tags) = atelier_engine::prompt::extract_lora_tags(&args.prompt)?;
     if !tags.is_empty() {
@@ -90,14 +92,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 let known: Vec<String> = library.list().into_iter().map(|s| s.name).collect();
                 format!("<lora:{}> names no style in the library (known: {})", tag.name, if known.is_empty() { "none".into() } else { known.join(", ") })
             })?;
-            specs.push((entry.adapter(), tag.weight));
+            let blocks = tag.blocks.map_or_else(Default::default, |[down, mid, up]| atelier_engine::lora::BlockWeights { down, mid, up });
+            specs.push((entry.adapter(), tag.weight, blocks));
         }
     }
     let mut loras = Vec::new();
-    for (file, weight) in specs {
+    for (file, weight, blocks) in specs {
         let adapter = std::sync::Arc::new(atelier_engine::lora::LoraAdapter::load(&file)?);
         let bound = sd.bind_lora(&adapter).with_context(|| format!("applying {} to {}", file.display(), model_dir.display()))?;
-        loras.push(atelier_engine::lora::ActiveLora { lora: bound, weight, blocks: Default::default() });
+        loras.push(atelier_engine::lora::ActiveLora { lora: bound, weight, blocks });
     }
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let params = GenerateParams {
@@ -158,15 +161,26 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Splits `FILE[:WEIGHT]`; a suffix that is not a number belongs to the file name.
-fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64)> {
-    if let Some((file, w)) = spec.rsplit_once(':') {
-        if let Ok(weight) = w.trim().parse::<f64>() {
-            anyhow::ensure!(weight.is_finite() && weight.abs() <= 10.0, "--lora {spec}: the weight must be between -10 and 10");
-            return Ok((PathBuf::from(file), weight));
+/// Splits `FILE[:WEIGHT[:lbw=D,M,U]]`; a suffix that is not a number belongs to the file name.
+fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64, atelier_engine::lora::BlockWeights)> {
+    let mut rest = spec;
+    let mut blocks = atelier_engine::lora::BlockWeights::default();
+    if let Some((head, last)) = spec.rsplit_once(':') {
+        if last.trim().starts_with("lbw=") {
+            let [down, mid, up] = atelier_engine::prompt::parse_block_weights(last.trim())
+                .with_context(|| format!("--lora {spec}: write the block weights as lbw=DOWN,MID,UP, e.g. lbw=1,0.5,0"))?;
+            blocks = atelier_engine::lora::BlockWeights { down, mid, up };
+            rest = head;
         }
     }
-    Ok((PathBuf::from(spec), 1.0))
+    if let Some((file, w)) = rest.rsplit_once(':') {
+        if let Ok(weight) = w.trim().parse::<f64>() {
+            anyhow::ensure!(weight.is_finite() && weight.abs() <= 10.0, "--lora {spec}: the weight must be between -10 and 10");
+            return Ok((PathBuf::from(file), weight, blocks));
+        }
+    }
+    anyhow::ensure!(rest == spec, "--lora {spec}: block weights need a weight before them (FILE:WEIGHT:lbw=D,M,U)");
+    Ok((PathBuf::from(spec), 1.0, blocks))
 }
 
 /// A1111's `Lora hashes` entry: `name: hash, …` of the adapters in use.
@@ -185,10 +199,18 @@ mod tests {
 
     #[test]
     fn lora_specs() {
-        assert_eq!(parse_lora_spec("a.safetensors").unwrap(), (PathBuf::from("a.safetensors"), 1.0));
-        assert_eq!(parse_lora_spec("dir/a.safetensors:0.5").unwrap(), (PathBuf::from("dir/a.safetensors"), 0.5));
-        assert_eq!(parse_lora_spec("a.safetensors:-0.25").unwrap(), (PathBuf::from("a.safetensors"), -0.25));
-        assert_eq!(parse_lora_spec("C:x.safetensors").unwrap(), (PathBuf::from("C:x.safetensors"), 1.0));
+        use atelier_engine::lora::BlockWeights;
+        let all = BlockWeights::default();
+        assert_eq!(parse_lora_spec("a.safetensors").unwrap(), (PathBuf::from("a.safetensors"), 1.0, all));
+        assert_eq!(parse_lora_spec("dir/a.safetensors:0.5").unwrap(), (PathBuf::from("dir/a.safetensors"), 0.5, all));
+        assert_eq!(parse_lora_spec("a.safetensors:-0.25").unwrap(), (PathBuf::from("a.safetensors"), -0.25, all));
+        assert_eq!(parse_lora_spec("C:x.safetensors").unwrap(), (PathBuf::from("C:x.safetensors"), 1.0, all));
+        assert_eq!(
+            parse_lora_spec("a.safetensors:0.8:lbw=1,0.5,0").unwrap(),
+            (PathBuf::from("a.safetensors"), 0.8, BlockWeights { down: 1.0, mid: 0.5, up: 0.0 })
+        );
         assert!(parse_lora_spec("a.safetensors:1e9").is_err());
+        assert!(parse_lora_spec("a.safetensors:1:lbw=1,2").is_err());
+        assert!(parse_lora_spec("a.safetensors:lbw=1,1,1").is_err());
     }
 }
