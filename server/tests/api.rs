@@ -1,9 +1,11 @@
 //! Router tests: the whole app driven with `oneshot`, no socket, a fake generator.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use app::dto::{GalleryItem, GalleryPage, JobAccepted, JobState, JobStatus, ModelInfo};
 use atelier_engine::pipeline::{GenerateParams, Generated, StepProgress};
@@ -14,6 +16,8 @@ use axum::Router;
 use http_body_util::BodyExt;
 use leptos::config::LeptosOptions;
 use serde_json::{json, Value};
+
+use common::{expect_error, get_json, send, wait_job, Reply};
 use tower::ServiceExt;
 
 /// Paints a flat colour after `steps` steps of `step_delay` each, with a preview per step.
@@ -61,58 +65,18 @@ fn state(data_dir: &Path, generator: Arc<dyn Generator>) -> AppState {
     AppState::new(options, generator, data_dir, (64, 64), Some("test note: coloured noise".into())).unwrap()
 }
 
-async fn send(app: &Router, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Vec<u8>) {
-    let mut req = Request::builder().method(method).uri(uri);
-    let body = match body {
-        Some(v) => {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-            Body::from(serde_json::to_vec(&v).unwrap())
-        }
-        None => Body::empty(),
-    };
-    let res = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-    let status = res.status();
-    let bytes = res.into_body().collect().await.unwrap().to_bytes().to_vec();
-    (status, bytes)
-}
-
-async fn get_json<T: serde::de::DeserializeOwned>(app: &Router, uri: &str) -> T {
-    let (status, body) = send(app, Method::GET, uri, None).await;
-    assert_eq!(status, StatusCode::OK, "{uri}: {}", String::from_utf8_lossy(&body));
-    serde_json::from_slice(&body).unwrap()
-}
-
 async fn submit(app: &Router, body: Value) -> JobAccepted {
-    let (status, bytes) = send(app, Method::POST, "/api/generate", Some(body)).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&bytes));
-    serde_json::from_slice(&bytes).unwrap()
+    let r = send(app, Method::POST, "/api/generate", Some(body)).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    r.json()
 }
 
-/// Polls the job until `done` says stop, failing after 20 s.
 async fn wait_for(app: &Router, job: &str, done: impl Fn(&JobState) -> bool) -> JobStatus {
-    let start = Instant::now();
-    loop {
-        let s: JobStatus = get_json(app, &format!("/api/jobs/{job}")).await;
-        if done(&s.state) {
-            return s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "job {job} stuck in {:?}", s.state);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_job(app, job, Duration::from_secs(20), done).await
 }
 
 async fn wait_finished(app: &Router, job: &str) -> JobStatus {
     wait_for(app, job, JobState::is_finished).await
-}
-
-/// Asserts a JSON error with `status` whose message contains `needle`.
-async fn expect_error(app: &Router, method: Method, uri: &str, body: Option<Value>, status: StatusCode, needle: &str) {
-    let (got, bytes) = send(app, method, uri, body).await;
-    let text = String::from_utf8_lossy(&bytes);
-    assert_eq!(got, status, "{uri}: {text}");
-    let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {text}"));
-    let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error field: {text}"));
-    assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
 }
 
 #[tokio::test]
@@ -258,7 +222,7 @@ async fn queue_positions_and_cancel() {
     assert_eq!(sc.state, JobState::Queued { position: 2 });
 
     // Cancelling a queued job removes it at once; the one behind moves up.
-    let (status, body) = send(&app, Method::POST, &format!("/api/jobs/{}/cancel", b.job_id), None).await;
+    let Reply { status, body, .. } = send(&app, Method::POST, &format!("/api/jobs/{}/cancel", b.job_id), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(serde_json::from_slice::<JobStatus>(&body).unwrap().state, JobState::Cancelled);
     let sc: JobStatus = get_json(&app, &format!("/api/jobs/{}", c.job_id)).await;
@@ -286,10 +250,10 @@ async fn gallery_survives_a_restart_and_delete_removes_the_file() {
     let app = app(state(dir.path(), FakeGenerator::new(Duration::ZERO)));
     let page: GalleryPage = get_json(&app, "/api/gallery?limit=10").await;
     assert_eq!(page.items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
-    let (status, _) = send(&app, Method::GET, &format!("/api/images/{id}.png"), None).await;
+    let Reply { status, .. } = send(&app, Method::GET, &format!("/api/images/{id}.png"), None).await;
     assert_eq!(status, StatusCode::OK);
 
-    let (status, _) = send(&app, Method::DELETE, &format!("/api/gallery/{id}"), None).await;
+    let Reply { status, .. } = send(&app, Method::DELETE, &format!("/api/gallery/{id}"), None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert!(!dir.path().join(format!("images/{id}.png")).exists());
     let page: GalleryPage = get_json(&app, "/api/gallery").await;
@@ -307,7 +271,7 @@ async fn health_model_and_server_rendered_page() {
     assert!(model.note.unwrap().contains("noise"));
     assert!(model.schedulers.contains(&"dpmpp-2m-karras".to_string()));
 
-    let (status, body) = send(&app, Method::GET, "/", None).await;
+    let Reply { status, body, .. } = send(&app, Method::GET, "/", None).await;
     let html = String::from_utf8_lossy(&body);
     assert_eq!(status, StatusCode::OK, "{html}");
     assert!(html.contains("/pkg/atelier.js"), "hydration script missing: {html}");

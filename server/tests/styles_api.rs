@@ -2,20 +2,20 @@
 //! starter model: the shipped styles are listed with their cards and files, can be
 //! downloaded, cannot be renamed or deleted; user styles can.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use app::dto::{JobAccepted, JobState, JobStatus};
+use app::dto::{JobAccepted, JobState};
 use atelier_server::styles::StyleLibrary;
 use atelier_server::{app, AppState, LoadedModel};
-use axum::body::Body;
-use axum::http::{header, Method, Request, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::Router;
-use http_body_util::BodyExt;
 use leptos::config::LeptosOptions;
 use serde_json::{json, Value};
-use tower::ServiceExt;
+use common::{send, wait_job, Reply};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -33,40 +33,16 @@ fn setup(data: &Path) -> Router {
     app(state)
 }
 
-async fn send(app: &Router, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Vec<u8>, Option<String>) {
-    let mut req = Request::builder().method(method).uri(uri);
-    let body = match body {
-        Some(v) => {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-            Body::from(serde_json::to_vec(&v).unwrap())
-        }
-        None => Body::empty(),
-    };
-    let res = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-    let status = res.status();
-    let disposition = res.headers().get(header::CONTENT_DISPOSITION).map(|v| v.to_str().unwrap().to_string());
-    (status, res.into_body().collect().await.unwrap().to_bytes().to_vec(), disposition)
-}
-
 async fn run_job(app: &Router, prompt: &str) -> JobState {
-    let (status, body, _) = send(app, Method::POST, "/api/generate", Some(json!({"prompt": prompt, "seed": 3, "steps": 8}))).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&body));
-    let job: JobAccepted = serde_json::from_slice(&body).unwrap();
-    let start = Instant::now();
-    loop {
-        let (_, body, _) = send(app, Method::GET, &format!("/api/jobs/{}", job.job_id), None).await;
-        let s: JobStatus = serde_json::from_slice(&body).unwrap();
-        if s.state.is_finished() {
-            return s.state;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "job stuck");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let r = send(app, Method::POST, "/api/generate", Some(json!({"prompt": prompt, "seed": 3, "steps": 8}))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let job: JobAccepted = r.json();
+    wait_job(app, &job.job_id, Duration::from_secs(60), JobState::is_finished).await.state
 }
 
 async fn image_of(app: &Router, state: &JobState) -> Vec<u8> {
     let JobState::Done { image_ids, .. } = state else { panic!("job did not finish: {state:?}") };
-    let (status, body, _) = send(app, Method::GET, &format!("/api/images/{}.png", image_ids[0]), None).await;
+    let Reply { status, body, .. } = send(app, Method::GET, &format!("/api/images/{}.png", image_ids[0]), None).await;
     assert_eq!(status, StatusCode::OK);
     let img = image::load_from_memory(&body).unwrap().to_rgb8();
     img.into_raw()
@@ -77,7 +53,7 @@ async fn styles_are_listed_downloaded_protected_and_used_in_prompts() {
     let tmp = tempfile::tempdir().unwrap();
     let app = setup(tmp.path());
 
-    let (status, body, _) = send(&app, Method::GET, "/api/styles", None).await;
+    let Reply { status, body, .. } = send(&app, Method::GET, "/api/styles", None).await;
     assert_eq!(status, StatusCode::OK);
     let list: Vec<Value> = serde_json::from_slice(&body).unwrap();
     let names: Vec<&str> = list.iter().map(|s| s["name"].as_str().unwrap()).collect();
@@ -91,26 +67,27 @@ async fn styles_are_listed_downloaded_protected_and_used_in_prompts() {
     }
 
     // Download: the kohya file, named as on disk.
-    let (status, bytes, disposition) = send(&app, Method::GET, "/api/styles/inkline/files/adapter.safetensors", None).await;
+    let r = send(&app, Method::GET, "/api/styles/inkline/files/adapter.safetensors", None).await;
+    let (status, bytes, disposition) = (r.status, &r.body, r.header(header::CONTENT_DISPOSITION));
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(bytes, std::fs::read(shipped().join("inkline/inkline.safetensors")).unwrap());
+    assert_eq!(*bytes, std::fs::read(shipped().join("inkline/inkline.safetensors")).unwrap());
     assert_eq!(disposition.as_deref(), Some("attachment; filename=\"inkline.safetensors\""));
-    let (status, _, _) = send(&app, Method::GET, "/api/styles/inkline/files/..%2F..%2FCargo.toml", None).await;
+    let Reply { status, .. } = send(&app, Method::GET, "/api/styles/inkline/files/..%2F..%2FCargo.toml", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _, _) = send(&app, Method::GET, "/api/styles/nosuch/files/card.json", None).await;
+    let Reply { status, .. } = send(&app, Method::GET, "/api/styles/nosuch/files/card.json", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // Shipped styles are read-only; a user copy can be renamed and deleted.
-    let (status, body, _) = send(&app, Method::DELETE, "/api/styles/inkline", None).await;
+    let Reply { status, body, .. } = send(&app, Method::DELETE, "/api/styles/inkline", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(String::from_utf8_lossy(&body).contains("cannot be changed"));
     let mine = tmp.path().join("styles/mine");
     std::fs::create_dir_all(&mine).unwrap();
     std::fs::copy(shipped().join("inkline/inkline.safetensors"), mine.join("mine.safetensors")).unwrap();
-    let (status, body, _) = send(&app, Method::POST, "/api/styles/mine/rename", Some(json!({"name": "ours"}))).await;
+    let Reply { status, body, .. } = send(&app, Method::POST, "/api/styles/mine/rename", Some(json!({"name": "ours"}))).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert!(tmp.path().join("styles/ours/ours.safetensors").is_file());
-    let (status, body, _) = send(&app, Method::POST, "/api/styles/ours/rename", Some(json!({"name": "../evil"}))).await;
+    let Reply { status, body, .. } = send(&app, Method::POST, "/api/styles/ours/rename", Some(json!({"name": "../evil"}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
 
     // `<lora:NAME:WEIGHT>` in a web prompt: the style changes the picture; a copy of the
@@ -131,7 +108,7 @@ async fn styles_are_listed_downloaded_protected_and_used_in_prompts() {
         JobState::Failed { message } => assert!(message.contains("names no style") && message.contains("inkline"), "{message}"),
         other => panic!("expected a failure, got {other:?}"),
     }
-    let (status, _, _) = send(&app, Method::DELETE, "/api/styles/ours", None).await;
+    let Reply { status, .. } = send(&app, Method::DELETE, "/api/styles/ours", None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert!(!tmp.path().join("styles/ours").exists());
 }

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,7 @@ use crate::starter::model::{self, IMAGE_SIZE};
 use crate::starter::shapes::{Scene, World};
 use crate::tokenizer::ClipTokenizer;
 use crate::train::curves::{plot_png, CsvLog};
+use crate::train::diffusion::{alphas_cumprod, detached, weighted_loss, Objective};
 use crate::train::{checkpoint, seeded_var_builder, AdamW, Ema, OptimConfig};
 use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
@@ -237,19 +238,6 @@ fn images_to_tensor(images: &[image::RgbImage], device: &Device) -> Result<Tenso
         }
     }
     Ok(Tensor::from_vec(data, (n, 3, s, s), &Device::Cpu)?.to_device(device)?)
-}
-
-/// SD's cumulative ᾱ_t for the scaled-linear schedule (β from 0.00085 to 0.012, 1000 steps).
-pub fn alphas_cumprod() -> Vec<f64> {
-    let (b0, b1, n) = (0.00085f64.sqrt(), 0.012f64.sqrt(), 1000);
-    let mut acc = 1.0;
-    (0..n)
-        .map(|i| {
-            let b = b0 + (b1 - b0) * i as f64 / (n - 1) as f64;
-            acc *= 1.0 - b * b;
-            acc
-        })
-        .collect()
 }
 
 fn note(progress: &mut dyn FnMut(&TrainEvent) -> bool, msg: impl Into<String>) -> Result<()> {
@@ -475,11 +463,6 @@ fn detail_l1(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok((rms(a)? - rms(b)?)?.abs()?.mean_all()?)
 }
 
-fn detached(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
-    let data = varmap.data().lock().map_err(|_| Error::Metadata("VarMap lock poisoned".into()))?;
-    data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?))).collect()
-}
-
 fn save_checkpoint(
     root: &Path,
     stage: Stage,
@@ -631,6 +614,7 @@ fn train_diffusion(
         return Err(Error::Cancelled);
     }
     let acp = alphas_cumprod();
+    let objective = Objective { min_snr_gamma: config.min_snr_gamma, noise_offset: 0.0 };
     let mut token_cache: HashMap<String, Vec<u32>> = HashMap::new();
     let mut last = None;
     for step in start + 1..=config.steps {
@@ -647,27 +631,13 @@ fn train_diffusion(
             ts.push(rng.random_range(0..acp.len()));
         }
         let x0 = pool.index_select(&Tensor::new(idx.as_slice(), device)?, 0)?;
-        let mut noise = Noise::new(rng.random());
-        let eps = noise.randn(x0.dims(), device)?;
-        let sa: Vec<f32> = ts.iter().map(|&t| acp[t].sqrt() as f32).collect();
-        let sb: Vec<f32> = ts.iter().map(|&t| (1.0 - acp[t]).sqrt() as f32).collect();
-        let col = |v: Vec<f32>| Tensor::from_vec(v, (config.batch, 1, 1, 1), device);
-        let xt = (x0.broadcast_mul(&col(sa)?)? + eps.broadcast_mul(&col(sb)?)?)?;
-        let weights: Vec<f32> = ts
-            .iter()
-            .map(|&t| {
-                let snr = acp[t] / (1.0 - acp[t]);
-                if config.min_snr_gamma > 0.0 { (snr.min(config.min_snr_gamma) / snr) as f32 } else { 1.0 }
-            })
-            .collect();
-        let t_tensor = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), config.batch, device)?;
+        let batch = objective.noise(&x0, &ts, &acp, &mut Noise::new(rng.random()))?;
         let ids = Tensor::from_vec(ids, (config.batch, tokenizer.max_len()), device)?;
 
         let g = enable_grad();
         let ctx = text_encoder.forward(&ids, AttentionKind::Original)?.last_hidden_state;
-        let pred = unet.forward_timesteps(&xt, &t_tensor, &ctx, AttentionKind::Original)?;
-        let per_sample = (pred - &eps)?.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
-        let loss = (per_sample * Tensor::from_vec(weights, config.batch, device)?)?.mean_all()?;
+        let pred = unet.forward_timesteps(&batch.xt, &batch.timesteps, &ctx, AttentionKind::Original)?;
+        let loss = weighted_loss(&pred, &batch)?;
         let stats = opt.step(&loss.backward()?)?;
         drop(g);
         ema.update(step)?;
@@ -760,15 +730,6 @@ mod tests {
         v[55] = 1.0;
         let moved = Tensor::from_vec(v, (1, 1, 10, 10), &dev).unwrap();
         assert!(detail_l1(&spot, &moved).unwrap().to_scalar::<f32>().unwrap() < 1e-6);
-    }
-
-    #[test]
-    fn schedule_matches_sd() {
-        let a = alphas_cumprod();
-        assert_eq!(a.len(), 1000);
-        assert!((a[0] - (1.0 - 0.00085)).abs() < 1e-12);
-        // diffusers' DDPMScheduler(scaled_linear).alphas_cumprod[-1] for SD.
-        assert!((a[999] - 0.0046600).abs() < 2e-6, "{}", a[999]);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarMap};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -30,9 +30,9 @@ use crate::lora::{ActiveLora, BlockWeights, BoundLora, BoundModule, Component, L
 use crate::model::save_safetensors_with_metadata_atomic;
 use crate::noise::Noise;
 use crate::pipeline::{image_to_tensor, GenerateParams, StableDiffusion};
-use crate::starter::train::alphas_cumprod;
 use crate::style::dataset::PreparedDataset;
 use crate::train::checkpoint;
+use crate::train::diffusion::{alphas_cumprod, detached, timesteps_tensor, weighted_loss, Objective};
 use crate::train::curves::{plot_png, CsvLog};
 use crate::train::init::seeded_var_builder;
 use crate::train::optim::{AdamW, OptimConfig};
@@ -142,7 +142,7 @@ fn fixed_loss(sd: &StableDiffusion, pool: &Tensor, context: &Tensor, seed: u64) 
     for (k, &t) in FIXED_TIMESTEPS.iter().enumerate() {
         let eps = Noise::new(seed.wrapping_add(k as u64)).randn(pool.dims(), sd.device())?;
         let xt = ((pool * acp[t].sqrt())? + (&eps * (1.0 - acp[t]).sqrt())?)?;
-        let ts = Tensor::from_vec(vec![t as f32; n], n, sd.device())?;
+        let ts = timesteps_tensor(&vec![t; n], sd.device())?;
         let pred = sd.unet().forward_timesteps(&xt, &ts, context, AttentionKind::Original)?;
         total += (pred.to_dtype(DType::F32)? - &eps)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
     }
@@ -378,6 +378,7 @@ pub fn train_style(
         progress(&StyleEvent::Samples { step: 0, path });
     }
     let acp = alphas_cumprod();
+    let objective = Objective { min_snr_gamma: config.min_snr_gamma, noise_offset: config.noise_offset };
     let n = pool.dim(0)?;
     let mut last = None;
     let result = (|| -> Result<()> {
@@ -387,24 +388,7 @@ pub fn train_style(
             let ts: Vec<usize> = (0..config.batch).map(|_| rng.random_range(0..acp.len())).collect();
             let index = Tensor::new(idx.as_slice(), &device)?;
             let x0 = pool.index_select(&index, 0)?;
-            let mut noise = Noise::new(rng.random());
-            let mut eps = noise.randn(x0.dims(), &device)?;
-            if config.noise_offset > 0.0 {
-                let (b, c, _, _) = x0.dims4()?;
-                eps = eps.broadcast_add(&(noise.randn(&[b, c, 1, 1], &device)? * config.noise_offset)?)?;
-            }
-            let col = |v: Vec<f32>| Tensor::from_vec(v, (config.batch, 1, 1, 1), &device);
-            let sa: Vec<f32> = ts.iter().map(|&t| acp[t].sqrt() as f32).collect();
-            let sb: Vec<f32> = ts.iter().map(|&t| (1.0 - acp[t]).sqrt() as f32).collect();
-            let xt = (x0.broadcast_mul(&col(sa)?)? + eps.broadcast_mul(&col(sb)?)?)?;
-            let weights: Vec<f32> = ts
-                .iter()
-                .map(|&t| {
-                    let snr = acp[t] / (1.0 - acp[t]);
-                    if config.min_snr_gamma > 0.0 { (snr.min(config.min_snr_gamma) / snr) as f32 } else { 1.0 }
-                })
-                .collect();
-            let t_tensor = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), config.batch, &device)?;
+            let batch = objective.noise(&x0, &ts, &acp, &mut Noise::new(rng.random()))?;
             let g = enable_grad();
             let ctx = match &fixed_context {
                 Some(c) => c.index_select(&index, 0)?,
@@ -414,9 +398,8 @@ pub fn train_style(
                     sd.text_encoder().forward(&t, AttentionKind::Original)?.last_hidden_state
                 }
             };
-            let pred = sd.unet().forward_timesteps(&xt, &t_tensor, &ctx, AttentionKind::Original)?;
-            let per_sample = (pred.to_dtype(DType::F32)? - &eps)?.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
-            let loss = (per_sample * Tensor::from_vec(weights, config.batch, &device)?)?.mean_all()?;
+            let pred = sd.unet().forward_timesteps(&batch.xt, &batch.timesteps, &ctx, AttentionKind::Original)?;
+            let loss = weighted_loss(&pred, &batch)?;
             let stats = opt.step(&loss.backward()?)?;
             drop(g);
             let loss_v = loss.to_scalar::<f32>()? as f64;
@@ -480,11 +463,6 @@ pub fn train_style(
         std::fs::remove_dir_all(&ckpts).map_err(|e| Error::io(&ckpts, e))?;
     }
     Ok(StyleOutput { kohya, diffusers, final_loss: last, fit_before, fit_after })
-}
-
-fn detached(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
-    let data = varmap.data().lock().map_err(|_| Error::Metadata("VarMap lock poisoned".into()))?;
-    data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?))).collect()
 }
 
 /// Writes a row of sample images as `samples/step-NNNNN.png`.

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod curves;
+pub mod diffusion;
 pub mod ema;
 pub mod init;
 pub mod optim;
