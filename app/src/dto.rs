@@ -169,3 +169,176 @@ pub struct StyleSummary {
     /// Files under `/api/styles/{name}/files/`.
     pub files: Vec<String>,
 }
+
+/// Largest style-dataset upload (images, captions or zips in one request), in bytes.
+pub const MAX_UPLOAD_BYTES: usize = 512 * 1024 * 1024;
+
+/// Settings of a style training: the body of `POST /api/style-trainings`, and what the
+/// CLI's `atelier train-style` flags fill. Every field but `name` (and, on the web,
+/// `dataset_id`) has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StyleTrainingRequest {
+    /// The uploaded dataset to train on (web and API; the CLI names a folder instead).
+    pub dataset_id: String,
+    /// Name in the style library (letters, digits, `-`, `_`).
+    pub name: String,
+    /// Word that calls the style up; empty means the name.
+    pub trigger: String,
+    pub rank: usize,
+    /// LoRA alpha; `None` means the rank (scale 1).
+    pub alpha: Option<f64>,
+    pub steps: u64,
+    pub lr: f64,
+    pub batch: usize,
+    pub seed: u64,
+    pub text_encoder: bool,
+    pub convs: bool,
+    pub min_snr_gamma: f64,
+    pub noise_offset: f64,
+    pub flip: bool,
+    pub checkpoint_every: u64,
+    /// Steps between sample sheets; 0 for none.
+    pub sample_every: u64,
+    /// Prompts of the sample sheets; empty means the first four captions.
+    pub sample_prompts: Vec<String>,
+    pub min_images: usize,
+    /// Prompts of the before/after metrics; empty means held-out starter-world prompts.
+    pub eval_prompts: Vec<String>,
+}
+
+impl Default for StyleTrainingRequest {
+    fn default() -> Self {
+        Self {
+            dataset_id: String::new(),
+            name: String::new(),
+            trigger: String::new(),
+            rank: 8,
+            alpha: None,
+            steps: 400,
+            lr: 1e-3,
+            batch: 4,
+            seed: 0,
+            text_encoder: false,
+            convs: false,
+            min_snr_gamma: 5.0,
+            noise_offset: 0.0,
+            flip: true,
+            checkpoint_every: 50,
+            sample_every: 100,
+            sample_prompts: Vec::new(),
+            min_images: 5,
+            eval_prompts: Vec::new(),
+        }
+    }
+}
+
+impl StyleTrainingRequest {
+    /// The trigger word in use (the name when none was given).
+    pub fn trigger_word(&self) -> &str {
+        if self.trigger.trim().is_empty() {
+            &self.name
+        } else {
+            self.trigger.trim()
+        }
+    }
+}
+
+/// An image a dataset will train on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetImage {
+    pub file: String,
+    pub width: u32,
+    pub height: u32,
+    /// The caption from the image's `.txt` file, if it has one (else the default caption
+    /// "TRIGGER style" is used).
+    pub caption: Option<String>,
+}
+
+/// A file a dataset leaves out, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetSkip {
+    pub file: String,
+    pub reason: String,
+}
+
+/// An uploaded style dataset and its report: `POST /api/style-datasets` and
+/// `GET /api/style-datasets/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetSummary {
+    pub id: String,
+    pub images: Vec<DatasetImage>,
+    /// Files that are not images, cannot be decoded, are too small, or are near-duplicates.
+    pub skipped: Vec<DatasetSkip>,
+    /// Images are centre-cropped and resized to this square size.
+    pub resolution: u32,
+    pub min_images: usize,
+    /// Enough images to train.
+    pub usable: bool,
+}
+
+/// Where a style training is in its life.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum TrainingState {
+    /// Waiting for the training before it; `position` 1 is next.
+    Queued { position: usize },
+    /// Loading the model and preparing the dataset.
+    Preparing,
+    Running,
+    /// Rendering the before/after comparison and measuring the style.
+    Measuring,
+    /// Asked to stop: writing a checkpoint.
+    Stopping,
+    /// Stopped with a checkpoint; resume continues from it.
+    Stopped,
+    /// Finished; the style is in the library under `style`.
+    Done { style: String },
+    Failed { message: String },
+}
+
+impl TrainingState {
+    /// Whether the worker is on it or it waits for the worker.
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self,
+            TrainingState::Queued { .. } | TrainingState::Preparing | TrainingState::Running | TrainingState::Measuring | TrainingState::Stopping
+        )
+    }
+
+    /// Whether `resume` can pick it up again.
+    pub fn can_resume(&self) -> bool {
+        matches!(self, TrainingState::Stopped | TrainingState::Failed { .. })
+    }
+}
+
+/// A sample sheet written during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSample {
+    pub step: u64,
+    /// `/api/style-trainings/{id}/samples/{step}.png`
+    pub url: String,
+}
+
+/// A style training: `GET /api/style-trainings/{id}` and every event of its stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingStatus {
+    pub id: String,
+    pub request: StyleTrainingRequest,
+    /// UTC time, ISO 8601.
+    pub created_at: String,
+    #[serde(flatten)]
+    pub state: TrainingState,
+    /// Steps done of `total`.
+    pub step: u64,
+    pub total: u64,
+    /// Smoothed training loss.
+    pub loss: Option<f64>,
+    pub steps_per_s: Option<f64>,
+    pub eta_s: Option<f64>,
+    /// (step, loss) pairs, thinned to at most a few hundred points.
+    pub losses: Vec<(u64, f64)>,
+    pub samples: Vec<TrainingSample>,
+    /// What the worker is doing or last said.
+    pub note: Option<String>,
+}

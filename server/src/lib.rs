@@ -12,6 +12,7 @@ pub mod request;
 pub mod routes;
 pub mod state;
 pub mod studio;
+pub mod style_training;
 pub mod styles;
 pub mod tracking;
 

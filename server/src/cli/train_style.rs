@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use app::dto::StyleTrainingRequest;
 use atelier_engine::pipeline::StableDiffusion;
-use atelier_engine::style::dataset::{prepare, scan};
-use atelier_engine::style::train::{train_style, StyleEvent, StyleTrainConfig};
+use atelier_engine::style::train::StyleEvent;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use atelier_server::styles::{StyleCard, StyleLibrary};
+pub use atelier_server::style_training::{EVAL_SEED, SHIPPED_STYLES, STYLE_GRAMS};
+use atelier_server::style_training::{run_training, RunError, RunEvent};
+use atelier_server::styles::StyleLibrary;
 
 /// Arguments of `atelier train-style`.
 #[derive(Debug, clap::Args)]
@@ -87,77 +89,38 @@ pub struct TrainStyleArgs {
     pub library: PathBuf,
 }
 
+impl TrainStyleArgs {
+    fn request(&self) -> StyleTrainingRequest {
+        StyleTrainingRequest {
+            dataset_id: String::new(),
+            name: self.name.clone(),
+            trigger: self.trigger.clone().unwrap_or_default(),
+            rank: self.rank,
+            alpha: self.alpha,
+            steps: self.steps,
+            lr: self.lr,
+            batch: self.batch,
+            seed: self.seed,
+            text_encoder: self.text_encoder,
+            convs: self.convs,
+            min_snr_gamma: self.min_snr_gamma,
+            noise_offset: self.noise_offset,
+            flip: !self.no_flip,
+            checkpoint_every: self.checkpoint_every,
+            sample_every: self.sample_every,
+            sample_prompts: self.sample_prompts.clone(),
+            min_images: self.min_images,
+            eval_prompts: self.eval_prompts.clone(),
+        }
+    }
+}
+
 pub fn run(args: TrainStyleArgs) -> Result<()> {
+    let req = args.request();
     let library = StyleLibrary::new(args.library.clone()).with_shipped(PathBuf::from(SHIPPED_STYLES));
-    let run_dir = library.style_dir(&args.name)?;
-    let trigger = args.trigger.clone().unwrap_or_else(|| args.name.clone());
     let device = crate::cli::device()?;
     let model_dir = atelier_engine::model::resolve(&args.model)?;
     let sd = StableDiffusion::load(&model_dir, &device).with_context(|| format!("loading model {}", model_dir.display()))?;
-    let resolution = sd.default_size() as u32;
-
-    let report = scan(&args.images, &trigger, resolution, args.min_images)
-        .with_context(|| format!("reading the images in {}", args.images.display()))?;
-    println!("{}", report.summary());
-    if !report.is_usable() {
-        anyhow::bail!("not enough usable images in {}: add more, or lower --min-images", args.images.display());
-    }
-    let data = prepare(&report)?;
-    println!("dataset hash {} ({} images at {resolution}×{resolution})", data.hash, data.images.len());
-
-    let mut cfg = StyleTrainConfig::new(&args.name, &trigger, args.steps);
-    cfg.rank = args.rank;
-    cfg.alpha = args.alpha.unwrap_or(args.rank as f64);
-    cfg.optim.lr = args.lr;
-    cfg.batch = args.batch;
-    cfg.seed = args.seed;
-    cfg.text_encoder = args.text_encoder;
-    cfg.convs = args.convs;
-    cfg.min_snr_gamma = args.min_snr_gamma;
-    cfg.noise_offset = args.noise_offset;
-    cfg.flip = !args.no_flip;
-    cfg.checkpoint_every = args.checkpoint_every.max(1);
-    cfg.sample_every = args.sample_every;
-    cfg.sample_prompts =
-        if args.sample_prompts.is_empty() { data.captions.iter().take(4).cloned().collect() } else { args.sample_prompts.clone() };
-    cfg.base_model_hash = sd.model_hash().to_string();
-    cfg.dataset_hash = data.hash.clone();
-
-    // The experiment store: a resumed run continues the same tracked run.
-    let tracker = atelier_server::tracking::Tracker::open(&args.tracking)?;
-    let run_file = run_dir.join("tracking_run");
-    let tracked = match std::fs::read_to_string(&run_file).ok().filter(|id| tracker.run(id.trim()).ok().flatten().is_some()) {
-        Some(id) => {
-            let id = id.trim().to_string();
-            tracker.reopen_run(&id)?;
-            id
-        }
-        None => {
-            let exp = tracker.experiment("styles")?;
-            let id = tracker.start_run(exp, &args.name)?;
-            std::fs::write(&run_file, &id)?;
-            if let serde_json::Value::Object(fields) = serde_json::to_value(&cfg)? {
-                for (k, v) in fields {
-                    let text = match v {
-                        serde_json::Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    tracker.log_param(&id, &k, &text)?;
-                }
-            }
-            for (k, v) in [
-                ("style", args.name.as_str()),
-                ("trigger", trigger.as_str()),
-                ("dataset_hash", data.hash.as_str()),
-                ("base_model_hash", sd.model_hash()),
-                ("base_model", &model_dir.display().to_string()),
-                ("dataset_dir", &args.images.display().to_string()),
-            ] {
-                tracker.set_tag(&id, k, v)?;
-            }
-            id
-        }
-    };
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -171,69 +134,47 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     bar.set_prefix("style");
-    let started = Instant::now();
+    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     let mut window: Option<(Instant, u64)> = None;
     let mut smoothed: Option<f64> = None;
-    let result = train_style(&sd, &data, &cfg, &run_dir, &mut |ev| {
+    let result = run_training(&req, &args.images, &sd, &model_dir, &library, &args.tracking, &mut |ev| {
         match ev {
-            StyleEvent::Start { step, .. } => {
+            RunEvent::Report(report) => println!("{}", report.summary()),
+            RunEvent::Prepared { hash, images, resolution } => {
+                println!("dataset hash {hash} ({images} images at {resolution}×{resolution})");
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            RunEvent::Train(StyleEvent::Start { step, .. }) => {
                 bar.set_position(*step);
                 window = Some((Instant::now(), *step));
                 if *step > 0 {
-                    bar.println(format!("resuming at step {step}"));
+                    bar.suspend(|| println!("resuming at step {step}"));
                 }
             }
-            StyleEvent::Step { step, loss, lr, .. } => {
-                let _ = tracker.log_metric(&tracked, "loss", *loss, *step as i64);
-                let _ = tracker.log_metric(&tracked, "lr", *lr, *step as i64);
+            RunEvent::Train(StyleEvent::Step { step, loss, lr, .. }) => {
                 let s = smoothed.map_or(*loss, |m| 0.95 * m + 0.05 * loss);
                 smoothed = Some(s);
                 let rate = window.map_or(0.0, |(t, s0)| (*step - s0) as f64 / t.elapsed().as_secs_f64().max(1e-9));
                 bar.set_position(*step);
                 bar.set_message(format!("loss {s:.4} lr {lr:.1e} {rate:.2} steps/s"));
             }
-            StyleEvent::Samples { step, path } => {
-                let _ = tracker.log_artifact(&tracked, path, Some("samples"));
-                bar.println(format!("samples at step {step}: {}", path.display()))
+            RunEvent::Train(StyleEvent::Samples { step, path }) => bar.suspend(|| println!("samples at step {step}: {}", path.display())),
+            RunEvent::Train(StyleEvent::Note(m)) => bar.suspend(|| println!("{m}")),
+            RunEvent::Measuring => {
+                bar.finish_and_clear();
+                println!("measuring the style: base model vs the new style on the same prompts and seeds");
             }
-            StyleEvent::Note(m) => bar.println(m.clone()),
         }
         !stop.load(Ordering::SeqCst)
     });
     bar.finish_and_clear();
     match result {
-        Ok(out) => {
-            let mut card = StyleCard::new(&cfg, &report, &model_dir, &out, started.elapsed().as_secs_f64());
-            println!("measuring the style: base model vs the new style on the same prompts and seeds");
-            let prompts = if args.eval_prompts.is_empty() {
-                atelier_engine::style::metrics::starter_eval_prompts(&trigger)
-            } else {
-                args.eval_prompts.clone()
-            };
-            card.metrics = measure_style(&sd, &out.kohya, &data.images, &prompts, &run_dir)?;
-            library.write_card(&args.name, &card)?;
-            let step = args.steps as i64;
-            tracker.log_metric(&tracked, "fit_loss_base", out.fit_before, step)?;
-            tracker.log_metric(&tracked, "fit_loss_adapter", out.fit_after, step)?;
-            for who in ["base", "style"] {
-                if let Some(serde_json::Value::Object(m)) = card.metrics.get(who) {
-                    for (k, v) in m {
-                        if let Some(v) = v.as_f64() {
-                            tracker.log_metric(&tracked, &format!("{who}_{k}"), v, step)?;
-                        }
-                    }
-                }
-            }
-            for f in [out.kohya.clone(), out.diffusers.clone(), run_dir.join("compare.png"), run_dir.join("loss.png"), run_dir.join("card.json")] {
-                if f.is_file() {
-                    tracker.log_artifact(&tracked, &f, None)?;
-                }
-            }
-            tracker.end_run(&tracked, atelier_server::tracking::RunStatus::Finished)?;
+        Ok(done) => {
+            let (out, card) = (&done.output, &done.card);
             println!(
                 "trained style {} in {:.1} min: dataset fit loss {:.5} (base) -> {:.5} (with the style)",
                 args.name,
-                started.elapsed().as_secs_f64() / 60.0,
+                done.seconds / 60.0,
                 out.fit_before,
                 out.fit_after
             );
@@ -248,65 +189,17 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
                 m["style"]["colourfulness"].as_f64().unwrap_or(0.0),
                 m["base"]["diversity"].as_f64().unwrap_or(0.0),
                 m["style"]["diversity"].as_f64().unwrap_or(0.0),
-                run_dir.join("compare.png").display()
+                done.dir.join("compare.png").display()
             );
             println!("adapter (kohya): {}\nadapter (diffusers): {}", out.kohya.display(), out.diffusers.display());
-            println!("use it in a prompt as <lora:{}:1> {trigger}", args.name);
+            println!("use it in a prompt as <lora:{}:1> {}", args.name, req.trigger_word());
             Ok(())
         }
-        Err(atelier_engine::Error::Cancelled) => {
-            tracker.end_run(&tracked, atelier_server::tracking::RunStatus::Killed)?;
-            eprintln!("stopped with a checkpoint in {}. Run the same command again to resume.", run_dir.display());
+        Err(RunError::Stopped) => {
+            eprintln!("stopped with a checkpoint in {}. Run the same command again to resume.", args.library.join(&args.name).display());
             std::process::exit(130);
         }
-        Err(e) => {
-            tracker.end_run(&tracked, atelier_server::tracking::RunStatus::Failed)?;
-            Err(e).with_context(|| format!("training style {}", args.name))
-        }
+        Err(RunError::Dataset(m)) => anyhow::bail!("{m}"),
+        Err(RunError::Other(e)) => Err(e),
     }
-}
-
-/// Where the styles that ship with Atelier live (relative to the repository root).
-pub const SHIPPED_STYLES: &str = "models/styles";
-
-/// File of a style folder holding the training images' mean Gram matrices.
-pub const STYLE_GRAMS: &str = "style_grams.safetensors";
-
-/// Seed of the first evaluation image; image i uses EVAL_SEED + i.
-pub const EVAL_SEED: u64 = 2000;
-
-/// Renders the evaluation prompts with the base model and with the style (weight 1),
-/// writes `compare.png` (base row over style row) and returns the metrics of both.
-pub fn measure_style(
-    sd: &StableDiffusion,
-    adapter: &std::path::Path,
-    training_images: &[image::RgbImage],
-    prompts: &[String],
-    run_dir: &std::path::Path,
-) -> Result<serde_json::Value> {
-    use atelier_engine::style::metrics::{mean_grams, measure, render_set};
-    let lora = sd.bind_lora(&Arc::new(atelier_engine::lora::LoraAdapter::load(adapter)?))?;
-    let reference = mean_grams(sd.vae(), training_images)?;
-    // Kept with the style, so that it can be measured again without its dataset.
-    let grams: std::collections::HashMap<String, candle_core::Tensor> =
-        reference.iter().enumerate().map(|(i, g)| (format!("layer{i}"), g.clone())).collect();
-    atelier_engine::model::save_safetensors_atomic(&grams, &run_dir.join(STYLE_GRAMS))?;
-    let base_images = render_set(sd, None, prompts, EVAL_SEED)?;
-    let style_images = render_set(sd, Some((&lora, 1.0)), prompts, EVAL_SEED)?;
-    let base = measure(sd.vae(), &base_images, &reference)?;
-    let style = measure(sd.vae(), &style_images, &reference)?;
-    let mut all = base_images;
-    all.extend(style_images);
-    let sheet = atelier_engine::starter::eval::contact_sheet(&all, prompts.len().max(1));
-    let path = run_dir.join("compare.png");
-    let tmp = run_dir.join("compare.png.tmp");
-    sheet.save_with_format(&tmp, image::ImageFormat::Png)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(serde_json::json!({
-        "prompts": prompts,
-        "first_seed": EVAL_SEED,
-        "base": base,
-        "style": style,
-        "formulas": "see atelier_engine::style::metrics (README: Styles)",
-    }))
 }

@@ -1,0 +1,249 @@
+//! One style training from start to finish, shared by `atelier train-style` and the web
+//! trainer: read and check the images, prepare the dataset, record the run in the
+//! experiment store, train (resuming from the newest checkpoint in the style's folder),
+//! then measure the style against the base model and write its card into the library.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use app::dto::StyleTrainingRequest;
+use atelier_engine::pipeline::StableDiffusion;
+use atelier_engine::style::dataset::{prepare, scan, DatasetReport};
+use atelier_engine::style::train::{train_style, StyleEvent, StyleOutput, StyleTrainConfig};
+
+use crate::styles::{StyleCard, StyleLibrary};
+use crate::tracking::{RunStatus, Tracker};
+
+/// Where the styles that ship with Atelier live (relative to the repository root).
+pub const SHIPPED_STYLES: &str = "models/styles";
+
+/// File of a style folder holding the training images' mean Gram matrices.
+pub const STYLE_GRAMS: &str = "style_grams.safetensors";
+
+/// Seed of the first evaluation image; image i uses EVAL_SEED + i.
+pub const EVAL_SEED: u64 = 2000;
+
+/// What a training reports while it runs. Returning `false` from the callback stops it
+/// (with a checkpoint, when training has started).
+pub enum RunEvent<'a> {
+    /// The dataset was read: what will be trained on and what was left out.
+    Report(&'a DatasetReport),
+    /// The dataset was prepared (cropped, resized, hashed).
+    Prepared { hash: &'a str, images: usize, resolution: u32 },
+    Train(&'a StyleEvent),
+    /// Training finished; rendering the before/after comparison.
+    Measuring,
+}
+
+/// Why a training ended without a style.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The images cannot be trained on; the message says what to change.
+    #[error("{0}")]
+    Dataset(String),
+    /// Stopped on request, with a checkpoint to resume from.
+    #[error("stopped")]
+    Stopped,
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl From<atelier_engine::Error> for RunError {
+    fn from(e: atelier_engine::Error) -> Self {
+        RunError::Other(e.into())
+    }
+}
+
+/// A finished training.
+pub struct Finished {
+    pub card: StyleCard,
+    pub output: StyleOutput,
+    pub dir: PathBuf,
+    pub seconds: f64,
+}
+
+/// The engine's configuration for `req`, on the model `sd` and the prepared dataset.
+pub fn train_config(req: &StyleTrainingRequest, sd: &StableDiffusion, dataset_hash: &str, captions: &[String]) -> StyleTrainConfig {
+    let mut cfg = StyleTrainConfig::new(&req.name, req.trigger_word(), req.steps);
+    cfg.rank = req.rank;
+    cfg.alpha = req.alpha.unwrap_or(req.rank as f64);
+    cfg.optim.lr = req.lr;
+    cfg.batch = req.batch;
+    cfg.seed = req.seed;
+    cfg.text_encoder = req.text_encoder;
+    cfg.convs = req.convs;
+    cfg.min_snr_gamma = req.min_snr_gamma;
+    cfg.noise_offset = req.noise_offset;
+    cfg.flip = req.flip;
+    cfg.checkpoint_every = req.checkpoint_every.max(1);
+    cfg.sample_every = req.sample_every;
+    cfg.sample_prompts = if req.sample_prompts.is_empty() { captions.iter().take(4).cloned().collect() } else { req.sample_prompts.clone() };
+    cfg.base_model_hash = sd.model_hash().to_string();
+    cfg.dataset_hash = dataset_hash.to_string();
+    cfg
+}
+
+/// Trains the style `req.name` on the images in `images` into `library`, recording the
+/// run in the experiment store at `tracking`. Re-running after a stop resumes.
+pub fn run_training(
+    req: &StyleTrainingRequest,
+    images: &Path,
+    sd: &StableDiffusion,
+    model_dir: &Path,
+    library: &StyleLibrary,
+    tracking: &Path,
+    progress: &mut dyn FnMut(&RunEvent) -> bool,
+) -> Result<Finished, RunError> {
+    let run_dir = library.style_dir(&req.name)?;
+    let trigger = req.trigger_word().to_string();
+    let resolution = sd.default_size() as u32;
+    let report =
+        scan(images, &trigger, resolution, req.min_images).with_context(|| format!("reading the images in {}", images.display()))?;
+    if !progress(&RunEvent::Report(&report)) {
+        return Err(RunError::Stopped);
+    }
+    if !report.is_usable() {
+        return Err(RunError::Dataset(format!(
+            "{} usable image(s) in {}, at least {} are needed: add more images (or lower the minimum)",
+            report.items.len(),
+            images.display(),
+            report.min_images
+        )));
+    }
+    let data = prepare(&report)?;
+    if !progress(&RunEvent::Prepared { hash: &data.hash, images: data.images.len(), resolution }) {
+        return Err(RunError::Stopped);
+    }
+    let cfg = train_config(req, sd, &data.hash, &data.captions);
+
+    let tracker = Tracker::open(tracking)?;
+    let tracked = tracked_run(&tracker, &run_dir, &cfg, &[
+        ("style", req.name.as_str()),
+        ("trigger", trigger.as_str()),
+        ("dataset_hash", data.hash.as_str()),
+        ("base_model_hash", sd.model_hash()),
+        ("base_model", &model_dir.display().to_string()),
+        ("dataset_dir", &images.display().to_string()),
+    ])?;
+
+    let started = Instant::now();
+    let result = train_style(sd, &data, &cfg, &run_dir, &mut |ev| {
+        match ev {
+            StyleEvent::Step { step, loss, lr, .. } => {
+                let _ = tracker.log_metric(&tracked, "loss", *loss, *step as i64);
+                let _ = tracker.log_metric(&tracked, "lr", *lr, *step as i64);
+            }
+            StyleEvent::Samples { path, .. } => {
+                let _ = tracker.log_artifact(&tracked, path, Some("samples"));
+            }
+            _ => {}
+        }
+        progress(&RunEvent::Train(ev))
+    });
+    let output = match result {
+        Ok(out) => out,
+        Err(atelier_engine::Error::Cancelled) => {
+            tracker.end_run(&tracked, RunStatus::Killed)?;
+            return Err(RunError::Stopped);
+        }
+        Err(e) => {
+            tracker.end_run(&tracked, RunStatus::Failed)?;
+            return Err(anyhow::Error::new(e).context(format!("training style {}", req.name)).into());
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    progress(&RunEvent::Measuring);
+    let mut card = StyleCard::new(&cfg, &report, model_dir, &output, seconds);
+    let prompts = if req.eval_prompts.is_empty() {
+        atelier_engine::style::metrics::starter_eval_prompts(&trigger)
+    } else {
+        req.eval_prompts.clone()
+    };
+    card.metrics = measure_style(sd, &output.kohya, &data.images, &prompts, &run_dir)?;
+    library.write_card(&req.name, &card)?;
+    let step = req.steps as i64;
+    tracker.log_metric(&tracked, "fit_loss_base", output.fit_before, step)?;
+    tracker.log_metric(&tracked, "fit_loss_adapter", output.fit_after, step)?;
+    for who in ["base", "style"] {
+        if let Some(serde_json::Value::Object(m)) = card.metrics.get(who) {
+            for (k, v) in m {
+                if let Some(v) = v.as_f64() {
+                    tracker.log_metric(&tracked, &format!("{who}_{k}"), v, step)?;
+                }
+            }
+        }
+    }
+    for f in [output.kohya.clone(), output.diffusers.clone(), run_dir.join("compare.png"), run_dir.join("loss.png"), run_dir.join("card.json")] {
+        if f.is_file() {
+            tracker.log_artifact(&tracked, &f, None)?;
+        }
+    }
+    tracker.end_run(&tracked, RunStatus::Finished)?;
+    Ok(Finished { card, output, dir: run_dir, seconds })
+}
+
+/// The tracked run of the style in `run_dir`: the one a stopped training started
+/// (reopened), else a new run in experiment "styles" with `cfg` as params and `tags`.
+fn tracked_run(tracker: &Tracker, run_dir: &Path, cfg: &StyleTrainConfig, tags: &[(&str, &str)]) -> Result<String> {
+    let run_file = run_dir.join("tracking_run");
+    if let Some(id) = std::fs::read_to_string(&run_file).ok().map(|s| s.trim().to_string()) {
+        if tracker.run(&id)?.is_some() {
+            tracker.reopen_run(&id)?;
+            return Ok(id);
+        }
+    }
+    let exp = tracker.experiment("styles")?;
+    let id = tracker.start_run(exp, &cfg.name)?;
+    std::fs::write(&run_file, &id).with_context(|| format!("writing {}", run_file.display()))?;
+    if let serde_json::Value::Object(fields) = serde_json::to_value(cfg)? {
+        for (k, v) in fields {
+            let text = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            tracker.log_param(&id, &k, &text)?;
+        }
+    }
+    for (k, v) in tags {
+        tracker.set_tag(&id, k, v)?;
+    }
+    Ok(id)
+}
+
+/// Renders the evaluation prompts with the base model and with the style (weight 1),
+/// writes `compare.png` (base row over style row) and returns the metrics of both.
+pub fn measure_style(
+    sd: &StableDiffusion,
+    adapter: &Path,
+    training_images: &[image::RgbImage],
+    prompts: &[String],
+    run_dir: &Path,
+) -> Result<serde_json::Value> {
+    use atelier_engine::style::metrics::{mean_grams, measure, render_set};
+    let lora = sd.bind_lora(&Arc::new(atelier_engine::lora::LoraAdapter::load(adapter)?))?;
+    let reference = mean_grams(sd.vae(), training_images)?;
+    // Kept with the style, so that it can be measured again without its dataset.
+    let grams: std::collections::HashMap<String, candle_core::Tensor> =
+        reference.iter().enumerate().map(|(i, g)| (format!("layer{i}"), g.clone())).collect();
+    atelier_engine::model::save_safetensors_atomic(&grams, &run_dir.join(STYLE_GRAMS))?;
+    let base_images = render_set(sd, None, prompts, EVAL_SEED)?;
+    let style_images = render_set(sd, Some((&lora, 1.0)), prompts, EVAL_SEED)?;
+    let base = measure(sd.vae(), &base_images, &reference)?;
+    let style = measure(sd.vae(), &style_images, &reference)?;
+    let mut all = base_images;
+    all.extend(style_images);
+    let sheet = atelier_engine::starter::eval::contact_sheet(&all, prompts.len().max(1));
+    let path = run_dir.join("compare.png");
+    let tmp = run_dir.join("compare.png.tmp");
+    sheet.save_with_format(&tmp, image::ImageFormat::Png)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(serde_json::json!({
+        "prompts": prompts,
+        "first_seed": EVAL_SEED,
+        "base": base,
+        "style": style,
+        "formulas": "see atelier_engine::style::metrics (README: Styles)",
+    }))
+}
