@@ -32,6 +32,7 @@ pub fn routes() -> Router<AppState> {
         .route("/styles/{name}", axum::routing::delete(style_delete))
         .route("/styles/{name}/rename", post(style_rename))
         .route("/styles/{name}/files/{file}", get(style_file))
+        .merge(crate::training_api::routes())
         .fallback(|method: Method, OriginalUri(uri): OriginalUri| async move { ApiError::UnknownRoute(format!("{method} {}", uri.path())) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
@@ -77,20 +78,31 @@ async fn job_events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let rx = state.jobs.subscribe(&id)?;
-    // Sends the current status first, then each change; stops after a finished state.
-    let stream = futures::stream::unfold((rx, true, false), |(mut rx, first, done)| async move {
+    Ok(status_stream(rx, |s: &JobStatus| s.state.is_finished()))
+}
+
+/// An SSE stream of a `watch` channel: the current value first, then each change, ending
+/// after a value for which `last` holds. Comments keep idle connections alive.
+pub(crate) fn status_stream<T>(
+    rx: tokio::sync::watch::Receiver<T>,
+    last: fn(&T) -> bool,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>>
+where
+    T: serde::Serialize + Clone + Send + Sync + 'static,
+{
+    let stream = futures::stream::unfold((rx, true, false), move |(mut rx, first, done)| async move {
         if done {
             return None;
         }
         if !first && rx.changed().await.is_err() {
-            return None; // job forgotten or server shutting down
+            return None; // forgotten, or the server is shutting down
         }
-        let status = rx.borrow_and_update().clone();
-        let finished = status.state.is_finished();
-        let event = Event::default().json_data(&status).unwrap_or_else(|_| Event::default().comment("encode error"));
+        let value = rx.borrow_and_update().clone();
+        let finished = last(&value);
+        let event = Event::default().json_data(&value).unwrap_or_else(|_| Event::default().comment("encode error"));
         Some((Ok(event), (rx, false, finished)))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 #[derive(Debug, Deserialize)]

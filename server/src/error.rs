@@ -26,6 +26,9 @@ pub enum ApiError {
     UnknownRoute(String),
     #[error("the queue is full ({0} jobs waiting); try again later")]
     QueueFull(usize),
+    /// The server cannot do this now (a feature that is off, a full disk); says what to do.
+    #[error("{0}")]
+    Unavailable(String),
     /// A server-side failure; the detail goes to the log only.
     #[error("internal error: {0}")]
     Internal(String),
@@ -39,7 +42,7 @@ impl ApiError {
             }
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound { .. } | ApiError::UnknownRoute(_) => StatusCode::NOT_FOUND,
-            ApiError::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::QueueFull(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -14,7 +14,9 @@ pub mod state;
 pub mod studio;
 pub mod style_training;
 pub mod styles;
+pub mod trainer;
 pub mod tracking;
+pub mod training_api;
 
 pub use error::ApiError;
 pub use generator::{Generator, LoadedModel, Throttled};

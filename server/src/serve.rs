@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use atelier_server::trainer::{ModelSource, Trainer};
 use atelier_server::{AppState, Generator, LoadedModel, Throttled};
 use leptos::config::LeptosOptions;
 
@@ -48,7 +49,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let device = candle_core::Device::cuda_if_available(0).context("opening the compute device")?;
     tracing::info!(model = %args.model.display(), ?device, "loading model");
     let model_dir = args.model.clone();
-    let model = tokio::task::spawn_blocking(move || LoadedModel::load(&model_dir, &device))
+    let load_device = device.clone();
+    let model = tokio::task::spawn_blocking(move || LoadedModel::load(&model_dir, &load_device))
         .await?
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let styles = atelier_server::styles::StyleLibrary::new(args.data_dir.join("styles")).with_shipped(std::path::PathBuf::from("models/styles"));
@@ -74,6 +76,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let state = AppState::new(leptos_options, generator, &args.data_dir, default_size, note)
         .with_context(|| format!("opening the gallery in {}", args.data_dir.display()))?
         .with_styles(styles);
+    let model_dir = atelier_engine::model::resolve(&args.model.to_string_lossy())?;
+    let source = ModelSource { dir: model_dir, device, resolution: default_size.0 as u32 };
+    let trainer = Arc::new(
+        Trainer::open(&args.data_dir.join("trainings"), state.styles.clone(), args.data_dir.join("tracking"), source)
+            .with_context(|| format!("opening the style trainer in {}", args.data_dir.join("trainings").display()))?,
+    );
+    let state = state.with_trainer(trainer.clone());
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -82,14 +91,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!("Atelier is running: open http://{local}/");
     eprintln!("Atelier is running: open http://{local}/  (Ctrl-C to stop)");
     let jobs = state.jobs.clone();
+    let stopping = trainer.clone();
     axum::serve(listener, atelier_server::app(state))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
-            // Ends running jobs (and so their progress streams) instead of waiting for them.
+            // Ends running jobs (and so their progress streams) instead of waiting for them;
+            // a running style training stops with a checkpoint and resumes after a restart.
             jobs.cancel_all();
+            stopping.begin_shutdown();
         })
         .await
         .context("serving")?;
+    tokio::task::spawn_blocking(move || trainer.shutdown()).await?;
     tracing::info!("stopped");
     Ok(())
 }

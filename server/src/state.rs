@@ -21,6 +21,8 @@ pub struct AppState {
     pub model: Arc<ModelInfo>,
     /// The style library (user styles in `DATA/styles`, plus shipped ones).
     pub styles: Arc<crate::styles::StyleLibrary>,
+    /// Style training from the web; `None` when the server has no model to train on.
+    pub trainer: Option<Arc<crate::trainer::Trainer>>,
 }
 
 impl AppState {
@@ -43,12 +45,18 @@ impl AppState {
         });
         let jobs = Arc::new(JobQueue::start(generator, gallery.clone()));
         let styles = Arc::new(crate::styles::StyleLibrary::new(data_dir.join("styles")));
-        Ok(Self { leptos_options, jobs, gallery, model, styles })
+        Ok(Self { leptos_options, jobs, gallery, model, styles, trainer: None })
     }
 
     /// Uses `library` as the style library.
     pub fn with_styles(mut self, library: crate::styles::StyleLibrary) -> Self {
         self.styles = Arc::new(library);
+        self
+    }
+
+    /// Turns on style training from the web.
+    pub fn with_trainer(mut self, trainer: Arc<crate::trainer::Trainer>) -> Self {
+        self.trainer = Some(trainer);
         self
     }
 

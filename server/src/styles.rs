@@ -103,6 +103,11 @@ impl StyleLibrary {
         Self { root, shipped: Vec::new() }
     }
 
+    /// The folder of user styles.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Adds a read-only root of shipped styles.
     pub fn with_shipped(mut self, dir: PathBuf) -> Self {
         if dir != self.root {

@@ -1,0 +1,715 @@
+//! Style training from the web: uploaded datasets, and a queue of trainings run one at a
+//! time on a worker thread with its own copy of the model (generation keeps running).
+//!
+//! On disk, under `DATA/trainings/`:
+//! - `datasets/ID/`: the uploaded images and `.txt` captions (zips are unpacked here);
+//! - `runs/ID.json`: each training's last status (settings, step, loss history, samples),
+//!   written atomically, so a restarted server lists its trainings; one that was running
+//!   comes back as stopped and resumes from its last checkpoint.
+//!
+//! The training itself writes into the style's folder in the library, exactly as
+//! `atelier train-style` does ([`crate::style_training::run_training`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use app::dto::{DatasetImage, DatasetSkip, DatasetSummary, StyleTrainingRequest, TrainingSample, TrainingState, TrainingStatus};
+use atelier_engine::pipeline::StableDiffusion;
+use atelier_engine::style::dataset::scan;
+use atelier_engine::style::train::StyleEvent;
+use tokio::sync::watch;
+
+use crate::style_training::{run_training, RunError, RunEvent};
+use crate::styles::{check_name, StyleLibrary};
+use crate::ApiError;
+
+/// Most files one dataset may hold (after unpacking zips).
+pub const MAX_DATASET_FILES: usize = 2000;
+/// Most bytes the files of one zip may unpack to.
+pub const MAX_UNZIPPED_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// Loss points kept per training for the chart.
+const MAX_LOSS_POINTS: usize = 300;
+/// How often a running training's status is written to disk.
+const PERSIST_EVERY: Duration = Duration::from_secs(2);
+
+/// Where the trainer gets its model.
+#[derive(Clone)]
+pub struct ModelSource {
+    pub dir: PathBuf,
+    pub device: candle_core::Device,
+    /// Side of the square images the model makes (datasets are checked against it).
+    pub resolution: u32,
+}
+
+struct Entry {
+    status: watch::Sender<TrainingStatus>,
+    cancel: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<String>,
+    trainings: HashMap<String, Entry>,
+    shutdown: bool,
+}
+
+struct Shared {
+    root: PathBuf,
+    library: Arc<StyleLibrary>,
+    tracking: PathBuf,
+    model: ModelSource,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn datasets(&self) -> PathBuf {
+        self.root.join("datasets")
+    }
+
+    fn runs(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+
+    fn dataset_dir(&self, id: &str) -> Result<PathBuf, ApiError> {
+        let dir = self.datasets().join(id);
+        if uuid::Uuid::parse_str(id).is_err() || !dir.is_dir() {
+            return Err(ApiError::NotFound { what: "dataset", id: id.to_string() });
+        }
+        Ok(dir)
+    }
+
+    fn persist(&self, status: &TrainingStatus) {
+        let path = self.runs().join(format!("{}.json", status.id));
+        let tmp = path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(self.runs())?;
+            std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            tracing::error!(training = %status.id, error = %e, "cannot save the training status");
+        }
+    }
+
+    /// Changes a training's status, publishes it and (when `save`) writes it to disk.
+    fn update(&self, id: &str, save: bool, change: impl FnOnce(&mut TrainingStatus)) {
+        let q = self.lock();
+        let Some(entry) = q.trainings.get(id) else { return };
+        entry.status.send_modify(change);
+        let status = entry.status.borrow().clone();
+        drop(q);
+        if save {
+            self.persist(&status);
+        }
+    }
+
+    /// Renumbers the queue positions after a change to the waiting list.
+    fn renumber(&self, q: &Queue) {
+        for (i, id) in q.waiting.iter().enumerate() {
+            if let Some(e) = q.trainings.get(id) {
+                e.status.send_modify(|s| s.state = TrainingState::Queued { position: i + 1 });
+            }
+        }
+    }
+}
+
+/// The web trainer. Dropping it stops the running training (with a checkpoint).
+pub struct Trainer {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Trainer {
+    /// Opens the trainer's folder `root` (listing earlier trainings) and starts its worker.
+    pub fn open(root: &Path, library: Arc<StyleLibrary>, tracking: PathBuf, model: ModelSource) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root.join("datasets"))?;
+        std::fs::create_dir_all(root.join("runs"))?;
+        let shared = Arc::new(Shared {
+            root: root.to_path_buf(),
+            library,
+            tracking,
+            model,
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+        });
+        let mut loaded = Vec::new();
+        for entry in std::fs::read_dir(shared.runs())?.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<TrainingStatus>(&b).map_err(|e| e.to_string())) {
+                    Ok(mut s) => {
+                        if s.state.is_active() {
+                            s.state = TrainingState::Stopped;
+                            s.steps_per_s = None;
+                            s.eta_s = None;
+                            s.note = Some("the server stopped during this training; resume continues from its last checkpoint".into());
+                            shared.persist(&s);
+                        }
+                        loaded.push(s);
+                    }
+                    Err(e) => tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable training record"),
+                }
+            }
+        }
+        {
+            let mut q = shared.lock();
+            for s in loaded {
+                let (tx, _) = watch::channel(s.clone());
+                q.trainings.insert(s.id.clone(), Entry { status: tx, cancel: Arc::new(AtomicBool::new(false)) });
+            }
+        }
+        let worker = {
+            let shared = shared.clone();
+            std::thread::Builder::new().name("atelier-trainer".into()).spawn(move || worker_loop(&shared))?
+        };
+        Ok(Self { shared, worker: Mutex::new(Some(worker)) })
+    }
+
+    /// Where uploads are received before [`Trainer::add_files`] takes them.
+    pub fn incoming_dir(&self) -> PathBuf {
+        self.shared.root.join("incoming")
+    }
+
+    /// Adds uploaded files (images, `.txt` captions, or zips of them) to the dataset `into`,
+    /// or to a new one, and reports what it holds. `files` are (name as uploaded, temporary
+    /// file); the temporary files are moved or removed. Blocking: decodes every image.
+    pub fn add_files(&self, into: Option<&str>, files: Vec<(String, PathBuf)>) -> Result<DatasetSummary, ApiError> {
+        let (id, dir) = match into {
+            Some(id) => (id.to_string(), self.shared.dataset_dir(id)?),
+            None => {
+                let id = uuid::Uuid::new_v4().to_string();
+                let dir = self.shared.datasets().join(&id);
+                std::fs::create_dir_all(&dir).map_err(|e| ApiError::Internal(format!("{}: {e}", dir.display())))?;
+                (id, dir)
+            }
+        };
+        let mut result = Ok(());
+        for (name, tmp) in &files {
+            if result.is_ok() {
+                result = add_file(&dir, name, tmp);
+            }
+            let _ = std::fs::remove_file(tmp);
+        }
+        result?;
+        self.dataset(&id)
+    }
+
+    /// What the dataset `id` holds, as the training will see it.
+    pub fn dataset(&self, id: &str) -> Result<DatasetSummary, ApiError> {
+        let dir = self.shared.dataset_dir(id)?;
+        let min_images = StyleTrainingRequest::default().min_images;
+        let report = scan(&dir, "TRIGGER", self.shared.model.resolution, min_images)?;
+        let name = |p: &Path| p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let mut skipped: Vec<DatasetSkip> = report.rejected.iter().map(|r| DatasetSkip { file: name(&r.path), reason: r.reason.clone() }).collect();
+        skipped.extend(report.duplicates.iter().map(|(dup, of, d)| DatasetSkip {
+            file: name(dup),
+            reason: format!("near-duplicate of {} ({d} of 64 hash bits differ)", name(of)),
+        }));
+        Ok(DatasetSummary {
+            id: id.to_string(),
+            images: report
+                .items
+                .iter()
+                .map(|i| DatasetImage {
+                    file: name(&i.path),
+                    width: i.width,
+                    height: i.height,
+                    caption: i.caption_from_file.then(|| i.caption.clone()),
+                })
+                .collect(),
+            skipped,
+            resolution: report.resolution,
+            min_images,
+            usable: report.is_usable(),
+        })
+    }
+
+    /// A file of a dataset (for thumbnails).
+    pub fn dataset_file(&self, id: &str, file: &str) -> Result<PathBuf, ApiError> {
+        let dir = self.shared.dataset_dir(id)?;
+        let not_found = || ApiError::NotFound { what: "dataset file", id: format!("{id}/{file}") };
+        if file.is_empty() || file.contains(['/', '\\']) || file.starts_with('.') {
+            return Err(not_found());
+        }
+        let path = dir.join(file);
+        if path.is_file() { Ok(path) } else { Err(not_found()) }
+    }
+
+    /// Checks `req` and queues the training.
+    pub fn start(&self, mut req: StyleTrainingRequest) -> Result<TrainingStatus, ApiError> {
+        let invalid = |field: &str, message: String| ApiError::Invalid { field: field.into(), message };
+        req.name = req.name.trim().to_string();
+        req.trigger = req.trigger.trim().to_string();
+        check_name(&req.name).map_err(|e| invalid("name", e.to_string()))?;
+        if self.shared.library.find(&req.name).is_some_and(|s| s.name.eq_ignore_ascii_case(&req.name)) {
+            return Err(invalid("name", format!("a style called {} already exists: delete or rename it, or choose another name", req.name)));
+        }
+        if req.trigger.chars().count() > 64 || req.trigger.contains(['\n', '<', '>']) {
+            return Err(invalid("trigger", "use one short word or phrase (at most 64 characters, no line breaks or < >)".into()));
+        }
+        let ranges: [(&str, f64, f64, f64); 5] = [
+            ("steps", req.steps as f64, 1.0, 100_000.0),
+            ("rank", req.rank as f64, 1.0, 256.0),
+            ("batch", req.batch as f64, 1.0, 64.0),
+            ("lr", req.lr, 1e-7, 1.0),
+            ("min_snr_gamma", req.min_snr_gamma, 0.0, 100.0),
+        ];
+        for (field, v, lo, hi) in ranges {
+            if !(lo..=hi).contains(&v) || !v.is_finite() {
+                return Err(invalid(field, format!("{v} is outside {lo}..={hi}")));
+            }
+        }
+        if req.alpha.is_some_and(|a| !(a > 0.0 && a <= 1024.0)) {
+            return Err(invalid("alpha", "must be in (0, 1024]".into()));
+        }
+        if !(0.0..=1.0).contains(&req.noise_offset) {
+            return Err(invalid("noise_offset", "must be in 0..=1".into()));
+        }
+        let summary = self.dataset(&req.dataset_id).map_err(|e| match e {
+            ApiError::NotFound { .. } => invalid("dataset_id", format!("no uploaded dataset {:?}: upload the images first", req.dataset_id)),
+            other => other,
+        })?;
+        if summary.images.len() < req.min_images.max(1) {
+            return Err(invalid(
+                "dataset_id",
+                format!("{} usable image(s), at least {} are needed: add more images", summary.images.len(), req.min_images.max(1)),
+            ));
+        }
+        let mut q = self.shared.lock();
+        if let Some(other) = q.trainings.values().map(|e| e.status.borrow().clone()).find(|s| {
+            s.request.name.eq_ignore_ascii_case(&req.name) && !matches!(s.state, TrainingState::Done { .. })
+        }) {
+            return Err(invalid(
+                "name",
+                format!("training {} already trains {}: resume or delete it, or choose another name", other.id, other.request.name),
+            ));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let status = TrainingStatus {
+            id: id.clone(),
+            total: req.steps,
+            request: req,
+            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            state: TrainingState::Queued { position: q.waiting.len() + 1 },
+            step: 0,
+            loss: None,
+            steps_per_s: None,
+            eta_s: None,
+            losses: Vec::new(),
+            samples: Vec::new(),
+            note: None,
+        };
+        let (tx, _) = watch::channel(status.clone());
+        q.trainings.insert(id.clone(), Entry { status: tx, cancel: Arc::new(AtomicBool::new(false)) });
+        q.waiting.push_back(id.clone());
+        drop(q);
+        self.shared.persist(&status);
+        self.shared.wake.notify_one();
+        tracing::info!(training = %id, name = %status.request.name, "style training queued");
+        Ok(status)
+    }
+
+    /// Stops a training: a queued one at once, a running one after writing a checkpoint.
+    pub fn stop(&self, id: &str) -> Result<TrainingStatus, ApiError> {
+        let mut q = self.shared.lock();
+        let entry = q.trainings.get(id).ok_or_else(|| not_found(id))?;
+        entry.cancel.store(true, Ordering::SeqCst);
+        let state = entry.status.borrow().state.clone();
+        match state {
+            TrainingState::Queued { .. } => {
+                entry.status.send_modify(|s| s.state = TrainingState::Stopped);
+                let _ = entry;
+                q.waiting.retain(|w| w != id);
+                self.shared.renumber(&q);
+            }
+            TrainingState::Preparing | TrainingState::Running => entry.status.send_modify(|s| s.state = TrainingState::Stopping),
+            _ => {}
+        }
+        let status = q.trainings[id].status.borrow().clone();
+        drop(q);
+        self.shared.persist(&status);
+        Ok(status)
+    }
+
+    /// Queues a stopped (or failed) training again; it continues from its last checkpoint.
+    pub fn resume(&self, id: &str) -> Result<TrainingStatus, ApiError> {
+        let mut q = self.shared.lock();
+        let entry = q.trainings.get(id).ok_or_else(|| not_found(id))?;
+        let state = entry.status.borrow().state.clone();
+        if !state.can_resume() {
+            return Err(ApiError::Invalid { field: "state".into(), message: format!("a training that is {} cannot be resumed", state_word(&state)) });
+        }
+        entry.cancel.store(false, Ordering::SeqCst);
+        let position = q.waiting.len() + 1;
+        entry.status.send_modify(|s| {
+            s.state = TrainingState::Queued { position };
+            s.note = Some("resuming from the last checkpoint".into());
+        });
+        let status = entry.status.borrow().clone();
+        q.waiting.push_back(id.to_string());
+        drop(q);
+        self.shared.persist(&status);
+        self.shared.wake.notify_one();
+        Ok(status)
+    }
+
+    /// Forgets a training that is not running; a training that did not finish also loses
+    /// its checkpoints (the style folder without an adapter).
+    pub fn delete(&self, id: &str) -> Result<(), ApiError> {
+        let mut q = self.shared.lock();
+        let entry = q.trainings.get(id).ok_or_else(|| not_found(id))?;
+        let status = entry.status.borrow().clone();
+        if status.state.is_active() {
+            return Err(ApiError::Invalid { field: "state".into(), message: "stop the training before deleting it".into() });
+        }
+        q.trainings.remove(id);
+        drop(q);
+        let _ = std::fs::remove_file(self.shared.runs().join(format!("{id}.json")));
+        if !matches!(status.state, TrainingState::Done { .. }) {
+            let dir = self.shared.library.root().join(&status.request.name);
+            let adapter = dir.join(format!("{}.safetensors", status.request.name));
+            if check_name(&status.request.name).is_ok() && dir.is_dir() && !adapter.exists() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every training, newest first.
+    pub fn list(&self) -> Vec<TrainingStatus> {
+        let q = self.shared.lock();
+        let mut all: Vec<TrainingStatus> = q.trainings.values().map(|e| e.status.borrow().clone()).collect();
+        all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+        all
+    }
+
+    pub fn status(&self, id: &str) -> Result<TrainingStatus, ApiError> {
+        let q = self.shared.lock();
+        let status = q.trainings.get(id).ok_or_else(|| not_found(id))?.status.borrow().clone();
+        Ok(status)
+    }
+
+    /// A receiver that sees every later status change.
+    pub fn subscribe(&self, id: &str) -> Result<watch::Receiver<TrainingStatus>, ApiError> {
+        let q = self.shared.lock();
+        Ok(q.trainings.get(id).ok_or_else(|| not_found(id))?.status.subscribe())
+    }
+
+    /// The sample sheet a training wrote at `step`.
+    pub fn sample_path(&self, id: &str, step: u64) -> Result<PathBuf, ApiError> {
+        let status = self.status(id)?;
+        let path = self.shared.library.root().join(&status.request.name).join("samples").join(format!("step-{step:05}.png"));
+        if status.samples.iter().any(|s| s.step == step) && path.is_file() {
+            Ok(path)
+        } else {
+            Err(ApiError::NotFound { what: "sample sheet", id: format!("{id}/{step}") })
+        }
+    }
+
+    /// Asks the worker to stop: the running training writes a checkpoint and stops,
+    /// queued ones are marked stopped (all resume after a restart). Does not wait.
+    pub fn begin_shutdown(&self) {
+        let mut q = self.shared.lock();
+        q.shutdown = true;
+        let waiting: Vec<String> = q.waiting.drain(..).collect();
+        for (id, e) in &q.trainings {
+            e.cancel.store(true, Ordering::SeqCst);
+            if waiting.contains(id) {
+                e.status.send_modify(|s| s.state = TrainingState::Stopped);
+                self.shared.persist(&e.status.borrow());
+            }
+        }
+        drop(q);
+        self.shared.wake.notify_all();
+    }
+
+    /// [`Trainer::begin_shutdown`], then waits for the worker.
+    pub fn shutdown(&self) {
+        self.begin_shutdown();
+        if let Some(worker) = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound { what: "training", id: id.to_string() }
+}
+
+fn state_word(s: &TrainingState) -> &'static str {
+    match s {
+        TrainingState::Queued { .. } => "queued",
+        TrainingState::Preparing => "preparing",
+        TrainingState::Running => "running",
+        TrainingState::Measuring => "measuring",
+        TrainingState::Stopping => "stopping",
+        TrainingState::Stopped => "stopped",
+        TrainingState::Done { .. } => "done",
+        TrainingState::Failed { .. } => "failed",
+    }
+}
+
+/// A safe file name for an uploaded file: its last path part, with anything but
+/// letters, digits, `.`, `-`, `_` and spaces replaced.
+fn safe_name(name: &str) -> Option<String> {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let clean: String = base.chars().map(|c| if c.is_alphanumeric() || ".-_ ".contains(c) { c } else { '_' }).collect();
+    let clean = clean.trim().trim_start_matches('.').to_string();
+    (!clean.is_empty()).then_some(clean)
+}
+
+/// A path in `dir` for `name` that does not exist yet (`a.png`, `a-2.png`, …).
+fn free_path(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    if !path.exists() {
+        return path;
+    }
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
+        _ => (name.to_string(), String::new()),
+    };
+    (2..).map(|i| dir.join(format!("{stem}-{i}{ext}"))).find(|p| !p.exists()).expect("some name is free")
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+fn is_zip(name: &str, tmp: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    let starts_like_zip = std::fs::File::open(tmp).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == *b"PK\x03\x04";
+    starts_like_zip || name.to_ascii_lowercase().ends_with(".zip")
+}
+
+/// Moves one uploaded file into `dir`, unpacking it when it is a zip.
+fn add_file(dir: &Path, name: &str, tmp: &Path) -> Result<(), ApiError> {
+    let internal = |e: std::io::Error| ApiError::Internal(format!("{}: {e}", dir.display()));
+    if is_zip(name, tmp) {
+        return unzip(dir, name, tmp);
+    }
+    let Some(clean) = safe_name(name) else { return Ok(()) };
+    if count_files(dir) >= MAX_DATASET_FILES {
+        return Err(ApiError::Invalid { field: "files".into(), message: format!("a dataset holds at most {MAX_DATASET_FILES} files") });
+    }
+    let target = free_path(dir, &clean);
+    if std::fs::rename(tmp, &target).is_err() {
+        std::fs::copy(tmp, &target).map_err(internal)?;
+    }
+    Ok(())
+}
+
+/// Unpacks the files of a zip into `dir` (flattened: folders inside are ignored, as are
+/// hidden files and macOS resource forks), refusing archives that are corrupt, encrypted
+/// or unpack to more than [`MAX_UNZIPPED_BYTES`].
+fn unzip(dir: &Path, name: &str, tmp: &Path) -> Result<(), ApiError> {
+    let bad = |m: String| ApiError::Invalid { field: "files".into(), message: format!("{name}: {m}") };
+    let file = std::fs::File::open(tmp).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a readable zip archive ({e})")))?;
+    let mut budget = MAX_UNZIPPED_BYTES;
+    let mut written = Vec::new();
+    let result = (|| {
+        for i in 0..archive.len() {
+            let mut entry = archive.by_index(i).map_err(|e| bad(format!("entry {i} cannot be read ({e})")))?;
+            let path = entry.name().map_err(|e| bad(format!("entry {i} has an unreadable name ({e})")))?.to_string();
+            let last = path.rsplit(['/', '\\']).next().unwrap_or("");
+            if entry.is_dir() || last.starts_with('.') || path.split(['/', '\\']).any(|p| p == "__MACOSX") {
+                continue;
+            }
+            if entry.encrypted() {
+                return Err(bad(format!("{path} is encrypted; zip it without a password")));
+            }
+            let Some(clean) = safe_name(&path) else { continue };
+            if count_files(dir) >= MAX_DATASET_FILES {
+                return Err(bad(format!("a dataset holds at most {MAX_DATASET_FILES} files")));
+            }
+            let target = free_path(dir, &clean);
+            let part = target.with_extension("part");
+            let mut out = std::fs::File::create(&part).map_err(|e| ApiError::Internal(e.to_string()))?;
+            written.push(part.clone());
+            let n = std::io::copy(&mut (&mut entry).take(budget + 1), &mut out).map_err(|e| bad(format!("{path} cannot be unpacked ({e})")))?;
+            if n > budget {
+                return Err(bad(format!("unpacks to more than {} MB", MAX_UNZIPPED_BYTES / (1024 * 1024))));
+            }
+            budget -= n;
+            out.flush().map_err(|e| ApiError::Internal(e.to_string()))?;
+            std::fs::rename(&part, &target).map_err(|e| ApiError::Internal(e.to_string()))?;
+            written.pop();
+            written.push(target);
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        // All or nothing: a bad archive leaves the dataset as it was.
+        for p in written {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result
+}
+
+fn worker_loop(shared: &Arc<Shared>) {
+    let mut model: Option<Arc<StableDiffusion>> = None;
+    loop {
+        let (id, request, cancel) = {
+            let mut q = shared.lock();
+            loop {
+                if q.shutdown {
+                    return;
+                }
+                if let Some(id) = q.waiting.pop_front() {
+                    shared.renumber(&q);
+                    let e = &q.trainings[&id];
+                    let req = e.status.borrow().request.clone();
+                    e.status.send_modify(|s| {
+                        s.state = TrainingState::Preparing;
+                        s.note = Some("loading the model and the images".into());
+                    });
+                    break (id, req, e.cancel.clone());
+                }
+                // Nothing waiting: free the model's memory until the next training.
+                model = None;
+                q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        tracing::info!(training = %id, name = %request.name, "style training started");
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_one(shared, &id, &request, &cancel, &mut model)));
+        let state = match outcome {
+            Ok(Ok(style)) => TrainingState::Done { style },
+            Ok(Err(RunError::Stopped)) => TrainingState::Stopped,
+            Ok(Err(RunError::Dataset(m))) => TrainingState::Failed { message: m },
+            Ok(Err(RunError::Other(e))) => {
+                tracing::error!(training = %id, error = %format!("{e:#}"), "style training failed");
+                TrainingState::Failed { message: format!("{e:#}") }
+            }
+            Err(_) => TrainingState::Failed { message: "the trainer crashed; see the server log".into() },
+        };
+        tracing::info!(training = %id, state = state_word(&state), "style training ended");
+        shared.update(&id, true, |s| {
+            s.note = match &state {
+                TrainingState::Stopped => Some(format!("stopped at step {} with a checkpoint; resume continues from it", s.step)),
+                TrainingState::Done { style } => Some(format!("use it in a prompt as <lora:{style}:1> {}", s.request.trigger_word())),
+                _ => None,
+            };
+            s.state = state;
+            s.steps_per_s = None;
+            s.eta_s = None;
+        });
+    }
+}
+
+fn run_one(
+    shared: &Arc<Shared>,
+    id: &str,
+    request: &StyleTrainingRequest,
+    cancel: &AtomicBool,
+    model: &mut Option<Arc<StableDiffusion>>,
+) -> Result<String, RunError> {
+    let sd = match model {
+        Some(sd) => sd.clone(),
+        None => {
+            let sd = Arc::new(StableDiffusion::load(&shared.model.dir, &shared.model.device)?);
+            *model = Some(sd.clone());
+            sd
+        }
+    };
+    let images = shared.dataset_dir(&request.dataset_id).map_err(|_| {
+        RunError::Dataset(format!("the uploaded dataset {} is gone: upload the images again and start a new training", request.dataset_id))
+    })?;
+    let stride = (request.steps as usize).div_ceil(MAX_LOSS_POINTS).max(1) as u64;
+    let mut window: Option<(Instant, u64)> = None;
+    let mut last_save = Instant::now();
+    let mut progress = |ev: &RunEvent| -> bool {
+        match ev {
+            RunEvent::Report(r) => shared.update(id, false, |s| s.note = Some(format!("{} usable images; preparing", r.items.len()))),
+            RunEvent::Prepared { hash, images, resolution } => shared.update(id, false, |s| {
+                s.note = Some(format!("dataset {hash}: {images} images at {resolution}×{resolution}"));
+            }),
+            RunEvent::Train(StyleEvent::Start { step, total }) => {
+                window = Some((Instant::now(), *step));
+                let (step, total) = (*step, *total);
+                shared.update(id, true, |s| {
+                    // A resumed run restarts at its checkpoint: forget what came after it.
+                    s.losses.retain(|(k, _)| *k <= step);
+                    s.samples.retain(|x| x.step <= step);
+                    s.step = step;
+                    s.total = total;
+                    if !matches!(s.state, TrainingState::Stopping) {
+                        s.state = TrainingState::Running;
+                    }
+                    s.note = (step > 0).then(|| format!("resumed at step {step}"));
+                });
+            }
+            RunEvent::Train(StyleEvent::Step { step, total, loss, .. }) => {
+                let (step, total, loss) = (*step, *total, *loss);
+                let rate = window.map(|(t, s0)| (step - s0) as f64 / t.elapsed().as_secs_f64().max(1e-9));
+                let save = last_save.elapsed() > PERSIST_EVERY || step == total;
+                if save {
+                    last_save = Instant::now();
+                }
+                shared.update(id, save, |s| {
+                    s.step = step;
+                    s.total = total;
+                    s.loss = Some(s.loss.map_or(loss, |m| 0.9 * m + 0.1 * loss));
+                    if step % stride == 0 || step == total {
+                        s.losses.push((step, loss));
+                    }
+                    s.steps_per_s = rate;
+                    s.eta_s = rate.filter(|r| *r > 0.0).map(|r| (total - step) as f64 / r);
+                });
+            }
+            RunEvent::Train(StyleEvent::Samples { step, .. }) => {
+                let step = *step;
+                shared.update(id, true, |s| {
+                    s.samples.retain(|x| x.step != step);
+                    s.samples.push(TrainingSample { step, url: format!("/api/style-trainings/{}/samples/{step}.png", s.id) });
+                });
+            }
+            RunEvent::Train(StyleEvent::Note(m)) => shared.update(id, false, |s| s.note = Some(m.clone())),
+            RunEvent::Measuring => shared.update(id, true, |s| {
+                s.state = TrainingState::Measuring;
+                s.steps_per_s = None;
+                s.eta_s = None;
+                s.note = Some("rendering the base model and the style on the same prompts and seeds".into());
+            }),
+        }
+        !cancel.load(Ordering::SeqCst)
+    };
+    run_training(request, &images, &sd, &shared.model.dir, &shared.library, &shared.tracking, &mut progress)?;
+    Ok(request.name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploaded_names_are_made_safe() {
+        assert_eq!(safe_name("../../etc/passwd").as_deref(), Some("passwd"));
+        assert_eq!(safe_name("C:\\Users\\me\\cat 1.png").as_deref(), Some("cat 1.png"));
+        assert_eq!(safe_name(".hidden").as_deref(), Some("hidden"));
+        assert_eq!(safe_name("a;b|c.png").as_deref(), Some("a_b_c.png"));
+        assert_eq!(safe_name("dir/"), None);
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a.png"), b"x").unwrap();
+        std::fs::write(tmp.path().join("a-2.png"), b"x").unwrap();
+        assert_eq!(free_path(tmp.path(), "a.png"), tmp.path().join("a-3.png"));
+        assert_eq!(free_path(tmp.path(), "b.png"), tmp.path().join("b.png"));
+    }
+}
