@@ -1,44 +1,50 @@
-//! Browser-only helpers (compiled with the `hydrate` feature): the job progress stream and
-//! reading an uploaded file. On the server these are never called.
+//! Browser-only helpers (compiled with the `hydrate` feature): progress streams (jobs and
+//! style trainings), reading a chosen file, and uploading files with progress. On the server these are never called.
 
 #[cfg(feature = "hydrate")]
 mod imp {
     use wasm_bindgen::closure::Closure;
     use wasm_bindgen::JsCast;
-    use web_sys::{EventSource, FileReader, HtmlInputElement, MessageEvent};
+    use serde::de::DeserializeOwned;
+    use web_sys::{EventSource, FileReader, FormData, HtmlInputElement, MessageEvent, ProgressEvent, XmlHttpRequest};
 
-    use crate::dto::JobStatus;
+    use crate::dto::{ErrorBody, JobStatus, TrainingStatus};
 
     /// An open progress stream; closes when dropped.
-    pub struct JobStream {
+    pub struct EventStream {
         source: EventSource,
         _on_message: Closure<dyn FnMut(MessageEvent)>,
         _on_error: Closure<dyn FnMut(web_sys::Event)>,
     }
 
-    impl Drop for JobStream {
+    /// The stream of a generation job.
+    pub type JobStream = EventStream;
+
+    impl Drop for EventStream {
         fn drop(&mut self) {
             self.source.close();
         }
     }
 
-    /// Follows `/api/jobs/{id}/events`, calling `on_status` for every update and `on_lost`
-    /// if the connection drops for good.
-    pub fn watch_job(
-        job_id: &str,
-        on_status: impl Fn(JobStatus) + 'static,
+    /// Follows the SSE stream at `url` whose events are JSON `T`, calling `on_value` for
+    /// each, closing after a value for which `last` holds, and calling `on_lost` if the
+    /// connection drops for good.
+    pub fn watch<T: DeserializeOwned + 'static>(
+        url: &str,
+        last: fn(&T) -> bool,
+        on_value: impl Fn(T) + 'static,
         on_lost: impl Fn() + 'static,
-    ) -> Option<JobStream> {
-        let source = EventSource::new(&format!("/api/jobs/{job_id}/events")).ok()?;
+    ) -> Option<EventStream> {
+        let source = EventSource::new(url).ok()?;
         let src = source.clone();
         let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |ev: MessageEvent| {
             let Some(text) = ev.data().as_string() else { return };
-            if let Ok(status) = serde_json::from_str::<JobStatus>(&text) {
-                if status.state.is_finished() {
+            if let Ok(value) = serde_json::from_str::<T>(&text) {
+                if last(&value) {
                     // Closing first stops the browser from reconnecting when the server ends the stream.
                     src.close();
                 }
-                on_status(status);
+                on_value(value);
             }
         });
         let src = source.clone();
@@ -50,7 +56,68 @@ mod imp {
         });
         source.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
         source.set_onerror(Some(on_error.as_ref().unchecked_ref()));
-        Some(JobStream { source, _on_message: on_message, _on_error: on_error })
+        Some(EventStream { source, _on_message: on_message, _on_error: on_error })
+    }
+
+    /// Follows `/api/jobs/{id}/events` until the job finishes.
+    pub fn watch_job(job_id: &str, on_status: impl Fn(JobStatus) + 'static, on_lost: impl Fn() + 'static) -> Option<JobStream> {
+        watch(&format!("/api/jobs/{job_id}/events"), |s: &JobStatus| s.state.is_finished(), on_status, on_lost)
+    }
+
+    /// Follows `/api/style-trainings/{id}/events` until the training stops, fails or ends.
+    pub fn watch_training(id: &str, on_status: impl Fn(TrainingStatus) + 'static, on_lost: impl Fn() + 'static) -> Option<EventStream> {
+        watch(&format!("/api/style-trainings/{id}/events"), |s: &TrainingStatus| !s.state.is_active(), on_status, on_lost)
+    }
+
+    /// Sends every file chosen in `input` to `url` as multipart form-data (fields named
+    /// `files`), reporting (bytes sent, bytes in all) as the upload goes, then `done` with
+    /// the JSON reply or the error message the server gave.
+    pub fn upload_files<T: DeserializeOwned + 'static>(
+        url: &str,
+        input: &HtmlInputElement,
+        on_progress: impl Fn(f64, f64) + 'static,
+        done: impl Fn(Result<T, String>) + 'static,
+    ) {
+        let fail = |m: &str| Err(format!("cannot upload: {m}"));
+        let Some(files) = input.files() else { return done(fail("no files chosen")) };
+        let Ok(form) = FormData::new() else { return done(fail("the browser has no FormData")) };
+        for i in 0..files.length() {
+            if let Some(f) = files.get(i) {
+                let _ = form.append_with_blob_and_filename("files", &f, &f.name());
+            }
+        }
+        let Ok(xhr) = XmlHttpRequest::new() else { return done(fail("the browser has no XMLHttpRequest")) };
+        if xhr.open("POST", url).is_err() {
+            return done(fail("bad address"));
+        }
+        let on_progress = Closure::<dyn FnMut(ProgressEvent)>::new(move |ev: ProgressEvent| {
+            if ev.length_computable() {
+                on_progress(ev.loaded(), ev.total());
+            }
+        });
+        if let Ok(upload) = xhr.upload() {
+            upload.set_onprogress(Some(on_progress.as_ref().unchecked_ref()));
+        }
+        let x = xhr.clone();
+        let on_end = Closure::<dyn FnMut(web_sys::Event)>::new(move |_| {
+            let status = x.status().unwrap_or(0);
+            let text = x.response_text().ok().flatten().unwrap_or_default();
+            let result = if status == 0 {
+                Err("the connection to the server was lost during the upload".to_string())
+            } else if (200..300).contains(&status) {
+                serde_json::from_str::<T>(&text).map_err(|e| format!("unexpected reply from the server: {e}"))
+            } else {
+                Err(serde_json::from_str::<ErrorBody>(&text).map(|b| b.error).unwrap_or_else(|_| format!("the server answered {status}")))
+            };
+            done(result);
+        });
+        xhr.set_onloadend(Some(on_end.as_ref().unchecked_ref()));
+        // Both closures live until the request ends; one upload at a time, so leaking is bounded.
+        on_progress.forget();
+        on_end.forget();
+        if xhr.send_with_opt_form_data(Some(&form)).is_err() {
+            // onloadend reports the failure.
+        }
     }
 
     /// Reads the first file chosen in `input` as a `data:` URL, then calls `done(name, url)`.

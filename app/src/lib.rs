@@ -49,11 +49,13 @@ pub fn App() -> impl IntoView {
             <nav class="top">
                 <a href="/">"Generate"</a>
                 <a href="/styles">"Styles"</a>
+                <a href="/train">"Train"</a>
             </nav>
             <main>
                 <Routes fallback=|| view! { <p class="error">"Page not found."</p> }>
                     <Route path=StaticSegment("") view=pages::generate::GeneratePage />
                     <Route path=StaticSegment("styles") view=pages::styles::StylesPage />
+                    <Route path=StaticSegment("train") view=pages::train::TrainPage />
                 </Routes>
             </main>
         </Router>

@@ -5,7 +5,7 @@
 use leptos::prelude::*;
 use leptos::server_fn::codec::Json;
 
-use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary};
+use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary, StyleTrainingRequest, TrainingStatus};
 use crate::error::AppError;
 
 /// Server-only half: what the server provides through context.
@@ -17,7 +17,7 @@ pub mod ssr {
 
     use leptos::prelude::use_context;
 
-    use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary};
+    use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary, StyleTrainingRequest, TrainingStatus};
     use crate::error::AppError;
 
     /// A boxed future, so [`Studio`] stays object-safe.
@@ -35,6 +35,13 @@ pub mod ssr {
         fn styles(&self) -> Result<Vec<StyleSummary>, AppError>;
         fn rename_style(&self, name: &str, new_name: &str) -> Result<(), AppError>;
         fn delete_style(&self, name: &str) -> Result<(), AppError>;
+        /// Style trainings, newest first.
+        fn trainings(&self) -> Result<Vec<TrainingStatus>, AppError>;
+        /// Checks and queues a style training (reading its dataset off the async runtime).
+        fn start_training(&self, request: StyleTrainingRequest) -> BoxFuture<Result<TrainingStatus, AppError>>;
+        fn stop_training(&self, id: &str) -> Result<TrainingStatus, AppError>;
+        fn resume_training(&self, id: &str) -> Result<TrainingStatus, AppError>;
+        fn delete_training(&self, id: &str) -> Result<(), AppError>;
     }
 
     /// How the server passes the studio to server functions (`leptos_routes_with_context`).
@@ -112,4 +119,36 @@ pub async fn rename_style(name: String, new_name: String) -> Result<(), AppError
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn delete_style(name: String) -> Result<(), AppError> {
     ssr::with_status(ssr::studio().and_then(|s| s.delete_style(&name)))
+}
+
+/// Style trainings, newest first.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn list_style_trainings() -> Result<Vec<TrainingStatus>, AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.trainings()))
+}
+
+/// Queues a style training on an uploaded dataset; progress then comes from
+/// `/api/style-trainings/{id}/events`.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn start_style_training(request: StyleTrainingRequest) -> Result<TrainingStatus, AppError> {
+    let studio = ssr::with_status(ssr::studio())?;
+    ssr::with_status(studio.start_training(request).await)
+}
+
+/// Stops a training (with a checkpoint when it is running).
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn stop_style_training(id: String) -> Result<TrainingStatus, AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.stop_training(&id)))
+}
+
+/// Resumes a stopped training from its last checkpoint.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn resume_style_training(id: String) -> Result<TrainingStatus, AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.resume_training(&id)))
+}
+
+/// Forgets a training that is not running.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn delete_style_training(id: String) -> Result<(), AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.delete_training(&id)))
 }

@@ -1,6 +1,6 @@
 //! The server's answer to the UI's server functions: [`Studio`] over the job queue and gallery.
 
-use app::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary};
+use app::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary, StyleTrainingRequest, TrainingStatus};
 use app::studio::ssr::{BoxFuture, Studio};
 use app::AppError;
 
@@ -71,9 +71,43 @@ impl Studio for AppState {
         }
         self.styles.delete(name).map_err(|e| AppError::BadRequest(e.to_string()))
     }
+
+    fn trainings(&self) -> Result<Vec<TrainingStatus>, AppError> {
+        Ok(self.training()?.list())
+    }
+
+    fn start_training(&self, request: StyleTrainingRequest) -> BoxFuture<Result<TrainingStatus, AppError>> {
+        let trainer = self.training();
+        Box::pin(async move {
+            let trainer = trainer?;
+            let started = tokio::task::spawn_blocking(move || trainer.start(request))
+                .await
+                .map_err(|e| ApiError::Internal(format!("training start task failed: {e}")))?;
+            Ok(started?)
+        })
+    }
+
+    fn stop_training(&self, id: &str) -> Result<TrainingStatus, AppError> {
+        Ok(self.training()?.stop(id)?)
+    }
+
+    fn resume_training(&self, id: &str) -> Result<TrainingStatus, AppError> {
+        Ok(self.training()?.resume(id)?)
+    }
+
+    fn delete_training(&self, id: &str) -> Result<(), AppError> {
+        Ok(self.training()?.delete(id)?)
+    }
 }
 
 impl AppState {
+    /// The style trainer, or why there is none.
+    pub fn training(&self) -> Result<std::sync::Arc<crate::trainer::Trainer>, ApiError> {
+        self.trainer.clone().ok_or_else(|| {
+            ApiError::Unavailable("style training is not enabled on this server; start it with `atelier serve` (or train with `atelier train-style`)".into())
+        })
+    }
+
     /// Validates a request (decoding any init image on a blocking thread) and queues it.
     pub async fn submit(&self, request: GenerateRequest) -> Result<JobAccepted, ApiError> {
         let size = self.default_size();

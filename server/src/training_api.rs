@@ -39,9 +39,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 fn trainer(state: &AppState) -> Result<Arc<Trainer>, ApiError> {
-    state.trainer.clone().ok_or_else(|| {
-        ApiError::Unavailable("style training is not enabled on this server; start it with `atelier serve` (or train with `atelier train-style`)".into())
-    })
+    state.training()
 }
 
 fn io_error(what: &str, e: std::io::Error) -> ApiError {
