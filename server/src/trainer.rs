@@ -604,7 +604,6 @@ fn worker_loop(shared: &Arc<Shared>) {
         shared.update(&id, true, |s| {
             s.note = match &state {
                 TrainingState::Stopped => Some(format!("stopped at step {} with a checkpoint; resume continues from it", s.step)),
-                TrainingState::Done { style } => Some(format!("use it in a prompt as <lora:{style}:1> {}", s.request.trigger_word())),
                 _ => None,
             };
             s.state = state;

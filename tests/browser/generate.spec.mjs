@@ -8,7 +8,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, existsSync, writeFileSync, readFileSync, copyFileSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import net from 'node:net';
 import path from 'node:path';
@@ -220,6 +220,61 @@ test('the styles page shows the shipped styles, their comparisons and downloads'
   assert.equal(res.status(), 200);
   assert.ok((await res.body()).length > 100_000, 'the adapter file downloads');
   await page.screenshot({ path: screenshot.replace(/\.png$/, '-styles.png'), fullPage: true });
+});
+
+test('the train page uploads images, reports them, trains live, stops, resumes and lands in the library', async () => {
+  // A small generated dataset, a corrupt PNG and a copy of the first image.
+  const images = path.join(dataDir, 'upload-src');
+  execFileSync(serverBinary(), ['style-data', '--style', 'pastel', '--out', images, '--count', '10', '--seed', '5'], { cwd: root });
+  writeFileSync(path.join(images, 'broken.png'), readFileSync(path.join(images, '003.png')).subarray(0, 300));
+  copyFileSync(path.join(images, '000.png'), path.join(images, 'again.png'));
+  const files = readdirSync(images).map((f) => path.join(images, f));
+
+  await page.click('nav.top a[href="/train"]');
+  await page.waitForSelector('.train[data-ready="true"]', { timeout: 60_000 });
+  await page.setInputFiles('#train-files', files);
+  await page.waitForSelector('.dataset-report[data-usable="true"]', { timeout: 60_000 });
+  const count = Number(await page.getAttribute('.dataset-report', 'data-images'));
+  assert.ok(count >= 5 && count <= 10, `usable images: ${count}`);
+  assert.equal(await page.$$eval('.dataset-report .thumbs img', (i) => i.length), count);
+  await page.waitForFunction(() => [...document.querySelectorAll('.thumbs img')].every((i) => i.complete && i.naturalWidth > 0), null, { timeout: 30_000 });
+  const skipped = await page.textContent('.dataset-report .skipped');
+  assert.match(skipped, /broken\.png.*cannot be decoded/s);
+  assert.match(skipped, /again\.png.*near-duplicate of 000\.png/s);
+
+  await page.fill('#style-name', 'browserpastel');
+  await page.fill('#style-trigger', 'pastel');
+  await page.fill('#style-steps', '150');
+  await page.fill('#style-batch', '2');
+  await page.click('button.start');
+  const card = '.training[data-name="browserpastel"]';
+  // Live progress over the event stream: the step counter moves and the loss chart appears.
+  await page.waitForSelector(`${card}[data-state="running"]`, { timeout: 60_000 });
+  await page.waitForFunction((sel) => {
+    const m = document.querySelector(`${sel} .step-counter`)?.textContent.match(/step (\d+)\/150/);
+    return m && Number(m[1]) >= 10;
+  }, card, { timeout: 60_000 });
+  await page.waitForSelector(`${card} .loss-chart polyline.raw`);
+  await page.click(`${card} button.stop`);
+  await page.waitForSelector(`${card}[data-state="stopped"]`, { timeout: 60_000 });
+  const stoppedAt = Number((await page.textContent(`${card} .step-counter`)).match(/step (\d+)\//)[1]);
+  assert.ok(stoppedAt >= 10 && stoppedAt < 150, `stopped at ${stoppedAt}`);
+  assert.match(await page.textContent(`${card} .training-note`), /checkpoint/);
+
+  await page.click(`${card} button.resume`);
+  await page.waitForSelector(`${card}[data-state="done"]`, { timeout: 180_000 });
+  assert.match(await page.textContent(`${card} .step-counter`), /step 150\/150/);
+  assert.match(await page.textContent(`${card} .done code`), /<lora:browserpastel:0\.8> pastel/);
+  await page.waitForFunction((sel) => {
+    const img = document.querySelector(`${sel} img.sample`);
+    return img && img.complete && img.naturalWidth > 0 && /step 150/.test(img.alt);
+  }, card, { timeout: 30_000 });
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-train.png'), fullPage: true });
+
+  // The new style is in the library, deletable, with its comparison.
+  await page.click(`${card} a.open-style`);
+  await page.waitForSelector('.style-card[data-name="browserpastel"] img.compare', { timeout: 30_000 });
+  assert.equal(await page.$$eval('.style-card[data-name="browserpastel"] button.delete', (b) => b.length), 1);
 });
 
 test('no errors in the browser console', () => {

@@ -425,7 +425,7 @@ fn TrainingCard(
         let sample = t.samples.last().cloned();
         let (stop_id, resume_id, delete_id) = (id.clone(), id.clone(), id.clone());
         view! {
-            <li class="training" data-id=id.clone() data-state=state_key(&t.state)>
+            <li class="training" data-id=id.clone() data-name=t.request.name.clone() data-state=state_key(&t.state)>
                 <h3>{t.request.name.clone()} " " <span class=format!("badge state {}", state_key(&t.state))>{state_label(&t.state)}</span></h3>
                 <p class="details">{settings}</p>
                 <div class="bar"><div class="bar-fill" style:width=format!("{:.1}%", fraction * 100.0)></div></div>
@@ -443,6 +443,17 @@ fn TrainingCard(
                 }}
                 <div class="training-media">
                     {(t.losses.len() >= 2).then(|| view! { <LossChart losses=t.losses.clone() total=t.total /> })}
+                    {if let TrainingState::Done { style } = &t.state {
+                        let style = style.clone();
+                        Some(view! {
+                            <figure>
+                                <img class="compare" src=format!("/api/styles/{style}/files/compare.png") alt="base model (top) and the style (bottom)" />
+                                <figcaption>"base model (top) vs the style (bottom), same prompts and seeds"</figcaption>
+                            </figure>
+                        })
+                    } else {
+                        None
+                    }}
                     {sample.map(|s| view! {
                         <figure>
                             <img class="sample" src=s.url.clone() alt=format!("samples at step {}", s.step) />
