@@ -135,6 +135,8 @@ impl Trainer {
     pub fn open(root: &Path, library: Arc<StyleLibrary>, tracking: PathBuf, model: ModelSource) -> anyhow::Result<Self> {
         std::fs::create_dir_all(root.join("datasets"))?;
         std::fs::create_dir_all(root.join("runs"))?;
+        // Uploads cut off by a crash or restart left their pieces here.
+        let _ = std::fs::remove_dir_all(root.join("incoming"));
         let shared = Arc::new(Shared {
             root: root.to_path_buf(),
             library,

@@ -143,6 +143,10 @@ async fn upload_report_train_stop_resume_and_land_in_the_library() {
     // A dataset that is too small gets a clear refusal when training starts.
     let small: DatasetSummary = upload(&app, "/api/style-datasets", &[("a.png", file("004.png")), ("b.png", file("005.png"))]).await.json();
     assert!(!small.usable);
+    // Uploads may be far larger than the 20 MB JSON limit.
+    let big: DatasetSummary =
+        upload(&app, &format!("/api/style-datasets?dataset={}", small.id), &[("big.bin", vec![7u8; 24 * 1024 * 1024])]).await.json();
+    assert!(big.skipped.iter().any(|s| s.file == "big.bin" && s.reason.contains("not an image")), "{big:?}");
 
     let start = |body: Value| {
         let app = app.clone();

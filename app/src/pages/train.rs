@@ -468,8 +468,15 @@ fn TrainingCard(
                     {t.state.can_resume().then(|| view! {
                         <button type="button" class="resume" on:click=move |_| { act.dispatch(("resume", resume_id.clone())); }>"Resume"</button>
                     })}
-                    {(!t.state.is_active()).then(|| view! {
-                        <button type="button" class="delete secondary" on:click=move |_| { act.dispatch(("delete", delete_id.clone())); }>"Remove from list"</button>
+                    {(!t.state.is_active()).then(|| {
+                        let (label, title) = if matches!(t.state, TrainingState::Done { .. }) {
+                            ("Remove from list", "the style stays in the library")
+                        } else {
+                            ("Discard", "forget this training and delete its checkpoints")
+                        };
+                        view! {
+                            <button type="button" class="delete secondary" title=title on:click=move |_| { act.dispatch(("delete", delete_id.clone())); }>{label}</button>
+                        }
                     })}
                 </div>
                 {move || error.get().map(|e| view! { <p class="error">{e}</p> })}
