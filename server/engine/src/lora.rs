@@ -262,7 +262,7 @@ impl LoraAdapter {
             match fit(m, info.shape) {
                 Ok((down, up)) => bound.push(BoundModule {
                     slot: index,
-                    block: Block::of(m.component, &info.name),
+                    block: block_of(m.component, &info.name),
                     down: down.to_device(device)?.to_dtype(dtype)?,
                     up: up.to_device(device)?.to_dtype(dtype)?,
                     scale: m.scale,
@@ -418,55 +418,10 @@ impl PeftConfigs {
     }
 }
 
-/// Where a layer sits, for per-block weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Block {
-    TextEncoder,
-    Down,
-    Mid,
-    Up,
-    /// UNet layers outside the three block groups (conv_in, time embedding, conv_out).
-    Other,
-}
+pub use atelier_blend::{Block, BlockWeights};
 
-impl Block {
-    fn of(component: Component, name: &str) -> Self {
-        match component {
-            Component::TextEncoder => Block::TextEncoder,
-            Component::Unet if name.starts_with("down_blocks") => Block::Down,
-            Component::Unet if name.starts_with("mid_block") => Block::Mid,
-            Component::Unet if name.starts_with("up_blocks") => Block::Up,
-            Component::Unet => Block::Other,
-        }
-    }
-}
-
-/// Multipliers per UNet block group, on top of an adapter's weight (A1111's
-/// "LoRA block weight" idea at the coarsest level). The text encoder and layers
-/// outside the groups use the adapter weight alone.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct BlockWeights {
-    pub down: f64,
-    pub mid: f64,
-    pub up: f64,
-}
-
-impl Default for BlockWeights {
-    fn default() -> Self {
-        Self { down: 1.0, mid: 1.0, up: 1.0 }
-    }
-}
-
-impl BlockWeights {
-    pub fn of(&self, block: Block) -> f64 {
-        match block {
-            Block::Down => self.down,
-            Block::Mid => self.mid,
-            Block::Up => self.up,
-            Block::TextEncoder | Block::Other => 1.0,
-        }
-    }
+fn block_of(component: Component, name: &str) -> Block {
+    Block::of_layer(component == Component::TextEncoder, name)
 }
 
 /// The layers of a loaded model that adapters can attach to.
@@ -518,7 +473,7 @@ impl ModelSlots {
         let mut per_slot: Vec<Vec<crate::layers::LoraDelta>> = vec![Vec::new(); self.slots.len()];
         for a in active {
             for m in &a.lora.modules {
-                let w = a.weight * a.blocks.of(m.block);
+                let w = atelier_blend::weights::effective_scale(a.weight, &a.blocks, m.block);
                 if w != 0.0 {
                     per_slot[m.slot].push(crate::layers::LoraDelta { down: m.down.clone(), up: m.up.clone(), scale: w * m.scale });
                 }
@@ -544,7 +499,7 @@ impl BoundModule {
     /// A module for the layer at `slot` of `slots` (shapes already checked by the caller).
     pub fn new(slots: &ModelSlots, slot: usize, down: Tensor, up: Tensor, scale: f64) -> Option<Self> {
         let (component, info) = slots.get(slot)?;
-        Some(Self { slot, block: Block::of(component, &info.name), down, up, scale })
+        Some(Self { slot, block: block_of(component, &info.name), down, up, scale })
     }
 
     /// The index of the layer this module attaches to.
