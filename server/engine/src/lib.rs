@@ -6,6 +6,7 @@
 //! This crate never downloads outside [`hub`], never prints, and never parses flags.
 
 pub mod attention;
+pub mod bake;
 pub mod error;
 pub mod metadata;
 pub mod noise;
