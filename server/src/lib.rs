@@ -3,6 +3,7 @@
 //! drive it with `tower::ServiceExt::oneshot` and no socket.
 
 pub mod api;
+pub mod blends;
 pub mod error;
 pub mod gallery;
 pub mod generator;

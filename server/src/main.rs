@@ -34,6 +34,8 @@ enum Command {
     StyleData(cli::style_data::StyleDataArgs),
     /// Train a LoRA style adapter from a folder of images into the style library.
     TrainStyle(cli::train_style::TrainStyleArgs),
+    /// Blends of styles: share links, saved blends, baking into one adapter or the model.
+    Blend(cli::blend::BlendArgs),
 }
 
 fn main() -> Result<()> {
@@ -56,5 +58,6 @@ fn main() -> Result<()> {
         Command::TrainStyle(args) => cli::train_style::run(args),
         Command::EvalStyles(args) => cli::eval_styles::run(args),
         Command::StyleData(args) => cli::style_data::run(args),
+        Command::Blend(args) => cli::blend::run(args),
     }
 }

@@ -13,8 +13,15 @@ use atelier_engine::scheduler::SchedulerKind;
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
     /// What to paint.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "blend")]
+    pub prompt: Option<String>,
+    /// Render a blend: a share link (or its code) or the name of a saved blend. Its
+    /// styles, prompt, negative prompt, seed, steps, guidance, scheduler and size are used.
+    #[arg(long, value_name = "LINK_OR_NAME")]
+    pub blend: Option<String>,
+    /// Where saved blends are kept (`DATA/blends/`).
+    #[arg(long, env = "ATELIER_DATA", default_value = "data")]
+    pub data_dir: PathBuf,
     /// What to steer away from.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
@@ -65,7 +72,25 @@ pub struct GenerateArgs {
     pub out: PathBuf,
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(mut args: GenerateArgs) -> Result<()> {
+    if let Some(link) = args.blend.clone() {
+        let model_dir = atelier_engine::model::resolve(&args.model)?;
+        let model_hash = atelier_engine::model::short_hash(&model_dir.join("unet/diffusion_pytorch_model.safetensors"))?;
+        let library = crate::cli::blend::library(&args.library);
+        let r = crate::cli::blend::resolve(&link, &args.data_dir, &library, &model_hash)?;
+        if r.other_model {
+            eprintln!("warning: this blend was made on model {} but the loaded model is {model_hash}: the images will differ", r.blend.model_hash);
+        }
+        args.prompt = Some(r.tagged_prompt()?);
+        args.negative_prompt = r.blend.negative_prompt.clone();
+        args.seed = Some(r.blend.seed);
+        args.steps = r.blend.steps as usize;
+        args.guidance = r.blend.guidance;
+        args.scheduler = r.blend.scheduler.clone();
+        args.width = Some(r.blend.width as usize);
+        args.height = Some(r.blend.height as usize);
+    }
+    let prompt = args.prompt.clone().context("give --prompt or --blend")?;
     let scheduler: SchedulerKind = args.scheduler.parse()?;
     let attention: AttentionKind = args.attention.parse()?;
     let init_image = match &args.init_image {
@@ -84,7 +109,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut specs: Vec<(PathBuf, f64, atelier_engine::lora::BlockWeights)> =
         args.loras.iter().map(|s| parse_lora_spec(s)).collect::<Result<_>>()?;
     // `<lora:NAME:WEIGHT>` tags: styles from the library; the tags stay in the saved prompt, as in A1111.
-    let (engine_prompt, tags) = atelier_engine::prompt::extract_lora_tags(&args.prompt)?;
+    let (engine_prompt, tags) = atelier_engine::prompt::extract_lora_tags(&prompt)?;
     if !tags.is_empty() {
         let library = atelier_server::styles::StyleLibrary::new(args.library.clone()).with_shipped(PathBuf::from(crate::cli::train_style::SHIPPED_STYLES));
         for tag in tags {
@@ -142,7 +167,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.out.with_file_name(format!("{stem}-{k}.png"))
         };
         let meta = ImageMetadata {
-            prompt: args.prompt.clone(),
+            prompt: prompt.clone(),
             negative_prompt: params.negative_prompt.clone(),
             steps: params.steps,
             sampler: scheduler.a1111_name().to_string(),

@@ -1,6 +1,7 @@
 //! The command-line subcommands other than `serve`.
 
 pub mod bench;
+pub mod blend;
 pub mod eval_starter;
 pub mod eval_styles;
 pub mod generate;

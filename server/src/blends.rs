@@ -1,0 +1,185 @@
+//! Saved blends and how a blend (named or from a share link) is matched to what this
+//! studio has: the model by hash, each style by hash (found under any name), so a blend
+//! renders exactly what it rendered for the person who shared it, or says what is missing.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use atelier_blend::Blend;
+use serde::{Deserialize, Serialize};
+
+use crate::styles::{check_name, StyleEntry, StyleLibrary};
+
+/// Named blends, one JSON file each (`ROOT/NAME.json`), written atomically.
+#[derive(Debug, Clone)]
+pub struct BlendStore {
+    root: PathBuf,
+}
+
+/// A saved blend as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedBlend {
+    pub name: String,
+    pub blend: Blend,
+    /// Its share link code.
+    pub link: String,
+}
+
+impl BlendStore {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    fn path(&self, name: &str) -> Result<PathBuf> {
+        check_name(name)?;
+        Ok(self.root.join(format!("{name}.json")))
+    }
+
+    /// Saves (or replaces) the blend `name`.
+    pub fn save(&self, name: &str, blend: &Blend) -> Result<SavedBlend> {
+        let link = atelier_blend::encode(blend)?;
+        let path = self.path(name)?;
+        std::fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(blend)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(SavedBlend { name: name.to_string(), blend: blend.clone(), link })
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<SavedBlend>> {
+        let path = self.path(name)?;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let blend: Blend = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a saved blend", path.display()))?;
+        let link = atelier_blend::encode(&blend)?;
+        Ok(Some(SavedBlend { name: name.to_string(), blend, link }))
+    }
+
+    /// Every saved blend, by name.
+    pub fn list(&self) -> Vec<SavedBlend> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".json").map(str::to_string))
+            .filter(|n| check_name(n).is_ok())
+            .collect();
+        names.sort();
+        names.into_iter().filter_map(|n| self.get(&n).ok().flatten()).collect()
+    }
+
+    /// Deletes `name`; false when there is none.
+    pub fn delete(&self, name: &str) -> Result<bool> {
+        let path = self.path(name)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("deleting {}", path.display())),
+        }
+    }
+}
+
+/// A style of a blend that this studio does not have.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MissingStyle {
+    pub name: String,
+    pub hash: String,
+    /// A style here has the name but other weights.
+    pub name_taken_by_other_version: bool,
+}
+
+/// A blend matched against this studio.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub blend: Blend,
+    /// The library style used for each blend style (same order), where found.
+    pub styles: Vec<Option<StyleEntry>>,
+    pub missing: Vec<MissingStyle>,
+    /// The blend was made on another model (by hash) than `model_hash`.
+    pub other_model: bool,
+}
+
+impl Resolved {
+    /// The prompt with `<lora:…>` tags naming the local styles.
+    pub fn tagged_prompt(&self) -> Result<String> {
+        if let Some(m) = self.missing.first() {
+            bail!(
+                "this blend needs the style {} (hash {}), which this studio does not have{}; get it from whoever shared the blend",
+                m.name,
+                m.hash,
+                if m.name_taken_by_other_version { " (a different style has that name here)" } else { "" }
+            );
+        }
+        let mut local = self.blend.clone();
+        for (s, entry) in local.styles.iter_mut().zip(&self.styles) {
+            if let Some(e) = entry {
+                s.name = e.name.clone();
+            }
+        }
+        Ok(local.tagged_prompt())
+    }
+}
+
+/// The A1111 short hash of a style's kohya file.
+pub fn style_hash(entry: &StyleEntry) -> Option<String> {
+    atelier_engine::model::short_hash(&entry.adapter()).ok()
+}
+
+/// Matches `blend` against `library` and the loaded model's hash.
+pub fn resolve(blend: Blend, library: &StyleLibrary, model_hash: &str) -> Resolved {
+    let all = library.list();
+    let hashes: Vec<Option<String>> = all.iter().map(style_hash).collect();
+    let mut styles = Vec::new();
+    let mut missing = Vec::new();
+    for s in &blend.styles {
+        let same_name = all.iter().zip(&hashes).find(|(e, _)| e.name == s.name);
+        let found = match same_name {
+            Some((e, Some(h))) if *h == s.hash => Some(e.clone()),
+            _ => all.iter().zip(&hashes).find(|(_, h)| h.as_deref() == Some(s.hash.as_str())).map(|(e, _)| e.clone()),
+        };
+        if found.is_none() {
+            missing.push(MissingStyle { name: s.name.clone(), hash: s.hash.clone(), name_taken_by_other_version: same_name.is_some() });
+        }
+        styles.push(found);
+    }
+    let other_model = !blend.model_hash.is_empty() && blend.model_hash != model_hash;
+    Resolved { blend, styles, missing, other_model }
+}
+
+/// Reads `link_or_name`: a share link (or its code) first, else a saved blend's name.
+pub fn load(link_or_name: &str, store: &BlendStore) -> Result<Blend> {
+    match atelier_blend::decode(link_or_name) {
+        Ok(b) => Ok(b),
+        Err(link_error) => {
+            if check_name(link_or_name).is_ok() {
+                if let Some(saved) = store.get(link_or_name)? {
+                    return Ok(saved.blend);
+                }
+                bail!("{link_or_name:?} is neither a saved blend nor a blend link ({link_error})");
+            }
+            Err(link_error.into())
+        }
+    }
+}
+
+/// Builds a blend from styles in `library` given as `NAME:WEIGHT[:lbw=D,M,U]`.
+pub fn from_specs(specs: &[String], library: &StyleLibrary) -> Result<Vec<atelier_blend::BlendStyle>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (_, tags) = atelier_engine::prompt::extract_lora_tags(&format!("<lora:{spec}>"))
+                .with_context(|| format!("--style {spec}: write NAME:WEIGHT or NAME:WEIGHT:lbw=DOWN,MID,UP"))?;
+            let t = tags.into_iter().next().with_context(|| format!("--style {spec}: write NAME:WEIGHT"))?;
+            let entry = library.find(&t.name).with_context(|| format!("no style {} in the library", t.name))?;
+            let hash = style_hash(&entry).with_context(|| format!("cannot read the adapter of {}", entry.name))?;
+            let blocks = t.blocks.map_or_else(Default::default, |[down, mid, up]| atelier_blend::BlockWeights { down, mid, up });
+            Ok(atelier_blend::BlendStyle { name: entry.name, hash, weight: t.weight, blocks })
+        })
+        .collect()
+}
+
+/// The store of saved blends in `data_dir`.
+pub fn store_in(data_dir: &Path) -> BlendStore {
+    BlendStore::new(data_dir.join("blends"))
+}
