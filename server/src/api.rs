@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         .route("/styles/{name}/rename", post(style_rename))
         .route("/styles/{name}/files/{file}", get(style_file))
         .merge(crate::training_api::routes())
+        .merge(crate::blends_api::routes())
         .fallback(|method: Method, OriginalUri(uri): OriginalUri| async move { ApiError::UnknownRoute(format!("{method} {}", uri.path())) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
@@ -164,6 +165,8 @@ struct StyleItem {
     name: String,
     builtin: bool,
     card: Option<crate::styles::StyleCard>,
+    /// A1111 short hash of the kohya file (what blends and share links name it by).
+    hash: Option<String>,
     /// Files that can be fetched from `/api/styles/{name}/files/{file}`.
     files: Vec<String>,
 }
@@ -183,7 +186,7 @@ async fn styles_list(State(state): State<AppState>) -> Json<Vec<StyleItem>> {
         .styles
         .list()
         .into_iter()
-        .map(|s| StyleItem { name: s.name.clone(), builtin: s.builtin, card: s.card.clone(), files: style_files(&s) })
+        .map(|s| StyleItem { name: s.name.clone(), builtin: s.builtin, card: s.card.clone(), hash: crate::blends::style_hash(&s), files: style_files(&s) })
         .collect();
     Json(items)
 }

@@ -121,9 +121,23 @@ impl Resolved {
     }
 }
 
-/// The A1111 short hash of a style's kohya file.
+/// The A1111 short hash of a style's kohya file (remembered per file, size and
+/// modification time, so listing styles does not re-read large files).
 pub fn style_hash(entry: &StyleEntry) -> Option<String> {
-    atelier_engine::model::short_hash(&entry.adapter()).ok()
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (PathBuf, u64, Option<std::time::SystemTime>);
+    static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
+    let path = entry.adapter();
+    let meta = std::fs::metadata(&path).ok()?;
+    let key = (path.clone(), meta.len(), meta.modified().ok());
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(h) = cache.lock().ok()?.get(&key) {
+        return Some(h.clone());
+    }
+    let hash = atelier_engine::model::short_hash(&path).ok()?;
+    cache.lock().ok()?.insert(key, hash.clone());
+    Some(hash)
 }
 
 /// Matches `blend` against `library` and the loaded model's hash.

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod blends;
+pub mod blends_api;
 pub mod error;
 pub mod gallery;
 pub mod generator;

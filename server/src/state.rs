@@ -21,6 +21,8 @@ pub struct AppState {
     pub model: Arc<ModelInfo>,
     /// The style library (user styles in `DATA/styles`, plus shipped ones).
     pub styles: Arc<crate::styles::StyleLibrary>,
+    /// Saved blends (`DATA/blends/`).
+    pub blends: Arc<crate::blends::BlendStore>,
     /// Style training from the web; `None` when the server has no model to train on.
     pub trainer: Option<Arc<crate::trainer::Trainer>>,
 }
@@ -45,7 +47,8 @@ impl AppState {
         });
         let jobs = Arc::new(JobQueue::start(generator, gallery.clone()));
         let styles = Arc::new(crate::styles::StyleLibrary::new(data_dir.join("styles")));
-        Ok(Self { leptos_options, jobs, gallery, model, styles, trainer: None })
+        let blends = Arc::new(crate::blends::store_in(data_dir));
+        Ok(Self { leptos_options, jobs, gallery, model, styles, blends, trainer: None })
     }
 
     /// Uses `library` as the style library.

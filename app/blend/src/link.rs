@@ -100,7 +100,12 @@ pub fn decode(link: &str) -> Result<Blend, LinkError> {
     if code.len() > MAX_LINK_CHARS {
         return Err(LinkError::TooLong(code.len()));
     }
-    let bytes = URL_SAFE_NO_PAD.decode(code.trim_end_matches('=')).map_err(|_| LinkError::NotBase64)?;
+    let code = code.trim_end_matches('=');
+    if !code.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
+        return Err(LinkError::NotBase64);
+    }
+    // Only a cut-off link has a length base64 cannot have.
+    let bytes = URL_SAFE_NO_PAD.decode(code).map_err(|_| LinkError::Checksum)?;
     if bytes.len() < MAGIC.len() + 1 || &bytes[..2] != MAGIC {
         return Err(LinkError::BadMagic);
     }
@@ -281,8 +286,9 @@ mod tests {
     #[test]
     fn every_truncation_and_every_flipped_bit_is_refused() {
         let link = encode(&sample()).unwrap();
-        for cut in 0..link.len() {
-            assert!(decode(&link[..cut]).is_err(), "cut at {cut}");
+        for cut in 1..link.len() {
+            let e = decode(&link[..cut]).unwrap_err();
+            assert!(matches!(e, LinkError::Checksum | LinkError::BadMagic), "cut at {cut}: {e}");
         }
         let bytes = URL_SAFE_NO_PAD.decode(&link).unwrap();
         for i in 0..bytes.len() {

@@ -1,0 +1,89 @@
+//! Saved blends and share links over HTTP, on the starter model and the shipped styles.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use app::dto::{JobAccepted, JobState};
+use atelier_server::styles::StyleLibrary;
+use atelier_server::{app, AppState, LoadedModel};
+use axum::http::{Method, StatusCode};
+use axum::Router;
+use leptos::config::LeptosOptions;
+use serde_json::{json, Value};
+
+use common::{assert_json_error, get_json, send, wait_job};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn setup(data: &Path) -> Router {
+    let library = StyleLibrary::new(data.join("styles")).with_shipped(repo().join("models/styles"));
+    let model = LoadedModel::load(&repo().join("models/starter"), &candle_core::Device::Cpu).unwrap().with_styles(library.clone());
+    let options = LeptosOptions::builder().output_name("atelier").site_root(data.join("site").to_string_lossy().as_ref()).build();
+    app(AppState::new(options, Arc::new(model), data, (64, 64), None).unwrap().with_styles(library))
+}
+
+async fn render(app: &Router, prompt: &str) -> Vec<u8> {
+    let r = send(app, Method::POST, "/api/generate", Some(json!({"prompt": prompt, "seed": 9, "steps": 6}))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let job: JobAccepted = r.json();
+    let s = wait_job(app, &job.job_id, Duration::from_secs(60), JobState::is_finished).await;
+    let JobState::Done { image_ids, .. } = s.state else { panic!("{:?}", s.state) };
+    send(app, Method::GET, &format!("/api/images/{}.png", image_ids[0]), None).await.body
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn save_list_resolve_and_render_blends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = setup(tmp.path());
+    let model: Value = get_json(&app, "/api/model").await;
+    let styles: Vec<Value> = get_json(&app, "/api/styles").await;
+    let hash = |n: &str| styles.iter().find(|s| s["name"] == n).unwrap()["hash"].as_str().unwrap().to_string();
+    assert_eq!(hash("inkline").len(), 10);
+    let blend = json!({
+        "model_hash": model["hash"], "prompt": "a red circle on a blue background", "negative_prompt": "",
+        "seed": 9, "steps": 6, "guidance": 7.5, "scheduler": "dpmpp-2m-karras", "width": 64, "height": 64,
+        "styles": [
+            {"name": "inkline", "hash": hash("inkline"), "weight": 0.5, "blocks": {"down": 1.0, "mid": 1.0, "up": 1.0}},
+            {"name": "pastel", "hash": hash("pastel"), "weight": 0.5, "blocks": {"down": 0.0, "mid": 1.0, "up": 1.0}}
+        ]
+    });
+    let r = send(&app, Method::PUT, "/api/blends/soft-ink", Some(blend.clone())).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let saved: Value = r.json();
+    let link = saved["link"].as_str().unwrap().to_string();
+    let list: Vec<Value> = get_json(&app, "/api/blends").await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["blend"], blend);
+    assert_eq!(list[0]["link"], link.as_str());
+
+    // Resolving the link gives the prompt with tags; rendering it equals typing the tags.
+    let r = send(&app, Method::POST, "/api/blends/resolve", Some(json!({"link": format!("http://elsewhere/blend?b={link}")}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let resolved: Value = r.json();
+    assert_eq!(resolved["missing"], json!([]));
+    assert_eq!(resolved["other_model"], false);
+    let prompt = resolved["prompt"].as_str().unwrap();
+    assert_eq!(prompt, "a red circle on a blue background <lora:inkline:0.5> <lora:pastel:0.5:lbw=0,1,1>");
+    assert_eq!(render(&app, prompt).await, render(&app, "a red circle on a blue background <lora:inkline:0.5> <lora:pastel:0.5:lbw=0,1,1>").await);
+
+    // Missing styles are named with their hash; bad links get a clear 400.
+    let mut other = blend.clone();
+    other["styles"][1]["hash"] = json!("00112233ff");
+    let code = send(&app, Method::PUT, "/api/blends/other", Some(other)).await.json::<Value>()["link"].as_str().unwrap().to_string();
+    let resolved: Value = send(&app, Method::POST, "/api/blends/resolve", Some(json!({"link": code}))).await.json();
+    assert_eq!(resolved["missing"], json!([{"name": "pastel", "hash": "00112233ff", "name_taken_by_other_version": true}]));
+    assert_eq!(resolved["prompt"], Value::Null);
+    let r = send(&app, Method::POST, "/api/blends/resolve", Some(json!({"link": &link[..link.len() - 3]}))).await;
+    assert_json_error(&r, StatusCode::BAD_REQUEST, "damaged or cut off");
+    let r = send(&app, Method::POST, "/api/blends/resolve", Some(json!({"link": "hello world"}))).await;
+    assert_json_error(&r, StatusCode::BAD_REQUEST, "link");
+    let r = send(&app, Method::PUT, "/api/blends/..evil", Some(blend.clone())).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(send(&app, Method::DELETE, "/api/blends/soft-ink", None).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(send(&app, Method::GET, "/api/blends/soft-ink", None).await.status, StatusCode::NOT_FOUND);
+}
