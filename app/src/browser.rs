@@ -120,6 +120,51 @@ mod imp {
         }
     }
 
+    /// Loads the image at `url` and reads its RGBA pixels through an off-screen canvas,
+    /// then calls `done(width, height, pixels)` (or `None` when it cannot be read).
+    pub fn load_pixels(url: &str, done: impl Fn(Option<(u32, u32, Vec<u8>)>) + 'static) {
+        let Ok(img) = web_sys::HtmlImageElement::new() else { return done(None) };
+        let image = img.clone();
+        let done = std::rc::Rc::new(done);
+        let on_error = done.clone();
+        let on_load = Closure::once(move |_: web_sys::Event| {
+            let (w, h) = (image.natural_width(), image.natural_height());
+            let read = || -> Option<Vec<u8>> {
+                let doc = web_sys::window()?.document()?;
+                let canvas: web_sys::HtmlCanvasElement = doc.create_element("canvas").ok()?.dyn_into().ok()?;
+                canvas.set_width(w);
+                canvas.set_height(h);
+                let ctx: web_sys::CanvasRenderingContext2d = canvas.get_context("2d").ok()??.dyn_into().ok()?;
+                ctx.draw_image_with_html_image_element(&image, 0.0, 0.0).ok()?;
+                Some(ctx.get_image_data(0.0, 0.0, w as f64, h as f64).ok()?.data().0)
+            };
+            done(read().map(|p| (w, h, p)));
+        });
+        let on_fail = Closure::once(move |_: web_sys::Event| on_error(None));
+        img.set_onload(Some(on_load.as_ref().unchecked_ref()));
+        img.set_onerror(Some(on_fail.as_ref().unchecked_ref()));
+        // Each runs at most once per image; leaking them is bounded by the loads.
+        on_load.forget();
+        on_fail.forget();
+        img.set_src(url);
+    }
+
+    /// Draws RGBA `pixels` of `width`×`height` on the canvas with id `canvas_id`.
+    pub fn draw_pixels(canvas_id: &str, width: u32, height: u32, pixels: &[u8]) -> Option<()> {
+        let doc = web_sys::window()?.document()?;
+        let canvas: web_sys::HtmlCanvasElement = doc.get_element_by_id(canvas_id)?.dyn_into().ok()?;
+        canvas.set_width(width);
+        canvas.set_height(height);
+        let ctx: web_sys::CanvasRenderingContext2d = canvas.get_context("2d").ok()??.dyn_into().ok()?;
+        let data = web_sys::ImageData::new_with_u8_clamped_array_and_sh(wasm_bindgen::Clamped(pixels), width, height).ok()?;
+        ctx.put_image_data(&data, 0.0, 0.0).ok()
+    }
+
+    /// Milliseconds from the page's time origin (sub-millisecond where the browser allows).
+    pub fn now_ms() -> f64 {
+        web_sys::window().and_then(|w| w.performance()).map_or(0.0, |p| p.now())
+    }
+
     /// Reads the first file chosen in `input` as a `data:` URL, then calls `done(name, url)`.
     pub fn read_file_as_data_url(input: &HtmlInputElement, done: impl Fn(String, String) + 'static) {
         let Some(file) = input.files().and_then(|f| f.get(0)) else { return };

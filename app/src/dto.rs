@@ -166,6 +166,9 @@ pub struct StyleSummary {
     pub rank: usize,
     /// Style similarity of the base model and of the style on the evaluation prompts.
     pub similarity: Option<(f64, f64)>,
+    /// A1111 short hash of the kohya file (how blends and share links name the style).
+    #[serde(default)]
+    pub hash: Option<String>,
     /// Files under `/api/styles/{name}/files/`.
     pub files: Vec<String>,
 }

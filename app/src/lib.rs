@@ -50,12 +50,14 @@ pub fn App() -> impl IntoView {
                 <a href="/">"Generate"</a>
                 <a href="/styles">"Styles"</a>
                 <a href="/train">"Train"</a>
+                <a href="/blend">"Blend"</a>
             </nav>
             <main>
                 <Routes fallback=|| view! { <p class="error">"Page not found."</p> }>
                     <Route path=StaticSegment("") view=pages::generate::GeneratePage />
                     <Route path=StaticSegment("styles") view=pages::styles::StylesPage />
                     <Route path=StaticSegment("train") view=pages::train::TrainPage />
+                    <Route path=StaticSegment("blend") view=pages::blend::BlendPage />
                 </Routes>
             </main>
         </Router>

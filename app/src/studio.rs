@@ -35,6 +35,8 @@ pub mod ssr {
         fn styles(&self) -> Result<Vec<StyleSummary>, AppError>;
         fn rename_style(&self, name: &str, new_name: &str) -> Result<(), AppError>;
         fn delete_style(&self, name: &str) -> Result<(), AppError>;
+        /// Saves a blend by name; returns its share-link code.
+        fn save_blend(&self, name: &str, blend: atelier_blend::Blend) -> Result<String, AppError>;
         /// Style trainings, newest first.
         fn trainings(&self) -> Result<Vec<TrainingStatus>, AppError>;
         /// Checks and queues a style training (reading its dataset off the async runtime).
@@ -151,4 +153,10 @@ pub async fn resume_style_training(id: String) -> Result<TrainingStatus, AppErro
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn delete_style_training(id: String) -> Result<(), AppError> {
     ssr::with_status(ssr::studio().and_then(|s| s.delete_training(&id)))
+}
+
+/// Saves a blend under `name` on the server; returns its share-link code.
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn save_blend(name: String, blend: atelier_blend::Blend) -> Result<String, AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.save_blend(&name, blend)))
 }

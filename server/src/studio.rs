@@ -52,6 +52,7 @@ impl Studio for AppState {
                     steps: card.map_or(0, |c| c.training.steps),
                     rank: card.map_or(0, |c| c.training.rank),
                     similarity: sim("base").zip(sim("style")),
+                    hash: crate::blends::style_hash(&s),
                     files,
                 }
             })
@@ -70,6 +71,12 @@ impl Studio for AppState {
             return Err(ApiError::NotFound { what: "style", id: name.into() }.into());
         }
         self.styles.delete(name).map_err(|e| AppError::BadRequest(e.to_string()))
+    }
+
+    fn save_blend(&self, name: &str, blend: atelier_blend::Blend) -> Result<String, AppError> {
+        crate::styles::check_name(name).map_err(|e| AppError::BadRequest(e.to_string()))?;
+        let saved = self.blends.save(name, &blend).map_err(|e| AppError::BadRequest(format!("{e:#}")))?;
+        Ok(saved.link)
     }
 
     fn trainings(&self) -> Result<Vec<TrainingStatus>, AppError> {

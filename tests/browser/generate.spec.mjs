@@ -277,6 +277,68 @@ test('the train page uploads images, reports them, trains live, stops, resumes a
   assert.equal(await page.$$eval('.style-card[data-name="browserpastel"] button.delete', (b) => b.length), 1);
 });
 
+test('the blend page previews instantly, renders exactly, and its link reproduces the image elsewhere', async () => {
+  await page.click('nav.top a[href="/blend"]');
+  await page.waitForSelector('.blend[data-ready="true"]', { timeout: 60_000 });
+  await page.fill('#blend-seed', '3');
+  await page.locator('#blend-seed').dispatchEvent('change');
+  await page.locator('.blend input[type=number][max="150"]').fill('4');
+  await page.locator('.blend input[type=number][max="150"]').dispatchEvent('change');
+  await page.check('.style-picker input[data-style="inkline"]');
+  await page.check('.style-picker input[data-style="pastel"]');
+  // The anchors (each style alone) arrive, then the preview is drawn in the browser.
+  await page.waitForFunction(() => Number(document.querySelector('.blend').dataset.previewUpdates) >= 1, null, { timeout: 60_000 });
+  const canvas = () => page.$eval('#blend-preview', (c) => c.toDataURL());
+  const before = await canvas();
+  const updates = Number(await page.getAttribute('.blend', 'data-preview-updates'));
+  await page.fill('.weight[data-style="inkline"] input.slider', '1.8');
+  await page.waitForFunction((n) => Number(document.querySelector('.blend').dataset.previewUpdates) > n, updates, { timeout: 2_000 });
+  assert.notEqual(await canvas(), before, 'the preview follows the slider at once');
+  assert.equal(await page.textContent('.weight[data-style="inkline"] .value'), '0.78');
+  // Then the exact render of the resting blend.
+  await page.waitForFunction(() => {
+    const img = document.querySelector('img.exact');
+    return img && img.complete && img.naturalWidth > 0 && !/rendering/.test(document.querySelector('.blend-views figure:nth-child(2) figcaption').textContent);
+  }, null, { timeout: 60_000 });
+  await page.waitForTimeout(600);
+  const src = await page.getAttribute('img.exact', 'src');
+  assert.ok((await page.$$('.strip-item')).length >= 1, 'exact renders collect in the strip');
+  // Benchmark: the WASM preview update, median over many slider moves.
+  for (let i = 0; i < 30; i++) await page.fill('.weight[data-style="pastel"] input.slider', String(0.2 + i * 0.03));
+  const median = Number(await page.getAttribute('.blend', 'data-preview-median-ms'));
+  console.log(`BENCH blend preview update in WASM: median ${median} ms over ${await page.getAttribute('.blend', 'data-preview-updates')} updates`);
+  assert.ok(median < 50, `preview update ${median} ms`);
+  await page.fill('.weight[data-style="pastel"] input.slider', '0.5');
+  await page.waitForFunction((old) => {
+    const img = document.querySelector('img.exact');
+    return img && img.getAttribute('src') !== old && img.complete && img.naturalWidth > 0;
+  }, src, { timeout: 60_000 });
+  await page.waitForTimeout(600);
+  const finalSrc = await page.getAttribute('img.exact', 'src');
+  const link = await page.inputValue('#blend-link');
+  assert.match(link, /\/blend\?b=[A-Za-z0-9_-]+$/);
+
+  // A fresh browser context opens the link to the same blend and the identical image.
+  const other = await browser.newContext();
+  try {
+    const p2 = await other.newPage();
+    await p2.goto(link);
+    await p2.waitForSelector('.blend[data-ready="true"]', { timeout: 60_000 });
+    assert.equal(await p2.isChecked('.style-picker input[data-style="inkline"]'), true);
+    await p2.waitForFunction(() => { const i = document.querySelector('img.exact'); return i && i.complete && i.naturalWidth > 0; }, null, { timeout: 60_000 });
+    const a = await (await page.request.get(baseUrl + finalSrc)).body();
+    const b = await (await p2.request.get(baseUrl + (await p2.getAttribute('img.exact', 'src')))).body();
+    assert.ok(a.equals(b), 'the shared link renders the identical image');
+    // A tampered link gets a clear message, not a crash.
+    await p2.goto(link.slice(0, -4) + 'AAAA');
+    await p2.waitForSelector('.link-error', { timeout: 30_000 });
+    assert.match(await p2.textContent('.link-error'), /damaged or cut off/);
+  } finally {
+    await other.close();
+  }
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-blend.png'), fullPage: true });
+});
+
 test('no errors in the browser console', () => {
   // The deliberate 400 above is logged by Chromium as a failed resource load; ignore those.
   const real = pageErrors.filter((e) => !/Failed to load resource/.test(e));
