@@ -18,7 +18,8 @@ use candle_core::{DType, Device, Tensor};
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// One case only: model-unet (the --model's UNet at its native size), starter-unet,
-    /// sd15-unet or e2e (default: model-unet, sd15-unet and e2e).
+    /// sd15-unet, e2e or blend (e2e with two shipped styles attached; default: model-unet,
+    /// sd15-unet and e2e).
     #[arg(long)]
     pub case: Option<String>,
     /// One attention implementation only (default: original and split-einsum).
@@ -121,10 +122,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     let vb = random_var_builder(DType::F32, &Device::Cpu);
                     unet_case(case, &UNetConfig::v1_5(), vb, attn, 64, args.steps)?
                 }
-                "e2e" => {
+                "e2e" | "blend" => {
                     reset_peak();
                     let sd = StableDiffusion::load(&args.model, &Device::Cpu)
                         .with_context(|| format!("loading {}", args.model.display()))?;
+                    // "blend": two shipped styles attached unmerged (0.6 / 0.4), as the Blend
+                    // page's exact render uses them.
+                    let loras = if case == "blend" {
+                        let load = |name: &str, weight: f64| -> Result<atelier_engine::lora::ActiveLora> {
+                            let file = std::path::Path::new(crate::cli::train_style::SHIPPED_STYLES).join(name).join(format!("{name}.safetensors"));
+                            let lora = sd.bind_lora(&std::sync::Arc::new(atelier_engine::lora::LoraAdapter::load(&file)?))?;
+                            Ok(atelier_engine::lora::ActiveLora { lora, weight, blocks: Default::default() })
+                        };
+                        vec![load("inkline", 0.6)?, load("pastel", 0.4)?]
+                    } else {
+                        Vec::new()
+                    };
                     let params = GenerateParams {
                         prompt: "a red circle on a blue background".into(),
                         steps: 20,
@@ -132,6 +145,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         attention: attn,
                         width: sd.default_size(),
                         height: sd.default_size(),
+                        loras,
                         ..Default::default()
                     };
                     sd.generate(&params, &mut |_| true)?; // warm-up
@@ -143,7 +157,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     }
                     Row { case: case.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), unit: "s/image (20 steps, CFG)" }
                 }
-                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet or e2e"),
+                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet, e2e or blend"),
             };
             if args.json {
                 let key = if row.unit == "s/step" { "seconds_per_step" } else { "seconds_per_image" };
