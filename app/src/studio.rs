@@ -35,6 +35,8 @@ pub mod ssr {
         fn styles(&self) -> Result<Vec<StyleSummary>, AppError>;
         fn rename_style(&self, name: &str, new_name: &str) -> Result<(), AppError>;
         fn delete_style(&self, name: &str) -> Result<(), AppError>;
+        /// Saved blends: (name, share-link code), by name.
+        fn blends(&self) -> Result<Vec<(String, String)>, AppError>;
         /// Saves a blend by name; returns its share-link code.
         fn save_blend(&self, name: &str, blend: atelier_blend::Blend) -> Result<String, AppError>;
         /// Style trainings, newest first.
@@ -159,4 +161,10 @@ pub async fn delete_style_training(id: String) -> Result<(), AppError> {
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn save_blend(name: String, blend: atelier_blend::Blend) -> Result<String, AppError> {
     ssr::with_status(ssr::studio().and_then(|s| s.save_blend(&name, blend)))
+}
+
+/// Saved blends: (name, share-link code).
+#[server(prefix = "/_sfn", input = Json)]
+pub async fn list_blends() -> Result<Vec<(String, String)>, AppError> {
+    ssr::with_status(ssr::studio().and_then(|s| s.blends()))
 }

@@ -73,6 +73,10 @@ impl Studio for AppState {
         self.styles.delete(name).map_err(|e| AppError::BadRequest(e.to_string()))
     }
 
+    fn blends(&self) -> Result<Vec<(String, String)>, AppError> {
+        Ok(self.blends.list().into_iter().map(|b| (b.name, b.link)).collect())
+    }
+
     fn save_blend(&self, name: &str, blend: atelier_blend::Blend) -> Result<String, AppError> {
         crate::styles::check_name(name).map_err(|e| AppError::BadRequest(e.to_string()))?;
         let saved = self.blends.save(name, &blend).map_err(|e| AppError::BadRequest(format!("{e:#}")))?;

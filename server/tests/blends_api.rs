@@ -84,6 +84,21 @@ async fn save_list_resolve_and_render_blends() {
     assert_json_error(&r, StatusCode::BAD_REQUEST, "link");
     let r = send(&app, Method::PUT, "/api/blends/..evil", Some(blend.clone())).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // What a studio lacks can be fetched by hash (from any origin) and imported.
+    let r = send(&app, Method::GET, &format!("/api/styles/by-hash/{}", hash("pastel")), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header(axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN).as_deref(), Some("*"));
+    assert_eq!(r.body, std::fs::read(repo().join("models/styles/pastel/pastel.safetensors")).unwrap());
+    assert_eq!(send(&app, Method::GET, "/api/styles/by-hash/00112233ff", None).await.status, StatusCode::NOT_FOUND);
+    let file = r.body.clone();
+    let r = common::send_raw(&app, Method::POST, "/api/styles/import?name=pastel2&hash=00112233ff", "application/octet-stream", file.clone()).await;
+    assert_json_error(&r, StatusCode::BAD_REQUEST, "another version");
+    let r = common::send_raw(&app, Method::POST, "/api/styles/import?name=broken", "application/octet-stream", file[..1000].to_vec()).await;
+    assert_json_error(&r, StatusCode::BAD_REQUEST, "truncated");
+    assert!(!tmp.path().join("styles/broken").exists(), "a refused import leaves nothing behind");
+    let r = common::send_raw(&app, Method::POST, &format!("/api/styles/import?name=pastel2&hash={}", hash("pastel")), "application/octet-stream", file).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert!(tmp.path().join("styles/pastel2/pastel2.safetensors").is_file());
     assert_eq!(send(&app, Method::DELETE, "/api/blends/soft-ink", None).await.status, StatusCode::NO_CONTENT);
     assert_eq!(send(&app, Method::GET, "/api/blends/soft-ink", None).await.status, StatusCode::NOT_FOUND);
 }

@@ -339,6 +339,39 @@ test('the blend page previews instantly, renders exactly, and its link reproduce
   await page.screenshot({ path: screenshot.replace(/\.png$/, '-blend.png'), fullPage: true });
 });
 
+test('a blend whose style is missing names it and imports it from the sharing studio', async () => {
+  // The style trained above, as another studio ("sharer.test", simulated) would serve it.
+  const styles = await (await page.request.get(`${baseUrl}/api/styles`)).json();
+  const mine = styles.find((s) => s.name === 'browserpastel');
+  assert.ok(mine && mine.hash, 'the style trained above is in the library');
+  const file = await (await page.request.get(`${baseUrl}/api/styles/by-hash/${mine.hash}`)).body();
+  await page.goto(`${baseUrl}/blend`);
+  await page.waitForSelector('.blend[data-ready="true"]', { timeout: 60_000 });
+  await page.check('.style-picker input[data-style="browserpastel"]');
+  await page.check('.style-picker input[data-style="inkline"]');
+  const link = await page.inputValue('#blend-link');
+  const code = link.split('b=')[1];
+  assert.equal((await page.request.delete(`${baseUrl}/api/styles/browserpastel`)).status(), 204);
+
+  await page.route('http://sharer.test/api/styles/by-hash/*', (route) =>
+    route.fulfill({ status: 200, body: file, headers: { 'Content-Type': 'application/octet-stream', 'Access-Control-Allow-Origin': '*' } }));
+  try {
+    await page.goto(`${baseUrl}/blend`);
+    await page.waitForSelector('.blend[data-ready="true"]', { timeout: 60_000 });
+    await page.fill('#open-link', `http://sharer.test/blend?b=${code}`);
+    await page.locator('#open-link').dispatchEvent('change');
+    await page.waitForSelector(`.missing li[data-hash="${mine.hash}"]`, { timeout: 30_000 });
+    assert.match(await page.textContent('.missing'), new RegExp(`browserpastel \\(hash ${mine.hash}\\)`));
+    await page.click('.missing button.import');
+    // After the import the page reloads with the style in place and renders the blend.
+    await page.waitForSelector('.style-picker input[data-style="browserpastel"]:checked', { timeout: 60_000 });
+    assert.equal(await page.$$eval('.missing', (m) => m.length), 0);
+    await page.waitForFunction(() => { const i = document.querySelector('img.exact'); return i && i.complete && i.naturalWidth > 0; }, null, { timeout: 60_000 });
+  } finally {
+    await page.unroute('http://sharer.test/api/styles/by-hash/*');
+  }
+});
+
 test('no errors in the browser console', () => {
   // The deliberate 400 above is logged by Chromium as a failed resource load; ignore those.
   const real = pageErrors.filter((e) => !/Failed to load resource/.test(e));

@@ -81,6 +81,7 @@ fn parse_f64(ev: &leptos::ev::Event) -> Option<f64> {
 fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
     let hydrated = RwSignal::new(false);
     Effect::new(move |_| hydrated.set(true));
+    let query = use_query_map();
     let library: Vec<StyleSummary> = styles.into_iter().filter(|s| s.hash.is_some()).collect();
     let chosen = RwSignal::new(Vec::<Chosen>::new());
     let mode = RwSignal::new(Mode::Sliders);
@@ -90,11 +91,12 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
     let negative = RwSignal::new(String::new());
     let seed = RwSignal::new(1u64);
     let steps = RwSignal::new(20u32);
-    let missing = RwSignal::new(Vec::<String>::new());
+    let missing = RwSignal::new(Vec::<(String, String)>::new());
+    let from = query.with_untracked(|q| q.get("from")).filter(|f| f.starts_with("http://") || f.starts_with("https://"));
+    let import_note = RwSignal::new(None::<String>);
     let link_error = RwSignal::new(None::<String>);
 
     // A shared link: restore it (styles matched by hash, whatever their name here).
-    let query = use_query_map();
     if let Some(code) = query.with_untracked(|q| q.get("b")) {
         match atelier_blend::decode(&code) {
             Ok(b) => {
@@ -103,7 +105,7 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                 for s in &b.styles {
                     match library.iter().find(|l| l.hash.as_deref() == Some(s.hash.as_str())) {
                         Some(l) => found.push(Chosen { name: l.name.clone(), hash: s.hash.clone(), slider: s.weight, blocks: s.blocks }),
-                        None => lacking.push(format!("{} (hash {})", s.name, s.hash)),
+                        None => lacking.push((s.name.clone(), s.hash.clone())),
                     }
                 }
                 chosen.set(found);
@@ -158,7 +160,7 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
         (c.iter().map(|s| (s.name.clone(), s.blocks.down, s.blocks.mid, s.blocks.up)).collect::<Vec<_>>(), prompt.get(), negative.get(), seed.get(), steps.get())
     });
     let anchors_ready = RwSignal::new(0usize);
-    let anchor_px = StoredValue::new_local(Vec::<Option<(u32, u32, Vec<u8>)>>::new());
+    let anchor_px = StoredValue::new(Vec::<Option<(u32, u32, Vec<u8>)>>::new());
     let preview_ms = RwSignal::new(Vec::<f64>::new());
     let exact = RwSignal::new(None::<Exact>);
     let strip = RwSignal::new(Vec::<Exact>::new());
@@ -354,9 +356,33 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
             data-preview-updates=move || preview_ms.with(Vec::len).to_string()>
             <h1>"Blend styles"</h1>
             {move || link_error.get().map(|e| view! { <p class="error link-error">{e}</p> })}
-            {move || (!missing.get().is_empty()).then(|| view! {
-                <p class="error missing">"This blend needs styles this studio does not have: " {missing.get().join(", ")}
-                    ". Ask whoever shared it for the adapter files (their Styles page offers the downloads)."</p>
+            {move || (!missing.get().is_empty()).then(|| {
+                let from = from.clone();
+                view! {
+                    <div class="error missing">
+                        <p>"This blend needs styles this studio does not have:"</p>
+                        <ul>
+                            {missing.get().into_iter().map(|(name, hash)| {
+                                let from = from.clone();
+                                let label = format!("{name} (hash {hash})");
+                                let data_hash = hash.clone();
+                                view! {
+                                    <li data-hash=data_hash>{label}" "
+                                        {match from {
+                                            Some(f) => view! {
+                                                <button type="button" class="import" on:click=move |_| import_style(f.clone(), name.clone(), hash.clone(), import_note)>
+                                                    "Import it from the studio that shared the link"
+                                                </button>
+                                            }.into_any(),
+                                            None => view! { <span>"— ask whoever shared the blend for the adapter file, or open their link with “Open a link” below."</span> }.into_any(),
+                                        }}
+                                    </li>
+                                }
+                            }).collect_view()}
+                        </ul>
+                        {move || import_note.get().map(|n| view! { <p class="import-note">{n}</p> })}
+                    </div>
+                }
             })}
             <div class="blend-layout">
                 <div class="blend-controls">
@@ -455,6 +481,94 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                     Err(e) => view! { <span class="error">{e}</span> }.into_any(),
                 })}
             </div>
+            <div class="share">
+                <label>"Open a link from another studio " <input type="text" id="open-link" placeholder="http://…/blend?b=…"
+                    on:change=move |ev| open_link(&event_target_value(&ev)) /></label>
+            </div>
+            <SavedBlends refresh=saved />
         </section>
+    }
+}
+
+/// Opens a pasted link in this studio, remembering the studio it came from so that missing
+/// styles can be imported from it.
+fn open_link(text: &str) {
+    let text = text.trim();
+    let code = match text.find("b=") {
+        Some(i) => text[i + 2..].split(['&', '#']).next().unwrap_or(""),
+        None => text,
+    };
+    let origin = text.split_once("://").and_then(|(scheme, rest)| rest.split('/').next().map(|host| format!("{scheme}://{host}")));
+    let target = match origin {
+        Some(o) => format!("/blend?b={code}&from={o}"),
+        None => format!("/blend?b={code}"),
+    };
+    #[cfg(feature = "hydrate")]
+    if let Some(w) = web_sys::window() {
+        let _ = w.location().set_href(&target);
+    }
+    #[cfg(not(feature = "hydrate"))]
+    let _ = target;
+}
+
+/// Fetches the style with `hash` from the studio at `from` and imports it here as `name`,
+/// then reloads the page so the blend can use it.
+fn import_style(from: String, name: String, hash: String, note: RwSignal<Option<String>>) {
+    #[cfg(feature = "hydrate")]
+    leptos::task::spawn_local(async move {
+        note.set(Some(format!("fetching {name} from {from}…")));
+        let result = async {
+            let res = gloo_net::http::Request::get(&format!("{from}/api/styles/by-hash/{hash}")).send().await.map_err(|e| e.to_string())?;
+            if !res.ok() {
+                return Err(format!("{from} answered {} for {name}", res.status()));
+            }
+            let bytes = res.binary().await.map_err(|e| e.to_string())?;
+            let up = gloo_net::http::Request::post(&format!("/api/styles/import?name={name}&hash={hash}"))
+                .header("Content-Type", "application/octet-stream")
+                .body(js_sys::Uint8Array::from(bytes.as_slice()))
+                .map_err(|e| e.to_string())?
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !up.ok() {
+                let body: crate::dto::ErrorBody = up.json().await.map_err(|e| e.to_string())?;
+                return Err(body.error);
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                if let Some(w) = web_sys::window() {
+                    let _ = w.location().reload();
+                }
+            }
+            Err(e) => note.set(Some(format!("could not import {name}: {e}"))),
+        }
+    });
+    #[cfg(not(feature = "hydrate"))]
+    let _ = (from, name, hash, note);
+}
+
+/// The saved blends, as links.
+#[component]
+fn SavedBlends(refresh: RwSignal<Option<Result<String, String>>>) -> impl IntoView {
+    let list = Resource::new(move || refresh.get(), |_| crate::studio::list_blends());
+    view! {
+        <Transition fallback=|| ()>
+            {move || Suspend::new(async move {
+                match list.await {
+                    Ok(v) if !v.is_empty() => view! {
+                        <div class="saved-blends">
+                            <h2>"Saved blends"</h2>
+                            <ul>
+                                {v.into_iter().map(|(name, code)| view! { <li><a rel="external" href=format!("/blend?b={code}")>{name}</a></li> }).collect_view()}
+                            </ul>
+                        </div>
+                    }.into_any(),
+                    _ => ().into_any(),
+                }
+            })}
+        </Transition>
     }
 }
