@@ -18,6 +18,7 @@ pub fn routes() -> Router<AppState> {
         .route("/styles/import", post(import_style).layer(axum::extract::DefaultBodyLimit::max(app::dto::MAX_UPLOAD_BYTES)))
         .route("/blends", get(list))
         .route("/blends/resolve", post(resolve))
+        .route("/blends/bake", get(bake))
         .route("/blends/{name}", get(one).put(save).delete(delete))
 }
 
@@ -160,4 +161,74 @@ async fn import_style(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "name": q.name, "hash": hash }))))
+}
+
+#[derive(Deserialize)]
+struct BakeQuery {
+    /// The share link or its code.
+    b: String,
+    /// Compress to this rank per layer; exact when absent.
+    rank: Option<usize>,
+}
+
+/// `GET /api/blends/bake?b=CODE[&rank=R]`: the blend baked into one kohya LoRA file
+/// (download), with the relative error of a compressed bake in `X-Bake-Relative-Error`.
+async fn bake(
+    State(state): State<AppState>,
+    query: Result<axum::extract::Query<BakeQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::BadBody(e.body_text()))?;
+    let blend = atelier_blend::decode(&q.b).map_err(|e| ApiError::Invalid { field: "b".into(), message: e.to_string() })?;
+    if q.rank.is_some_and(|r| r == 0 || r > 1024) {
+        return Err(ApiError::Invalid { field: "rank".into(), message: "must be in 1..=1024".into() });
+    }
+    let source = state.training()?.model_source().clone();
+    let styles = state.styles.clone();
+    let (bytes, error) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, f64), ApiError> {
+        let sd = atelier_engine::pipeline::StableDiffusion::load(&source.dir, &source.device)?;
+        let r = crate::blends::resolve(blend, &styles, sd.model_hash());
+        if let Some(m) = r.missing.first() {
+            return Err(ApiError::Invalid { field: "b".into(), message: format!("this studio lacks the style {} (hash {})", m.name, m.hash) });
+        }
+        let mut active = Vec::new();
+        for (s, e) in r.blend.styles.iter().zip(&r.styles).filter(|(s, _)| s.weight != 0.0) {
+            let e = e.as_ref().expect("none missing");
+            let lora = sd.bind_lora(&std::sync::Arc::new(atelier_engine::lora::LoraAdapter::load(&e.adapter())?))?;
+            active.push(atelier_engine::lora::ActiveLora { lora, weight: s.weight, blocks: s.blocks });
+        }
+        let baked = match q.rank {
+            None => atelier_engine::bake::bake_exact(&active, sd.lora_slots())?,
+            Some(rank) => atelier_engine::bake::bake_compressed(&active, sd.lora_slots(), rank)?,
+        };
+        let dir = tempfile_dir()?;
+        let path = dir.join("blend.safetensors");
+        let meta = std::collections::HashMap::from([
+            ("atelier_blend".to_string(), q.b.clone()),
+            ("ss_sd_model_hash".to_string(), sd.model_hash().to_string()),
+        ]);
+        atelier_engine::bake::save_kohya(&baked, &meta, &path)?;
+        let bytes = std::fs::read(&path).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok((bytes, baked.relative_error))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_DISPOSITION, "attachment; filename=\"blend.safetensors\"".to_string()),
+            (header::HeaderName::from_static("x-bake-relative-error"), format!("{error}")),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// A fresh private folder for one bake.
+fn tempfile_dir() -> Result<std::path::PathBuf, ApiError> {
+    let dir = std::env::temp_dir().join(format!("atelier-bake-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(dir)
 }

@@ -178,6 +178,11 @@ impl Trainer {
         Ok(Self { shared, worker: Mutex::new(Some(worker)) })
     }
 
+    /// The model the trainer (and blend baking) loads.
+    pub fn model_source(&self) -> &ModelSource {
+        &self.shared.model
+    }
+
     /// Where uploads are received before [`Trainer::add_files`] takes them.
     pub fn incoming_dir(&self) -> PathBuf {
         self.shared.root.join("incoming")

@@ -24,7 +24,10 @@ fn setup(data: &Path) -> Router {
     let library = StyleLibrary::new(data.join("styles")).with_shipped(repo().join("models/styles"));
     let model = LoadedModel::load(&repo().join("models/starter"), &candle_core::Device::Cpu).unwrap().with_styles(library.clone());
     let options = LeptosOptions::builder().output_name("atelier").site_root(data.join("site").to_string_lossy().as_ref()).build();
-    app(AppState::new(options, Arc::new(model), data, (64, 64), None).unwrap().with_styles(library))
+    let state = AppState::new(options, Arc::new(model), data, (64, 64), None).unwrap().with_styles(library);
+    let source = atelier_server::trainer::ModelSource { dir: repo().join("models/starter"), device: candle_core::Device::Cpu, resolution: 64 };
+    let trainer = atelier_server::trainer::Trainer::open(&data.join("trainings"), state.styles.clone(), data.join("tracking"), source).unwrap();
+    app(state.with_trainer(Arc::new(trainer)))
 }
 
 async fn render(app: &Router, prompt: &str) -> Vec<u8> {
@@ -70,6 +73,23 @@ async fn save_list_resolve_and_render_blends() {
     let prompt = resolved["prompt"].as_str().unwrap();
     assert_eq!(prompt, "a red circle on a blue background <lora:inkline:0.5> <lora:pastel:0.5:lbw=0,1,1>");
     assert_eq!(render(&app, prompt).await, render(&app, "a red circle on a blue background <lora:inkline:0.5> <lora:pastel:0.5:lbw=0,1,1>").await);
+
+    // Baking for download: the exact file is a LoRA that reproduces the blend; compressed
+    // reports its error.
+    let r = send(&app, Method::GET, &format!("/api/blends/bake?b={link}"), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header(axum::http::header::HeaderName::from_static("x-bake-relative-error")).as_deref(), Some("0"));
+    std::fs::create_dir_all(tmp.path().join("styles/baked")).unwrap();
+    std::fs::write(tmp.path().join("styles/baked/baked.safetensors"), &r.body).unwrap();
+    let from_bake = render(&app, "a red circle on a blue background <lora:baked:1>").await;
+    let from_tags = render(&app, prompt).await;
+    let (a, b) = (image::load_from_memory(&from_bake).unwrap().to_rgb8(), image::load_from_memory(&from_tags).unwrap().to_rgb8());
+    let d = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(d <= 2, "baked file vs runtime blend: {d}/255");
+    let r = send(&app, Method::GET, &format!("/api/blends/bake?b={link}&rank=1"), None).await;
+    let err: f64 = r.header(axum::http::header::HeaderName::from_static("x-bake-relative-error")).unwrap().parse().unwrap();
+    assert!(err > 0.0 && err < 1.0, "{err}");
+    assert_eq!(send(&app, Method::GET, &format!("/api/blends/bake?b={link}&rank=0"), None).await.status, StatusCode::BAD_REQUEST);
 
     // Missing styles are named with their hash; bad links get a clear 400.
     let mut other = blend.clone();

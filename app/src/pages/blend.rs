@@ -481,6 +481,12 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                     Err(e) => view! { <span class="error">{e}</span> }.into_any(),
                 })}
             </div>
+            <div class="share export">
+                {move || link.get().filter(|_| chosen.with(|c| !c.is_empty())).map(|code| view! {
+                    <a class="download" href=format!("/api/blends/bake?b={code}") download="blend.safetensors">"Download as one LoRA (exact)"</a>
+                    <a class="download" href=format!("/api/blends/bake?b={code}&rank=8") download="blend-r8.safetensors">"… compressed to rank 8"</a>
+                })}
+            </div>
             <div class="share">
                 <label>"Open a link from another studio " <input type="text" id="open-link" placeholder="http://…/blend?b=…"
                     on:change=move |ev| open_link(&event_target_value(&ev)) /></label>
