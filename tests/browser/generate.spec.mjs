@@ -303,6 +303,13 @@ test('the blend page previews instantly, renders exactly, and its link reproduce
   await page.waitForTimeout(600);
   const src = await page.getAttribute('img.exact', 'src');
   assert.ok((await page.$$('.strip-item')).length >= 1, 'exact renders collect in the strip');
+  // The 2-D pad: its weights are computed in WASM by the same code the server uses.
+  const box = await (await page.$('.pad')).boundingBox();
+  await page.mouse.click(box.x + box.width * 0.25, box.y + box.height / 2);
+  await page.waitForFunction(() => document.querySelector('.weight[data-style="inkline"] .value').textContent === '0.75', null, { timeout: 5_000 });
+  assert.equal(await page.textContent('.weight[data-style="pastel"] .value'), '0.25');
+  await page.mouse.click(box.x + box.width - 1, box.y + 5);
+  await page.waitForFunction(() => document.querySelector('.weight[data-style="pastel"] .value').textContent === '1.00', null, { timeout: 5_000 });
   // Benchmark: the WASM preview update, median over many slider moves.
   for (let i = 0; i < 30; i++) await page.fill('.weight[data-style="pastel"] input.slider', String(0.2 + i * 0.03));
   const median = Number(await page.getAttribute('.blend', 'data-preview-median-ms'));
