@@ -309,6 +309,20 @@ impl TrainingState {
         )
     }
 
+    /// The state's name, as in the JSON `state` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TrainingState::Queued { .. } => "queued",
+            TrainingState::Preparing => "preparing",
+            TrainingState::Running => "running",
+            TrainingState::Measuring => "measuring",
+            TrainingState::Stopping => "stopping",
+            TrainingState::Stopped => "stopped",
+            TrainingState::Done { .. } => "done",
+            TrainingState::Failed { .. } => "failed",
+        }
+    }
+
     /// Whether `resume` can pick it up again.
     pub fn can_resume(&self) -> bool {
         matches!(self, TrainingState::Stopped | TrainingState::Failed { .. })

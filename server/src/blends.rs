@@ -121,6 +121,28 @@ impl Resolved {
     }
 }
 
+impl Resolved {
+    /// The blend's adapters bound to `sd` (styles at weight 0 left out); fails naming the
+    /// first missing style.
+    pub fn active(&self, sd: &atelier_engine::pipeline::StableDiffusion) -> Result<Vec<atelier_engine::lora::ActiveLora>> {
+        self.tagged_prompt()?; // says what is missing
+        let mut active = Vec::new();
+        for (s, e) in self.blend.styles.iter().zip(&self.styles).filter(|(s, _)| s.weight != 0.0) {
+            let e = e.as_ref().expect("tagged_prompt checked that none is missing");
+            let adapter = std::sync::Arc::new(atelier_engine::lora::LoraAdapter::load(&e.adapter())?);
+            let lora = sd.bind_lora(&adapter).with_context(|| format!("applying style {}", e.name))?;
+            active.push(atelier_engine::lora::ActiveLora { lora, weight: s.weight, blocks: s.blocks });
+        }
+        Ok(active)
+    }
+}
+
+/// The A1111 short hash of a diffusers model folder (of its UNet weights), as
+/// `StableDiffusion::model_hash` gives once loaded.
+pub fn model_hash(model_dir: &Path) -> Result<String> {
+    Ok(atelier_engine::model::short_hash(&model_dir.join("unet/diffusion_pytorch_model.safetensors"))?)
+}
+
 /// The A1111 short hash of a style's kohya file (remembered per file, size and
 /// modification time, so listing styles does not re-read large files).
 pub fn style_hash(entry: &StyleEntry) -> Option<String> {

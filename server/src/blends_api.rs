@@ -189,15 +189,10 @@ async fn bake(
     let (bytes, error) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, f64), ApiError> {
         let sd = atelier_engine::pipeline::StableDiffusion::load(&source.dir, &source.device)?;
         let r = crate::blends::resolve(blend, &styles, sd.model_hash());
-        if let Some(m) = r.missing.first() {
-            return Err(ApiError::Invalid { field: "b".into(), message: format!("this studio lacks the style {} (hash {})", m.name, m.hash) });
-        }
-        let mut active = Vec::new();
-        for (s, e) in r.blend.styles.iter().zip(&r.styles).filter(|(s, _)| s.weight != 0.0) {
-            let e = e.as_ref().expect("none missing");
-            let lora = sd.bind_lora(&std::sync::Arc::new(atelier_engine::lora::LoraAdapter::load(&e.adapter())?))?;
-            active.push(atelier_engine::lora::ActiveLora { lora, weight: s.weight, blocks: s.blocks });
-        }
+        let active = r.active(&sd).map_err(|e| {
+            // A missing style is the link's problem; an unreadable one in the library is ours.
+            if r.missing.is_empty() { ApiError::Internal(format!("{e:#}")) } else { ApiError::Invalid { field: "b".into(), message: format!("{e:#}") } }
+        })?;
         let baked = match q.rank {
             None => atelier_engine::bake::bake_exact(&active, sd.lora_slots())?,
             Some(rank) => atelier_engine::bake::bake_compressed(&active, sd.lora_slots(), rank)?,

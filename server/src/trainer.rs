@@ -355,7 +355,7 @@ impl Trainer {
         let entry = q.trainings.get(id).ok_or_else(|| not_found(id))?;
         let state = entry.status.borrow().state.clone();
         if !state.can_resume() {
-            return Err(ApiError::Invalid { field: "state".into(), message: format!("a training that is {} cannot be resumed", state_word(&state)) });
+            return Err(ApiError::Invalid { field: "state".into(), message: format!("a training that is {} cannot be resumed", state.name()) });
         }
         entry.cancel.store(false, Ordering::SeqCst);
         let position = q.waiting.len() + 1;
@@ -458,19 +458,6 @@ impl Drop for Trainer {
 
 fn not_found(id: &str) -> ApiError {
     ApiError::NotFound { what: "training", id: id.to_string() }
-}
-
-fn state_word(s: &TrainingState) -> &'static str {
-    match s {
-        TrainingState::Queued { .. } => "queued",
-        TrainingState::Preparing => "preparing",
-        TrainingState::Running => "running",
-        TrainingState::Measuring => "measuring",
-        TrainingState::Stopping => "stopping",
-        TrainingState::Stopped => "stopped",
-        TrainingState::Done { .. } => "done",
-        TrainingState::Failed { .. } => "failed",
-    }
 }
 
 /// A safe file name for an uploaded file: its last path part, with anything but
@@ -607,7 +594,7 @@ fn worker_loop(shared: &Arc<Shared>) {
             }
             Err(_) => TrainingState::Failed { message: "the trainer crashed; see the server log".into() },
         };
-        tracing::info!(training = %id, state = state_word(&state), "style training ended");
+        tracing::info!(training = %id, state = state.name(), "style training ended");
         shared.update(&id, true, |s| {
             s.note = match &state {
                 TrainingState::Stopped => Some(format!("stopped at step {} with a checkpoint; resume continues from it", s.step)),

@@ -9,7 +9,6 @@
 //!   `GET /style-trainings/{id}/samples/{step}.png`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use app::dto::{DatasetSummary, StyleTrainingRequest, TrainingStatus, MAX_UPLOAD_BYTES};
 use axum::extract::multipart::MultipartError;
@@ -22,7 +21,6 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-use crate::trainer::Trainer;
 use crate::{ApiError, AppState};
 
 pub fn routes() -> Router<AppState> {
@@ -36,10 +34,6 @@ pub fn routes() -> Router<AppState> {
         .route("/style-trainings/{id}/stop", post(stop))
         .route("/style-trainings/{id}/resume", post(resume))
         .route("/style-trainings/{id}/samples/{file}", get(sample))
-}
-
-fn trainer(state: &AppState) -> Result<Arc<Trainer>, ApiError> {
-    state.training()
 }
 
 fn io_error(what: &str, e: std::io::Error) -> ApiError {
@@ -70,7 +64,7 @@ async fn upload(
     Query(query): Query<UploadQuery>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(StatusCode, Json<DatasetSummary>), ApiError> {
-    let trainer = trainer(&state)?;
+    let trainer = state.training()?;
     let mut multipart = multipart.map_err(|e| ApiError::BadBody(format!("{}; send multipart/form-data", e.body_text())))?;
     let incoming = trainer.incoming_dir();
     tokio::fs::create_dir_all(&incoming).await.map_err(|e| io_error("receiving the upload", e))?;
@@ -108,13 +102,13 @@ async fn upload(
 }
 
 async fn dataset(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<DatasetSummary>, ApiError> {
-    let trainer = trainer(&state)?;
+    let trainer = state.training()?;
     let summary = tokio::task::spawn_blocking(move || trainer.dataset(&id)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(Json(summary))
 }
 
 async fn dataset_file(State(state): State<AppState>, Path((id, file)): Path<(String, String)>) -> Result<Response, ApiError> {
-    let path = trainer(&state)?.dataset_file(&id, &file)?;
+    let path = state.training()?.dataset_file(&id, &file)?;
     let bytes = tokio::fs::read(&path).await.map_err(|e| io_error("reading the dataset", e))?;
     let ctype = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
         Some("png") => "image/png",
@@ -127,7 +121,7 @@ async fn dataset_file(State(state): State<AppState>, Path((id, file)): Path<(Str
 }
 
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<TrainingStatus>>, ApiError> {
-    Ok(Json(trainer(&state)?.list()))
+    Ok(Json(state.training()?.list()))
 }
 
 async fn start(
@@ -135,37 +129,37 @@ async fn start(
     body: Result<Json<StyleTrainingRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<TrainingStatus>), ApiError> {
     let Json(req) = body.map_err(|e| ApiError::BadBody(e.body_text()))?;
-    let trainer = trainer(&state)?;
+    let trainer = state.training()?;
     let status = tokio::task::spawn_blocking(move || trainer.start(req)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok((StatusCode::ACCEPTED, Json(status)))
 }
 
 async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<TrainingStatus>, ApiError> {
-    Ok(Json(trainer(&state)?.status(&id)?))
+    Ok(Json(state.training()?.status(&id)?))
 }
 
 async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    trainer(&state)?.delete(&id)?;
+    state.training()?.delete(&id)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let rx = trainer(&state)?.subscribe(&id)?;
+    let rx = state.training()?.subscribe(&id)?;
     Ok(crate::api::status_stream(rx, |s: &TrainingStatus| !s.state.is_active()).into_response())
 }
 
 async fn stop(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<TrainingStatus>, ApiError> {
-    Ok(Json(trainer(&state)?.stop(&id)?))
+    Ok(Json(state.training()?.stop(&id)?))
 }
 
 async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<TrainingStatus>, ApiError> {
-    Ok(Json(trainer(&state)?.resume(&id)?))
+    Ok(Json(state.training()?.resume(&id)?))
 }
 
 async fn sample(State(state): State<AppState>, Path((id, file)): Path<(String, String)>) -> Result<Response, ApiError> {
     let not_found = || ApiError::NotFound { what: "sample sheet", id: format!("{id}/{file}") };
     let step: u64 = file.strip_suffix(".png").and_then(|s| s.parse().ok()).ok_or_else(not_found)?;
-    let path = trainer(&state)?.sample_path(&id, step)?;
+    let path = state.training()?.sample_path(&id, step)?;
     let bytes = tokio::fs::read(&path).await.map_err(|_| not_found())?;
     Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response())
 }

@@ -309,26 +309,8 @@ fn DatasetReport(dataset: DatasetSummary, on_clear: impl Fn() + Send + Sync + 's
 fn state_label(s: &TrainingState) -> String {
     match s {
         TrainingState::Queued { position } => format!("queued ({position})"),
-        TrainingState::Preparing => "preparing".into(),
         TrainingState::Running => "training".into(),
-        TrainingState::Measuring => "measuring".into(),
-        TrainingState::Stopping => "stopping".into(),
-        TrainingState::Stopped => "stopped".into(),
-        TrainingState::Done { .. } => "done".into(),
-        TrainingState::Failed { .. } => "failed".into(),
-    }
-}
-
-fn state_key(s: &TrainingState) -> &'static str {
-    match s {
-        TrainingState::Queued { .. } => "queued",
-        TrainingState::Preparing => "preparing",
-        TrainingState::Running => "running",
-        TrainingState::Measuring => "measuring",
-        TrainingState::Stopping => "stopping",
-        TrainingState::Stopped => "stopped",
-        TrainingState::Done { .. } => "done",
-        TrainingState::Failed { .. } => "failed",
+        other => other.name().into(),
     }
 }
 
@@ -425,8 +407,8 @@ fn TrainingCard(
         let sample = t.samples.last().cloned();
         let (stop_id, resume_id, delete_id) = (id.clone(), id.clone(), id.clone());
         view! {
-            <li class="training" data-id=id.clone() data-name=t.request.name.clone() data-state=state_key(&t.state)>
-                <h3>{t.request.name.clone()} " " <span class=format!("badge state {}", state_key(&t.state))>{state_label(&t.state)}</span></h3>
+            <li class="training" data-id=id.clone() data-name=t.request.name.clone() data-state=t.state.name()>
+                <h3>{t.request.name.clone()} " " <span class=format!("badge state {}", t.state.name())>{state_label(&t.state)}</span></h3>
                 <p class="details">{settings}</p>
                 <div class="bar"><div class="bar-fill" style:width=format!("{:.1}%", fraction * 100.0)></div></div>
                 <p class="step-counter">{facts.join(" · ")}</p>

@@ -4,11 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use atelier_blend::Blend;
-use atelier_engine::lora::{ActiveLora, LoraAdapter};
 use atelier_engine::pipeline::StableDiffusion;
 use atelier_server::blends::{self, BlendStore, Resolved};
 use atelier_server::styles::StyleLibrary;
@@ -84,23 +82,6 @@ pub fn resolve(link_or_name: &str, data_dir: &std::path::Path, library: &StyleLi
     Ok(blends::resolve(blend, library, model_hash))
 }
 
-/// The adapters of a resolved blend, bound to `sd`.
-pub fn active(resolved: &Resolved, sd: &StableDiffusion) -> Result<Vec<ActiveLora>> {
-    resolved.tagged_prompt()?; // says what is missing
-    resolved
-        .blend
-        .styles
-        .iter()
-        .zip(&resolved.styles)
-        .filter(|(s, _)| s.weight != 0.0)
-        .map(|(s, e)| {
-            let e = e.as_ref().expect("checked above");
-            let lora = sd.bind_lora(&Arc::new(LoraAdapter::load(&e.adapter())?)).with_context(|| format!("applying style {}", e.name))?;
-            Ok(ActiveLora { lora, weight: s.weight, blocks: s.blocks })
-        })
-        .collect()
-}
-
 fn warn_other_model(resolved: &Resolved, model_hash: &str) {
     if resolved.other_model {
         eprintln!(
@@ -116,7 +97,7 @@ pub fn run(args: BlendArgs) -> Result<()> {
     let model_dir = atelier_engine::model::resolve(&args.model)?;
     match args.action {
         BlendAction::Link { styles, prompt, negative_prompt, seed, steps, guidance, scheduler, save } => {
-            let sd_hash = atelier_engine::model::short_hash(&model_dir.join("unet/diffusion_pytorch_model.safetensors"))?;
+            let sd_hash = blends::model_hash(&model_dir)?;
             let _: atelier_engine::scheduler::SchedulerKind = scheduler.parse()?;
             let size = model_size(&model_dir)?;
             let blend = Blend {
@@ -139,7 +120,7 @@ pub fn run(args: BlendArgs) -> Result<()> {
             println!("{link}");
         }
         BlendAction::Show { blend } => {
-            let sd_hash = atelier_engine::model::short_hash(&model_dir.join("unet/diffusion_pytorch_model.safetensors"))?;
+            let sd_hash = blends::model_hash(&model_dir)?;
             let r = resolve(&blend, &args.data_dir, &library, &sd_hash)?;
             println!("{}", serde_json::to_string_pretty(&r.blend)?);
             warn_other_model(&r, &sd_hash);
@@ -151,7 +132,7 @@ pub fn run(args: BlendArgs) -> Result<()> {
             let sd = StableDiffusion::load(&model_dir, &device)?;
             let r = resolve(&blend, &args.data_dir, &library, sd.model_hash())?;
             warn_other_model(&r, sd.model_hash());
-            let active = active(&r, &sd)?;
+            let active = r.active(&sd)?;
             let baked = match rank {
                 None => atelier_engine::bake::bake_exact(&active, sd.lora_slots())?,
                 Some(rank) => atelier_engine::bake::bake_compressed(&active, sd.lora_slots(), rank)?,
@@ -176,7 +157,7 @@ pub fn run(args: BlendArgs) -> Result<()> {
             let sd = StableDiffusion::load(&model_dir, &device)?;
             let r = resolve(&blend, &args.data_dir, &library, sd.model_hash())?;
             warn_other_model(&r, sd.model_hash());
-            let active = active(&r, &sd)?;
+            let active = r.active(&sd)?;
             atelier_engine::bake::save_merged(&active, sd.lora_slots(), &model_dir, &out)?;
             println!("{}: the model with the blend merged in (diffusers layout)", out.display());
         }

@@ -75,7 +75,7 @@ pub struct GenerateArgs {
 pub fn run(mut args: GenerateArgs) -> Result<()> {
     if let Some(link) = args.blend.clone() {
         let model_dir = atelier_engine::model::resolve(&args.model)?;
-        let model_hash = atelier_engine::model::short_hash(&model_dir.join("unet/diffusion_pytorch_model.safetensors"))?;
+        let model_hash = atelier_server::blends::model_hash(&model_dir)?;
         let library = crate::cli::blend::library(&args.library);
         let r = crate::cli::blend::resolve(&link, &args.data_dir, &library, &model_hash)?;
         if r.other_model {
