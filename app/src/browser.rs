@@ -160,6 +160,21 @@ mod imp {
         ctx.put_image_data(&data, 0.0, 0.0).ok()
     }
 
+    /// POSTs `body` as JSON to `url` and reads the JSON reply, or the server's error message.
+    pub async fn post_json<B: serde::Serialize, R: DeserializeOwned>(url: &str, body: &B) -> Result<R, String> {
+        let res = gloo_net::http::Request::post(url)
+            .json(body)
+            .map_err(|e| e.to_string())?
+            .send()
+            .await
+            .map_err(|_| "cannot reach the server; is it running?".to_string())?;
+        if !res.ok() {
+            let status = res.status();
+            return Err(res.json::<ErrorBody>().await.map(|b| b.error).unwrap_or_else(|_| format!("the server answered {status}")));
+        }
+        res.json::<R>().await.map_err(|e| format!("unexpected reply from the server: {e}"))
+    }
+
     /// Milliseconds from the page's time origin (sub-millisecond where the browser allows).
     pub fn now_ms() -> f64 {
         web_sys::window().and_then(|w| w.performance()).map_or(0.0, |p| p.now())

@@ -359,3 +359,206 @@ pub struct TrainingStatus {
     /// What the worker is doing or last said.
     pub note: Option<String>,
 }
+
+// ---- Negative-prompt optimisation ----
+
+/// Body of `POST /api/negatives/analyze`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NegativeAnalysisRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+}
+
+/// What earlier optimisations measured for a suggestion on similar prompts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuggestionEvidence {
+    /// Similarity-weighted mean change of the combined score.
+    pub mean_delta: f64,
+    /// How many measurements on similar prompts.
+    pub runs: usize,
+    /// The most similar prompt's similarity (0..1).
+    pub similarity: f64,
+}
+
+/// A suggested negative prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Suggestion {
+    pub negative: String,
+    /// The knowledge-base category, or "history".
+    pub category: String,
+    pub reason: String,
+    pub evidence: Option<SuggestionEvidence>,
+}
+
+/// A conflict between the prompt and the negative prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contradiction {
+    pub word: String,
+    /// `both`: the word is in both prompts; `subject`: the negative removes the subject.
+    pub kind: String,
+    pub message: String,
+}
+
+/// Reply of `POST /api/negatives/analyze`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct NegativeAnalysis {
+    /// Subject cue words found in the prompt.
+    pub subject: Vec<String>,
+    /// Style cue words and `<lora:…>` style names.
+    pub style_cues: Vec<String>,
+    /// Knowledge-base categories the prompt falls in.
+    pub categories: Vec<String>,
+    /// Best first: negatives that helped similar prompts, then the knowledge base's.
+    pub suggestions: Vec<Suggestion>,
+    pub contradictions: Vec<Contradiction>,
+}
+
+/// Body of `POST /api/negatives/optimize`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OptimizeRequest {
+    pub prompt: String,
+    /// The baseline negative prompt (empty: compare against no negative prompt).
+    pub negative_prompt: String,
+    /// A style from the library, applied at `style_weight` and scored for style similarity.
+    pub style: Option<String>,
+    pub style_weight: f64,
+    /// How many suggestions to try (the user's own candidates and combinations come on top).
+    pub candidates: usize,
+    /// The user's own candidate negative prompts.
+    pub own: Vec<String>,
+    /// Seeds used in the search.
+    pub seeds: usize,
+    /// New seeds the winner is checked on afterwards.
+    pub holdout_seeds: usize,
+    /// First search seed; held-out seeds start at `seed + 10000`.
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    /// Weights of the combined score by metric name (missing ones keep their defaults).
+    pub weights: std::collections::BTreeMap<String, f64>,
+}
+
+impl Default for OptimizeRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            style: None,
+            style_weight: 1.0,
+            candidates: 6,
+            own: Vec::new(),
+            seeds: 4,
+            holdout_seeds: 4,
+            seed: 1000,
+            steps: 20,
+            guidance: 7.5,
+            weights: Default::default(),
+        }
+    }
+}
+
+/// One negative prompt's results on the search seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateResult {
+    pub negative: String,
+    /// `baseline`, `suggestion`, `history`, `yours` or `combination`.
+    pub source: String,
+    /// Combined score per search seed.
+    pub scores: Vec<f64>,
+    pub mean: f64,
+    /// Mean paired change against the baseline.
+    pub mean_delta: f64,
+    /// Seeds on which it beat the baseline.
+    pub improved: usize,
+    /// One-sided sign-test p-value of `improved` (chance of as many by luck).
+    pub p_value: f64,
+    /// Mean change of each metric's score against the baseline.
+    pub metric_deltas: std::collections::BTreeMap<String, f64>,
+    /// Image file per search seed (`/api/negatives/runs/{id}/images/{file}`).
+    pub images: Vec<String>,
+}
+
+/// Baseline against winner on one seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedComparison {
+    pub seed: u64,
+    pub held_out: bool,
+    pub baseline_image: String,
+    pub winner_image: String,
+    pub baseline_score: f64,
+    pub winner_score: f64,
+    /// Winner minus baseline, per metric score.
+    pub metric_deltas: std::collections::BTreeMap<String, f64>,
+}
+
+/// The outcome of an optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizeResult {
+    pub baseline: CandidateResult,
+    pub candidates: Vec<CandidateResult>,
+    /// Index into `candidates` of the best one, when one beat the baseline on the search seeds.
+    pub winner: Option<usize>,
+    pub search_seeds: Vec<u64>,
+    pub holdout_seeds: Vec<u64>,
+    /// Winner minus baseline on the held-out seeds.
+    pub holdout_mean_delta: Option<f64>,
+    pub holdout_improved: Option<usize>,
+    pub holdout_metric_deltas: std::collections::BTreeMap<String, f64>,
+    /// Per seed, search then held-out (empty without a winner).
+    pub comparisons: Vec<SeedComparison>,
+    /// True when the winner also beat the baseline on the held-out seeds.
+    pub helped: bool,
+    /// One plain sentence on the outcome.
+    pub verdict: String,
+}
+
+/// Where an optimisation is in its life.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum OptimizeState {
+    Queued { position: usize },
+    Running,
+    Done,
+    Failed { message: String },
+    Cancelled,
+}
+
+impl OptimizeState {
+    /// The state's name, as in the JSON `state` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizeState::Queued { .. } => "queued",
+            OptimizeState::Running => "running",
+            OptimizeState::Done => "done",
+            OptimizeState::Failed { .. } => "failed",
+            OptimizeState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self, OptimizeState::Done | OptimizeState::Failed { .. } | OptimizeState::Cancelled)
+    }
+}
+
+/// `GET /api/negatives/runs/{id}` and every event of its stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizeStatus {
+    pub id: String,
+    pub request: OptimizeRequest,
+    /// UTC time, ISO 8601.
+    pub created_at: String,
+    #[serde(flatten)]
+    pub state: OptimizeState,
+    /// Images rendered of `total`.
+    pub done: usize,
+    pub total: usize,
+    /// What is being rendered now.
+    pub phase: String,
+    /// Candidates measured so far (the baseline first).
+    pub partial: Vec<CandidateResult>,
+    pub result: Option<OptimizeResult>,
+    /// The run in the experiment store.
+    pub tracking_run: Option<String>,
+}

@@ -51,6 +51,7 @@ pub fn App() -> impl IntoView {
                 <a href="/styles">"Styles"</a>
                 <a href="/train">"Train"</a>
                 <a href="/blend">"Blend"</a>
+                <a href="/negatives">"Negatives"</a>
             </nav>
             <main>
                 <Routes fallback=|| view! { <p class="error">"Page not found."</p> }>
@@ -58,6 +59,7 @@ pub fn App() -> impl IntoView {
                     <Route path=StaticSegment("styles") view=pages::styles::StylesPage />
                     <Route path=StaticSegment("train") view=pages::train::TrainPage />
                     <Route path=StaticSegment("blend") view=pages::blend::BlendPage />
+                    <Route path=StaticSegment("negatives") view=pages::negatives::NegativesPage />
                 </Routes>
             </main>
         </Router>

@@ -34,6 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/styles/{name}/files/{file}", get(style_file))
         .merge(crate::training_api::routes())
         .merge(crate::blends_api::routes())
+        .merge(crate::negatives_api::routes())
         .fallback(|method: Method, OriginalUri(uri): OriginalUri| async move { ApiError::UnknownRoute(format!("{method} {}", uri.path())) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
@@ -56,7 +57,7 @@ async fn generate(
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
-fn json_rejection(rejection: JsonRejection) -> ApiError {
+pub(crate) fn json_rejection(rejection: JsonRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::TooLarge { limit: MAX_BODY_BYTES }
     } else {

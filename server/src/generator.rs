@@ -18,6 +18,11 @@ pub trait Generator: Send + Sync {
     fn model_hash(&self) -> String;
     /// A human-readable model name (the folder name).
     fn model_name(&self) -> String;
+    /// Mean Gram matrices of the VAE encoder's activations over `images`
+    /// ([`atelier_engine::style::metrics::mean_grams`]), for style similarity.
+    fn encoder_grams(&self, _images: &[image::RgbImage]) -> atelier_engine::Result<Vec<candle_core::Tensor>> {
+        Err(atelier_engine::Error::invalid("style", "this generator cannot measure style similarity"))
+    }
 }
 
 impl Generator for StableDiffusion {
@@ -33,6 +38,9 @@ impl Generator for StableDiffusion {
     }
     fn model_name(&self) -> String {
         "stable-diffusion".into()
+    }
+    fn encoder_grams(&self, images: &[image::RgbImage]) -> atelier_engine::Result<Vec<candle_core::Tensor>> {
+        atelier_engine::style::metrics::mean_grams(self.vae(), images)
     }
 }
 
@@ -130,6 +138,9 @@ impl Generator for LoadedModel {
     fn model_name(&self) -> String {
         self.name.clone()
     }
+    fn encoder_grams(&self, images: &[image::RgbImage]) -> atelier_engine::Result<Vec<candle_core::Tensor>> {
+        atelier_engine::style::metrics::mean_grams(self.sd.vae(), images)
+    }
 }
 
 /// Wraps a generator so every step takes at least `min_step`: makes live progress visible
@@ -159,6 +170,9 @@ impl<G: Generator> Generator for Throttled<G> {
     }
     fn model_name(&self) -> String {
         self.inner.model_name()
+    }
+    fn encoder_grams(&self, images: &[image::RgbImage]) -> atelier_engine::Result<Vec<candle_core::Tensor>> {
+        self.inner.encoder_grams(images)
     }
 }
 

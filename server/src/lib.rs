@@ -9,6 +9,8 @@ pub mod error;
 pub mod gallery;
 pub mod generator;
 pub mod jobs;
+pub mod negatives;
+pub mod negatives_api;
 pub mod png;
 pub mod request;
 pub mod routes;

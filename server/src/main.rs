@@ -36,6 +36,8 @@ enum Command {
     TrainStyle(cli::train_style::TrainStyleArgs),
     /// Blends of styles: share links, saved blends, baking into one adapter or the model.
     Blend(cli::blend::BlendArgs),
+    /// Find the negative prompt that measurably improves a prompt's images, with before/after scores.
+    OptimizeNegative(cli::optimize_negative::OptimizeNegativeArgs),
 }
 
 fn main() -> Result<()> {
@@ -59,5 +61,6 @@ fn main() -> Result<()> {
         Command::EvalStyles(args) => cli::eval_styles::run(args),
         Command::StyleData(args) => cli::style_data::run(args),
         Command::Blend(args) => cli::blend::run(args),
+        Command::OptimizeNegative(args) => cli::optimize_negative::run(args),
     }
 }

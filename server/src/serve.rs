@@ -73,6 +73,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     } else {
         Arc::new(model)
     };
+    let generator_for_negatives = generator.clone();
     let state = AppState::new(leptos_options, generator, &args.data_dir, default_size, note)
         .with_context(|| format!("opening the gallery in {}", args.data_dir.display()))?
         .with_styles(styles);
@@ -83,6 +84,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("opening the style trainer in {}", args.data_dir.join("trainings").display()))?,
     );
     let state = state.with_trainer(trainer.clone());
+    let negatives = Arc::new(
+        atelier_server::negatives::NegativeService::start(atelier_server::negatives::Context::new(
+            args.data_dir.join("negatives"),
+            generator_for_negatives,
+            state.styles.clone(),
+            args.data_dir.join("tracking"),
+            default_size,
+        ))
+        .with_context(|| format!("opening {}", args.data_dir.join("negatives").display()))?,
+    );
+    let state = state.with_negatives(negatives.clone());
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -92,6 +104,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     eprintln!("Atelier is running: open http://{local}/  (Ctrl-C to stop)");
     let jobs = state.jobs.clone();
     let stopping = trainer.clone();
+    let stopping_negatives = negatives.clone();
     axum::serve(listener, atelier_server::app(state))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
@@ -99,10 +112,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
             // a running style training stops with a checkpoint and resumes after a restart.
             jobs.cancel_all();
             stopping.begin_shutdown();
+            stopping_negatives.shutdown_soon();
         })
         .await
         .context("serving")?;
-    tokio::task::spawn_blocking(move || trainer.shutdown()).await?;
+    tokio::task::spawn_blocking(move || {
+        negatives.shutdown();
+        trainer.shutdown()
+    })
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }

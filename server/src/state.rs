@@ -25,6 +25,8 @@ pub struct AppState {
     pub blends: Arc<crate::blends::BlendStore>,
     /// Style training from the web; `None` when the server has no model to train on.
     pub trainer: Option<Arc<crate::trainer::Trainer>>,
+    /// Negative-prompt optimisation; `None` until [`AppState::with_negatives`].
+    pub negatives: Option<Arc<crate::negatives::NegativeService>>,
 }
 
 impl AppState {
@@ -48,7 +50,7 @@ impl AppState {
         let jobs = Arc::new(JobQueue::start(generator, gallery.clone()));
         let styles = Arc::new(crate::styles::StyleLibrary::new(data_dir.join("styles")));
         let blends = Arc::new(crate::blends::store_in(data_dir));
-        Ok(Self { leptos_options, jobs, gallery, model, styles, blends, trainer: None })
+        Ok(Self { leptos_options, jobs, gallery, model, styles, blends, trainer: None, negatives: None })
     }
 
     /// Uses `library` as the style library.
@@ -61,6 +63,17 @@ impl AppState {
     pub fn with_trainer(mut self, trainer: Arc<crate::trainer::Trainer>) -> Self {
         self.trainer = Some(trainer);
         self
+    }
+
+    /// Turns on negative-prompt optimisation.
+    pub fn with_negatives(mut self, service: Arc<crate::negatives::NegativeService>) -> Self {
+        self.negatives = Some(service);
+        self
+    }
+
+    /// The optimisation service, or 503 saying how to get one.
+    pub fn negatives(&self) -> Result<&Arc<crate::negatives::NegativeService>, crate::ApiError> {
+        self.negatives.as_ref().ok_or_else(|| crate::ApiError::Unavailable("negative-prompt optimisation is not enabled on this server".into()))
     }
 
     pub fn default_size(&self) -> (usize, usize) {

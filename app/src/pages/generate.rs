@@ -112,6 +112,16 @@ where
 #[component]
 fn Studio(info: ModelInfo) -> impl IntoView {
     let form = Form::new(&info);
+    // `?prompt=…&negative=…` (the Negatives page's "adopt" link) fills the form.
+    let query = leptos_router::hooks::use_query_map();
+    query.with_untracked(|q| {
+        if let Some(p) = q.get("prompt") {
+            form.prompt.set(p);
+        }
+        if let Some(n) = q.get("negative") {
+            form.negative.set(n);
+        }
+    });
     // Set once the WASM has hydrated the page: controls stay disabled before, and the
     // browser test waits for `data-ready="true"`.
     let hydrated = RwSignal::new(false);

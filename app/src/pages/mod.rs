@@ -2,5 +2,6 @@
 
 pub mod blend;
 pub mod generate;
+pub mod negatives;
 pub mod styles;
 pub mod train;

@@ -26,6 +26,7 @@ pub mod vae;
 pub mod model;
 pub mod reference;
 pub mod metrics;
+pub mod quality;
 pub mod starter;
 pub mod style;
 pub mod train;

@@ -5,6 +5,7 @@ pub mod blend;
 pub mod eval_starter;
 pub mod eval_styles;
 pub mod generate;
+pub mod optimize_negative;
 pub mod reference;
 pub mod style_data;
 pub mod train_base;

@@ -1,0 +1,13 @@
+//! Negative-prompt optimisation: prompt analysis and suggestions ([`analysis`]) from a
+//! curated knowledge base ([`knowledge`]) and from what earlier runs measured
+//! ([`history`]); the paired search over candidates on fixed seeds ([`optimizer`]); and
+//! the runs behind the CLI, the API and the Negatives page ([`service`]). Images are scored
+//! with [`atelier_engine::quality`].
+
+pub mod analysis;
+pub mod history;
+pub mod knowledge;
+pub mod optimizer;
+pub mod service;
+
+pub use service::{Context, NegativeService};
