@@ -8,14 +8,14 @@
 //! | noise | `σ = median |Y ∗ N| / (0.6745 · 6)` over the interior pixels, `N = [1 −2 1; −2 4 −2; 1 −2 1]` (Immerkær's mask, which cancels flat areas and linear ramps; for Gaussian noise `Y ∗ N ~ N(0, 36σ²)`, and the median keeps the few pixels on edges from counting as noise), 0..255 units | `1 − min(σ / 20, 1)` |
 //! | sharpness | variance of the 4-neighbour Laplacian of `Y` minus the `20 σ²` that noise of level `σ` adds to it (the kernel's squared weights sum to 20), floored at 0 | `min(ln(1 + s) / ln(1 + 4000), 1)` |
 //! | contrast | RMS contrast: mean over R, G, B of the channel's standard deviation, / 255 | `min(c / 0.3, 1)` |
-//! | exposure | clipped fraction: pixels with `Y ≤ 4` or `Y ≥ 251` | `1 − clipped` |
+//! | exposure | clipped fraction: pixels with a channel at ≤ 2 or ≥ 253 (crushed shadows, blown highlights) | `1 − clipped` |
 //! | colourfulness | Hasler & Süsstrunk's `M` ([`crate::style::metrics::colourfulness`]) | `min(M / 109, 1)` (109: their "extremely colourful") |
 //! | blockiness | `R = (mean |ΔY| across the 8-pixel block grid + 1) / (mean |ΔY| elsewhere + 1)`, horizontal and vertical together (JPEG-style block edges make `R > 1`) | `1 − min(max(R − 1, 0) / 2, 1)` |
 //! | style | style similarity to the active style's training images ([`crate::style::metrics::style_similarity`]), in (0, 1] | the similarity itself |
 //!
 //! The combined score is the weighted mean of the scores present, with [`Weights`]
-//! (defaults: sharpness 0.25, noise 0.25, contrast 0.2, colourfulness 0.1, exposure 0.05,
-//! blockiness 0.15, style 0.3); a metric whose weight is 0 takes no part.
+//! (defaults: sharpness 0.25, noise 0.25, contrast 0.15, exposure 0.15, colourfulness 0.1,
+//! blockiness 0.1, style 0.3); a metric whose weight is 0 takes no part.
 
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -99,7 +99,7 @@ pub struct Weights {
 
 impl Default for Weights {
     fn default() -> Self {
-        Self { sharpness: 0.25, noise: 0.25, contrast: 0.2, exposure: 0.05, colourfulness: 0.1, blockiness: 0.15, style: 0.3 }
+        Self { sharpness: 0.25, noise: 0.25, contrast: 0.15, exposure: 0.15, colourfulness: 0.1, blockiness: 0.1, style: 0.3 }
     }
 }
 
@@ -206,7 +206,7 @@ pub fn measure(img: &RgbImage, style: Option<f64>) -> Metrics {
         sharpness: (lap - 20.0 * sigma * sigma).max(0.0),
         noise: sigma,
         contrast: rms_contrast(img),
-        exposure: clipped_fraction(&y),
+        exposure: clipped_fraction(img),
         colourfulness: crate::style::metrics::colourfulness(img),
         blockiness: blockiness(&y, w, h),
         style,
@@ -271,11 +271,12 @@ fn rms_contrast(img: &RgbImage) -> f64 {
     total / 3.0 / 255.0
 }
 
-fn clipped_fraction(y: &[f64]) -> f64 {
-    if y.is_empty() {
+fn clipped_fraction(img: &RgbImage) -> f64 {
+    let n = img.pixels().len();
+    if n == 0 {
         return 0.0;
     }
-    y.iter().filter(|&&v| v <= 4.0 || v >= 251.0).count() as f64 / y.len() as f64
+    img.pixels().filter(|p| p.0.iter().any(|&v| v <= 2 || v >= 253)).count() as f64 / n as f64
 }
 
 fn blockiness(y: &[f64], w: u32, h: u32) -> f64 {
@@ -367,7 +368,8 @@ mod tests {
         assert!(Weights::parse("noise").is_err());
         assert!(Weights::parse("sharpness=0,noise=0,contrast=0,exposure=0,colourfulness=0,blockiness=0,style=0").is_err());
         let d = Weights::default();
-        assert!((d.combine(&score(&measure(&flat(128), None))) - (0.25 + 0.05 + 0.15) / 1.0).abs() < 1e-12);
+        // Flat grey: perfect noise, exposure and blockiness scores, nothing else.
+        assert!((d.combine(&score(&measure(&flat(128), None))) - (0.25 + 0.15 + 0.1) / 1.0).abs() < 1e-12);
     }
 
     #[test]
