@@ -160,11 +160,12 @@ impl Studio for GeneratorStudio<'_> {
     fn render(&mut self, negative: &str, seed: u64) -> Result<RgbImage> {
         let params = GenerateParams { negative_prompt: negative.to_string(), seed, ..self.base.clone() };
         let cancel = self.cancel;
-        let out = self.generator.generate(&params, &mut |_| !cancel.load(Ordering::Relaxed))?;
+        let out = self.generator.generate(&params, &mut |_| !cancel.load(Ordering::Relaxed));
+        // A generation stopped by the flag fails; that is a cancel, not an error.
         if cancel.load(Ordering::Relaxed) {
             return Err(optimizer::Cancelled.into());
         }
-        out.images.into_iter().next().context("the generator returned no image")
+        out?.images.into_iter().next().context("the generator returned no image")
     }
 
     fn assess(&mut self, image: &RgbImage) -> Result<Assessment> {
