@@ -38,6 +38,8 @@ enum Command {
     Blend(cli::blend::BlendArgs),
     /// Find the negative prompt that measurably improves a prompt's images, with before/after scores.
     OptimizeNegative(cli::optimize_negative::OptimizeNegativeArgs),
+    /// Measure negative-prompt optimisation on held-out starter prompts (table).
+    EvalNegatives(cli::eval_negatives::EvalNegativesArgs),
 }
 
 fn main() -> Result<()> {
@@ -62,5 +64,6 @@ fn main() -> Result<()> {
         Command::StyleData(args) => cli::style_data::run(args),
         Command::Blend(args) => cli::blend::run(args),
         Command::OptimizeNegative(args) => cli::optimize_negative::run(args),
+        Command::EvalNegatives(args) => cli::eval_negatives::run(args),
     }
 }

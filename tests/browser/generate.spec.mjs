@@ -379,6 +379,65 @@ test('a blend whose style is missing names it and imports it from the sharing st
   }
 });
 
+test('the negatives page analyses, optimises live, compares before/after and adopts the winner', async () => {
+  await page.click('nav.top a[href="/negatives"]');
+  await page.waitForSelector('#neg-run:not([disabled])', { timeout: 60_000 });
+  await page.fill('#neg-prompt', 'a green square on a white background');
+  // A contradiction is explained as soon as it is typed.
+  await page.fill('#neg-baseline', 'white');
+  await page.waitForSelector('.contradiction[data-word="white"]', { timeout: 10_000 });
+  assert.match(await page.textContent('.contradiction'), /in the prompt and in the negative/);
+  await page.fill('#neg-baseline', '');
+  await page.waitForFunction(() => document.querySelectorAll('.contradiction').length === 0, null, { timeout: 10_000 });
+  assert.equal(await page.textContent('.cues .subject'), 'square');
+  const suggestions = await page.$$eval('.suggestion .negative', (s) => s.map((e) => e.textContent));
+  assert.ok(suggestions.includes('low contrast'), suggestions.join(' | '));
+  // A suggestion can be added to the own candidates in one click.
+  await page.click('.suggestion:has(.negative:text-is("low contrast")) button');
+  assert.equal(await page.inputValue('#neg-own'), 'low contrast');
+  await page.fill('#neg-own', 'low contrast\non the left, on the right');
+  for (const [id, v] of [['#neg-candidates', '0'], ['#neg-seeds', '2'], ['#neg-holdout', '1'], ['#neg-steps', '8']]) {
+    await page.fill(id, v);
+    await page.locator(id).dispatchEvent('change');
+  }
+  await page.click('#neg-run');
+  // Live progress, then the verdict.
+  await page.waitForFunction(() => /\d+ of 8 images/.test(document.querySelector('.neg-progress .step-counter')?.textContent ?? ''), null, { timeout: 30_000 });
+  await page.waitForSelector('.verdict', { timeout: 120_000 });
+  assert.match(await page.textContent('.verdict'), /^“low contrast” raises the combined score by \+0\.\d+ on 1 new seeds/);
+  assert.equal(await page.textContent('table.candidates tr.winner td'), 'low contrast');
+  assert.equal(await page.$$eval('.cand-chart rect.bar-rect', (r) => r.length), 2);
+  assert.equal(await page.$$eval('.cand-chart rect.winner', (r) => r.length), 1);
+  // Baseline and winner side by side for the 2 search seeds and the new one, all loaded.
+  await page.waitForFunction(() => {
+    const imgs = [...document.querySelectorAll('.pair img, .wipe img')];
+    return imgs.length === 8 && imgs.every((i) => i.complete && i.naturalWidth === 64);
+  }, null, { timeout: 10_000 });
+  assert.equal(await page.$$eval('.pair.held-out', (p) => p.length), 1);
+  assert.match(await page.textContent('.metric-deltas'), /contrast \+0\.\d+/);
+  // The wipe slider uncovers the winner.
+  await page.fill('#neg-wipe', '10');
+  assert.equal(await page.$eval('.wipe-before', (i) => i.style.clipPath), 'inset(0px 90% 0px 0px)');
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-negatives.png'), fullPage: true });
+  // Adopt: the Generate page opens with the prompt and the winning negative filled in.
+  await page.click('a.adopt');
+  await page.waitForSelector('textarea[name="negative_prompt"]');
+  await page.waitForFunction(() => document.querySelector('textarea[name="negative_prompt"]').value === 'low contrast', null, { timeout: 10_000 });
+  assert.equal(await page.inputValue('textarea[name="prompt"]'), 'a green square on a white background');
+});
+
+test('a running optimisation can be cancelled from the page', async () => {
+  await page.goto(`${baseUrl}/negatives`);
+  await page.waitForSelector('#neg-run:not([disabled])', { timeout: 60_000 });
+  await page.fill('#neg-seeds', '16');
+  await page.locator('#neg-seeds').dispatchEvent('change');
+  await page.click('#neg-run');
+  await page.waitForSelector('#neg-cancel', { timeout: 10_000 });
+  await page.click('#neg-cancel');
+  await page.waitForFunction(() => /^cancelled after \d+ images/.test(document.querySelector('.neg-progress .step-counter')?.textContent ?? ''), null, { timeout: 30_000 });
+  assert.equal(await page.$$eval('#neg-cancel', (b) => b.length), 0);
+});
+
 test('no errors in the browser console', () => {
   // The deliberate 400 above is logged by Chromium as a failed resource load; ignore those.
   const real = pageErrors.filter((e) => !/Failed to load resource/.test(e));

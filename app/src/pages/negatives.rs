@@ -70,6 +70,7 @@ fn Optimiser(styles: Vec<StyleSummary>) -> impl IntoView {
     let candidates = RwSignal::new(d.candidates);
     let seeds = RwSignal::new(d.seeds);
     let holdout = RwSignal::new(d.holdout_seeds);
+    let steps = RwSignal::new(d.steps);
     let own = RwSignal::new(String::new());
     let analysis = RwSignal::new(None::<NegativeAnalysis>);
     let analysis_error = RwSignal::new(None::<String>);
@@ -118,6 +119,7 @@ fn Optimiser(styles: Vec<StyleSummary>) -> impl IntoView {
             candidates: candidates.get_untracked(),
             seeds: seeds.get_untracked(),
             holdout_seeds: holdout.get_untracked(),
+            steps: steps.get_untracked(),
             own: own.get_untracked().lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect(),
             ..OptimizeRequest::default()
         };
@@ -189,6 +191,7 @@ fn Optimiser(styles: Vec<StyleSummary>) -> impl IntoView {
                     <label>"Suggestions to try " <input id="neg-candidates" type="number" min="0" max="20" prop:value=move || candidates.get().to_string() on:change=number(candidates) /></label>
                     <label>"Seeds " <input id="neg-seeds" type="number" min="1" max="16" prop:value=move || seeds.get().to_string() on:change=number(seeds) /></label>
                     <label>"New seeds to confirm " <input id="neg-holdout" type="number" min="0" max="16" prop:value=move || holdout.get().to_string() on:change=number(holdout) /></label>
+                    <label>"Steps " <input id="neg-steps" type="number" min="1" max="150" prop:value=move || steps.get().to_string() on:change=number(steps) /></label>
                 </div>
                 <label>
                     "Your own candidates (one per line)"
