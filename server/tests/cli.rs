@@ -78,3 +78,38 @@ fn generate_rejects_bad_input_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model"));
 }
+
+#[test]
+fn optimize_negative_picks_the_known_good_candidate_and_keeps_the_run() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let data = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_atelier"))
+            .args(["optimize-negative", "--prompt", "a green square on a white background", "--candidates", "0"])
+            .args(["--candidate", "low contrast", "--candidate", "on the left, on the right", "--seeds", "2", "--holdout-seeds", "1", "--steps", "8"])
+            .arg("--model")
+            .arg(repo.join("models/starter"))
+            .arg("--shipped")
+            .arg(repo.join("models/styles"))
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: app::dto::OptimizeStatus = serde_json::from_slice(&out.stdout).unwrap();
+    let result = status.result.unwrap();
+    assert_eq!(result.winner.map(|w| result.candidates[w].negative.as_str()), Some("low contrast"), "{}", result.verdict);
+    assert!(result.helped);
+    let dir = data.path().join("negatives/runs").join(&status.id);
+    assert!(dir.join("status.json").is_file() && dir.join("c1_s11000.png").is_file());
+    // The measurements went into the history for the next prompt's suggestions.
+    let history: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(data.path().join("negatives/history.json")).unwrap()).unwrap();
+    assert_eq!(history.len(), 2);
+
+    let out = run(&["--weights", "sharpness=-1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be a number ≥ 0"), "{}", String::from_utf8_lossy(&out.stderr));
+}
