@@ -199,10 +199,7 @@ pub fn run(
     s.total = s.done + 2 * plan.holdout_seeds.len();
 
     let best = (0..measured.len()).max_by(|&a, &b| measured[a].result.mean.total_cmp(&measured[b].result.mean));
-    let winner = best.filter(|&i| {
-        let r = &measured[i].result;
-        r.mean_delta > 0.0 && 2 * r.improved > seeds.len()
-    });
+    let winner = pick_winner(&measured.iter().map(|m| &m.result).collect::<Vec<_>>(), seeds.len());
 
     let mut comparisons = Vec::new();
     let (mut holdout_mean_delta, mut holdout_improved, mut holdout_metric_deltas) = (None, None, BTreeMap::new());
@@ -245,6 +242,23 @@ pub fn run(
         helped,
         verdict,
     })
+}
+
+/// Share of the best gain a shorter candidate must reach to be preferred to it.
+const SIMPLER_SHARE: f64 = 0.95;
+
+/// The winner: among the candidates that beat the baseline on the mean and on most seeds,
+/// the one with the fewest comma-separated parts among those reaching
+/// [`SIMPLER_SHARE`] of the best gain (a combination must earn its extra words), ties
+/// going to the higher mean.
+pub fn pick_winner(candidates: &[&CandidateResult], seeds: usize) -> Option<usize> {
+    let qualified: Vec<usize> = (0..candidates.len()).filter(|&i| candidates[i].mean_delta > 0.0 && 2 * candidates[i].improved > seeds).collect();
+    let top = qualified.iter().map(|&i| candidates[i].mean_delta).fold(f64::NEG_INFINITY, f64::max);
+    let parts = |i: usize| super::analysis::phrases(&candidates[i].negative).len();
+    qualified
+        .into_iter()
+        .filter(|&i| candidates[i].mean_delta >= SIMPLER_SHARE * top)
+        .min_by(|&a, &b| parts(a).cmp(&parts(b)).then(candidates[b].mean.total_cmp(&candidates[a].mean)))
 }
 
 fn comparison(seed: u64, held_out: bool, base_index: usize, win_index: usize, b: &Assessment, w: &Assessment) -> SeedComparison {
@@ -401,6 +415,28 @@ mod tests {
         .unwrap_err();
         assert!(err.is::<Cancelled>());
         assert_eq!(studio.renders, 5);
+    }
+
+    #[test]
+    fn a_combination_must_earn_its_extra_words() {
+        let c = |negative: &str, mean_delta: f64, improved: usize| CandidateResult {
+            negative: negative.into(),
+            source: "x".into(),
+            scores: vec![],
+            mean: 0.5 + mean_delta,
+            mean_delta,
+            improved,
+            p_value: 1.0,
+            metric_deltas: Default::default(),
+            images: vec![],
+        };
+        let (a, ab, b) = (c("low contrast", 0.0185, 4), c("low contrast, cut off", 0.0186, 3), c("noisy", 0.03, 2));
+        // "noisy" has the largest gain but wins on only 2 of 4 seeds; the combination adds
+        // less than 5 % to "low contrast" alone.
+        assert_eq!(pick_winner(&[&a, &ab, &b], 4), Some(0));
+        let ab = c("low contrast, cut off", 0.03, 3);
+        assert_eq!(pick_winner(&[&a, &ab, &b], 4), Some(1));
+        assert_eq!(pick_winner(&[&b], 4), None);
     }
 
     #[test]
