@@ -162,12 +162,21 @@ mod imp {
 
     /// POSTs `body` as JSON to `url` and reads the JSON reply, or the server's error message.
     pub async fn post_json<B: serde::Serialize, R: DeserializeOwned>(url: &str, body: &B) -> Result<R, String> {
-        let res = gloo_net::http::Request::post(url)
-            .json(body)
-            .map_err(|e| e.to_string())?
-            .send()
-            .await
-            .map_err(|_| "cannot reach the server; is it running?".to_string())?;
+        reply(gloo_net::http::Request::post(url).json(body).map_err(|e| e.to_string())?.send().await).await
+    }
+
+    /// PUTs `body` as JSON to `url` and reads the JSON reply, or the server's error message.
+    pub async fn put_json<B: serde::Serialize, R: DeserializeOwned>(url: &str, body: &B) -> Result<R, String> {
+        reply(gloo_net::http::Request::put(url).json(body).map_err(|e| e.to_string())?.send().await).await
+    }
+
+    /// GETs the JSON at `url`, or the server's error message.
+    pub async fn get_json<R: DeserializeOwned>(url: &str) -> Result<R, String> {
+        reply(gloo_net::http::Request::get(url).send().await).await
+    }
+
+    async fn reply<R: DeserializeOwned>(res: Result<gloo_net::http::Response, gloo_net::Error>) -> Result<R, String> {
+        let res = res.map_err(|_| "cannot reach the server; is it running?".to_string())?;
         if !res.ok() {
             let status = res.status();
             return Err(res.json::<ErrorBody>().await.map(|b| b.error).unwrap_or_else(|_| format!("the server answered {status}")));

@@ -392,6 +392,21 @@ test('the negatives page analyses, optimises live, compares before/after and ado
   assert.equal(await page.textContent('.cues .subject'), 'square');
   const suggestions = await page.$$eval('.suggestion .negative', (s) => s.map((e) => e.textContent));
   assert.ok(suggestions.includes('low contrast'), suggestions.join(' | '));
+  // The knowledge base is edited on the page: a bad edit is refused, a good one feeds the suggestions.
+  await page.click('details.knowledge summary');
+  await page.waitForFunction(() => document.querySelector('#neg-knowledge').value.includes('"image quality"'), null, { timeout: 10_000 });
+  await page.fill('#neg-knowledge', '{ "categories": [ ');
+  await page.click('#neg-knowledge-save');
+  assert.match(await page.textContent('.knowledge-note'), /not valid JSON/);
+  const kb = { categories: [{ name: 'image quality', kind: 'quality', cues: [], negatives: ['grainy', 'blurry', 'noisy', 'low contrast'] }] };
+  await page.fill('#neg-knowledge', JSON.stringify({ categories: [{ ...kb.categories[0], kind: 'subject' }] }));
+  await page.click('#neg-knowledge-save');
+  await page.waitForFunction(() => /needs cue words/.test(document.querySelector('.knowledge-note')?.textContent ?? ''), null, { timeout: 10_000 });
+  await page.fill('#neg-knowledge', JSON.stringify(kb));
+  await page.click('#neg-knowledge-save');
+  await page.waitForFunction(() => /^saved/.test(document.querySelector('.knowledge-note')?.textContent ?? ''), null, { timeout: 10_000 });
+  await page.fill('#neg-prompt', 'a green square on a white background ');
+  await page.waitForFunction(() => [...document.querySelectorAll('.suggestion .negative')].map((e) => e.textContent).join('|') === 'grainy|blurry|noisy|low contrast', null, { timeout: 10_000 });
   // A suggestion can be added to the own candidates in one click.
   await page.click('.suggestion:has(.negative:text-is("low contrast")) button');
   assert.equal(await page.inputValue('#neg-own'), 'low contrast');

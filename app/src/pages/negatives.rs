@@ -200,6 +200,7 @@ fn Optimiser(styles: Vec<StyleSummary>) -> impl IntoView {
             </div>
 
             <Analysis analysis analysis_error add_own />
+            <KnowledgeEditor />
 
             <div class="row">
                 <button id="neg-run" class="start" disabled=move || !hydrated.get() || running() on:click=start>"Optimise"</button>
@@ -208,7 +209,7 @@ fn Optimiser(styles: Vec<StyleSummary>) -> impl IntoView {
                 </Show>
             </div>
             {move || error.get().map(|e| view! { <p class="error neg-error">{e}</p> })}
-            <RunView status prompt />
+            <RunView status />
         </section>
     }
 }
@@ -281,8 +282,53 @@ fn Analysis(
     }
 }
 
+/// The knowledge base as JSON, loaded when opened, checked and saved by the server.
 #[component]
-fn RunView(status: RwSignal<Option<OptimizeStatus>>, prompt: RwSignal<String>) -> impl IntoView {
+fn KnowledgeEditor() -> impl IntoView {
+    let text = RwSignal::new(String::new());
+    let note = RwSignal::new(None::<(bool, String)>);
+    // Loaded the first time it is opened; closing it keeps the edits.
+    let load = move |_| {
+        if !text.with_untracked(String::is_empty) {
+            return;
+        }
+        #[cfg(feature = "hydrate")]
+        leptos::task::spawn_local(async move {
+            match crate::browser::get_json::<serde_json::Value>("/api/negatives/knowledge").await {
+                Ok(v) => text.set(serde_json::to_string_pretty(&v).unwrap_or_default()),
+                Err(e) => note.set(Some((false, e))),
+            }
+        });
+    };
+    let save = move |_| {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(&text.get_untracked());
+        match parsed {
+            Err(e) => note.set(Some((false, format!("not valid JSON: {e}")))),
+            Ok(v) => {
+                #[cfg(feature = "hydrate")]
+                leptos::task::spawn_local(async move {
+                    match crate::browser::put_json::<_, serde_json::Value>("/api/negatives/knowledge", &v).await {
+                        Ok(_) => note.set(Some((true, "saved; suggestions use it from now on".into()))),
+                        Err(e) => note.set(Some((false, e))),
+                    }
+                });
+                #[cfg(not(feature = "hydrate"))]
+                let _ = v;
+            }
+        }
+    };
+    view! {
+        <details class="knowledge" on:toggle=load>
+            <summary>"Knowledge base (categories, cue words, negatives)"</summary>
+            <textarea id="neg-knowledge" rows="14" prop:value=text on:input=move |ev| text.set(event_target_value(&ev))></textarea>
+            <button id="neg-knowledge-save" class="secondary" on:click=save>"Save"</button>
+            {move || note.get().map(|(ok, m)| view! { <p class=if ok { "muted knowledge-note" } else { "error knowledge-note" }>{m}</p> })}
+        </details>
+    }
+}
+
+#[component]
+fn RunView(status: RwSignal<Option<OptimizeStatus>>) -> impl IntoView {
     let line = move || {
         status.get().map(|s| match &s.state {
             OptimizeState::Queued { position } => format!("queued (position {position})"),
@@ -307,6 +353,8 @@ fn RunView(status: RwSignal<Option<OptimizeStatus>>, prompt: RwSignal<String>) -
                 .get()
                 .map(|s| {
                     let id = s.id.clone();
+                    // Adopt the prompt the run measured, whatever the field holds now.
+                    let prompt = s.request.prompt.trim().to_string();
                     match s.result.clone() {
                         Some(result) => view! { <Results id result prompt /> }.into_any(),
                         None => view! { <CandidateTable id baseline=s.partial.first().cloned() rows=s.partial.iter().skip(1).cloned().collect() winner=None /> }.into_any(),
@@ -379,10 +427,10 @@ fn ScoreChart(result: OptimizeResult) -> impl IntoView {
 }
 
 #[component]
-fn Results(id: String, result: OptimizeResult, prompt: RwSignal<String>) -> impl IntoView {
+fn Results(id: String, result: OptimizeResult, prompt: String) -> impl IntoView {
     let winner = result.winner.map(|w| result.candidates[w].clone());
     let wipe = RwSignal::new(50.0f64);
-    let adopt = winner.as_ref().map(|w| format!("/?prompt={}&negative={}", encode_query(&prompt.get_untracked()), encode_query(&w.negative)));
+    let adopt = winner.as_ref().map(|w| format!("/?prompt={}&negative={}", encode_query(&prompt), encode_query(&w.negative)));
     let first = result.comparisons.first().cloned();
     let deltas = |m: &std::collections::BTreeMap<String, f64>| {
         m.iter().map(|(k, v)| view! { <span class=format!("delta {}", sign_class(*v))>{format!("{k} {v:+.3}")}</span> }).collect_view()
