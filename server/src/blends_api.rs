@@ -22,17 +22,13 @@ pub fn routes() -> Router<AppState> {
         .route("/blends/{name}", get(one).put(save).delete(delete))
 }
 
-fn internal(e: anyhow::Error) -> ApiError {
-    ApiError::Internal(format!("{e:#}"))
-}
-
 async fn list(State(state): State<AppState>) -> Json<Vec<SavedBlend>> {
     Json(state.blends.list())
 }
 
 async fn one(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<SavedBlend>, ApiError> {
     crate::styles::check_name(&name).map_err(|e| ApiError::Invalid { field: "name".into(), message: e.to_string() })?;
-    state.blends.get(&name).map_err(internal)?.map(Json).ok_or(ApiError::NotFound { what: "blend", id: name })
+    state.blends.get(&name).map_err(ApiError::internal)?.map(Json).ok_or(ApiError::NotFound { what: "blend", id: name })
 }
 
 async fn save(
@@ -43,12 +39,12 @@ async fn save(
     let Json(blend) = body.map_err(|e| ApiError::BadBody(e.body_text()))?;
     crate::styles::check_name(&name).map_err(|e| ApiError::Invalid { field: "name".into(), message: e.to_string() })?;
     atelier_blend::encode(&blend).map_err(|e| ApiError::Invalid { field: "blend".into(), message: e.to_string() })?;
-    Ok(Json(state.blends.save(&name, &blend).map_err(internal)?))
+    Ok(Json(state.blends.save(&name, &blend).map_err(ApiError::internal)?))
 }
 
 async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     crate::styles::check_name(&name).map_err(|e| ApiError::Invalid { field: "name".into(), message: e.to_string() })?;
-    if state.blends.delete(&name).map_err(internal)? {
+    if state.blends.delete(&name).map_err(ApiError::internal)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound { what: "blend", id: name })

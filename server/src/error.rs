@@ -35,6 +35,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A server-side failure with its whole cause chain (logged, not shown to clients).
+    pub fn internal(e: anyhow::Error) -> Self {
+        ApiError::Internal(format!("{e:#}"))
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Invalid { .. } | ApiError::BadImage(_) | ApiError::BadBody(_) => {

@@ -26,21 +26,17 @@ pub fn routes() -> Router<AppState> {
         .route("/negatives/runs/{id}/images/{file}", get(image))
 }
 
-fn internal(e: anyhow::Error) -> ApiError {
-    ApiError::Internal(format!("{e:#}"))
-}
-
 async fn analyze(
     State(state): State<AppState>,
     body: Result<Json<NegativeAnalysisRequest>, JsonRejection>,
 ) -> Result<Json<NegativeAnalysis>, ApiError> {
     let Json(r) = body.map_err(crate::api::json_rejection)?;
     let service = state.negatives()?;
-    Ok(Json(service.context().analyze(&r.prompt, &r.negative_prompt).map_err(internal)?))
+    Ok(Json(service.context().analyze(&r.prompt, &r.negative_prompt).map_err(ApiError::internal)?))
 }
 
 async fn knowledge(State(state): State<AppState>) -> Result<Json<KnowledgeBase>, ApiError> {
-    Ok(Json(state.negatives()?.context().knowledge.load().map_err(internal)?))
+    Ok(Json(state.negatives()?.context().knowledge.load().map_err(ApiError::internal)?))
 }
 
 async fn save_knowledge(
@@ -55,7 +51,7 @@ async fn save_knowledge(
 }
 
 async fn history(State(state): State<AppState>) -> Result<Json<Vec<Entry>>, ApiError> {
-    Ok(Json(state.negatives()?.context().history.entries().map_err(internal)?))
+    Ok(Json(state.negatives()?.context().history.entries().map_err(ApiError::internal)?))
 }
 
 /// `POST /api/negatives/optimize`: 202 with the queued run.

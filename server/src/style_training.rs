@@ -212,6 +212,15 @@ fn tracked_run(tracker: &Tracker, run_dir: &Path, cfg: &StyleTrainConfig, tags: 
     Ok(id)
 }
 
+/// The statistics [`measure_style`] keeps with a style (`STYLE_GRAMS` in its folder), in
+/// encoder-layer order, on `device`.
+pub fn load_style_grams(style_dir: &Path, device: &candle_core::Device) -> Result<Vec<candle_core::Tensor>> {
+    let file = style_dir.join(STYLE_GRAMS);
+    let map = atelier_engine::model::load_safetensors(&file, device)
+        .with_context(|| format!("reading {} (train the style again to measure style similarity)", file.display()))?;
+    (0..map.len()).map(|i| map.get(&format!("layer{i}")).cloned().with_context(|| format!("{} lacks layer{i}", file.display()))).collect()
+}
+
 /// Renders the evaluation prompts with the base model and with the style (weight 1),
 /// writes `compare.png` (base row over style row) and returns the metrics of both.
 pub fn measure_style(

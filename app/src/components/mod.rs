@@ -1,4 +1,5 @@
 //! Components shared by pages, one per file.
 
+pub mod errors;
 pub mod gallery;
 pub mod progress;

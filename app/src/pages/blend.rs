@@ -26,9 +26,7 @@ pub fn BlendPage() -> impl IntoView {
     let data = Resource::new(|| (), |_| async { Ok::<_, AppError>((get_model_info().await?, list_styles().await?)) });
     view! {
         <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
-            <ErrorBoundary fallback=|errors| view! {
-                <p class="error">{move || errors.get().into_iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>().join("; ")}</p>
-            }>
+            <ErrorBoundary fallback=crate::components::errors::error_line>
                 {move || Suspend::new(async move {
                     let (info, styles) = data.await?;
                     Ok::<_, AppError>(view! { <Blender info styles /> })

@@ -14,15 +14,7 @@ pub fn GeneratePage() -> impl IntoView {
     let model = Resource::new(|| (), |_| get_model_info());
     view! {
         <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
-            <ErrorBoundary fallback=|errors| {
-                view! {
-                    <p class="error">
-                        {move || {
-                            errors.get().into_iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>().join("; ")
-                        }}
-                    </p>
-                }
-            }>
+            <ErrorBoundary fallback=crate::components::errors::error_line>
                 {move || Suspend::new(async move {
                     let info = model.await?;
                     Ok::<_, AppError>(view! { <Studio info /> })

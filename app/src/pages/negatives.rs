@@ -14,13 +14,7 @@ pub fn NegativesPage() -> impl IntoView {
     let styles = Resource::new(|| (), |_| list_styles());
     view! {
         <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
-            <ErrorBoundary fallback=|errors| {
-                view! {
-                    <p class="error">
-                        {move || errors.get().into_iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>().join("; ")}
-                    </p>
-                }
-            }>
+            <ErrorBoundary fallback=crate::components::errors::error_line>
                 {move || Suspend::new(async move {
                     let list = styles.await?;
                     Ok::<_, AppError>(view! { <Optimiser styles=list /> })

@@ -13,13 +13,7 @@ pub fn TrainPage() -> impl IntoView {
     let trainings = Resource::new(|| (), |_| list_style_trainings());
     view! {
         <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
-            <ErrorBoundary fallback=|errors| {
-                view! {
-                    <p class="error">
-                        {move || errors.get().into_iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>().join("; ")}
-                    </p>
-                }
-            }>
+            <ErrorBoundary fallback=crate::components::errors::error_line>
                 {move || Suspend::new(async move {
                     let list = trainings.await?;
                     Ok::<_, AppError>(view! { <Trainer initial=list /> })

@@ -104,26 +104,9 @@ impl Default for Weights {
 }
 
 impl Weights {
-    /// The weight of the metric `name`.
-    pub fn get(&self, name: &str) -> Option<f64> {
+    /// The field of the metric `name`: the one place metric names meet weight fields.
+    fn slot(&mut self, name: &str) -> Option<&mut f64> {
         Some(match name {
-            "sharpness" => self.sharpness,
-            "noise" => self.noise,
-            "contrast" => self.contrast,
-            "exposure" => self.exposure,
-            "colourfulness" => self.colourfulness,
-            "blockiness" => self.blockiness,
-            "style" => self.style,
-            _ => return None,
-        })
-    }
-
-    /// Sets one weight; refuses unknown names and negative or non-finite values.
-    pub fn set(&mut self, name: &str, value: f64) -> Result<(), String> {
-        if !(value.is_finite() && value >= 0.0) {
-            return Err(format!("the weight of {name} must be a number ≥ 0, not {value}"));
-        }
-        let slot = match name {
             "sharpness" => &mut self.sharpness,
             "noise" => &mut self.noise,
             "contrast" => &mut self.contrast,
@@ -131,8 +114,22 @@ impl Weights {
             "colourfulness" => &mut self.colourfulness,
             "blockiness" => &mut self.blockiness,
             "style" => &mut self.style,
-            _ => return Err(format!("no metric named {name:?} (known: {})", METRIC_NAMES.join(", "))),
-        };
+            _ => return None,
+        })
+    }
+
+    /// The weight of the metric `name`.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        let mut copy = *self;
+        copy.slot(name).map(|w| *w)
+    }
+
+    /// Sets one weight; refuses unknown names and negative or non-finite values.
+    pub fn set(&mut self, name: &str, value: f64) -> Result<(), String> {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(format!("the weight of {name} must be a number ≥ 0, not {value}"));
+        }
+        let slot = self.slot(name).ok_or_else(|| format!("no metric named {name:?} (known: {})", METRIC_NAMES.join(", ")))?;
         *slot = value;
         Ok(())
     }
@@ -157,7 +154,7 @@ impl Weights {
                 return Err(format!("the weight of {name} must be a number ≥ 0, not {v}"));
             }
         }
-        if METRIC_NAMES[..6].iter().all(|n| self.get(n) == Some(0.0)) && self.style == 0.0 {
+        if METRIC_NAMES.iter().all(|n| self.get(n) == Some(0.0)) {
             return Err("at least one metric needs a weight above 0".into());
         }
         Ok(())

@@ -49,7 +49,7 @@ pub fn run(args: EvalNegativesArgs) -> Result<()> {
             holdout_seeds: args.holdout_seeds,
             ..OptimizeRequest::default()
         };
-        let status = execute(&ctx, new_status("eval", request), &AtomicBool::new(false), &mut |_| {});
+        let status = execute(&ctx, new_status(request), &AtomicBool::new(false), &mut |_| {});
         if let OptimizeState::Failed { message } = &status.state {
             anyhow::bail!("{}: {message}", case.prompt);
         }

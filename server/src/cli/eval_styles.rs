@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use atelier_engine::model::load_safetensors;
 use atelier_engine::pipeline::StableDiffusion;
 use atelier_engine::style::metrics::{render_set, starter_eval_prompts, style_similarity};
 use atelier_server::styles::StyleLibrary;
@@ -57,8 +56,7 @@ pub fn run(args: EvalStylesArgs) -> Result<()> {
     }
     for entry in entries {
         let trigger = entry.card.as_ref().map_or(entry.name.clone(), |c| c.trigger.clone());
-        let grams_map = load_safetensors(&entry.dir.join(STYLE_GRAMS), sd.device())?;
-        let reference: Vec<_> = (0..grams_map.len()).filter_map(|i| grams_map.get(&format!("layer{i}")).cloned()).collect();
+        let reference = atelier_server::style_training::load_style_grams(&entry.dir, sd.device())?;
         let lora = sd.bind_lora(&Arc::new(atelier_engine::lora::LoraAdapter::load(&entry.adapter())?))?;
         let prompts = starter_eval_prompts(&trigger);
         let sim = |w: Option<f64>| -> Result<f64> {

@@ -104,8 +104,9 @@ pub fn run(args: OptimizeNegativeArgs) -> Result<()> {
     bar.set_style(
         ProgressStyle::with_template("[{bar:30}] {pos}/{len} images {elapsed} eta {eta}  {msg}").expect("valid template").progress_chars("=> "),
     );
-    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let status = execute(&ctx, new_status(&id, request), &cancel, &mut |s| {
+    let status = new_status(request);
+    let id = status.id.clone();
+    let status = execute(&ctx, status, &cancel, &mut |s| {
         bar.set_length(s.total.max(1) as u64);
         bar.set_position(s.done as u64);
         bar.set_message(s.phase.clone());

@@ -5,13 +5,12 @@ use std::collections::BTreeSet;
 
 use app::dto::{Contradiction, NegativeAnalysis, Suggestion, SuggestionEvidence};
 
-use super::history::{canonical, content_words, evidence, Entry};
+use super::history::{canonical, content_words, evidence, plain_text, words, Entry};
 use super::knowledge::{KnowledgeBase, Kind};
 
 /// The comma-separated phrases of a negative prompt, canonical, without empty ones.
 pub fn phrases(negative: &str) -> Vec<String> {
-    let text: Vec<String> = atelier_engine::prompt::parse_attention(negative).into_iter().map(|(t, _)| t).collect();
-    text.join(" ").split(',').map(canonical).filter(|p| !p.is_empty()).collect()
+    plain_text(negative).split(',').map(canonical).filter(|p| !p.is_empty()).collect()
 }
 
 /// Whether the lower-case `text` contains the cue (a word or phrase) as whole words.
@@ -20,21 +19,10 @@ fn has_cue(words: &[String], cue: &str) -> bool {
     !cue.is_empty() && words.windows(cue.len()).any(|w| w.iter().map(String::as_str).eq(cue.iter().copied()))
 }
 
-fn words_of(text: &str) -> Vec<String> {
-    let plain: Vec<String> = atelier_engine::prompt::parse_attention(text).into_iter().map(|(t, _)| t).collect();
-    plain
-        .join(" ")
-        .to_lowercase()
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
 /// Analyses `prompt` with its current `negative`, against the knowledge base and the history.
 pub fn analyze(prompt: &str, negative: &str, kb: &KnowledgeBase, history: &[Entry]) -> NegativeAnalysis {
     let (text, tags) = atelier_engine::prompt::extract_lora_tags(prompt).unwrap_or_else(|_| (prompt.to_string(), Vec::new()));
-    let words = words_of(&text);
+    let words = words(&text);
     let mut subject = Vec::new();
     let mut style_cues: Vec<String> = tags.iter().map(|t| t.name.clone()).collect();
     let mut categories = Vec::new();
@@ -130,10 +118,7 @@ pub fn contradictions(prompt: &str, negative: &str, subject: &[String]) -> Vec<C
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(prompt: &str, negative: &str, delta: f64) -> Entry {
-        Entry { prompt: prompt.into(), negative: negative.into(), delta, seeds: 4, run: "r".into() }
-    }
+    use crate::negatives::history::tests::entry;
 
     #[test]
     fn finds_subject_style_and_categories() {

@@ -74,18 +74,21 @@ impl History {
     }
 }
 
-/// The content words of a prompt: lower case, letters and digits, without `<lora:…>` tags,
-/// attention syntax and filler words.
+/// A prompt's text without attention syntax (`(word:1.2)` and `[word]` become `word`).
+pub fn plain_text(text: &str) -> String {
+    atelier_engine::prompt::parse_attention(text).into_iter().map(|(t, _)| t).collect::<Vec<_>>().join(" ")
+}
+
+/// The words of a prompt in order: lower case, letters and digits, attention syntax removed.
+pub fn words(text: &str) -> Vec<String> {
+    plain_text(text).to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
+}
+
+/// The content words of a prompt: its [`words`] without `<lora:…>` tags and filler words.
 pub fn content_words(prompt: &str) -> BTreeSet<String> {
     const FILLER: [&str; 16] = ["a", "an", "the", "on", "in", "of", "with", "and", "at", "to", "by", "for", "is", "very", "style", "background"];
     let text = atelier_engine::prompt::extract_lora_tags(prompt).map(|(t, _)| t).unwrap_or_else(|_| prompt.to_string());
-    let text: Vec<String> = atelier_engine::prompt::parse_attention(&text).into_iter().map(|(t, _)| t).collect();
-    text.join(" ")
-        .to_lowercase()
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty() && !FILLER.contains(w))
-        .map(str::to_string)
-        .collect()
+    words(&text).into_iter().filter(|w| !FILLER.contains(&w.as_str())).collect()
 }
 
 /// Jaccard similarity of two prompts' content words (1 for two prompts with none).
@@ -125,10 +128,11 @@ pub fn evidence(entries: &[Entry], prompt: &str) -> Vec<Evidence> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn entry(prompt: &str, negative: &str, delta: f64) -> Entry {
+    /// A history entry measured on 4 seeds (shared with the analysis tests).
+    pub(in crate::negatives) fn entry(prompt: &str, negative: &str, delta: f64) -> Entry {
         Entry { prompt: prompt.into(), negative: negative.into(), delta, seeds: 4, run: "r".into() }
     }
 

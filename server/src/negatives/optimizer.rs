@@ -122,7 +122,12 @@ fn mean(v: &[f64]) -> f64 {
 /// Mean per-metric score change, `cand − base`, seed by seed.
 pub fn metric_deltas(cand: &[Assessment], base: &[Assessment]) -> BTreeMap<String, f64> {
     let diffs: Vec<_> = cand.iter().zip(base).map(|(c, b)| c.scores.minus(&b.scores)).collect();
-    atelier_engine::quality::Metrics::mean(&diffs).values().into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    by_name(&atelier_engine::quality::Metrics::mean(&diffs))
+}
+
+/// Metric values keyed by name, as the DTOs carry them.
+fn by_name(m: &atelier_engine::quality::Metrics) -> BTreeMap<String, f64> {
+    m.values().into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// One-sided sign test: the chance of at least `k` improvements in `n` seeds if the
@@ -269,7 +274,7 @@ fn comparison(seed: u64, held_out: bool, base_index: usize, win_index: usize, b:
         winner_image: image_name(win_index, seed),
         baseline_score: b.combined,
         winner_score: w.combined,
-        metric_deltas: w.scores.minus(&b.scores).values().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        metric_deltas: by_name(&w.scores.minus(&b.scores)),
     }
 }
 

@@ -182,13 +182,10 @@ impl Studio for GeneratorStudio<'_> {
     }
 }
 
-/// The statistics kept with a style (see `style_training::measure_style`).
+/// The statistics kept with the style `name`.
 fn style_grams(styles: &StyleLibrary, name: &str) -> Result<Vec<Tensor>> {
     let entry = styles.find(name).with_context(|| format!("no style {name:?} in the library"))?;
-    let file = entry.dir.join(crate::style_training::STYLE_GRAMS);
-    let map = candle_core::safetensors::load(&file, &candle_core::Device::Cpu)
-        .with_context(|| format!("reading {} (train the style again to measure style similarity)", file.display()))?;
-    (0..map.len()).map(|i| map.get(&format!("layer{i}")).cloned().with_context(|| format!("{} lacks layer{i}", file.display()))).collect()
+    crate::style_training::load_style_grams(&entry.dir, &candle_core::Device::Cpu)
 }
 
 fn write_status(dir: &Path, status: &OptimizeStatus) -> Result<()> {
@@ -196,10 +193,10 @@ fn write_status(dir: &Path, status: &OptimizeStatus) -> Result<()> {
     Ok(())
 }
 
-/// A new status for `request`, queued.
-pub fn new_status(id: &str, request: OptimizeRequest) -> OptimizeStatus {
+/// A new run for `request`, queued, with a fresh id.
+pub fn new_status(request: OptimizeRequest) -> OptimizeStatus {
     OptimizeStatus {
-        id: id.to_string(),
+        id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
         request,
         created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         state: OptimizeState::Queued { position: 1 },
@@ -312,9 +309,7 @@ fn execute_inner(ctx: &Context, status: &mut OptimizeStatus, dir: &Path, cancel:
         },
         &mut |name, image| {
             let path = dir.join(name);
-            let mut bytes = Vec::new();
-            image.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
-            crate::png::write_atomic(&path, &bytes).with_context(|| format!("writing {}", path.display()))
+            crate::png::write_atomic(&path, &crate::png::encode_png(image, None)?).with_context(|| format!("writing {}", path.display()))
         },
     )?;
 
@@ -413,7 +408,8 @@ impl NegativeService {
     /// Checks and queues a run.
     pub fn submit(&self, request: OptimizeRequest) -> Result<OptimizeStatus, ApiError> {
         self.shared.ctx.check(&request)?;
-        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let mut status = new_status(request);
+        let id = status.id.clone();
         let dir = self.shared.ctx.run_dir(&id);
         let mut q = self.lock();
         if q.shutdown {
@@ -422,7 +418,6 @@ impl NegativeService {
         if q.waiting.len() >= 16 {
             return Err(ApiError::QueueFull(q.waiting.len()));
         }
-        let mut status = new_status(&id, request);
         status.state = OptimizeState::Queued { position: q.waiting.len() + 1 };
         std::fs::create_dir_all(&dir).and_then(|_| write_status(&dir, &status).map_err(std::io::Error::other)).map_err(|e| {
             ApiError::Unavailable(format!("cannot write {} ({e}); free some disk space and try again", dir.display()))
