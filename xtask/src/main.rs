@@ -116,7 +116,7 @@ impl Workspace {
         let pkg = self.site_dir().join("pkg");
         self.bindgen(&wasm, &pkg, release)?;
         if release {
-            wasm_opt(&pkg.join(format!("{OUTPUT_NAME}_bg.wasm")))?;
+            wasm_opt(&pkg.join(format!("{OUTPUT_NAME}_bg.wasm")), &self.root)?;
         }
         std::fs::copy(self.root.join("style/main.css"), pkg.join(format!("{OUTPUT_NAME}.css")))
             .context("copying style/main.css")?;
@@ -124,6 +124,7 @@ impl Workspace {
         if public.is_dir() {
             copy_dir(&public, &self.site_dir())?;
         }
+        precompress_dir(&self.site_dir(), release)?;
         self.build_server(release)
     }
 
@@ -224,26 +225,35 @@ fn check_wasm_target() -> Result<()> {
     Ok(())
 }
 
-/// Shrinks the release WASM with binaryen's `wasm-opt -Oz` when a recent one is on PATH
-/// (npm's `binaryen` package). Old binaryen (Debian's 108) miscompiles Leptos' hydration,
-/// so versions below 116 are skipped.
-fn wasm_opt(wasm: &Path) -> Result<()> {
-    let bin = std::env::var("WASM_OPT").unwrap_or_else(|_| "wasm-opt".into());
-    let Ok(out) = Command::new(&bin).arg("--version").output() else {
-        eprintln!("xtask: {bin} not found, skipping WASM optimisation (npm i -g binaryen provides it)");
+/// Shrinks the release WASM with binaryen's `wasm-opt -Oz`: the one named by `WASM_OPT`, else
+/// `wasm-opt` on PATH, else the one `npm ci` in tests/browser installs (npm's `binaryen`, a
+/// devDependency there). Old binaryen (Debian's 108) miscompiles Leptos' hydration, so
+/// versions below 116 are skipped; without any, the build goes on unoptimised.
+fn wasm_opt(wasm: &Path, root: &Path) -> Result<()> {
+    let candidates: Vec<PathBuf> = match std::env::var_os("WASM_OPT") {
+        Some(bin) => vec![bin.into()],
+        None => vec!["wasm-opt".into(), root.join("tests/browser/node_modules/.bin/wasm-opt")],
+    };
+    let mut found = None;
+    for bin in &candidates {
+        let Ok(out) = Command::new(bin).arg("--version").output() else { continue };
+        let version = String::from_utf8_lossy(&out.stdout);
+        let major = version
+            .split_whitespace()
+            .find_map(|w| w.parse::<u32>().ok())
+            .unwrap_or(0);
+        if major >= 116 {
+            found = Some(bin);
+            break;
+        }
+        eprintln!("xtask: skipping {} ({}): version 116 or newer needed", bin.display(), version.trim());
+    }
+    let Some(bin) = found else {
+        eprintln!("xtask: no wasm-opt ≥ 116 found, skipping WASM optimisation (`npm ci` in tests/browser installs one)");
         return Ok(());
     };
-    let version = String::from_utf8_lossy(&out.stdout);
-    let major = version
-        .split_whitespace()
-        .find_map(|w| w.parse::<u32>().ok())
-        .unwrap_or(0);
-    if major < 116 {
-        eprintln!("xtask: skipping {bin} ({}): version 116 or newer needed", version.trim());
-        return Ok(());
-    }
-    eprintln!("xtask: {bin} -Oz {}", wasm.display());
-    run(Command::new(&bin)
+    eprintln!("xtask: {} -Oz {}", bin.display(), wasm.display());
+    run(Command::new(bin)
         .arg("-Oz")
         .arg("--enable-bulk-memory")
         .arg("--enable-nontrapping-float-to-int")
@@ -252,6 +262,66 @@ fn wasm_opt(wasm: &Path) -> Result<()> {
         .arg(wasm)
         .arg("-o")
         .arg(wasm))
+}
+
+/// The site files worth compressing (text and WASM; PNGs and the like are compressed already).
+const COMPRESSIBLE: &[&str] = &["wasm", "js", "css", "html", "svg", "json", "txt"];
+
+/// Writes `NAME.br` and `NAME.gz` beside every compressible file under `dir`, which the
+/// server's `ServeDir` sends to browsers that accept them: compression at build time, once,
+/// at the highest levels for `--release`, instead of on every request. Faster levels for
+/// dev builds, whose unoptimised WASM is tens of MB. A variant that would not be smaller is
+/// not written, and an old one is removed, so a stale `.br` never outlives its file.
+fn precompress_dir(dir: &Path, release: bool) -> Result<()> {
+    let (br_quality, gz_level) = if release { (11, 9) } else { (5, 6) };
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            precompress_dir(&path, release)?;
+            continue;
+        }
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        if !COMPRESSIBLE.contains(&ext) {
+            continue;
+        }
+        let plain = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let started = std::time::Instant::now();
+        let br = brotli_bytes(&plain, br_quality)?;
+        let gz = gzip_bytes(&plain, gz_level)?;
+        for (suffix, packed) in [("br", br), ("gz", gz)] {
+            let mut out = path.clone().into_os_string();
+            out.push(".");
+            out.push(suffix);
+            let out = PathBuf::from(out);
+            if packed.len() < plain.len() {
+                std::fs::write(&out, &packed).with_context(|| format!("writing {}", out.display()))?;
+            } else if out.exists() {
+                std::fs::remove_file(&out).with_context(|| format!("removing {}", out.display()))?;
+            }
+            eprintln!(
+                "xtask: {}.{suffix}: {} -> {} bytes ({:.1?})",
+                path.strip_prefix(dir).unwrap_or(&path).display(),
+                plain.len(),
+                packed.len(),
+                started.elapsed()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn brotli_bytes(plain: &[u8], quality: i32) -> Result<Vec<u8>> {
+    let params = brotli::enc::BrotliEncoderParams { quality, lgwin: 22, ..Default::default() };
+    let mut out = Vec::new();
+    brotli::BrotliCompress(&mut &plain[..], &mut out, &params).context("brotli")?;
+    Ok(out)
+}
+
+fn gzip_bytes(plain: &[u8], level: u32) -> Result<Vec<u8>> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+    gz.write_all(plain).context("gzip")?;
+    gz.finish().context("gzip")
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
