@@ -5,8 +5,24 @@
 //! `down` (kohya `lora_down`, PEFT `lora_A`), `up` (`lora_up`, `lora_B`) and the scale
 //! `alpha / rank` (kohya: the module's `.alpha` tensor; PEFT: `lora_alpha`, `r`,
 //! `alpha_pattern`, `use_rslora` from the `lora_adapter_metadata` JSON that diffusers'
-//! `save_lora_weights` writes; without alpha the scale is 1). Linear and convolution
-//! layers (LoCon: a k×k `down` kernel and a 1×1 `up` kernel) are both supported.
+//! `save_lora_weights` writes). Linear and convolution layers (LoCon: a k×k `down`
+//! kernel and a 1×1 `up` kernel) are both supported.
+//!
+//! Alpha follows kohya's loader (sd-scripts `networks/lora.py`, `LoRAModule.__init__`:
+//! `alpha = lora_dim if alpha is None or alpha == 0 else alpha`): a missing alpha and an
+//! alpha of 0 both mean alpha = rank, scale 1. The same rule is applied to PEFT's
+//! `lora_alpha`, since an adapter scaled by 0 could not have been trained. A negative
+//! alpha is loaded as kohya loads it (the adapter acts inverted) with a warning; a
+//! non-finite alpha or weight refuses the file, naming the key.
+//!
+//! Text-encoder keys: `lora_te_` (SD 1.x/2.x) and `lora_te1_` (the first text encoder,
+//! written by several trainers for SD 1.x files too) are the model's text encoder; a
+//! file with `lora_te2_` / `text_encoder_2.` keys (or other SDXL-only parts) is an SDXL
+//! LoRA and is refused.
+//!
+//! The file container is checked before it is read (see [`check_container`]): bytes
+//! after the last tensor are ignored with a warning in [`LoraAdapter::warnings`]; a file
+//! that ends inside a tensor or a damaged header is refused, saying which.
 //!
 //! [`LoraAdapter::bind`] resolves every module against the layers of a model (see
 //! [`crate::layers::collect_slots`]) and refuses the file, naming what does not fit,
@@ -116,6 +132,9 @@ pub struct LoraAdapter {
     /// The file's safetensors metadata.
     pub metadata: BTreeMap<String, String>,
     pub modules: Vec<LoraModule>,
+    /// Things the user should know about the file that did not stop it from loading
+    /// (extra bytes after the tensors, a negative alpha); shown with each generation.
+    pub warnings: Vec<String>,
 }
 
 fn lora_err(name: &str, message: impl Into<String>) -> Error {
@@ -126,19 +145,65 @@ fn lora_err(name: &str, message: impl Into<String>) -> Error {
 const KOHYA_DOWN: &str = ".lora_down.weight";
 const KOHYA_UP: &str = ".lora_up.weight";
 const ALPHA: &str = ".alpha";
-const PEFT_DOWN: [&str; 2] = [".lora_A.weight", ".lora.down.weight"];
-const PEFT_UP: [&str; 2] = [".lora_B.weight", ".lora.up.weight"];
+const PEFT_DOWN: [&str; 3] = [".lora_A.weight", ".lora_A.default.weight", ".lora.down.weight"];
+const PEFT_UP: [&str; 3] = [".lora_B.weight", ".lora_B.default.weight", ".lora.up.weight"];
+/// kohya key prefixes; `lora_te1_` is the first (here: the only) text encoder.
+const KOHYA_PREFIXES: [(&str, Component); 3] =
+    [("lora_unet_", Component::Unet), ("lora_te1_", Component::TextEncoder), ("lora_te_", Component::TextEncoder)];
+/// First parts of UNet layer names, for keys without a component prefix.
+const UNET_ROOTS: [&str; 6] = ["down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding."];
 
-/// Names of LoRA variants that are recognised but not supported, by a key fragment.
-const UNSUPPORTED: [(&str, &str); 5] = [
-    ("hada_w1", "LyCORIS LoHa"),
-    ("lokr_w1", "LyCORIS LoKr"),
+/// Rewrites the older diffusers spellings of a LoRA key to the current one: PEFT's
+/// `base_model.model.` wrapper, `save_attn_procs`' `processor.to_q_lora.down.weight`
+/// (diffusers `models/attention_processor.py` LoRAAttnProcessor: `to_q_lora`, …,
+/// `to_out_lora` for `to_out.0`) and the text encoder's `lora_linear_layer`
+/// (diffusers `models/lora.py` PatchedLoraProjection).
+fn normalize_diffusers_key(key: &str) -> String {
+    let key = key.strip_prefix("base_model.model.").unwrap_or(key);
+    let mut out = key.replace(".lora_linear_layer.", ".lora.");
+    for (old, new) in [
+        (".processor.to_q_lora.", ".to_q.lora."),
+        (".processor.to_k_lora.", ".to_k.lora."),
+        (".processor.to_v_lora.", ".to_v.lora."),
+        (".processor.to_out_lora.", ".to_out.0.lora."),
+    ] {
+        out = out.replace(old, new);
+    }
+    out
+}
+
+/// Adapter formats that are recognised but not supported, by a key fragment. Key names
+/// from LyCORIS (`lycoris/modules/*.py`: LoHa `hada_w1_a`/`hada_t1`, LoKr `lokr_w1`/`lokr_t2`,
+/// IA³ `on_input`, GLoRA `a1`/`a2`/`b1`/`b2`, OFT/BOFT `oft_blocks`/`oft_diag`, norm
+/// tuning `w_norm`/`b_norm`, CP kernels `lora_mid`), kohya sd-scripts (DoRA `dora_scale`)
+/// and PEFT (DoRA `lora_magnitude_vector`, IA³ `ia3_l`, OFT `oft_r`, BOFT `boft_R`,
+/// VeRA `vera_lambda`).
+const UNSUPPORTED: [(&str, &str); 22] = [
+    (".hada_w1", "LyCORIS LoHa"),
+    (".hada_w2", "LyCORIS LoHa"),
+    (".hada_t1", "LyCORIS LoHa"),
+    (".lokr_w1", "LyCORIS LoKr"),
+    (".lokr_w2", "LyCORIS LoKr"),
+    (".lokr_t2", "LyCORIS LoKr"),
     (".lora_mid.", "LyCORIS LoCon with a CP-decomposed kernel (lora_mid)"),
-    ("lora_magnitude_vector", "DoRA"),
-    (".oft_", "OFT"),
+    (".dora_scale", "DoRA (weight-decomposed LoRA)"),
+    ("lora_magnitude_vector", "DoRA (weight-decomposed LoRA)"),
+    (".on_input", "LyCORIS (IA)³"),
+    (".ia3_l", "(IA)³"),
+    (".a1.weight", "LyCORIS GLoRA"),
+    (".b1.weight", "LyCORIS GLoRA"),
+    (".oft_blocks", "OFT/BOFT"),
+    (".oft_diag", "OFT/BOFT"),
+    (".oft_r", "OFT"),
+    (".boft_", "BOFT"),
+    (".vera_lambda", "VeRA"),
+    (".w_norm", "LyCORIS norm tuning"),
+    (".b_norm", "LyCORIS norm tuning"),
+    (".scalar", "LyCORIS with a trained scalar"),
+    (".lora_embedding_A", "PEFT embedding LoRA"),
 ];
 
-/// The unsupported variant a key belongs to, if any.
+/// The unsupported format a key belongs to, if any.
 fn unsupported(key: &str) -> Option<&'static str> {
     if key.ends_with(".diff") || key.ends_with(".diff_b") {
         return Some("a full weight difference (LyCORIS 'full')");
@@ -146,18 +211,104 @@ fn unsupported(key: &str) -> Option<&'static str> {
     UNSUPPORTED.iter().find(|(frag, _)| key.contains(frag)).map(|(_, what)| *what)
 }
 
+/// What to do with a file in an unsupported format.
+const CONVERT_HINT: &str = "only plain LoRA and LoCon files are supported; merge it into its base model and extract a plain LoRA \
+     (e.g. kohya sd-scripts networks/extract_lora_from_models.py), or use a plain LoRA/LoCon version of it";
+
+/// Evidence in a key that a file was made for SDXL: its second text encoder, its extra
+/// embeddings, or transformer depth above 1 (SD 1.x/2.x have one transformer block per
+/// attention, SDXL up to ten; diffusers `stable-diffusion-xl-base-1.0/unet/config.json`).
+fn sdxl_key(key: &str) -> Option<&'static str> {
+    if key.starts_with("lora_te2_") || key.starts_with("text_encoder_2.") {
+        return Some("it has keys for SDXL's second text encoder");
+    }
+    if key.contains("add_embedding") || key.contains("label_emb") {
+        return Some("it has keys for SDXL's added (size/crop) embeddings");
+    }
+    let deep = ["transformer_blocks_", "transformer_blocks."].iter().any(|p| {
+        key.match_indices(p).any(|(i, _)| key[i + p.len()..].split(['_', '.']).next().and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n >= 1))
+    });
+    deep.then_some("it has transformer blocks deeper than SD 1.x/2.x have")
+}
+
+/// The width of SDXL's concatenated text features (768 + 1280), which its UNet's
+/// cross-attention keys and values read (diffusers SDXL `unet/config.json`
+/// `cross_attention_dim`); SD 1.x reads 768, SD 2.x 1024.
+const SDXL_CONTEXT_DIM: usize = 2048;
+
+fn sdxl_refusal(key: &str, why: &str) -> String {
+    format!("this is an SDXL LoRA ({why}, e.g. {key}); the loaded model is SD 1.x/2.x — use a LoRA made for SD 1.x/2.x")
+}
+
+/// The first non-finite value of a tensor, if any.
+fn first_non_finite(t: &Tensor) -> Result<Option<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.into_iter().find(|v| !v.is_finite()))
+}
+
+/// Checks the container of a safetensors file (format: an 8-byte little-endian header
+/// length N, N bytes of JSON giving each tensor's `data_offsets` [begin, end) relative
+/// to byte 8 + N, and the tensor data; <https://github.com/huggingface/safetensors#format>)
+/// and returns how many bytes of it hold the header and the tensors, with a warning when
+/// bytes follow the last tensor. A file that ends inside its header or a tensor, or whose
+/// header is not JSON, is refused with what exactly is wrong.
+pub fn check_container(bytes: &[u8]) -> std::result::Result<(usize, Option<String>), String> {
+    let len = bytes.len();
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))) else {
+        return Err(format!("the file is {len} bytes, too short for a safetensors header: truncated or not a safetensors file — download it again"));
+    };
+    let looks_like_json = bytes.get(8) == Some(&b'{');
+    let header_end = 8u64.checked_add(n).unwrap_or(u64::MAX);
+    if header_end > len as u64 {
+        return Err(if looks_like_json {
+            format!("its header needs bytes 8..{header_end} but the file ends at {len}: truncated — download it again")
+        } else {
+            format!("not a safetensors file (its first 8 bytes give a header length of {n}, the file is {len} bytes; is it a .ckpt/.pt file?)")
+        });
+    }
+    let header_end = header_end as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..header_end])
+        .map_err(|e| format!("its header is damaged (bytes 8..{header_end} are not valid JSON: {e}) — download it again"))?;
+    let Some(entries) = header.as_object() else {
+        return Err(format!("its header is damaged (bytes 8..{header_end} are not a JSON object) — download it again"));
+    };
+    let data_len = (len - header_end) as u64;
+    let mut tensors_end = 0;
+    // The first tensor (in file order) that runs past the end of the file.
+    let mut cut: Option<(&str, u64, u64)> = None;
+    for (key, entry) in entries.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        let offsets = entry.get("data_offsets").and_then(Value::as_array).and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)));
+        let Some((begin, end)) = offsets.filter(|(b, e)| b <= e) else {
+            return Err(format!("its header is damaged (tensor {key} has no valid data_offsets) — download it again"));
+        };
+        tensors_end = tensors_end.max(end);
+        if end > data_len && cut.is_none_or(|(_, b, _)| begin < b) {
+            cut = Some((key, begin, end));
+        }
+    }
+    if let Some((key, begin, end)) = cut {
+        let at = |o: u64| header_end as u64 + o;
+        return Err(format!("tensor {key} needs bytes {}..{} but the file ends at {len}: truncated — download it again", at(begin), at(end)));
+    }
+    let used = header_end + tensors_end as usize;
+    let warning = (used < len).then(|| {
+        format!("{} bytes after the last tensor (file is {len} bytes, tensors end at {used}): loaded, the extra bytes are ignored", len - used)
+    });
+    Ok((used, warning))
+}
+
 impl LoraAdapter {
     /// Reads a `.safetensors` LoRA file (kohya or diffusers/PEFT layout, detected from its keys).
     pub fn load(path: &Path) -> Result<Self> {
         let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("lora").to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (used, warning) = check_container(&bytes).map_err(|why| lora_err(&name, format!("{}: {why}", path.display())))?;
         let not_readable = |e: &dyn std::fmt::Display| {
-            lora_err(&name, format!("{} is not a readable safetensors file ({e}); it may be truncated — download it again", path.display()))
+            lora_err(&name, format!("{} is not a readable safetensors file: its header is damaged ({e}) — download it again", path.display()))
         };
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| not_readable(&e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes[..used]).map_err(|e| not_readable(&e))?;
         let metadata: BTreeMap<String, String> =
             meta.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| not_readable(&e))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes[..used], &Device::Cpu).map_err(|e| not_readable(&e))?;
         let hash = {
             use sha2::Digest;
             let digest = sha2::Sha256::digest(&bytes);
@@ -166,6 +317,7 @@ impl LoraAdapter {
         let mut adapter = Self::from_tensors(&name, tensors, metadata)?;
         adapter.path = Some(path.to_path_buf());
         adapter.hash = hash;
+        adapter.warnings.splice(0..0, warning.map(|w| format!("LoRA {name}: {w}")));
         Ok(adapter)
     }
 
@@ -174,30 +326,41 @@ impl LoraAdapter {
         if tensors.is_empty() {
             return Err(lora_err(name, "the file holds no tensors"));
         }
-        for key in tensors.keys() {
+        let mut keys: Vec<&String> = tensors.keys().collect();
+        keys.sort();
+        for key in &keys {
             if let Some(what) = unsupported(key) {
-                return Err(lora_err(name, format!("{what} files are not supported (key {key}); use a plain LoRA or LoCon file")));
-            }
-            if key.starts_with("lora_te1_") || key.starts_with("lora_te2_") || key.starts_with("text_encoder_2.") {
-                return Err(lora_err(
-                    name,
-                    format!("made for SDXL (key {key} belongs to SDXL's second text encoder); it cannot be used with an SD 1.x/2.x model"),
-                ));
+                return Err(lora_err(name, format!("this is a {what} file (key {key}), which is not supported: {CONVERT_HINT}")));
             }
         }
-        let format = if tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_")) {
+        for key in &keys {
+            if let Some(why) = sdxl_key(key) {
+                return Err(lora_err(name, sdxl_refusal(key, why)));
+            }
+        }
+        let format = if tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_") || k.starts_with("lora_te1_")) {
             LoraFormat::Kohya
         } else {
             LoraFormat::Diffusers
         };
         let peft = PeftConfigs::from_metadata(name, &metadata)?;
         // Group keys by module.
-        let mut groups: BTreeMap<(Component, ModuleName), [Option<Tensor>; 3]> = BTreeMap::new();
+        let mut groups: BTreeMap<(Component, ModuleName), [Option<(String, Tensor)>; 3]> = BTreeMap::new();
         let mut unknown = Vec::new();
-        for (key, t) in &tensors {
+        for key in &keys {
+            let t = &tensors[*key];
             match split_key(key, format) {
-                Some((component, module, part)) => groups.entry((component, module)).or_default()[part] = Some(t.clone()),
-                None => unknown.push(key.clone()),
+                Some((component, module, part)) => {
+                    let slot = &mut groups.entry((component, module.clone())).or_default()[part];
+                    if slot.is_some() {
+                        return Err(lora_err(
+                            name,
+                            format!("key {key} repeats a tensor already given for {}.{} (e.g. under both lora_te_ and lora_te1_)", component.peft_prefix(), module.as_str()),
+                        ));
+                    }
+                    *slot = Some(((*key).clone(), t.clone()));
+                }
+                None => unknown.push((*key).clone()),
             }
         }
         if !unknown.is_empty() {
@@ -216,9 +379,11 @@ impl LoraAdapter {
             ));
         }
         let mut modules = Vec::with_capacity(groups.len());
+        let mut warnings = Vec::new();
+        let mut negative = Vec::new();
         for ((component, module), [down, up, alpha]) in groups {
             let what = format!("{}.{}", component.peft_prefix(), module.as_str());
-            let (Some(down), Some(up)) = (down, up) else {
+            let (Some((down_key, down)), Some((up_key, up))) = (down, up) else {
                 return Err(lora_err(name, format!("module {what} lacks its down or up matrix")));
             };
             let down = down.to_dtype(DType::F32)?;
@@ -230,19 +395,47 @@ impl LoraAdapter {
                     format!("module {what}: down {:?} and up {:?} are not a rank-r pair", down.dims(), up.dims()),
                 ));
             }
-            let alpha = match alpha {
-                Some(a) => Some(a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.first().copied().unwrap_or(rank as f64)),
-                None => peft.get(&component).and_then(|c| c.alpha_for(module.as_str())),
+            for (key, t) in [(&down_key, &down), (&up_key, &up)] {
+                if let Some(v) = first_non_finite(t)? {
+                    return Err(lora_err(name, format!("tensor {key} holds {v} (a non-finite weight); the file is damaged — download or re-export it")));
+                }
+            }
+            let (alpha, alpha_source) = match alpha {
+                Some((key, a)) => {
+                    let values = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                    match values.as_slice() {
+                        [v] => (Some(*v), key),
+                        _ => return Err(lora_err(name, format!("tensor {key} should hold one alpha but holds {} values", values.len()))),
+                    }
+                }
+                None => (
+                    peft.get(&component).and_then(|c| c.alpha_for(module.as_str())),
+                    format!("{}.lora_alpha in lora_adapter_metadata", component.peft_prefix()),
+                ),
             };
+            if let Some(a) = alpha.filter(|a| !a.is_finite()) {
+                return Err(lora_err(name, format!("alpha {alpha_source} is {a} (not a finite number); the file is damaged — download or re-export it")));
+            }
+            if alpha.is_some_and(|a| a < 0.0) {
+                negative.push(alpha_source);
+            }
             let rslora = peft.get(&component).is_some_and(|c| c.use_rslora);
-            let scale = match alpha {
+            let scale = match alpha.filter(|a| *a != 0.0) {
+                // kohya: a missing alpha or alpha 0 means alpha = rank (see the module doc).
+                None => 1.0,
                 Some(a) if rslora => a / (rank as f64).sqrt(),
                 Some(a) => a / rank as f64,
-                None => 1.0,
             };
             modules.push(LoraModule { component, name: module, down, up, scale });
         }
-        Ok(Self { name: name.to_string(), path: None, format, hash: String::new(), metadata, modules })
+        if !negative.is_empty() {
+            warnings.push(format!(
+                "LoRA {name}: {} module(s) have a negative alpha (e.g. {}): they act inverted, as kohya's loader applies them",
+                negative.len(),
+                negative[0]
+            ));
+        }
+        Ok(Self { name: name.to_string(), path: None, format, hash: String::new(), metadata, modules, warnings })
     }
 
     /// Checks every module against the layers of a model and prepares it on `device`.
@@ -270,11 +463,18 @@ impl LoraAdapter {
                 Err(why) => mismatched.push(format!("{} ({why})", info.name)),
             }
         }
+        let sdxl = s.modules.iter().find(|m| {
+            let n = m.name.as_str();
+            (n.contains("attn2_to_k") || n.contains("attn2.to_k") || n.contains("attn2_to_v") || n.contains("attn2.to_v"))
+                && m.down.dims().get(1) == Some(&SDXL_CONTEXT_DIM)
+        });
+        if let Some(m) = sdxl.filter(|_| !missing.is_empty() || !mismatched.is_empty()) {
+            let why = format!("its cross-attention reads {SDXL_CONTEXT_DIM}-wide text features, SDXL's width");
+            return Err(lora_err(&s.name, sdxl_refusal(&format!("{}.{}", m.component.peft_prefix(), m.name.as_str()), &why)));
+        }
         if !missing.is_empty() {
             let hint = if missing.iter().any(|n| n.contains("input_blocks") || n.contains("output_blocks") || n.contains("middle_block")) {
                 "it uses the original (LDM) layer names, which are not supported; convert it to kohya or diffusers names"
-            } else if s.modules.iter().any(|m| m.component == Component::Unet && m.name.as_str().contains("add_embedding")) {
-                "it was made for SDXL"
             } else {
                 "it was made for a different base model architecture"
             };
@@ -313,14 +513,12 @@ fn split_key(key: &str, format: LoraFormat) -> Option<(Component, ModuleName, us
             } else {
                 (key.strip_suffix(ALPHA)?, 2)
             };
-            for c in [Component::Unet, Component::TextEncoder] {
-                if let Some(rest) = stem.strip_prefix(c.kohya_prefix()).and_then(|r| r.strip_prefix('_')) {
-                    return Some((c, ModuleName::Underscored(rest.to_string()), part));
-                }
-            }
-            None
+            KOHYA_PREFIXES
+                .iter()
+                .find_map(|(p, c)| stem.strip_prefix(p).map(|rest| (*c, ModuleName::Underscored(rest.to_string()), part)))
         }
         LoraFormat::Diffusers => {
+            let key = normalize_diffusers_key(key);
             let (stem, part) = if let Some(s) = PEFT_DOWN.iter().find_map(|suf| key.strip_suffix(suf)) {
                 (s, 0)
             } else if let Some(s) = PEFT_UP.iter().find_map(|suf| key.strip_suffix(suf)) {
@@ -333,7 +531,16 @@ fn split_key(key: &str, format: LoraFormat) -> Option<(Component, ModuleName, us
                     return Some((c, ModuleName::Dotted(rest.to_string()), part));
                 }
             }
-            None
+            // Files saved from one component alone (PEFT `get_peft_model_state_dict`,
+            // diffusers `save_attn_procs`) have no component prefix.
+            let component = if UNET_ROOTS.iter().any(|r| stem.starts_with(r)) {
+                Component::Unet
+            } else if stem.starts_with("text_model.") {
+                Component::TextEncoder
+            } else {
+                return None;
+            };
+            Some((component, ModuleName::Dotted(stem.to_string()), part))
         }
     }
 }

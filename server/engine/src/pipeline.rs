@@ -106,7 +106,7 @@ pub struct StepProgress {
 #[derive(Debug, Clone)]
 pub struct Generated {
     pub images: Vec<RgbImage>,
-    /// Warnings for the user (for example a prompt that was truncated to 77 tokens).
+    /// Warnings for the user (for example an extra-network tag removed from the prompt).
     pub warnings: Vec<String>,
 }
 
@@ -269,44 +269,75 @@ impl StableDiffusion {
         Ok(self.text_encoder.forward(&ids, attn)?.last_hidden_state)
     }
 
-    /// Encodes a prompt written in A1111's attention syntax (`(word:1.2)`, `[word]`, see
-    /// [`crate::prompt::parse_attention`]): each token's output vector is multiplied by
-    /// its weight, then the whole embedding is rescaled to the unweighted mean. A prompt
-    /// without weights encodes exactly as [`Self::encode_prompt`].
+    /// Encodes a prompt written in A1111's syntax to (1, 77·chunks, dim), as A1111's
+    /// `sd_hijack_clip` does: extra-network tags are removed (LoRA tags are resolved by
+    /// the caller into [`GenerateParams::loras`]; any tag left is reported in `warnings`),
+    /// attention weights (`(word:1.2)`, `[word]`, see [`crate::prompt::parse_attention`])
+    /// apply per token, `BREAK` starts a new chunk, and the tokens are split into chunks
+    /// of 75 ([`crate::prompt::chunk_tokens`]), each encoded with its start/end tokens and
+    /// padding to 77, its vectors multiplied by their weights and rescaled to the chunk's
+    /// unweighted mean; the chunks' hidden states are concatenated along the token axis.
+    /// A prompt of one chunk without weights encodes exactly as [`Self::encode_prompt`].
     pub fn encode_weighted_prompt(&self, prompt: &str, attn: AttentionKind, warnings: &mut Vec<String>) -> Result<Tensor> {
-        let runs = crate::prompt::parse_attention(prompt);
-        if runs.iter().all(|(_, w)| *w == 1.0) {
-            let text: String = runs.into_iter().map(|(t, _)| t).collect();
-            return self.encode_prompt(&text, attn, warnings);
+        use crate::prompt::{chunk_tokens, parse_extra_networks, parse_segments, Segment, TokenRun};
+        let parsed = parse_extra_networks(prompt)?;
+        warnings.extend(parsed.warnings());
+        if !parsed.loras.is_empty() {
+            let names: Vec<String> = parsed.loras.iter().map(|t| format!("<lora:{}>", t.name)).collect();
+            warnings.push(format!("{} removed from the text and not applied here (LoRA tags are resolved by the caller)", names.join(", ")));
         }
         let tok = &self.tokenizer;
         let max = tok.max_len();
-        let mut ids = vec![tok.bos_id()];
-        let mut weights = vec![1f32];
-        for (text, w) in &runs {
-            for id in tok.encode_unpadded(text) {
-                ids.push(id);
-                weights.push(*w as f32);
+        let runs: Vec<TokenRun> = parse_segments(&parsed.text)
+            .into_iter()
+            .map(|s| match s {
+                Segment::Text(text, w) => TokenRun::Ids(tok.encode_unpadded(&text), w),
+                Segment::Break => TokenRun::Break,
+            })
+            .collect();
+        let chunks = chunk_tokens(&runs, max.saturating_sub(2), tok.token_to_id(",</w>"));
+        let mut encoded = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let mut ids = Vec::with_capacity(max);
+            ids.push(tok.bos_id());
+            ids.extend_from_slice(&chunk.ids);
+            ids.push(tok.eos_id());
+            ids.resize(max, tok.pad_id());
+            let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+            let z = self.text_encoder.forward(&ids, attn)?.last_hidden_state;
+            if chunk.weights.iter().all(|w| *w == 1.0) {
+                encoded.push(z);
+                continue;
             }
+            let mut weights = vec![1f32];
+            weights.extend(chunk.weights.iter().map(|w| *w as f32));
+            weights.resize(max, 1.0);
+            let w = Tensor::from_vec(weights, (1, max, 1), &self.device)?.to_dtype(z.dtype())?;
+            let before = z.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+            let weighted = z.broadcast_mul(&w)?;
+            let after = weighted.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+            encoded.push(if after == 0.0 || !after.is_finite() { weighted } else { (weighted * (before / after) as f64)? });
         }
-        if ids.len() > max - 1 {
-            warnings.push(format!("prompt is {} tokens long; only the first {} are used", ids.len() - 1, max - 2));
-            ids.truncate(max - 1);
-            weights.truncate(max - 1);
+        Ok(Tensor::cat(&encoded, 1)?)
+    }
+
+    /// Pads the shorter of a prompt's and a negative prompt's encodings (from
+    /// [`Self::encode_weighted_prompt`]) with encodings of the empty prompt until both
+    /// have the same number of 77-token chunks, as A1111 does (`pad_cond` with
+    /// `cond_stage_model_empty_prompt`), so the two can share one UNet batch.
+    pub fn pad_to_same_chunks(&self, cond: Tensor, uncond: Tensor, attn: AttentionKind) -> Result<(Tensor, Tensor)> {
+        let (c, u) = (cond.dim(1)?, uncond.dim(1)?);
+        if c == u {
+            return Ok((cond, uncond));
         }
-        ids.push(tok.eos_id());
-        ids.resize(max, tok.pad_id());
-        weights.resize(max, 1.0);
-        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let z = self.text_encoder.forward(&ids, attn)?.last_hidden_state;
-        let w = Tensor::from_vec(weights, (1, max, 1), &self.device)?.to_dtype(z.dtype())?;
-        let before = z.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
-        let weighted = z.broadcast_mul(&w)?;
-        let after = weighted.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
-        if after == 0.0 || !after.is_finite() {
-            return Ok(weighted);
-        }
-        Ok((weighted * (before / after) as f64)?)
+        let empty = self.encode_weighted_prompt("", attn, &mut Vec::new())?;
+        let chunk = empty.dim(1)?;
+        let pad = |t: Tensor, n: usize| -> Result<Tensor> {
+            let mut parts = vec![t];
+            parts.extend(std::iter::repeat_n(empty.clone(), n / chunk));
+            Ok(Tensor::cat(&parts, 1)?)
+        };
+        Ok(if c < u { (pad(cond, u - c)?, uncond) } else { (cond, pad(uncond, c - u)?) })
     }
 
     /// The denoising loop from step `start` of `scheduler`. `cond` / `uncond` are
@@ -394,6 +425,15 @@ impl StableDiffusion {
         let use_cfg = params.guidance > 1.0;
         let uncond1 =
             if use_cfg { Some(self.encode_weighted_prompt(&params.negative_prompt, attn, &mut warnings)?) } else { None };
+        let (cond1, uncond1) = match uncond1 {
+            Some(u) => self.pad_to_same_chunks(cond1, u, attn).map(|(c, u)| (c, Some(u)))?,
+            None => (cond1, None),
+        };
+        for w in params.loras.iter().flat_map(|a| &a.lora.adapter.warnings) {
+            if !warnings.contains(w) {
+                warnings.push(w.clone());
+            }
+        }
         let n = params.batch_size;
         let repeat = |t: &Tensor| t.repeat((n, 1, 1));
         let cond = repeat(&cond1)?;

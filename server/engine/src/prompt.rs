@@ -1,4 +1,18 @@
-//! AUTOMATIC1111 prompt syntax: `<lora:NAME:WEIGHT>` tags and attention weighting.
+//! AUTOMATIC1111 prompt syntax: extra-network tags (`<lora:NAME:WEIGHT>`), attention
+//! weighting, `BREAK` and 75-token chunks.
+//!
+//! Extra-network tags follow A1111's grammar (`modules/extra_networks.py`,
+//! `re_extra_net = <(\w+):([^>]+)>`): every `<KIND:ARGS>` is cut out of the text the text
+//! encoder sees. `<lora:…>` and its alias `<lyco:…>` (registered by A1111's built-in Lora
+//! extension) name LoRA adapters, case-insensitively; any other kind (`<hypernet:…>`, …)
+//! is removed and reported, as A1111 skips extra networks it does not know. This module
+//! is the one parser of these tags: every caller goes through [`parse_extra_networks`]
+//! (or [`extract_lora_tags`], which uses it).
+//!
+//! `BREAK` (the exact uppercase word between non-word characters, A1111 `prompt_parser`
+//! `re_break = \s*\bBREAK\b\s*`) ends the current chunk of tokens. Prompts are encoded
+//! in chunks of 75 tokens (each wrapped in start/end tokens to CLIP's 77) whose hidden
+//! states are concatenated, as A1111's `sd_hijack_clip` does: see [`chunk_tokens`].
 //!
 //! Attention weighting follows A1111's rules: `(text)` multiplies the weight of its
 //! tokens by 1.1, `[text]` divides it by 1.1, `(text:1.5)` sets a factor of 1.5, and
@@ -27,45 +41,131 @@ pub fn parse_block_weights(text: &str) -> Option<[f64; 3]> {
     <[f64; 3]>::try_from(v).ok()
 }
 
-/// Removes every `<lora:NAME>` / `<lora:NAME:WEIGHT>` tag from `prompt` and returns the
-/// remaining text and the tags in order (weight 1 when omitted). A malformed tag (an
-/// empty name, a weight that is not a number) is an error naming it.
+/// Extra-network kinds that name LoRA adapters (A1111: `lora`, and `lyco` as its alias).
+const LORA_KINDS: [&str; 2] = ["lora", "lyco"];
+
+/// A prompt with its extra-network tags taken out.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExtraNetworks {
+    /// The prompt without any `<KIND:…>` tag.
+    pub text: String,
+    /// The `<lora:…>` / `<lyco:…>` tags, in order.
+    pub loras: Vec<LoraTag>,
+    /// Every other tag, as written (e.g. `<hypernet:foo:1>`): not supported, removed.
+    pub others: Vec<String>,
+}
+
+impl ExtraNetworks {
+    /// One warning per removed tag that is not a LoRA, naming it.
+    pub fn warnings(&self) -> Vec<String> {
+        self.others
+            .iter()
+            .map(|t| {
+                let kind = t.trim_start_matches('<').split(':').next().unwrap_or_default();
+                format!("{t} was removed from the prompt: '{kind}' extra networks are not supported (only <lora:…> / <lyco:…>)")
+            })
+            .collect()
+    }
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// A piece of a prompt: plain text, a LoRA tag, or another extra-network tag.
+enum Piece<'a> {
+    Text(&'a str),
+    Lora(LoraTag),
+    Other(&'a str),
+}
+
+/// Splits `prompt` at its extra-network tags (see the module doc for the grammar).
+fn scan(prompt: &str) -> Result<Vec<Piece<'_>>> {
+    let mut pieces = Vec::new();
+    let mut text_start = 0;
+    let mut i = 0;
+    while let Some(off) = prompt[i..].find('<') {
+        let start = i + off;
+        let after = &prompt[start + 1..];
+        let kind_len = after.find(|c: char| !is_word_char(c)).unwrap_or(after.len());
+        let kind = &after[..kind_len];
+        let is_lora = LORA_KINDS.iter().any(|k| kind.eq_ignore_ascii_case(k));
+        let args = after[kind_len..].strip_prefix(':').filter(|_| kind_len > 0);
+        // The body ends at the first '>'; a '<' before it starts another tag instead.
+        let end = args.and_then(|a| a.find(['>', '<']).filter(|&e| a.as_bytes()[e] == b'>' && (e > 0 || is_lora)));
+        let (Some(args), Some(end)) = (args, end) else {
+            if is_lora && args.is_some() {
+                return Err(Error::invalid("prompt", format!("the tag \"{}\" is not closed with '>'", &prompt[start..])));
+            }
+            i = start + 1;
+            continue;
+        };
+        let tag_end = start + 1 + kind_len + 1 + end + 1;
+        pieces.push(Piece::Text(&prompt[text_start..start]));
+        pieces.push(if is_lora { Piece::Lora(parse_lora_body(kind, &args[..end])?) } else { Piece::Other(&prompt[start..tag_end]) });
+        text_start = tag_end;
+        i = tag_end;
+    }
+    pieces.push(Piece::Text(&prompt[text_start..]));
+    Ok(pieces)
+}
+
+/// Takes every extra-network tag out of `prompt` (see the module doc for the grammar).
+/// LoRA tags are parsed ([`LoraTag`]); a malformed one (unclosed, an empty name, a weight
+/// that is not a number) is an error naming it. Other tags are collected in `others`.
+pub fn parse_extra_networks(prompt: &str) -> Result<ExtraNetworks> {
+    let mut out = ExtraNetworks { text: String::with_capacity(prompt.len()), ..Default::default() };
+    for piece in scan(prompt)? {
+        match piece {
+            Piece::Text(t) => out.text.push_str(t),
+            Piece::Lora(tag) => out.loras.push(tag),
+            Piece::Other(t) => out.others.push(t.to_string()),
+        }
+    }
+    Ok(out)
+}
+
+/// Removes every `<lora:…>` / `<lyco:…>` tag (`<lora:NAME>`, `<lora:NAME:WEIGHT>`,
+/// `<lora:NAME:WEIGHT:lbw=D,M,U>`) from `prompt` and returns the remaining text and the
+/// tags in order (weight 1 when omitted). Other extra-network tags stay in the text (the
+/// pipeline removes them with a warning). A malformed tag is an error naming it.
 pub fn extract_lora_tags(prompt: &str) -> Result<(String, Vec<LoraTag>)> {
     let mut text = String::with_capacity(prompt.len());
     let mut tags = Vec::new();
-    let mut rest = prompt;
-    while let Some(start) = rest.find("<lora:") {
-        text.push_str(&rest[..start]);
-        let after = &rest[start + "<lora:".len()..];
-        let Some(end) = after.find('>') else {
-            return Err(Error::invalid("prompt", format!("the tag \"{}\" is not closed with '>'", &rest[start..])));
-        };
-        let body = &after[..end];
+    for piece in scan(prompt)? {
+        match piece {
+            Piece::Text(t) | Piece::Other(t) => text.push_str(t),
+            Piece::Lora(tag) => tags.push(tag),
+        }
+    }
+    Ok((text, tags))
+}
+
+/// Parses the body of a LoRA tag (the part after `<lora:`).
+fn parse_lora_body(kind: &str, body: &str) -> Result<LoraTag> {
+    {
         let mut parts = body.split(':');
         let name = parts.next().unwrap_or("").trim();
         let weight = match parts.next() {
             None => 1.0,
             Some(w) => w.trim().parse::<f64>().ok().filter(|w| w.is_finite()).ok_or_else(|| {
-                Error::invalid("prompt", format!("<lora:{body}>: \"{}\" is not a weight (write e.g. <lora:{name}:0.8>)", w.trim()))
+                Error::invalid("prompt", format!("<{kind}:{body}>: \"{}\" is not a weight (write e.g. <lora:{name}:0.8>)", w.trim()))
             })?,
         };
         let blocks = match parts.next() {
             None => None,
             Some(b) => Some(parse_block_weights(b.trim()).ok_or_else(|| {
-                Error::invalid("prompt", format!("<lora:{body}>: \"{}\" is not lbw=DOWN,MID,UP (e.g. lbw=1,0.5,0)", b.trim()))
+                Error::invalid("prompt", format!("<{kind}:{body}>: \"{}\" is not lbw=DOWN,MID,UP (e.g. lbw=1,0.5,0)", b.trim()))
             })?),
         };
         if name.is_empty() || parts.next().is_some() {
             return Err(Error::invalid(
                 "prompt",
-                format!("<lora:{body}> is not of the form <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:WEIGHT:lbw=DOWN,MID,UP>"),
+                format!("<{kind}:{body}> is not of the form <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:WEIGHT:lbw=DOWN,MID,UP>"),
             ));
         }
-        tags.push(LoraTag { name: name.to_string(), weight, blocks });
-        rest = &after[end + 1..];
+        Ok(LoraTag { name: name.to_string(), weight, blocks })
     }
-    text.push_str(rest);
-    Ok((text, tags))
 }
 
 /// Splits a prompt into runs of text with their attention weights. Runs with equal
@@ -161,6 +261,110 @@ pub fn parse_attention(prompt: &str) -> Vec<(String, f64)> {
     merged
 }
 
+/// The word that ends a chunk.
+pub const BREAK: &str = "BREAK";
+
+/// Tokens per chunk, between the start and end tokens (CLIP's 77 − 2).
+pub const CHUNK_TOKENS: usize = 75;
+
+/// How far back (in tokens) a full chunk looks for a comma to break at instead of
+/// mid-phrase: A1111's `comma_padding_backtrack` setting, default 20.
+pub const COMMA_BACKTRACK: usize = 20;
+
+/// A run of prompt text with its attention weight, or a chunk break.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Segment {
+    Text(String, f64),
+    Break,
+}
+
+/// [`parse_attention`], with each `BREAK` (and the whitespace around it) turned into a
+/// [`Segment::Break`]. Unlike A1111, whose marker a surrounding bracket turns back into
+/// the word, a `BREAK` inside brackets breaks too: it is never encoded as a word.
+pub fn parse_segments(prompt: &str) -> Vec<Segment> {
+    let mut out = Vec::new();
+    for (text, weight) in parse_attention(prompt) {
+        let mut rest = text.as_str();
+        loop {
+            let at = rest.match_indices(BREAK).map(|(i, _)| i).find(|&i| {
+                let before = rest[..i].chars().next_back();
+                let after = rest[i + BREAK.len()..].chars().next();
+                !before.is_some_and(is_word_char) && !after.is_some_and(is_word_char)
+            });
+            let Some(i) = at else { break };
+            let head = rest[..i].trim_end();
+            if !head.is_empty() {
+                out.push(Segment::Text(head.to_string(), weight));
+            }
+            out.push(Segment::Break);
+            rest = rest[i + BREAK.len()..].trim_start();
+        }
+        if !rest.is_empty() || out.is_empty() {
+            out.push(Segment::Text(rest.to_string(), weight));
+        }
+    }
+    out
+}
+
+/// One chunk of a prompt's tokens (without start/end tokens, at most [`CHUNK_TOKENS`]),
+/// with each token's attention weight.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenChunk {
+    pub ids: Vec<u32>,
+    pub weights: Vec<f64>,
+}
+
+/// A tokenized prompt segment: ids with one weight, or a break.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenRun {
+    Ids(Vec<u32>, f64),
+    Break,
+}
+
+/// Splits a tokenized prompt into chunks of at most `size` tokens, as A1111's
+/// `FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line` (`modules/sd_hijack_clip.py`)
+/// does: a break ends the current chunk (even an empty one); when a chunk is full and a
+/// `comma` token lies within the last [`COMMA_BACKTRACK`] tokens, the tokens after that
+/// comma move on to the next chunk; an empty prompt is one empty chunk, and a trailing
+/// break adds no chunk.
+pub fn chunk_tokens(runs: &[TokenRun], size: usize, comma: Option<u32>) -> Vec<TokenChunk> {
+    let size = size.max(1);
+    let mut chunks = Vec::new();
+    let mut chunk = TokenChunk::default();
+    let mut last_comma: Option<usize> = None;
+    for run in runs {
+        let (ids, weight) = match run {
+            TokenRun::Break => {
+                chunks.push(std::mem::take(&mut chunk));
+                last_comma = None;
+                continue;
+            }
+            TokenRun::Ids(ids, w) => (ids, *w),
+        };
+        for &id in ids {
+            if Some(id) == comma {
+                last_comma = Some(chunk.ids.len());
+            } else if chunk.ids.len() == size {
+                if let Some(c) = last_comma.filter(|c| size - c <= COMMA_BACKTRACK) {
+                    let moved = TokenChunk { ids: chunk.ids.split_off(c + 1), weights: chunk.weights.split_off(c + 1) };
+                    chunks.push(std::mem::replace(&mut chunk, moved));
+                    last_comma = None;
+                }
+            }
+            if chunk.ids.len() == size {
+                chunks.push(std::mem::take(&mut chunk));
+                last_comma = None;
+            }
+            chunk.ids.push(id);
+            chunk.weights.push(weight);
+        }
+    }
+    if !chunk.ids.is_empty() || chunks.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +418,65 @@ mod tests {
             assert!(extract_lora_tags(bad).is_err(), "{bad}");
         }
         assert_eq!(extract_lora_tags("no tags").unwrap(), ("no tags".to_string(), vec![]));
+    }
+
+    #[test]
+    fn lyco_is_lora_and_other_extra_networks_are_removed_by_name() {
+        let tag = |name: &str, weight: f64| LoraTag { name: name.into(), weight, blocks: None };
+        let p = parse_extra_networks("a <lyco:pastel:0.8> cat <hypernet:foo:1>, <LoRA:ink> <lyco:x:1:lbw=1,0,0>").unwrap();
+        assert_eq!(p.text, "a  cat ,  ");
+        assert_eq!(p.loras[..2], [tag("pastel", 0.8), tag("ink", 1.0)]);
+        assert_eq!(p.loras[2].blocks, Some([1.0, 0.0, 0.0]));
+        assert_eq!(p.others, vec!["<hypernet:foo:1>".to_string()]);
+        assert_eq!(
+            p.warnings(),
+            vec!["<hypernet:foo:1> was removed from the prompt: 'hypernet' extra networks are not supported (only <lora:…> / <lyco:…>)".to_string()]
+        );
+        // extract_lora_tags takes LoRA tags (both spellings) and leaves the others to the pipeline.
+        let (text, tags) = extract_lora_tags("<lyco:pastel:0.8> a <hypernet:foo:1> <lora:ink:0.5>").unwrap();
+        assert_eq!((text.as_str(), tags), (" a <hypernet:foo:1> ", vec![tag("pastel", 0.8), tag("ink", 0.5)]));
+        // Text that is no tag stays; a '<' inside a tag's body starts the next tag.
+        for plain in ["a <3 b", "x < y: z", "<:x>", "<a:>", "a <b c:d>", "<lora>"] {
+            assert_eq!(parse_extra_networks(plain).unwrap(), ExtraNetworks { text: plain.into(), ..Default::default() }, "{plain}");
+        }
+        let p = parse_extra_networks("<a:b <lora:x:1>").unwrap();
+        assert_eq!((p.text.as_str(), p.loras.len()), ("<a:b ", 1));
+        for bad in ["<lyco:x:abc>", "<lyco::1>", "<lyco:x", "<LORA:x:1:2:3>"] {
+            assert!(parse_extra_networks(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn break_splits_segments_only_as_a_word() {
+        use Segment::{Break, Text};
+        let t = |s: &str, w: f64| Text(s.into(), w);
+        assert_eq!(parse_segments("a cat BREAK a dog"), vec![t("a cat", 1.0), Break, t("a dog", 1.0)]);
+        assert_eq!(parse_segments("a cat,BREAK,a dog"), vec![t("a cat,", 1.0), Break, t(",a dog", 1.0)]);
+        assert_eq!(parse_segments("BREAK a"), vec![Break, t("a", 1.0)]);
+        assert_eq!(parse_segments("(red BREAK blue:1.5) x"), vec![t("red", 1.5), Break, t("blue", 1.5), t(" x", 1.0)]);
+        for word in ["BREAKFAST", "break", "a_BREAK", "Break"] {
+            assert_eq!(parse_segments(word), vec![t(word, 1.0)]);
+        }
+        assert_eq!(parse_segments(""), vec![t("", 1.0)]);
+    }
+
+    #[test]
+    fn tokens_are_chunked_as_a1111_does() {
+        let ids = |n: u32| TokenRun::Ids((0..n).map(|i| 100 + i).collect(), 1.0);
+        let lens = |c: Vec<TokenChunk>| c.iter().map(|c| c.ids.len()).collect::<Vec<_>>();
+        assert_eq!(lens(chunk_tokens(&[ids(80)], 75, None)), [75, 5]);
+        assert_eq!(lens(chunk_tokens(&[ids(75)], 75, None)), [75]);
+        assert_eq!(lens(chunk_tokens(&[], 75, None)), [0]);
+        assert_eq!(lens(chunk_tokens(&[ids(3), TokenRun::Break, ids(4)], 75, None)), [3, 4]);
+        assert_eq!(lens(chunk_tokens(&[ids(3), TokenRun::Break], 75, None)), [3]);
+        assert_eq!(lens(chunk_tokens(&[TokenRun::Break, ids(3)], 75, None)), [0, 3]);
+        // A comma within the last 20 tokens of a full chunk: what follows it moves on.
+        let comma = 7;
+        let with_comma = |at: u32| TokenRun::Ids((0..80).map(|i| if i == at { comma } else { 100 + i }).collect(), 1.0);
+        assert_eq!(lens(chunk_tokens(&[with_comma(60)], 75, Some(comma))), [61, 19]);
+        assert_eq!(lens(chunk_tokens(&[with_comma(50)], 75, Some(comma))), [75, 5], "too far back");
+        // Weights travel with their tokens.
+        let c = chunk_tokens(&[ids(74), TokenRun::Ids(vec![1, 2], 1.5)], 75, None);
+        assert_eq!((c[0].weights[74], c[1].weights.clone(), c[1].ids.clone()), (1.5, vec![1.5], vec![2]));
     }
 }

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use atelier_engine::attention::AttentionKind;
-use atelier_engine::lora::{ActiveLora, BlockWeights, LoraAdapter, LoraFormat};
+use atelier_engine::lora::{ActiveLora, BlockWeights, Component, LoraAdapter, LoraFormat};
 use atelier_engine::model::{load_safetensors, read_config};
-use atelier_engine::pipeline::StableDiffusion;
+use atelier_engine::pipeline::{GenerateParams, StableDiffusion};
 use atelier_engine::unet::{UNet2DConditionModel, UNetConfig};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -183,14 +183,237 @@ fn files_that_do_not_fit_are_refused_by_name() {
     assert!(refused(loha).contains("LoHa"));
 }
 
-#[test]
-fn truncated_file_is_refused() {
+/// Loads `bytes` written to a temporary file.
+fn load_bytes(bytes: &[u8]) -> atelier_engine::Result<LoraAdapter> {
     let dir = tempfile::tempdir().unwrap();
-    let bytes = std::fs::read(fixtures().join("lora/lora_a.safetensors")).unwrap();
-    let path = dir.path().join("cut.safetensors");
-    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let msg = LoraAdapter::load(&path).unwrap_err().to_string();
-    assert!(msg.contains("not a readable safetensors file"), "{msg}");
+    let path = dir.path().join("file.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    LoraAdapter::load(&path)
+}
+
+#[test]
+fn container_damage_is_told_apart() {
+    // lora_a_kohya: 140 936 bytes; an 8-byte length, a 28 016-byte header, tensors from 28 024.
+    let bytes = std::fs::read(fixtures().join("lora/lora_a_kohya.safetensors")).unwrap();
+    assert_eq!(bytes.len(), 140_936);
+
+    // Bytes after the last tensor: the tensors are intact, so the file loads, with a warning.
+    let mut padded = bytes.clone();
+    padded.extend_from_slice(&[0u8; 7]);
+    let a = load_bytes(&padded).unwrap();
+    assert_eq!(a.modules.len(), 68);
+    assert_eq!(
+        a.warnings,
+        vec!["LoRA file: 7 bytes after the last tensor (file is 140943 bytes, tensors end at 140936): loaded, the extra bytes are ignored".to_string()]
+    );
+    let plain = adapter("lora_a_kohya.safetensors");
+    assert!(plain.warnings.is_empty());
+    for (m, p) in a.modules.iter().zip(&plain.modules) {
+        assert_eq!((m.file_name(), m.scale, max_diff(&m.down, &p.down)), (p.file_name(), p.scale, 0.0));
+    }
+
+    // Cut inside the tensors: the first tensor that runs past the end is named.
+    let msg = load_bytes(&bytes[..70_468]).unwrap_err().to_string();
+    assert!(
+        msg.contains(
+            "tensor lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_attn1_to_v.lora_down.weight needs bytes 70136..71160 \
+             but the file ends at 70468: truncated — download it again"
+        ),
+        "{msg}"
+    );
+    // Cut inside the header.
+    let msg = load_bytes(&bytes[..1000]).unwrap_err().to_string();
+    assert!(msg.contains("its header needs bytes 8..28024 but the file ends at 1000: truncated"), "{msg}");
+    // Shorter than the length field.
+    let msg = load_bytes(&bytes[..5]).unwrap_err().to_string();
+    assert!(msg.contains("the file is 5 bytes, too short for a safetensors header"), "{msg}");
+    // A damaged header (its opening brace overwritten).
+    let mut damaged = bytes.clone();
+    damaged[8] = b'#';
+    let msg = load_bytes(&damaged).unwrap_err().to_string();
+    assert!(msg.contains("its header is damaged (bytes 8..28024 are not valid JSON"), "{msg}");
+    // Not a safetensors file at all (a zip, as .ckpt files are).
+    let msg = load_bytes(b"PK\x03\x04 some zip archive of a pickle").unwrap_err().to_string();
+    assert!(msg.contains("not a safetensors file"), "{msg}");
+}
+
+/// lora_a_kohya with its keys renamed by `rename` and its alphas set by `alpha`
+/// (`None`: alphas removed).
+fn variant(rename: impl Fn(&str) -> String, alpha: Option<f32>) -> HashMap<String, Tensor> {
+    tensors("lora_a_kohya.safetensors")
+        .into_iter()
+        .filter_map(|(k, t)| match (k.ends_with(".alpha"), alpha) {
+            (true, None) => None,
+            (true, Some(a)) => Some((rename(&k), Tensor::new(a, &Device::Cpu).unwrap())),
+            (false, _) => Some((rename(&k), t)),
+        })
+        .collect()
+}
+
+#[test]
+fn te1_keys_are_the_text_encoder_and_sdxl_files_are_refused_as_sdxl() {
+    let sd = model();
+    let te1 = LoraAdapter::from_tensors("te1", variant(|k| k.replace("lora_te_", "lora_te1_"), Some(8.0)), BTreeMap::new()).unwrap();
+    let te = adapter("lora_a_kohya.safetensors");
+    assert_eq!((te1.format, te1.modules.len()), (LoraFormat::Kohya, 68));
+    assert_eq!(te1.modules.iter().filter(|m| m.component == Component::TextEncoder).count(), 20);
+    for (a, b) in te1.modules.iter().zip(&te.modules) {
+        assert_eq!((a.component, a.file_name(), a.scale), (b.component, b.file_name(), b.scale));
+    }
+    sd.bind_lora(&Arc::new(te1)).expect("a te1 file fits an SD 1.x model");
+
+    let sdxl = "this is an SDXL LoRA";
+    let target = "the loaded model is SD 1.x/2.x — use a LoRA made for SD 1.x/2.x";
+    // With a second text encoder (kohya and diffusers names).
+    let mut te2 = variant(|k| k.replace("lora_te_", "lora_te1_"), Some(8.0));
+    let q = te2["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"].clone();
+    te2.insert("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight".into(), q.clone());
+    let msg = refused(te2);
+    assert!(msg.contains(sdxl) && msg.contains("second text encoder") && msg.contains("lora_te2_text_model") && msg.contains(target), "{msg}");
+    let mut d = tensors("lora_a.safetensors");
+    d.insert("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight".into(), q.clone());
+    assert!(refused(d).contains(sdxl));
+    // SDXL-only UNet parts: deeper transformer stacks, the added embeddings.
+    for key in [
+        "lora_unet_down_blocks_2_attentions_0_transformer_blocks_5_attn1_to_q.lora_down.weight",
+        "lora_unet_input_blocks_7_1_transformer_blocks_3_attn2_to_k.lora_down.weight",
+        "lora_unet_add_embedding_linear_1.lora_down.weight",
+    ] {
+        let mut f = tensors("lora_a_kohya.safetensors");
+        f.insert(key.into(), q.clone());
+        let msg = refused(f);
+        assert!(msg.contains(sdxl) && msg.contains(key), "{msg}");
+    }
+    // Cross-attention reading SDXL's 2048-wide text features (found when binding).
+    let mut wide = tensors("lora_a_kohya.safetensors");
+    let k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight";
+    wide.insert(k.into(), Tensor::zeros((4, 2048), DType::F32, &Device::Cpu).unwrap());
+    let msg = refused(wide);
+    assert!(msg.contains(sdxl) && msg.contains("2048-wide") && msg.contains(target), "{msg}");
+}
+
+#[test]
+fn diffusers_key_spellings_read_to_the_same_adapter() {
+    let d = adapter("lora_a.safetensors");
+    let meta = d.metadata.clone();
+    let base: HashMap<String, Tensor> = tensors("lora_a.safetensors");
+    let spellings: [(&str, Box<dyn Fn(&str) -> String>); 2] = [
+        ("peft wrapper", Box::new(|k: &str| format!("base_model.model.{k}"))),
+        (
+            "attn procs",
+            Box::new(|k: &str| {
+                k.replace(".to_q.lora_A.weight", ".processor.to_q_lora.down.weight")
+                    .replace(".to_out.0.lora_B.weight", ".processor.to_out_lora.up.weight")
+                    .replace(".k_proj.lora_A.weight", ".k_proj.lora_linear_layer.down.weight")
+            }),
+        ),
+    ];
+    for (what, f) in spellings {
+        let renamed = base.iter().map(|(k, t)| (f(k), t.clone())).collect();
+        let a = LoraAdapter::from_tensors("x", renamed, meta.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(a.modules.len(), d.modules.len(), "{what}");
+        for (m, n) in a.modules.iter().zip(&d.modules) {
+            assert_eq!((m.file_name(), m.scale, max_diff(&m.up, &n.up)), (n.file_name(), n.scale, 0.0), "{what}");
+        }
+    }
+    // A UNet-only file without the `unet.` prefix (PEFT get_peft_model_state_dict).
+    let unet_only: HashMap<String, Tensor> =
+        tensors("lora_b.safetensors").into_iter().map(|(k, t)| (k.trim_start_matches("unet.").to_string(), t)).collect();
+    let a = LoraAdapter::from_tensors("x", unet_only, BTreeMap::new()).unwrap();
+    assert_eq!(a.modules.len(), 48);
+    assert!(a.modules.iter().all(|m| m.component == Component::Unet));
+}
+
+/// One 16×16 image from the fixture pipeline with `lora` at weight 1 (or none).
+fn render(sd: &StableDiffusion, lora: Option<LoraAdapter>) -> (Vec<u8>, Vec<String>) {
+    let loras = lora
+        .map(|a| vec![ActiveLora { lora: sd.bind_lora(&Arc::new(a)).unwrap(), weight: 1.0, blocks: BlockWeights::default() }])
+        .unwrap_or_default();
+    let params = GenerateParams {
+        prompt: "a red circle".into(),
+        steps: 3,
+        width: 16,
+        height: 16,
+        seed: 7,
+        loras,
+        ..Default::default()
+    };
+    let out = sd.generate(&params, &mut |_| true).unwrap();
+    (out.images[0].as_raw().clone(), out.warnings)
+}
+
+#[test]
+fn alpha_zero_or_missing_means_alpha_equals_rank() {
+    let sd = model();
+    let same = |k: &str| k.to_string();
+    let zero = LoraAdapter::from_tensors("zero", variant(same, Some(0.0)), BTreeMap::new()).unwrap();
+    let rank = LoraAdapter::from_tensors("rank", variant(same, Some(4.0)), BTreeMap::new()).unwrap();
+    let none = LoraAdapter::from_tensors("none", variant(same, None), BTreeMap::new()).unwrap();
+    for a in [&zero, &rank, &none] {
+        assert!(a.modules.iter().all(|m| m.rank() == 4 && m.scale == 1.0), "{}", a.name);
+    }
+    let (base, _) = render(&sd, None);
+    let (with_zero, _) = render(&sd, Some(zero));
+    let (with_rank, _) = render(&sd, Some(rank));
+    let (with_none, _) = render(&sd, Some(none));
+    assert_ne!(with_zero, base, "an alpha-0 adapter changes the picture");
+    assert_eq!(with_zero, with_rank);
+    assert_eq!(with_none, with_rank);
+}
+
+#[test]
+fn negative_alpha_loads_inverted_with_a_warning() {
+    let a = LoraAdapter::from_tensors("neg", variant(|k| k.to_string(), Some(-2.0)), BTreeMap::new()).unwrap();
+    assert!(a.modules.iter().all(|m| m.scale == -0.5));
+    assert_eq!(a.warnings.len(), 1);
+    assert!(a.warnings[0].starts_with("LoRA neg: 68 module(s) have a negative alpha (e.g. lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k.alpha)"), "{:?}", a.warnings);
+    // Adapter warnings reach the generation's warnings.
+    let (_, warnings) = render(&model(), Some(a));
+    assert!(warnings.iter().any(|w| w.contains("negative alpha")), "{warnings:?}");
+}
+
+#[test]
+fn non_finite_alphas_and_weights_are_refused_by_key() {
+    let good = tensors("lora_a_kohya.safetensors");
+    let k = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q";
+    for (suffix, value, shown) in [(".alpha", f32::NAN, "is NaN"), (".alpha", f32::INFINITY, "is inf")] {
+        let mut f = good.clone();
+        f.insert(format!("{k}{suffix}"), Tensor::new(value, &Device::Cpu).unwrap());
+        let msg = refused(f);
+        assert!(msg.contains(&format!("alpha {k}.alpha {shown} (not a finite number)")), "{msg}");
+    }
+    for (suffix, value) in [(".lora_down.weight", f32::NAN), (".lora_up.weight", f32::NEG_INFINITY)] {
+        let mut f = good.clone();
+        let key = format!("{k}{suffix}");
+        let t = f[&key].flatten_all().unwrap();
+        let mut v = t.to_vec1::<f32>().unwrap();
+        v[5] = value;
+        f.insert(key.clone(), Tensor::from_vec(v, good[&key].dims(), &Device::Cpu).unwrap());
+        let msg = refused(f);
+        assert!(msg.contains(&format!("tensor {key} holds {value} (a non-finite weight)")), "{msg}");
+    }
+}
+
+#[test]
+fn unsupported_formats_are_named() {
+    let good = tensors("lora_a_kohya.safetensors");
+    let q = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q";
+    let v = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    for (key, name) in [
+        (format!("{q}.dora_scale"), "DoRA"),
+        (format!("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"), "DoRA"),
+        (format!("{q}.on_input"), "(IA)³"),
+        (format!("{q}.hada_w1_a"), "LoHa"),
+        (format!("{q}.lokr_w1"), "LoKr"),
+        (format!("{q}.oft_blocks"), "OFT"),
+        (format!("{q}.a1.weight"), "GLoRA"),
+        (format!("{q}.lora_mid.weight"), "lora_mid"),
+    ] {
+        let mut f = good.clone();
+        f.insert(key.clone(), v.clone());
+        let msg = refused(f);
+        assert!(msg.contains(name) && msg.contains(&key) && msg.contains("not supported") && msg.contains("plain LoRA"), "{msg}");
+    }
 }
 
 #[test]

@@ -254,6 +254,7 @@ fn snapshot(sd: &StableDiffusion, targets: &[Target], pairs: &[(Tensor, Tensor)]
         hash: String::new(),
         metadata: Default::default(),
         modules: Vec::new(),
+        warnings: Vec::new(),
     });
     Ok(Arc::new(BoundLora { adapter, modules }))
 }
