@@ -15,6 +15,7 @@ pub mod png;
 pub mod request;
 pub mod routes;
 pub mod state;
+pub mod static_files;
 pub mod studio;
 pub mod style_training;
 pub mod styles;

@@ -7,6 +7,8 @@ use app::studio::ssr::SharedStudio;
 use axum::Router;
 use leptos::prelude::provide_context;
 use leptos_axum::{generate_route_list, LeptosRoutes};
+use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
+use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
@@ -27,7 +29,12 @@ pub fn app(state: AppState) -> Router {
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES));
     pages
         .nest("/api", api::routes())
-        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(app::shell))
+        .fallback_service(crate::static_files::service(state.clone()))
+        // HTML and JSON compressed on the fly (site files come precompressed); never event
+        // streams (the default predicate skips text/event-stream) nor opaque downloads.
+        .layer(CompressionLayer::new().compress_when(
+            DefaultPredicate::new().and(NotForContentType::const_new("application/octet-stream")),
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
