@@ -125,6 +125,11 @@ pub struct GalleryItem {
     pub url: String,
 }
 
+/// Where the server serves a gallery image: `GET /api/images/{id}.png`.
+pub fn image_url(id: &str) -> String {
+    format!("/api/images/{id}.png")
+}
+
 /// A page of the gallery, newest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GalleryPage {
@@ -256,6 +261,9 @@ pub struct DatasetImage {
     /// The caption from the image's `.txt` file, if it has one (else the default caption
     /// "TRIGGER style" is used).
     pub caption: Option<String>,
+    /// Something to check about the caption file (read as Windows-1252, empty), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_note: Option<String>,
 }
 
 /// A file a dataset leaves out, and why.

@@ -127,11 +127,14 @@ test('generate shows live progress, then the image in the gallery', async () => 
   // Record every step-counter text: the built-in model may finish faster than we could poll.
   await page.evaluate(() => {
     window.__seen = [];
+    window.__previews = [];
     const record = () => {
       const el = document.querySelector('.step-counter');
       if (el && window.__seen.at(-1) !== el.textContent) window.__seen.push(el.textContent);
+      const preview = document.querySelector('.progress img.preview');
+      if (preview && window.__previews.at(-1) !== preview.getAttribute('src')) window.__previews.push(preview.getAttribute('src'));
     };
-    new MutationObserver(record).observe(document.body, { subtree: true, childList: true, characterData: true });
+    new MutationObserver(record).observe(document.body, { subtree: true, childList: true, characterData: true, attributes: true });
   });
   await page.click('button[type=submit]');
 
@@ -142,14 +145,21 @@ test('generate shows live progress, then the image in the gallery', async () => 
   assert.equal(seen.at(-1), 'done: 1 image');
   assert.match(await page.getAttribute('.bar-fill', 'style'), /width: 100(\.0)?%/);
   assert.match(await page.textContent('.seed-used'), /^seed \d+$/);
-  // The preview shows whenever the engine reports one (StepProgress.preview); when it
-  // does, it must be a loadable image.
-  const preview = await page.$('.progress img.preview');
-  if (preview) assert.match(await preview.getAttribute('src'), /^data:image\/png;base64,/);
+  // While it ran, the panel showed the engine's intermediate previews (data: URLs); once done
+  // it shows the finished image instead, the very one the gallery holds, never a stale preview.
+  const previews = await page.evaluate(() => window.__previews);
+  assert.ok(previews.length >= 1 && previews.every((src) => src.startsWith('data:image/png;base64,')), `previews while running: ${previews.length}`);
+  assert.equal(await page.$$eval('.progress img.preview', (i) => i.length), 0, 'a finished job must not show its last latent preview');
+  const result = await page.waitForSelector('.progress img.result', { timeout: 30_000 });
+  const resultSrc = await result.getAttribute('src');
+  assert.match(resultSrc, /^\/api\/images\/[0-9a-f-]+\.png$/);
+  await page.waitForFunction((el) => el.complete && el.naturalWidth > 0, result, { timeout: 30_000 });
+  assert.equal(await result.evaluate((el) => el.naturalWidth), 64);
 
   const img = await page.waitForSelector('.cards .card img', { timeout: 30_000 });
   await page.waitForFunction((el) => el.complete && el.naturalWidth > 0, img, { timeout: 30_000 });
   assert.equal(await img.evaluate((el) => el.naturalWidth), 64);
+  assert.equal(await img.getAttribute('src'), resultSrc, 'the panel shows the image the gallery got');
   assert.match(await page.textContent('.card .prompt'), /a red circle on a blue background/);
   await page.screenshot({ path: screenshot, fullPage: true });
 });
@@ -170,6 +180,7 @@ test('cancel stops a running job', async () => {
   await page.waitForFunction(() => /^step [1-9]\d*\/40$/.test(document.querySelector('.step-counter')?.textContent), null, { timeout: 30_000 });
   await page.click('button:has-text("Cancel")');
   await page.waitForFunction(() => document.querySelector('.step-counter')?.textContent === 'cancelled', null, { timeout: 30_000 });
+  assert.equal(await page.$$eval('.progress img', (i) => i.length), 0, 'a cancelled job shows neither its last preview nor an image');
   assert.equal(await page.$$eval('.cards .card', (cards) => cards.length), 1, 'a cancelled job must not add an image');
   await page.fill('input[name=steps]', '4');
 });

@@ -1,8 +1,9 @@
-//! Live progress of the current job: state line, progress bar and intermediate preview.
+//! Live progress of the current job: state line, progress bar, the intermediate preview while
+//! it runs and the finished image(s) once it is done.
 
 use leptos::prelude::*;
 
-use crate::dto::{JobState, JobStatus};
+use crate::dto::{image_url, JobState, JobStatus};
 
 /// Shows `status` (nothing before the first job).
 #[component]
@@ -44,13 +45,32 @@ pub fn Progress(status: ReadSignal<Option<JobStatus>>) -> impl IntoView {
                 <For each=warnings key=|w| w.clone() let:w>
                     <p class="warning">{w}</p>
                 </For>
-                {move || {
-                    status
-                        .get()
-                        .and_then(|s| s.preview)
-                        .map(|src| view! { <img class="preview" src=src alt="intermediate preview" /> })
-                }}
+                {move || status.get().map(|s| panel_image(s.state, s.preview))}
             </section>
         </Show>
+    }
+}
+
+/// What the panel shows under the bar: the latest intermediate only while the job runs (the
+/// status keeps its last preview after the job ends, and a finished, failed or cancelled job must
+/// not go on showing a blurry latent), then the finished images themselves.
+fn panel_image(state: JobState, preview: Option<String>) -> Option<AnyView> {
+    match state {
+        JobState::Running { .. } => preview.map(|src| view! { <img class="preview" src=src alt="intermediate preview" /> }.into_any()),
+        JobState::Done { image_ids, .. } if !image_ids.is_empty() => Some(
+            view! {
+                <div class="results">
+                    {image_ids
+                        .into_iter()
+                        .map(|id| {
+                            let (href, src) = (image_url(&id), image_url(&id));
+                            view! { <a href=href target="_blank"><img class="result" src=src alt="the finished image" /></a> }
+                        })
+                        .collect_view()}
+                </div>
+            }
+            .into_any(),
+        ),
+        _ => None,
     }
 }

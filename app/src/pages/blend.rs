@@ -194,7 +194,7 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                         move |s| {
                             if let JobState::Done { image_ids, .. } = s.state {
                                 let key = key.clone();
-                                crate::browser::load_pixels(&format!("/api/images/{}.png", image_ids[0]), move |px| {
+                                crate::browser::load_pixels(&crate::dto::image_url(&image_ids[0]), move |px| {
                                     // Ignore anchors of controls that have changed since.
                                     if anchor_key.get_untracked() != key {
                                         return;
@@ -245,6 +245,7 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
         let n = generation.get_value() + 1;
         generation.set_value(n);
         if b.styles.is_empty() || !hydrated.get_untracked() {
+            rendering.set(None); // nothing to render: no "rendering…" left from before
             return;
         }
         let snapshot = (chosen.get_untracked(), point.get_untracked(), mode.get_untracked(), weights.get_untracked());
@@ -265,11 +266,14 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                     let keep = stream.clone();
                     *stream.borrow_mut() = crate::browser::watch_job(
                         &accepted.job_id,
+                        // Only the newest render may speak: a superseded one's progress would
+                        // otherwise stay on screen as a stale "rendering step …".
                         move |s| match s.state {
-                            JobState::Running { step, total } => rendering.set(Some(format!("rendering step {step}/{total}"))),
+                            JobState::Running { step, total } if generation.get_value() == n => rendering.set(Some(format!("rendering step {step}/{total}"))),
+                            JobState::Running { .. } => {}
                             JobState::Done { image_ids, .. } => {
                                 let (chosen, point, mode, weights) = snapshot.clone();
-                                let item = Exact { url: format!("/api/images/{}.png", image_ids[0]), chosen, point, mode, weights };
+                                let item = Exact { url: crate::dto::image_url(&image_ids[0]), chosen, point, mode, weights };
                                 if generation.get_value() == n {
                                     exact.set(Some(item.clone()));
                                     rendering.set(None);
@@ -282,7 +286,8 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                                 });
                                 keep.borrow_mut().take();
                             }
-                            JobState::Failed { message } => rendering.set(Some(message)),
+                            JobState::Failed { message } if generation.get_value() == n => rendering.set(Some(message)),
+                            JobState::Cancelled if generation.get_value() == n => rendering.set(Some("cancelled".into())),
                             _ => {}
                         },
                         move || rendering.set(Some("lost the connection to the server".into())),
