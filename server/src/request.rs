@@ -56,7 +56,9 @@ fn invalid(field: &str, message: String) -> ApiError {
     ApiError::Invalid { field: field.into(), message }
 }
 
-/// Decodes base64 (optionally a `data:image/...;base64,` URL) PNG/JPEG/WebP to RGB.
+/// Decodes base64 (optionally a `data:image/...;base64,` URL) PNG/JPEG/WebP to upright
+/// RGB, transparency on white, through the engine's one image reader
+/// ([`atelier_engine::image_input::decode`], at most 8192 pixels per side).
 fn decode_image(text: &str) -> Result<image::RgbImage, ApiError> {
     let b64 = match text.split_once(";base64,") {
         Some((head, rest)) if head.starts_with("data:") => rest,
@@ -66,19 +68,8 @@ fn decode_image(text: &str) -> Result<image::RgbImage, ApiError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(cleaned.as_bytes())
         .map_err(|e| ApiError::BadImage(format!("not valid base64 ({e})")))?;
-    let format = image::guess_format(&bytes)
-        .map_err(|_| ApiError::BadImage("not a PNG, JPEG or WebP image".into()))?;
-    if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP) {
-        return Err(ApiError::BadImage(format!("{format:?} images are not supported; use PNG, JPEG or WebP")));
-    }
-    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
-    // Refuse decompression bombs: 8192² is far beyond any SD resolution.
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(8192);
-    limits.max_image_height = Some(8192);
-    reader.limits(limits);
-    let img = reader.decode().map_err(|e| ApiError::BadImage(e.to_string()))?;
-    Ok(img.to_rgb8())
+    atelier_engine::image_input::decode(&bytes, &atelier_engine::image_input::DecodeOptions::default())
+        .map_err(|e| ApiError::BadImage(e.to_string()))
 }
 
 #[cfg(test)]
@@ -113,5 +104,28 @@ mod tests {
         let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png));
         let p = to_params(GenerateRequest { init_image: Some(url), ..req() }, (64, 64)).unwrap();
         assert_eq!(p.init_image.unwrap(), img);
+    }
+
+    fn data_url(img: image::DynamicImage) -> String {
+        let mut png = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png.into_inner()))
+    }
+
+    #[test]
+    fn init_image_transparency_is_white_and_size_limits_say_so() {
+        // Transparent pixels that store magenta come out white; half alpha is blended.
+        let mut rgba = image::RgbaImage::from_pixel(16, 8, image::Rgba([255, 0, 255, 0]));
+        rgba.put_pixel(3, 2, image::Rgba([0, 0, 200, 128]));
+        let p = to_params(GenerateRequest { init_image: Some(data_url(image::DynamicImage::ImageRgba8(rgba))), ..req() }, (64, 64)).unwrap();
+        let img = p.init_image.unwrap();
+        assert_eq!(img.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(img.get_pixel(3, 2).0, [127, 127, 227]);
+        // Too large is not corrupt: the size and the limit.
+        let wide = image::DynamicImage::ImageLuma8(image::GrayImage::new(9000, 8));
+        let e = to_params(GenerateRequest { init_image: Some(data_url(wide)), ..req() }, (64, 64)).unwrap_err();
+        assert!(matches!(e, ApiError::BadImage(_)), "{e}");
+        assert!(e.to_string().contains("9000×8 is larger than the 8192-pixel limit per side"), "{e}");
+        assert!(!e.to_string().contains("corrupt"), "{e}");
     }
 }

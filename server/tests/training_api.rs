@@ -227,3 +227,62 @@ async fn upload_report_train_stop_resume_and_land_in_the_library() {
     assert_eq!(same.state, TrainingState::Done { style: "webpastel".into() });
     assert_eq!(same.losses, done.losses);
 }
+
+/// `side`² PNG: a disc of `fg` on `bg`.
+fn disc_png(fg: [u8; 3], bg: [u8; 3], side: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(side, side, |x, y| {
+        let (u, v) = (x as f32 / side as f32 - 0.5, y as f32 / side as f32 - 0.5);
+        image::Rgb(if u * u + v * v < 0.09 { fg } else { bg })
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_keep_each_image_with_its_caption() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _trainer) = setup(tmp.path());
+    let (white, yellow) = ([255, 255, 255], [255, 255, 0]);
+    let mut camera = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut camera, 90)
+        .encode_image(&image::RgbImage::from_fn(96, 64, |x, _| image::Rgb([(x * 2) as u8, 40, 90])))
+        .unwrap();
+    // `b/1.txt` belongs to `b/1.png`, not to `a/1.png` (which comes first); colour
+    // variations of one drawing are all kept; camera names pair whatever the case.
+    let zip = zip_of(&[
+        ("a/1.png", disc_png([255, 0, 0], white, 64)),
+        ("b/1.png", disc_png([0, 255, 0], white, 64)),
+        ("b/1.txt", b"\xEF\xBB\xBFgreen disc, inkline\r\n".to_vec()),
+        ("c/1.png", disc_png([128, 0, 128], yellow, 64)),
+        ("IMG_0001.JPG", camera),
+        ("IMG_0001.TXT", b"caf\xE9 table".to_vec()),
+    ]);
+    let r = upload(&app, "/api/style-datasets", &[("set.zip", zip)]).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let ds: DatasetSummary = r.json();
+    let image = |f: &str| ds.images.iter().find(|i| i.file == f).cloned().unwrap_or_else(|| panic!("{f} missing: {ds:?}"));
+    assert_eq!(image("a_1.png").caption, None);
+    assert_eq!(image("b_1.png").caption.as_deref(), Some("green disc, inkline"));
+    assert_eq!(image("c_1.png").caption, None);
+    let camera = image("IMG_0001.JPG");
+    assert_eq!(camera.caption.as_deref(), Some("café table"));
+    assert!(camera.caption_note.as_deref().is_some_and(|n| n.contains("Windows-1252")), "{camera:?}");
+    assert!(ds.skipped.is_empty(), "{:?}", ds.skipped);
+
+    // A loose image and caption whose names are taken move together.
+    let uri = format!("/api/style-datasets?dataset={}", ds.id);
+    let r = upload(&app, &uri, &[("b_1.png", disc_png([0, 0, 255], white, 64)), ("b_1.txt", b"blue disc".to_vec())]).await;
+    let more: DatasetSummary = r.json();
+    let moved = more.images.iter().find(|i| i.file == "b_1-2.png").unwrap_or_else(|| panic!("{more:?}"));
+    assert_eq!(moved.caption.as_deref(), Some("blue disc"));
+    assert_eq!(more.images.iter().find(|i| i.file == "b_1.png").unwrap().caption.as_deref(), Some("green disc, inkline"));
+
+    // Two captions for one image are refused, and nothing is added.
+    let dir = tmp.path().join("trainings/datasets").join(&ds.id);
+    let before = std::fs::read_dir(&dir).unwrap().count();
+    let clash = zip_of(&[("x/2.png", disc_png([0, 0, 0], white, 64)), ("x/2.txt", b"one".to_vec()), ("x/2.TXT", b"two".to_vec())]);
+    let r = upload(&app, &uri, &[("clash.zip", clash)]).await;
+    assert_json_error(&r, StatusCode::BAD_REQUEST, "clash.zip: x/2.txt and x/2.TXT are both captions of the same image; keep one");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), before);
+}

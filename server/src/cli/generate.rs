@@ -93,12 +93,14 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
     let prompt = args.prompt.clone().context("give --prompt or --blend")?;
     let scheduler: SchedulerKind = args.scheduler.parse()?;
     let attention: AttentionKind = args.attention.parse()?;
+    // The engine's one image reader: upright by EXIF orientation, transparency on white.
     let init_image = match &args.init_image {
-        Some(p) => Some(
-            image::open(p)
-                .with_context(|| format!("cannot read input image {} (PNG, JPEG or WebP expected)", p.display()))?
-                .to_rgb8(),
-        ),
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("cannot read input image {}", p.display()))?;
+            let img = atelier_engine::image_input::decode(&bytes, &atelier_engine::image_input::DecodeOptions::default())
+                .with_context(|| format!("input image {}", p.display()))?;
+            Some(img)
+        }
         None => None,
     };
     let device = crate::cli::device()?;
