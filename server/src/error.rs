@@ -24,6 +24,9 @@ pub enum ApiError {
     NotFound { what: &'static str, id: String },
     #[error("no API route {0}; see the README for the endpoints")]
     UnknownRoute(String),
+    /// The request would need more memory than the studio allows; says what would fit.
+    #[error("{0}")]
+    OverBudget(String),
     #[error("the queue is full ({0} jobs waiting); try again later")]
     QueueFull(usize),
     /// The server cannot do this now (a feature that is off, a full disk); says what to do.
@@ -46,6 +49,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::OverBudget(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound { .. } | ApiError::UnknownRoute(_) => StatusCode::NOT_FOUND,
             ApiError::QueueFull(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -77,6 +81,7 @@ impl From<atelier_engine::Error> for ApiError {
                 ApiError::Invalid { field: field.into(), message }
             }
             atelier_engine::Error::Image(m) => ApiError::BadImage(m),
+            atelier_engine::Error::OutOfMemory(m) => ApiError::OverBudget(m),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -10,7 +10,9 @@ use atelier_engine::pipeline::GenerateParams;
 use image::RgbImage;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::png::{encode_png, write_atomic, PngParameters};
+use atelier_engine::metadata::ImageMetadata;
+
+use crate::png::{encode_png, write_atomic};
 
 /// Gallery failures: storage problems only (bad ids are simply "not found").
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +26,7 @@ pub enum GalleryError {
         source: std::io::Error,
     },
     #[error("encoding PNG: {0}")]
-    Png(#[from] png::EncodingError),
+    Png(#[from] atelier_engine::Error),
 }
 
 /// Largest page [`Gallery::list`] returns.
@@ -43,6 +45,8 @@ pub struct NewImage<'a> {
     pub seed: u64,
     pub model_name: &'a str,
     pub model_hash: &'a str,
+    /// (name, short hash) of the LoRA adapters used, for A1111's `Lora hashes`.
+    pub adapters: &'a [(String, String)],
     pub warnings: &'a [String],
 }
 
@@ -98,13 +102,7 @@ impl Gallery {
     /// Writes the PNG (with its `parameters` chunk), then records it. Returns the new id.
     pub fn save(&self, img: &RgbImage, meta: &NewImage<'_>) -> Result<String, GalleryError> {
         let id = uuid::Uuid::new_v4().to_string();
-        let text = PngParameters {
-            params: meta.params,
-            seed: meta.seed,
-            model_hash: meta.model_hash,
-            model_name: meta.model_name,
-        }
-        .to_a1111();
+        let text = ImageMetadata::for_generation(meta.params, &meta.params.prompt, meta.seed, meta.model_hash, Some(meta.model_name), meta.adapters);
         let bytes = encode_png(img, Some(&text))?;
         let path = self.images_dir.join(format!("{id}.png"));
         write_atomic(&path, &bytes).map_err(|source| GalleryError::Io { path: path.clone(), source })?;
@@ -212,7 +210,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let params = GenerateParams { prompt: "a red fox".into(), seed: u64::MAX, ..Default::default() };
         let img = RgbImage::from_pixel(64, 64, image::Rgb([200, 40, 10]));
-        let meta = NewImage { params: &params, seed: u64::MAX, model_name: "m", model_hash: "abc", warnings: &["w".into()] };
+        let meta = NewImage { params: &params, seed: u64::MAX, model_name: "m", model_hash: "abc", adapters: &[], warnings: &["w".into()] };
         let (a, b) = {
             let g = Gallery::open(dir.path()).unwrap();
             (g.save(&img, &meta).unwrap(), g.save(&img, &meta).unwrap())

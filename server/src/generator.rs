@@ -3,7 +3,18 @@
 
 use std::path::Path;
 
+use atelier_engine::memory::MemoryBudget;
 use atelier_engine::pipeline::{GenerateParams, Generated, StableDiffusion, StepProgress};
+
+/// What admission decided for one generation, beyond the (possibly adjusted) params.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Admitted {
+    /// Told to the user with the result (e.g. attention switched to fit the memory).
+    pub notes: Vec<String>,
+    /// The working memory the job may use: the engine's largest buffers check it
+    /// ([`atelier_engine::memory::with_limit`]).
+    pub limit: Option<u64>,
+}
 
 /// Something that turns parameters into images, reporting each step. Blocking and CPU/GPU
 /// heavy: only the job queue's worker thread calls [`Generator::generate`].
@@ -14,6 +25,13 @@ pub trait Generator: Send + Sync {
         params: &GenerateParams,
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> atelier_engine::Result<Generated>;
+    /// Checks, before a generation is queued, everything that can be known without running
+    /// it: `<lora:…>` tags name styles that exist and fit, and the memory it needs fits
+    /// `budget` (switching `params.attention` to split-einsum when only that fits).
+    fn admit(&self, params: &mut GenerateParams, budget: &MemoryBudget) -> atelier_engine::Result<Admitted> {
+        let _ = (params, budget);
+        Ok(Admitted::default())
+    }
     /// A1111-style short hash of the weights, written into PNG metadata.
     fn model_hash(&self) -> String;
     /// A human-readable model name (the folder name).
@@ -33,6 +51,9 @@ impl Generator for StableDiffusion {
     ) -> atelier_engine::Result<Generated> {
         StableDiffusion::generate(self, params, on_step)
     }
+    fn admit(&self, params: &mut GenerateParams, budget: &MemoryBudget) -> atelier_engine::Result<Admitted> {
+        admit_on(self, params, budget)
+    }
     fn model_hash(&self) -> String {
         StableDiffusion::model_hash(self).to_string()
     }
@@ -42,6 +63,14 @@ impl Generator for StableDiffusion {
     fn encoder_grams(&self, images: &[image::RgbImage]) -> atelier_engine::Result<Vec<candle_core::Tensor>> {
         atelier_engine::style::metrics::mean_grams(self.vae(), images)
     }
+}
+
+/// Memory admission of `params` on `sd` (see [`Generator::admit`]).
+fn admit_on(sd: &StableDiffusion, params: &mut GenerateParams, budget: &MemoryBudget) -> atelier_engine::Result<Admitted> {
+    let available = budget.available(sd.weights_bytes());
+    let admission = sd.admit(params, available)?;
+    params.attention = admission.attention;
+    Ok(Admitted { notes: admission.note.into_iter().collect(), limit: Some(available) })
 }
 
 /// A model loaded from a folder, with what the UI needs to know about it.
@@ -132,6 +161,11 @@ impl Generator for LoadedModel {
             None => self.sd.generate(params, on_step),
         }
     }
+    fn admit(&self, params: &mut GenerateParams, budget: &MemoryBudget) -> atelier_engine::Result<Admitted> {
+        // Unknown or unfitting `<lora:…>` styles are refused now, not inside the job.
+        self.with_tagged_loras(params)?;
+        admit_on(&self.sd, params, budget)
+    }
     fn model_hash(&self) -> String {
         self.sd.model_hash().to_string()
     }
@@ -164,6 +198,9 @@ impl<G: Generator> Generator for Throttled<G> {
             last = std::time::Instant::now();
             on_step(p)
         })
+    }
+    fn admit(&self, params: &mut GenerateParams, budget: &MemoryBudget) -> atelier_engine::Result<Admitted> {
+        self.inner.admit(params, budget)
     }
     fn model_hash(&self) -> String {
         self.inner.model_hash()

@@ -16,7 +16,7 @@ use atelier_engine::pipeline::{GenerateParams, StepProgress};
 use tokio::sync::watch;
 
 use crate::gallery::{Gallery, NewImage};
-use crate::generator::Generator;
+use crate::generator::{Admitted, Generator};
 use crate::ApiError;
 
 /// Most jobs that may wait at once; more are refused with 503.
@@ -26,6 +26,7 @@ const KEEP_FINISHED: usize = 256;
 
 struct Job {
     params: Option<Box<GenerateParams>>,
+    admitted: Admitted,
     status: watch::Sender<JobStatus>,
     cancel: Arc<AtomicBool>,
 }
@@ -76,8 +77,14 @@ impl JobQueue {
         Self { shared, worker: Some(worker) }
     }
 
-    /// Queues a validated generation.
-    pub fn submit(&self, params: GenerateParams) -> Result<JobAccepted, ApiError> {
+    /// Admission (see [`Generator::admit`]): checks what can be known before running and
+    /// fits `params` to `budget`. Blocking (binds adapter files): call it off the runtime.
+    pub fn admit(&self, params: &mut GenerateParams, budget: &atelier_engine::memory::MemoryBudget) -> Result<Admitted, ApiError> {
+        Ok(self.shared.generator.admit(params, budget)?)
+    }
+
+    /// Queues a validated, admitted generation.
+    pub fn submit(&self, params: GenerateParams, admitted: Admitted) -> Result<JobAccepted, ApiError> {
         let id = uuid::Uuid::new_v4().to_string();
         let seed = params.seed;
         let mut q = self.shared.lock();
@@ -89,7 +96,7 @@ impl JobQueue {
         let (tx, _) = watch::channel(status);
         q.jobs.insert(
             id.clone(),
-            Job { params: Some(Box::new(params)), status: tx, cancel: Arc::new(AtomicBool::new(false)) },
+            Job { params: Some(Box::new(params)), admitted, status: tx, cancel: Arc::new(AtomicBool::new(false)) },
         );
         q.waiting.push_back(id.clone());
         drop(q);
@@ -194,7 +201,7 @@ fn finish(q: &mut Queue, id: &str) {
 
 fn worker_loop(shared: &Shared) {
     loop {
-        let (id, params, status, cancel) = {
+        let (id, params, admitted, status, cancel) = {
             let mut q = shared.lock();
             loop {
                 if q.shutdown {
@@ -205,14 +212,14 @@ fn worker_loop(shared: &Shared) {
                     let Some(params) = job.params.take() else { continue };
                     // Marked running under the lock, so a cancel never sees a popped job as queued.
                     job.status.send_modify(|s| s.state = JobState::Running { step: 0, total: params.steps });
-                    let picked = (id, params, job.status.clone(), job.cancel.clone());
+                    let picked = (id, params, job.admitted.clone(), job.status.clone(), job.cancel.clone());
                     renumber(&q);
                     break picked;
                 }
                 q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         };
-        run_job(shared, &id, &params, &status, &cancel);
+        run_job(shared, &id, &params, &admitted, &status, &cancel);
         let mut q = shared.lock();
         finish(&mut q, &id);
     }
@@ -222,6 +229,7 @@ fn run_job(
     shared: &Shared,
     id: &str,
     params: &GenerateParams,
+    admitted: &Admitted,
     status: &watch::Sender<JobStatus>,
     cancel: &AtomicBool,
 ) {
@@ -242,10 +250,18 @@ fn run_job(
         true
     };
     // A panic in the engine must fail this job, not kill the only worker thread.
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| shared.generator.generate(params, &mut on_step)));
+    // The engine's largest buffers check the job's memory limit first, so a request that
+    // slipped past admission fails here with a message instead of aborting the process.
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        atelier_engine::memory::with_limit(admitted.limit, || shared.generator.generate(params, &mut on_step))
+    }));
 
     let state = match result {
-        Ok(Ok(generated)) => save_images(shared, params, &generated.images, &generated.warnings),
+        Ok(Ok(generated)) => {
+            let mut warnings = admitted.notes.clone();
+            warnings.extend(generated.warnings.iter().cloned());
+            save_images(shared, params, &generated, &warnings)
+        }
         Ok(Err(atelier_engine::Error::Cancelled)) => JobState::Cancelled,
         Ok(Err(e)) => {
             tracing::warn!(job = %id, error = %e, "generation failed");
@@ -260,7 +276,8 @@ fn run_job(
     status.send_modify(|s| s.state = state);
 }
 
-fn save_images(shared: &Shared, params: &GenerateParams, images: &[image::RgbImage], warnings: &[String]) -> JobState {
+fn save_images(shared: &Shared, params: &GenerateParams, generated: &atelier_engine::pipeline::Generated, warnings: &[String]) -> JobState {
+    let images = &generated.images;
     let model_name = shared.generator.model_name();
     let model_hash = shared.generator.model_hash();
     let mut image_ids = Vec::with_capacity(images.len());
@@ -270,6 +287,7 @@ fn save_images(shared: &Shared, params: &GenerateParams, images: &[image::RgbIma
             seed: params.seed.wrapping_add(k as u64),
             model_name: &model_name,
             model_hash: &model_hash,
+            adapters: &generated.adapters,
             warnings,
         };
         match shared.gallery.save(img, &meta) {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use atelier_server::trainer::{ModelSource, Trainer};
+use atelier_engine::memory::MemoryBudget;
 use atelier_server::{AppState, Generator, LoadedModel, Throttled};
 use leptos::config::LeptosOptions;
 
@@ -28,6 +29,10 @@ pub struct ServeArgs {
     /// visible with the tiny built-in model (demos, the browser test). 0 = full speed.
     #[arg(long, env = "ATELIER_MIN_STEP_MS", default_value_t = 0)]
     min_step_ms: u64,
+    /// Memory this process may use (e.g. `12GiB`, `512MiB`); requests that would need more
+    /// are refused with what would fit. Default: three quarters of the machine's memory.
+    #[arg(long, env = "ATELIER_MAX_MEMORY", value_parser = crate::cli::parse_budget)]
+    max_memory: Option<MemoryBudget>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -46,6 +51,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
     }
 
+    let budget = args.max_memory.unwrap_or_else(MemoryBudget::from_machine);
+    tracing::info!(limit = %atelier_engine::memory::format_bytes(budget.limit), "memory budget (--max-memory)");
     let device = candle_core::Device::cuda_if_available(0).context("opening the compute device")?;
     tracing::info!(model = %args.model.display(), ?device, "loading model");
     let model_dir = args.model.clone();
@@ -76,9 +83,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let generator_for_negatives = generator.clone();
     let state = AppState::new(leptos_options, generator, &args.data_dir, default_size, note)
         .with_context(|| format!("opening the gallery in {}", args.data_dir.display()))?
-        .with_styles(styles);
+        .with_styles(styles)
+        .with_budget(budget);
     let model_dir = atelier_engine::model::resolve(&args.model.to_string_lossy())?;
-    let source = ModelSource { dir: model_dir, device, resolution: default_size.0 as u32 };
+    let source = ModelSource { dir: model_dir, device, resolution: default_size.0 as u32, budget };
     let trainer = Arc::new(
         Trainer::open(&args.data_dir.join("trainings"), state.styles.clone(), args.data_dir.join("tracking"), source)
             .with_context(|| format!("opening the style trainer in {}", args.data_dir.join("trainings").display()))?,
@@ -91,7 +99,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             state.styles.clone(),
             args.data_dir.join("tracking"),
             default_size,
-        ))
+        )
+        .with_budget(budget))
         .with_context(|| format!("opening {}", args.data_dir.join("negatives").display()))?,
     );
     let state = state.with_negatives(negatives.clone());

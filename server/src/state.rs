@@ -27,6 +27,9 @@ pub struct AppState {
     pub trainer: Option<Arc<crate::trainer::Trainer>>,
     /// Negative-prompt optimisation; `None` until [`AppState::with_negatives`].
     pub negatives: Option<Arc<crate::negatives::NegativeService>>,
+    /// How much memory this process may use (`--max-memory`); heavy requests are
+    /// estimated against it before they are queued.
+    pub budget: atelier_engine::memory::MemoryBudget,
 }
 
 impl AppState {
@@ -50,7 +53,8 @@ impl AppState {
         let jobs = Arc::new(JobQueue::start(generator, gallery.clone()));
         let styles = Arc::new(crate::styles::StyleLibrary::new(data_dir.join("styles")));
         let blends = Arc::new(crate::blends::store_in(data_dir));
-        Ok(Self { leptos_options, jobs, gallery, model, styles, blends, trainer: None, negatives: None })
+        let budget = atelier_engine::memory::MemoryBudget::from_machine();
+        Ok(Self { leptos_options, jobs, gallery, model, styles, blends, trainer: None, negatives: None, budget })
     }
 
     /// Uses `library` as the style library.
@@ -60,6 +64,12 @@ impl AppState {
     }
 
     /// Turns on style training from the web.
+    /// Sets the memory budget (`--max-memory`).
+    pub fn with_budget(mut self, budget: atelier_engine::memory::MemoryBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
     pub fn with_trainer(mut self, trainer: Arc<crate::trainer::Trainer>) -> Self {
         self.trainer = Some(trainer);
         self

@@ -119,12 +119,18 @@ impl AppState {
         })
     }
 
-    /// Validates a request (decoding any init image on a blocking thread) and queues it.
+    /// Validates a request (decoding any init image on a blocking thread), admits it
+    /// (styles exist, memory fits the budget) and queues it.
     pub async fn submit(&self, request: GenerateRequest) -> Result<JobAccepted, ApiError> {
         let size = self.default_size();
-        let params = tokio::task::spawn_blocking(move || crate::request::to_params(request, size))
-            .await
-            .map_err(|e| ApiError::Internal(format!("request decoding task failed: {e}")))??;
-        self.jobs.submit(params)
+        let (jobs, budget) = (self.jobs.clone(), self.budget);
+        let (params, admitted) = tokio::task::spawn_blocking(move || {
+            let mut params = crate::request::to_params(request, size)?;
+            let admitted = jobs.admit(&mut params, &budget)?;
+            Ok::<_, ApiError>((params, admitted))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("request decoding task failed: {e}")))??;
+        self.jobs.submit(params, admitted)
     }
 }

@@ -45,6 +45,9 @@ pub struct ModelSource {
     pub device: candle_core::Device,
     /// Side of the square images the model makes (datasets are checked against it).
     pub resolution: u32,
+    /// How much memory this process may use (`--max-memory`); trainings are checked
+    /// against it before they are queued.
+    pub budget: atelier_engine::memory::MemoryBudget,
 }
 
 struct Entry {
@@ -288,6 +291,9 @@ impl Trainer {
                 format!("{} usable image(s), at least {} are needed: add more images", summary.images.len(), req.min_images.max(1)),
             ));
         }
+        let m = &self.shared.model;
+        let dtype_bytes = if m.device.is_cpu() { 4 } else { 2 };
+        atelier_engine::memory::admit_training(&m.dir, dtype_bytes, m.resolution as usize, req.batch as usize, &m.budget)?;
         let mut q = self.shared.lock();
         if let Some(other) = q.trainings.values().map(|e| e.status.borrow().clone()).find(|s| {
             s.request.name.eq_ignore_ascii_case(&req.name) && !matches!(s.state, TrainingState::Done { .. })
@@ -750,7 +756,12 @@ fn worker_loop(shared: &Arc<Shared>) {
             }
         };
         tracing::info!(training = %id, name = %request.name, "style training started");
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_one(shared, &id, &request, &cancel, &mut model)));
+        // The engine's largest buffers check this limit: an allocation that would not fit
+        // fails the training with a message instead of aborting the process.
+        let limit = shared.model.budget.limit;
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            atelier_engine::memory::with_limit(Some(limit), || run_one(shared, &id, &request, &cancel, &mut model))
+        }));
         let state = match outcome {
             Ok(Ok(style)) => TrainingState::Done { style },
             Ok(Err(RunError::Stopped)) => TrainingState::Stopped,

@@ -47,7 +47,9 @@ impl Generator for FakeGenerator {
             }
         }
         let img = image::RgbImage::from_pixel(params.width as u32, params.height as u32, image::Rgb([10, 200, 30]));
-        Ok(Generated { images: vec![img; params.batch_size], warnings: vec!["fake warning".into()] })
+        // As if a `<lora:pastel:…>` tag had been resolved: the PNG must name it.
+        let adapters = vec![("pastel".to_string(), "6ebf0cadcb".to_string())];
+        Ok(Generated { images: vec![img; params.batch_size], warnings: vec!["fake warning".into()], adapters })
     }
     fn model_hash(&self) -> String {
         "fakehash00".into()
@@ -84,7 +86,7 @@ async fn generate_completes_and_lands_in_gallery_with_png_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let app = app(state(dir.path(), FakeGenerator::new(Duration::ZERO)));
 
-    let accepted = submit(&app, json!({"prompt": "a cat", "negative_prompt": "dogs", "steps": 3, "seed": 42, "scheduler": "euler-a"})).await;
+    let accepted = submit(&app, json!({"prompt": "a cat", "negative_prompt": "dogs", "steps": 3, "seed": 42, "scheduler": "euler-a", "guidance": 7})).await;
     assert_eq!(accepted.seed, 42);
     let done = wait_finished(&app, &accepted.job_id).await;
     let JobState::Done { image_ids, warnings } = done.state else { panic!("{done:?}") };
@@ -104,8 +106,17 @@ async fn generate_completes_and_lands_in_gallery_with_png_parameters() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()[header::CONTENT_TYPE], "image/png");
     let png = res.into_body().collect().await.unwrap().to_bytes();
-    let params = atelier_server::png::read_parameters(&png).expect("parameters chunk");
-    assert!(params.starts_with("a cat\nNegative prompt: dogs\nSteps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x64"), "{params}");
+    let params = atelier_engine::metadata::read_png_parameters(&png).unwrap().expect("parameters chunk");
+    // Exactly what the CLI writes for the same request (one writer, A1111's rules: floats
+    // as Python prints them, a value with `:` or `,` quoted).
+    assert_eq!(
+        params,
+        "a cat\nNegative prompt: dogs\nSteps: 3, Sampler: Euler a, CFG scale: 7.0, Seed: 42, Size: 64x64, \
+         Model hash: fakehash00, Model: fake-model, Lora hashes: \"pastel: 6ebf0cadcb\""
+    );
+    let parsed = atelier_engine::metadata::parse_parameters(&params).unwrap();
+    assert_eq!((parsed.prompt.as_str(), parsed.negative_prompt.as_str(), parsed.cfg_scale, parsed.seed), ("a cat", "dogs", 7.0, 42));
+    assert_eq!(parsed.extra, vec![("Lora hashes".to_string(), "pastel: 6ebf0cadcb".to_string())]);
     let img = image::load_from_memory(&png).unwrap();
     assert_eq!((img.width(), img.height()), (64, 64));
 }
@@ -202,7 +213,7 @@ async fn img2img_accepts_a_base64_png() {
     let src = image::RgbImage::from_pixel(32, 32, image::Rgb([1, 2, 3]));
     let png = atelier_server::png::encode_png(&src, None).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD.encode(png);
-    let accepted = submit(&app, json!({"prompt": "x", "steps": 2, "init_image": format!("data:image/png;base64,{b64}"), "strength": 0.3})).await;
+    let accepted = submit(&app, json!({"prompt": "x", "steps": 4, "init_image": format!("data:image/png;base64,{b64}"), "strength": 0.3})).await;
     wait_finished(&app, &accepted.job_id).await;
     let page: GalleryPage = get_json(&app, "/api/gallery").await;
     assert!(page.items[0].has_init_image);

@@ -27,7 +27,7 @@ fn repo() -> PathBuf {
 }
 
 fn open_trainer(data: &Path, library: Arc<StyleLibrary>) -> Arc<Trainer> {
-    let source = ModelSource { dir: repo().join("models/starter"), device: candle_core::Device::Cpu, resolution: 64 };
+    let source = ModelSource { dir: repo().join("models/starter"), device: candle_core::Device::Cpu, resolution: 64, budget: atelier_engine::memory::MemoryBudget::from_machine() };
     Arc::new(Trainer::open(&data.join("trainings"), library, data.join("tracking"), source).unwrap())
 }
 

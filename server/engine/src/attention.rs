@@ -75,6 +75,8 @@ pub fn scaled_dot_product(
 fn original(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let lk = k.dim(2)?;
+    // The scores and their softmax: two (b·h, lq, lk) matrices.
+    crate::memory::check("attention scores", 2 * (b * h * lq) as u64 * lk as u64 * q.dtype().size_in_bytes() as u64)?;
     let q = (q * scale)?.reshape((b * h, lq, d))?;
     let k = k.reshape((b * h, lk, d))?;
     let v = v.reshape((b * h, lk, d))?;
@@ -89,7 +91,10 @@ fn original(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f6
 
 /// One head at a time, queries in chunks: the full (heads, q, k) score tensor never exists.
 fn split(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let (_b, h, lq, _d) = q.dims4()?;
+    let (b, h, lq, _d) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let chunk = SPLIT_QUERY_CHUNK.min(lq);
+    crate::memory::check("attention scores", 2 * (b * chunk) as u64 * lk as u64 * q.dtype().size_in_bytes() as u64)?;
     let mut heads = Vec::with_capacity(h);
     for hi in 0..h {
         let qh = (q.narrow(1, hi, 1)?.squeeze(1)? * scale)?;

@@ -42,6 +42,9 @@ pub enum Error {
     /// A LoRA file is malformed or does not fit the loaded model.
     #[error("LoRA {name}: {message}")]
     Lora { name: String, message: String },
+    /// A run would need more memory than this process may use; says what would fit.
+    #[error("{0}")]
+    OutOfMemory(String),
     /// A hub model id could not be resolved.
     #[error("model {id}: {message}")]
     Hub { id: String, message: String },

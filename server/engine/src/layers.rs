@@ -215,6 +215,13 @@ impl Conv2d {
         if grad_enabled() && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
             crate::conv::conv2d_im2col(xs, weight, bias, geometry)
         } else {
+            // Candle's kernel unfolds the input first: an (n, ho·wo, c·k·k) buffer.
+            if let Ok((n, c, h, w)) = xs.dims4() {
+                let k = geometry.kernel;
+                let (ho, wo) = ((h + 2 * geometry.padding).saturating_sub(k) / geometry.stride + 1, (w + 2 * geometry.padding).saturating_sub(k) / geometry.stride + 1);
+                let bytes = (n * ho * wo) as u64 * (c * k * k) as u64 * xs.dtype().size_in_bytes() as u64;
+                crate::memory::check("a convolution's im2col buffer", bytes)?;
+            }
             let ys = xs.conv2d(weight, geometry.padding, geometry.stride, 1, 1)?;
             match bias {
                 Some(b) => ys.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),

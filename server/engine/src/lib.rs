@@ -9,6 +9,7 @@ pub mod attention;
 pub mod bake;
 pub mod error;
 pub mod image_input;
+pub mod memory;
 pub mod metadata;
 pub mod noise;
 pub mod pipeline;

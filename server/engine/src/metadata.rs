@@ -80,6 +80,41 @@ impl ImageMetadata {
     }
 }
 
+impl ImageMetadata {
+    /// What A1111 records for one image of a generation: `prompt` as the user typed it
+    /// (`<lora:…>` tags included, as A1111 keeps them), this image's `seed`, the model's
+    /// short hash and name, `Denoising strength` for img2img, and `Lora hashes`
+    /// (`name: hash, …`) of the `adapters` used. The one writer for the CLI and the studio.
+    pub fn for_generation(
+        params: &crate::pipeline::GenerateParams,
+        prompt: &str,
+        seed: u64,
+        model_hash: &str,
+        model_name: Option<&str>,
+        adapters: &[(String, String)],
+    ) -> Self {
+        let mut extra = Vec::new();
+        if !adapters.is_empty() {
+            let list: Vec<String> = adapters.iter().map(|(name, hash)| format!("{name}: {hash}")).collect();
+            extra.push(("Lora hashes".to_string(), list.join(", ")));
+        }
+        ImageMetadata {
+            prompt: prompt.to_string(),
+            negative_prompt: params.negative_prompt.clone(),
+            steps: params.steps,
+            sampler: params.scheduler.a1111_name().to_string(),
+            cfg_scale: params.guidance,
+            seed,
+            width: params.width,
+            height: params.height,
+            model_hash: model_hash.to_string(),
+            model: model_name.map(str::to_string),
+            denoising_strength: params.init_image.as_ref().map(|_| params.strength),
+            extra,
+        }
+    }
+}
+
 /// Python's `repr(float)`: always a decimal point (`7.0`, not `7`), shortest round-trip digits.
 fn format_float(v: f64) -> String {
     format!("{v:?}")
@@ -182,17 +217,27 @@ pub fn parse_parameters(text: &str) -> Result<ImageMetadata> {
 /// data. Like PIL (which A1111 uses), the chunk is tEXt when the text is Latin-1 and iTXt
 /// (UTF-8, uncompressed) otherwise.
 pub fn encode_png(img: &RgbImage, meta: &ImageMetadata) -> Result<Vec<u8>> {
+    encode(img, Some(meta.to_parameters()))
+}
+
+/// Encodes an 8-bit RGB PNG without any text chunk (previews, intermediate images).
+pub fn encode_plain_png(img: &RgbImage) -> Result<Vec<u8>> {
+    encode(img, None)
+}
+
+fn encode(img: &RgbImage, text: Option<String>) -> Result<Vec<u8>> {
     let png_error = |e: png::EncodingError| Error::Metadata(format!("encoding PNG: {e}"));
-    let text = meta.to_parameters();
     let mut out = Vec::new();
     {
         let mut encoder = png::Encoder::new(&mut out, img.width(), img.height());
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        if text.chars().all(|c| u32::from(c) <= 0xFF) {
-            encoder.add_text_chunk(PARAMETERS_KEY.to_string(), text).map_err(png_error)?;
-        } else {
-            encoder.add_itxt_chunk(PARAMETERS_KEY.to_string(), text).map_err(png_error)?;
+        match text {
+            Some(text) if text.chars().all(|c| u32::from(c) <= 0xFF) => {
+                encoder.add_text_chunk(PARAMETERS_KEY.to_string(), text).map_err(png_error)?
+            }
+            Some(text) => encoder.add_itxt_chunk(PARAMETERS_KEY.to_string(), text).map_err(png_error)?,
+            None => {}
         }
         let mut writer = encoder.write_header().map_err(png_error)?;
         writer.write_image_data(img.as_raw()).map_err(png_error)?;

@@ -88,6 +88,19 @@ impl GenerateParams {
         if !self.strength.is_finite() || !(0.0..=1.0).contains(&self.strength) {
             return Err(Error::invalid("strength", format!("{} is out of range 0..=1", self.strength)));
         }
+        // img2img denoises the last ⌊steps · strength⌋ steps of the schedule (diffusers'
+        // rule, as in `generate`): none at all is known now, not only inside the job.
+        if self.init_image.is_some() && (self.steps as f64 * self.strength) < 1.0 {
+            let least = (1.0 / self.strength).ceil();
+            return Err(Error::invalid(
+                "strength",
+                if self.strength > 0.0 {
+                    format!("strength {} with {} steps leaves no denoising step (⌊steps × strength⌋ = 0); use at least {least} steps or a strength of at least {}", self.strength, self.steps, 1.0 / self.steps as f64)
+                } else {
+                    "strength 0 leaves no denoising step: the input image would come back unchanged; raise strength".to_string()
+                },
+            ));
+        }
         Ok(())
     }
 }
@@ -108,6 +121,8 @@ pub struct Generated {
     pub images: Vec<RgbImage>,
     /// Warnings for the user (for example an extra-network tag removed from the prompt).
     pub warnings: Vec<String>,
+    /// (name, short hash) of each LoRA adapter used, for A1111's `Lora hashes`.
+    pub adapters: Vec<(String, String)>,
 }
 
 /// A loaded Stable Diffusion model, ready to generate. `generate` takes `&self`, so one
@@ -122,6 +137,8 @@ pub struct StableDiffusion {
     vae: AutoencoderKL,
     scheduler_config: SchedulerConfig,
     hash: String,
+    /// Bytes of the weight files, what the loaded model keeps resident.
+    weights_bytes: u64,
     /// The layers adapters attach to.
     slots: ModelSlots,
     /// Held while a generation runs, since the attached adapters are model state.
@@ -176,6 +193,10 @@ impl StableDiffusion {
         }
         let scheduler_config = SchedulerConfig::load(&files.scheduler_config)?;
         let hash = short_hash(&files.unet_weights)?;
+        let weights_bytes = [&files.text_encoder_weights, &files.unet_weights, &files.vae_weights]
+            .iter()
+            .map(|p| crate::memory::safetensors_elements(p).map(|n| n * dtype.size_in_bytes() as u64))
+            .sum::<Result<u64>>()?;
         Ok(Self {
             files,
             device: device.clone(),
@@ -186,6 +207,7 @@ impl StableDiffusion {
             vae,
             scheduler_config,
             hash,
+            weights_bytes,
             slots: ModelSlots::new(vec![(Component::TextEncoder, te_slots), (Component::Unet, unet_slots)]),
             generating: std::sync::Mutex::new(()),
         })
@@ -396,6 +418,27 @@ impl StableDiffusion {
 
     /// Runs the pipeline. `on_step` is called after each denoising step; returning
     /// `false` cancels the run with [`Error::Cancelled`].
+    /// Upper bound of the memory the loaded weights take, in bytes (twice the weight
+    /// files on the CPU, where fp16 files are widened to f32).
+    pub fn weights_bytes(&self) -> u64 {
+        self.weights_bytes
+    }
+
+    /// Checks that `params` fits in `available` bytes of working memory (see
+    /// [`crate::memory::admit_generation`]): the attention to use, or an
+    /// [`Error::OutOfMemory`] that says what would fit.
+    pub fn admit(&self, params: &GenerateParams, available: u64) -> Result<crate::memory::Admission> {
+        let shape = crate::memory::GenerationShape {
+            width: params.width,
+            height: params.height,
+            batch: params.batch_size,
+            cfg: params.guidance > 1.0,
+            img2img: params.init_image.is_some(),
+            attention: params.attention,
+        };
+        crate::memory::admit_generation(self.unet.config(), self.vae.config(), self.dtype.size_in_bytes() as u64, &shape, available)
+    }
+
     pub fn generate(
         &self,
         params: &GenerateParams,
@@ -481,7 +524,8 @@ impl StableDiffusion {
         let latents = self.denoise(latents, &cond, uncond.as_ref(), params.guidance, scheduler.as_mut(), start, &mut noise, attn, &mut cb)?;
         let decoded = self.decode(&latents, attn)?;
         let images = tensor_to_images(&decoded)?;
-        Ok(Generated { images, warnings })
+        let adapters = params.loras.iter().map(|l| (l.lora.adapter.name.clone(), l.lora.adapter.hash.clone())).collect();
+        Ok(Generated { images, warnings, adapters })
     }
 }
 

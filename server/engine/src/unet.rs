@@ -167,6 +167,10 @@ impl UNetConfig {
     }
 
     /// Heads of block `i` as diffusers resolves them (`num_attention_heads or attention_head_dim`).
+    pub fn heads_of(&self, i: usize) -> usize {
+        self.heads(i)
+    }
+
     fn heads(&self, i: usize) -> usize {
         self.num_attention_heads
             .as_ref()

@@ -70,6 +70,10 @@ pub struct GenerateArgs {
     /// Output PNG; with --batch > 1, `-k` is added before the extension.
     #[arg(long)]
     pub out: PathBuf,
+    /// Memory this run may use (e.g. `12GiB`); a larger request is refused with what would
+    /// fit. Default: three quarters of the machine's memory.
+    #[arg(long, env = "ATELIER_MAX_MEMORY", value_parser = crate::cli::parse_budget)]
+    pub max_memory: Option<atelier_engine::memory::MemoryBudget>,
 }
 
 pub fn run(mut args: GenerateArgs) -> Result<()> {
@@ -130,7 +134,7 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
         loras.push(atelier_engine::lora::ActiveLora { lora: bound, weight, blocks });
     }
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
-    let params = GenerateParams {
+    let mut params = GenerateParams {
         prompt: engine_prompt,
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,
@@ -146,16 +150,25 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
         loras,
     };
     params.validate()?;
+    let budget = args.max_memory.unwrap_or_else(atelier_engine::memory::MemoryBudget::from_machine);
+    let available = budget.available(sd.weights_bytes());
+    let admission = sd.admit(&params, available)?;
+    params.attention = admission.attention;
+    if let Some(note) = &admission.note {
+        eprintln!("note: {note}");
+    }
     let bar = indicatif::ProgressBar::new(args.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} eta {eta}")
             .expect("static template")
             .progress_chars("=> "),
     );
-    let out = sd.generate(&params, &mut |p| {
-        bar.set_length(p.total as u64);
-        bar.set_position(p.step as u64);
-        true
+    let out = atelier_engine::memory::with_limit(Some(available), || {
+        sd.generate(&params, &mut |p| {
+            bar.set_length(p.total as u64);
+            bar.set_position(p.step as u64);
+            true
+        })
     })?;
     bar.finish();
     for w in &out.warnings {
@@ -168,20 +181,8 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
             let stem = args.out.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
             args.out.with_file_name(format!("{stem}-{k}.png"))
         };
-        let meta = ImageMetadata {
-            prompt: prompt.clone(),
-            negative_prompt: params.negative_prompt.clone(),
-            steps: params.steps,
-            sampler: scheduler.a1111_name().to_string(),
-            cfg_scale: params.guidance,
-            seed: seed + k as u64,
-            width: params.width,
-            height: params.height,
-            model_hash: sd.model_hash().to_string(),
-            model: model_dir.file_name().map(|n| n.to_string_lossy().into_owned()),
-            denoising_strength: params.init_image.as_ref().map(|_| params.strength),
-            extra: lora_hashes(&params.loras).into_iter().collect(),
-        };
+        let model_name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        let meta = ImageMetadata::for_generation(&params, &prompt, seed + k as u64, sd.model_hash(), model_name.as_deref(), &out.adapters);
         write_png_atomic(&path, img, &meta)?;
         println!("{} (seed {})", path.display(), seed + k as u64);
     }
@@ -208,16 +209,6 @@ fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64, atelier_engine::lora::Bl
     }
     anyhow::ensure!(rest == spec, "--lora {spec}: block weights need a weight before them (FILE:WEIGHT:lbw=D,M,U)");
     Ok((PathBuf::from(spec), 1.0, blocks))
-}
-
-/// A1111's `Lora hashes` entry: `name: hash, …` of the adapters in use.
-fn lora_hashes(loras: &[atelier_engine::lora::ActiveLora]) -> Option<(String, String)> {
-    if loras.is_empty() {
-        return None;
-    }
-    let list: Vec<String> = loras.iter().map(|l| format!("{}: {}", l.lora.adapter.name, l.lora.adapter.hash)).collect();
-    // The metadata writer quotes values that contain commas, as A1111 does.
-    Some(("Lora hashes".into(), list.join(", ")))
 }
 
 #[cfg(test)]

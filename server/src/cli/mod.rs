@@ -25,3 +25,10 @@ pub fn device() -> anyhow::Result<candle_core::Device> {
     #[allow(unreachable_code)]
     Ok(candle_core::Device::Cpu)
 }
+
+/// `--max-memory`: a size such as `12GiB`, `512MiB` or a byte count.
+pub fn parse_budget(text: &str) -> Result<atelier_engine::memory::MemoryBudget, String> {
+    atelier_engine::memory::parse_size(text)
+        .map(|limit| atelier_engine::memory::MemoryBudget { limit })
+        .ok_or_else(|| format!("{text:?} is not a size; write it like 12GiB, 512MiB or 8G"))
+}

@@ -45,6 +45,10 @@ pub struct TrainStyleArgs {
     /// Images per step.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// Memory this run may use (e.g. `12GiB`); a batch that would need more is refused
+    /// with the largest that fits. Default: three quarters of the machine's memory.
+    #[arg(long, env = "ATELIER_MAX_MEMORY", value_parser = crate::cli::parse_budget)]
+    pub max_memory: Option<atelier_engine::memory::MemoryBudget>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also adapt the text encoder's attention layers.
@@ -121,6 +125,9 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
     let device = crate::cli::device()?;
     let model_dir = atelier_engine::model::resolve(&args.model)?;
     let sd = StableDiffusion::load(&model_dir, &device).with_context(|| format!("loading model {}", model_dir.display()))?;
+    let budget = args.max_memory.unwrap_or_else(atelier_engine::memory::MemoryBudget::from_machine);
+    let dtype_bytes = if device.is_cpu() { 4 } else { 2 };
+    let limit = atelier_engine::memory::admit_training(&model_dir, dtype_bytes, sd.default_size(), args.batch, &budget)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -137,7 +144,7 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
     bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     let mut window: Option<(Instant, u64)> = None;
     let mut smoothed: Option<f64> = None;
-    let result = run_training(&req, &args.images, &sd, &model_dir, &library, &args.tracking, &mut |ev| {
+    let result = atelier_engine::memory::with_limit(Some(limit), || run_training(&req, &args.images, &sd, &model_dir, &library, &args.tracking, &mut |ev| {
         match ev {
             RunEvent::Report(report) => println!("{}", report.summary()),
             RunEvent::Prepared { hash, images, resolution } => {
@@ -166,7 +173,7 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
             }
         }
         !stop.load(Ordering::SeqCst)
-    });
+    }));
     bar.finish_and_clear();
     match result {
         Ok(done) => {

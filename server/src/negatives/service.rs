@@ -47,6 +47,8 @@ pub struct Context {
     pub size: (usize, usize),
     pub knowledge: Arc<KnowledgeFile>,
     pub history: Arc<History>,
+    /// How much memory this process may use; runs are checked against it when submitted.
+    pub budget: atelier_engine::memory::MemoryBudget,
 }
 
 impl Context {
@@ -60,7 +62,31 @@ impl Context {
             styles,
             tracking,
             size,
+            budget: atelier_engine::memory::MemoryBudget::from_machine(),
         }
+    }
+
+    /// Sets the memory budget (`--max-memory`).
+    pub fn with_budget(mut self, budget: atelier_engine::memory::MemoryBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// The generation every render of a run starts from (the style as a `<lora:…>` tag).
+    fn base_params(&self, r: &OptimizeRequest) -> GenerateParams {
+        let prompt = match r.style.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => format!("{} <lora:{s}:{}>", r.prompt.trim(), r.style_weight),
+            None => r.prompt.trim().to_string(),
+        };
+        GenerateParams { prompt, steps: r.steps, guidance: r.guidance, width: self.size.0, height: self.size.1, ..Default::default() }
+    }
+
+    /// Admission of a run's renders (styles exist, memory fits): the base params to
+    /// render with and what admission decided.
+    pub fn admit(&self, r: &OptimizeRequest) -> Result<(GenerateParams, crate::generator::Admitted), ApiError> {
+        let mut base = self.base_params(r);
+        let admitted = self.generator.admit(&mut base, &self.budget)?;
+        Ok((base, admitted))
     }
 
     pub fn run_dir(&self, id: &str) -> PathBuf {
@@ -246,10 +272,7 @@ fn execute_inner(ctx: &Context, status: &mut OptimizeStatus, dir: &Path, cancel:
     let weights = ctx.check(&r).map_err(|e| anyhow::anyhow!("{e}"))?;
     let plan = ctx.plan(&r)?;
     let style = r.style.clone().filter(|s| !s.is_empty());
-    let prompt = match &style {
-        Some(s) => format!("{} <lora:{s}:{}>", r.prompt.trim(), r.style_weight),
-        None => r.prompt.trim().to_string(),
-    };
+    let (base, admitted) = ctx.admit(&r).map_err(|e| anyhow::anyhow!("{e}"))?;
     let style_grams = style.as_deref().map(|s| style_grams(&ctx.styles, s)).transpose()?;
 
     let tracker = Tracker::open(&ctx.tracking)?;
@@ -277,17 +300,10 @@ fn execute_inner(ctx: &Context, status: &mut OptimizeStatus, dir: &Path, cancel:
     write_status(dir, status)?;
     publish(status);
 
-    let base = GenerateParams {
-        prompt,
-        steps: r.steps,
-        guidance: r.guidance,
-        width: ctx.size.0,
-        height: ctx.size.1,
-        ..Default::default()
-    };
     let mut studio = GeneratorStudio { generator: ctx.generator.as_ref(), base, weights, style_grams, cancel };
     let mut step = 0i64;
-    let result = optimizer::run(
+    // The engine's largest buffers check the admitted limit (a failed check fails the run).
+    let result = atelier_engine::memory::with_limit(admitted.limit, || optimizer::run(
         &plan,
         &mut studio,
         &mut |event| {
@@ -311,7 +327,7 @@ fn execute_inner(ctx: &Context, status: &mut OptimizeStatus, dir: &Path, cancel:
             let path = dir.join(name);
             crate::png::write_atomic(&path, &crate::png::encode_png(image, None)?).with_context(|| format!("writing {}", path.display()))
         },
-    )?;
+    ))?;
 
     // Every candidate's measurement is evidence for later suggestions.
     let entries: Vec<Entry> = result
@@ -408,6 +424,7 @@ impl NegativeService {
     /// Checks and queues a run.
     pub fn submit(&self, request: OptimizeRequest) -> Result<OptimizeStatus, ApiError> {
         self.shared.ctx.check(&request)?;
+        self.shared.ctx.admit(&request)?;
         let mut status = new_status(request);
         let id = status.id.clone();
         let dir = self.shared.ctx.run_dir(&id);
