@@ -484,7 +484,7 @@ fn is_zip(name: &str, tmp: &Path) -> bool {
 /// its image when a name is taken), then each zip. All or nothing per zip and for the
 /// loose files.
 fn add_uploaded(dir: &Path, files: &[(String, PathBuf)]) -> Result<(), ApiError> {
-    let (zips, loose): (Vec<&(String, PathBuf)>, Vec<&(String, PathBuf)>) = files.iter().partition(|(name, tmp)| is_zip(name, tmp));
+    let (zips, loose): (Vec<_>, Vec<_>) = files.iter().partition(|(name, tmp)| is_zip(name, tmp));
     let loose: Vec<(&str, &Path)> = loose.iter().map(|(n, t)| (n.as_str(), t.as_path())).collect();
     add_loose(dir, &loose)?;
     for (name, tmp) in zips {
