@@ -137,6 +137,9 @@ pub struct LoraAdapter {
     pub warnings: Vec<String>,
 }
 
+/// A module's down, up and alpha tensors, each with the key it was read from.
+type ModuleParts = [Option<(String, Tensor)>; 3];
+
 fn lora_err(name: &str, message: impl Into<String>) -> Error {
     Error::Lora { name: name.to_string(), message: message.into() }
 }
@@ -257,7 +260,7 @@ pub fn check_container(bytes: &[u8]) -> std::result::Result<(usize, Option<Strin
         return Err(format!("the file is {len} bytes, too short for a safetensors header: truncated or not a safetensors file — download it again"));
     };
     let looks_like_json = bytes.get(8) == Some(&b'{');
-    let header_end = 8u64.checked_add(n).unwrap_or(u64::MAX);
+    let header_end = 8u64.saturating_add(n);
     if header_end > len as u64 {
         return Err(if looks_like_json {
             format!("its header needs bytes 8..{header_end} but the file ends at {len}: truncated — download it again")
@@ -345,7 +348,7 @@ impl LoraAdapter {
         };
         let peft = PeftConfigs::from_metadata(name, &metadata)?;
         // Group keys by module.
-        let mut groups: BTreeMap<(Component, ModuleName), [Option<(String, Tensor)>; 3]> = BTreeMap::new();
+        let mut groups: BTreeMap<(Component, ModuleName), ModuleParts> = BTreeMap::new();
         let mut unknown = Vec::new();
         for key in &keys {
             let t = &tensors[*key];

@@ -297,7 +297,8 @@ fn diffusers_key_spellings_read_to_the_same_adapter() {
     let d = adapter("lora_a.safetensors");
     let meta = d.metadata.clone();
     let base: HashMap<String, Tensor> = tensors("lora_a.safetensors");
-    let spellings: [(&str, Box<dyn Fn(&str) -> String>); 2] = [
+    type Rename = Box<dyn Fn(&str) -> String>;
+    let spellings: [(&str, Rename); 2] = [
         ("peft wrapper", Box::new(|k: &str| format!("base_model.model.{k}"))),
         (
             "attn procs",
@@ -401,7 +402,7 @@ fn unsupported_formats_are_named() {
     let v = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
     for (key, name) in [
         (format!("{q}.dora_scale"), "DoRA"),
-        (format!("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"), "DoRA"),
+        ("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector".to_string(), "DoRA"),
         (format!("{q}.on_input"), "(IA)³"),
         (format!("{q}.hada_w1_a"), "LoHa"),
         (format!("{q}.lokr_w1"), "LoKr"),
