@@ -84,10 +84,12 @@ pub fn words(text: &str) -> Vec<String> {
     plain_text(text).to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
 }
 
-/// The content words of a prompt: its [`words`] without `<lora:…>` tags and filler words.
+/// The content words of a prompt: its [`words`] without extra-network tags (`<lora:…>`,
+/// `<lyco:…>`, `<hypernet:…>`, …), A1111's `BREAK` and filler words.
 pub fn content_words(prompt: &str) -> BTreeSet<String> {
     const FILLER: [&str; 16] = ["a", "an", "the", "on", "in", "of", "with", "and", "at", "to", "by", "for", "is", "very", "style", "background"];
-    let text = atelier_engine::prompt::extract_lora_tags(prompt).map(|(t, _)| t).unwrap_or_else(|_| prompt.to_string());
+    let text = atelier_engine::prompt::parse_extra_networks(prompt).map(|n| n.text).unwrap_or_else(|_| prompt.to_string());
+    let text = text.split_whitespace().filter(|w| *w != "BREAK").collect::<Vec<_>>().join(" ");
     words(&text).into_iter().filter(|w| !FILLER.contains(&w.as_str())).collect()
 }
 
@@ -140,6 +142,9 @@ pub(super) mod tests {
     fn content_words_ignore_syntax_and_filler() {
         let w = content_words("a (red:1.2) circle on a [blue] background, <lora:inkline:0.7> inkline style");
         assert_eq!(w.into_iter().collect::<Vec<_>>(), ["blue", "circle", "inkline", "red"]);
+        // Every extra-network tag and A1111's BREAK are syntax, not words.
+        let w = content_words("a red circle BREAK <lyco:pastel:0.8> <hypernet:foo:1> on blue");
+        assert_eq!(w.into_iter().collect::<Vec<_>>(), ["blue", "circle", "red"]);
         assert!((similarity("a red circle", "a red square") - 1.0 / 3.0).abs() < 1e-12);
     }
 
