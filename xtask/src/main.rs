@@ -2,7 +2,7 @@
 //! cargo-leptos (which would download sass, tailwind and binaryen, impossible offline).
 //!
 //! ```text
-//! cargo run -p xtask -- build [--release]      # target/site/ + the `atelier` binary
+//! cargo run -p xtask -- build [--release] [--site-only]  # target/site/ + the `atelier` binary
 //! cargo run -p xtask -- serve [--release] [-- serve args]
 //! cargo run -p xtask -- test                   # cargo tests, then the browser test
 //! ```
@@ -31,6 +31,9 @@ enum Cmd {
         /// Optimised build (wasm-release profile for the WASM, release for the server).
         #[arg(long)]
         release: bool,
+        /// Only the site folder (WASM, JS, CSS, public/), not the server binary.
+        #[arg(long)]
+        site_only: bool,
     },
     /// Build, then run `atelier serve` from the repository root.
     Serve {
@@ -49,7 +52,8 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let ws = Workspace::locate()?;
     match cli.command {
-        Cmd::Build { release } => ws.build(release),
+        Cmd::Build { release, site_only: true } => ws.build_site(release),
+        Cmd::Build { release, site_only: false } => ws.build(release),
         Cmd::Serve { release, args } => {
             ws.build(release)?;
             let bin = ws.server_binary(release);
@@ -111,6 +115,12 @@ impl Workspace {
     }
 
     fn build(&self, release: bool) -> Result<()> {
+        self.build_site(release)?;
+        self.build_server(release)
+    }
+
+    /// `target/site/`: the WASM bundle and its JS, the CSS and `public/`, each precompressed.
+    fn build_site(&self, release: bool) -> Result<()> {
         check_wasm_target()?;
         let wasm = self.build_wasm(release)?;
         let pkg = self.site_dir().join("pkg");
@@ -124,8 +134,7 @@ impl Workspace {
         if public.is_dir() {
             copy_dir(&public, &self.site_dir())?;
         }
-        precompress_dir(&self.site_dir(), release)?;
-        self.build_server(release)
+        precompress_dir(&self.site_dir(), release)
     }
 
     /// Builds `frontend` for the browser. A separate cargo run from the server's: one
