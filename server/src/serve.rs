@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// are refused with what would fit. Default: three quarters of the machine's memory.
     #[arg(long, env = "ATELIER_MAX_MEMORY", value_parser = crate::cli::parse_budget)]
     max_memory: Option<MemoryBudget>,
+    /// Colour that transparent parts of input images (datasets, img2img) are composited
+    /// onto before any resize: white (as A1111), black, grey or #RRGGBB.
+    #[arg(long, env = "ATELIER_ALPHA_BACKGROUND", value_parser = crate::cli::parse_background)]
+    alpha_background: Option<[u8; 3]>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -51,6 +55,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
     }
 
+    if let Some(rgb) = args.alpha_background {
+        atelier_engine::image_input::set_background(rgb);
+    }
     let budget = args.max_memory.unwrap_or_else(MemoryBudget::from_machine);
     tracing::info!(limit = %atelier_engine::memory::format_bytes(budget.limit), "memory budget (--max-memory)");
     let device = candle_core::Device::cuda_if_available(0).context("opening the compute device")?;

@@ -107,9 +107,35 @@ async fn dataset(State(state): State<AppState>, Path(id): Path<String>) -> Resul
     Ok(Json(summary))
 }
 
-async fn dataset_file(State(state): State<AppState>, Path((id, file)): Path<(String, String)>) -> Result<Response, ApiError> {
+/// `?thumb=N`: a thumbnail at most N pixels on its longer side.
+#[derive(Debug, Deserialize)]
+struct FileQuery {
+    thumb: Option<u32>,
+}
+
+/// A dataset file as uploaded, or (`?thumb=N`) a PNG thumbnail made by the one image
+/// reader the trainer uses: upright by EXIF orientation, transparency on the background,
+/// so the page shows what will be trained on.
+async fn dataset_file(
+    State(state): State<AppState>,
+    Path((id, file)): Path<(String, String)>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, ApiError> {
     let path = state.training()?.dataset_file(&id, &file)?;
     let bytes = tokio::fs::read(&path).await.map_err(|e| io_error("reading the dataset", e))?;
+    if let Some(side) = q.thumb {
+        let side = side.clamp(16, 512);
+        let png = tokio::task::spawn_blocking(move || {
+            let img = atelier_engine::image_input::decode(&bytes, &Default::default()).map_err(|e| ApiError::BadImage(e.to_string()))?;
+            let (w, h) = (img.width() as f64, img.height() as f64);
+            let scale = (side as f64 / w.max(h)).min(1.0);
+            let thumb = image::imageops::thumbnail(&img, ((w * scale).round() as u32).max(1), ((h * scale).round() as u32).max(1));
+            Ok::<_, ApiError>(crate::png::encode_png(&thumb, None)?)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        return Ok(([(header::CONTENT_TYPE, "image/png"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], png).into_response());
+    }
     let ctype = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
         Some("png") => "image/png",
         Some("jpg" | "jpeg") => "image/jpeg",

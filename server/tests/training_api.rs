@@ -285,4 +285,18 @@ async fn uploads_keep_each_image_with_its_caption() {
     let r = upload(&app, &uri, &[("clash.zip", clash)]).await;
     assert_json_error(&r, StatusCode::BAD_REQUEST, "clash.zip: x/2.txt and x/2.TXT are both captions of the same image; keep one");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), before);
+
+    // Thumbnails come from the trainer's reader: an RGBA cut-out whose transparent half
+    // stores magenta shows white there, scaled to fit the asked size (200×100 → 160×80).
+    let cutout = image::RgbaImage::from_fn(200, 100, |x, _| if x < 100 { image::Rgba([255, 0, 255, 0]) } else { image::Rgba([0, 0, 255, 255]) });
+    let mut png = std::io::Cursor::new(Vec::new());
+    cutout.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let r = upload(&app, &uri, &[("cutout.png", png.into_inner())]).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let thumb = common::send(&app, axum::http::Method::GET, &format!("/api/style-datasets/{}/files/cutout.png?thumb=160", ds.id), None).await;
+    assert_eq!(thumb.status, StatusCode::OK, "{}", thumb.text());
+    let thumb = image::load_from_memory(&thumb.body).unwrap().to_rgb8();
+    assert_eq!(thumb.dimensions(), (160, 80));
+    assert_eq!(thumb.get_pixel(10, 40).0, [255, 255, 255]);
+    assert_eq!(thumb.get_pixel(150, 40).0, [0, 0, 255]);
 }

@@ -284,7 +284,18 @@ fn DatasetReport(dataset: DatasetSummary, on_clear: impl Fn() + Send + Sync + 's
             <ul class="thumbs">
                 {dataset.images.into_iter().map(|i| {
                     let title = i.caption.clone().unwrap_or_else(|| "default caption".into());
-                    view! { <li><img src=format!("{base}{}", i.file) alt=i.file.clone() title=format!("{}: {title}", i.file) /></li> }
+                    let note = i.caption_note.clone();
+                    let title = match &note {
+                        Some(n) => format!("{}: {title} ({n})", i.file),
+                        None => format!("{}: {title}", i.file),
+                    };
+                    // Thumbnails come from the trainer's own reader: upright, transparency on white.
+                    view! {
+                        <li>
+                            <img src=format!("{base}{}?thumb=160", i.file) alt=i.file.clone() title=title />
+                            {note.map(|n| { let t = n.clone(); view! { <span class="caption-note" title=t>{n}</span> } })}
+                        </li>
+                    }
                 }).collect_view()}
             </ul>
             {(!skipped.is_empty()).then(|| view! {

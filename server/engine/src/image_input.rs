@@ -32,9 +32,41 @@ impl Default for DecodeOptions {
         Self {
             max_side: DEFAULT_MAX_SIDE,
             max_pixels: u64::from(DEFAULT_MAX_SIDE) * u64::from(DEFAULT_MAX_SIDE),
-            background: DEFAULT_BACKGROUND,
+            background: background(),
         }
     }
+}
+
+/// The process-wide background of [`DecodeOptions::default`], as 0xRRGGBB.
+static BACKGROUND: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0xFF_FF_FF);
+
+/// Sets the background every later default decode composites transparency onto
+/// (`--alpha-background` of `atelier serve`, `generate`, `train-style`).
+pub fn set_background(rgb: [u8; 3]) {
+    BACKGROUND.store(u32::from_be_bytes([0, rgb[0], rgb[1], rgb[2]]), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current process-wide background ([`DEFAULT_BACKGROUND`] unless [`set_background`] changed it).
+pub fn background() -> [u8; 3] {
+    let [_, r, g, b] = BACKGROUND.load(std::sync::atomic::Ordering::Relaxed).to_be_bytes();
+    [r, g, b]
+}
+
+/// Parses a background colour: `white`, `black`, `grey`/`gray`, or `#RRGGBB` / `RRGGBB`.
+pub fn parse_colour(text: &str) -> Option<[u8; 3]> {
+    let t = text.trim().to_ascii_lowercase();
+    match t.as_str() {
+        "white" => return Some([255, 255, 255]),
+        "black" => return Some([0, 0, 0]),
+        "grey" | "gray" => return Some([128, 128, 128]),
+        _ => {}
+    }
+    let hex = t.strip_prefix('#').unwrap_or(&t);
+    if hex.len() != 6 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let byte = |i: usize| u8::from_str_radix(&hex[i..i + 2], 16).ok();
+    Some([byte(0)?, byte(2)?, byte(4)?])
 }
 
 /// Why an input image cannot be used; the text is meant for the person who supplied it.
@@ -139,6 +171,17 @@ pub fn flatten(img: &DynamicImage, background: [u8; 3]) -> RgbImage {
 
 #[cfg(test)]
 pub(crate) mod tests {
+
+    #[test]
+    fn background_colours_parse_and_set_the_default() {
+        assert_eq!(parse_colour("white"), Some([255, 255, 255]));
+        assert_eq!(parse_colour("#1a2B3c"), Some([0x1a, 0x2b, 0x3c]));
+        assert_eq!(parse_colour("102030"), Some([0x10, 0x20, 0x30]));
+        assert_eq!(parse_colour("#12345"), None);
+        assert_eq!(parse_colour("purple"), None);
+        assert_eq!(DecodeOptions::default().background, [255, 255, 255]);
+    }
+
     use super::*;
 
     /// `jpeg` (as the image crate writes it) with an EXIF APP1 segment holding only

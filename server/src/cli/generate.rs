@@ -74,9 +74,16 @@ pub struct GenerateArgs {
     /// fit. Default: three quarters of the machine's memory.
     #[arg(long, env = "ATELIER_MAX_MEMORY", value_parser = crate::cli::parse_budget)]
     pub max_memory: Option<atelier_engine::memory::MemoryBudget>,
+    /// Colour that transparent parts of input images (datasets, img2img) are composited
+    /// onto before any resize: white (as A1111), black, grey or #RRGGBB.
+    #[arg(long, env = "ATELIER_ALPHA_BACKGROUND", value_parser = crate::cli::parse_background)]
+    pub alpha_background: Option<[u8; 3]>,
 }
 
 pub fn run(mut args: GenerateArgs) -> Result<()> {
+    if let Some(rgb) = args.alpha_background {
+        atelier_engine::image_input::set_background(rgb);
+    }
     if let Some(link) = args.blend.clone() {
         let model_dir = atelier_engine::model::resolve(&args.model)?;
         let model_hash = atelier_server::blends::model_hash(&model_dir)?;

@@ -32,3 +32,8 @@ pub fn parse_budget(text: &str) -> Result<atelier_engine::memory::MemoryBudget, 
         .map(|limit| atelier_engine::memory::MemoryBudget { limit })
         .ok_or_else(|| format!("{text:?} is not a size; write it like 12GiB, 512MiB or 8G"))
 }
+
+/// `--alpha-background`: `white`, `black`, `grey` or `#RRGGBB`.
+pub fn parse_background(text: &str) -> Result<[u8; 3], String> {
+    atelier_engine::image_input::parse_colour(text).ok_or_else(|| format!("{text:?} is not a colour; write white, black, grey or #RRGGBB"))
+}

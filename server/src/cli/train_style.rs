@@ -49,6 +49,10 @@ pub struct TrainStyleArgs {
     /// with the largest that fits. Default: three quarters of the machine's memory.
     #[arg(long, env = "ATELIER_MAX_MEMORY", value_parser = crate::cli::parse_budget)]
     pub max_memory: Option<atelier_engine::memory::MemoryBudget>,
+    /// Colour that transparent parts of input images (datasets, img2img) are composited
+    /// onto before any resize: white (as A1111), black, grey or #RRGGBB.
+    #[arg(long, env = "ATELIER_ALPHA_BACKGROUND", value_parser = crate::cli::parse_background)]
+    pub alpha_background: Option<[u8; 3]>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also adapt the text encoder's attention layers.
@@ -120,6 +124,9 @@ impl TrainStyleArgs {
 }
 
 pub fn run(args: TrainStyleArgs) -> Result<()> {
+    if let Some(rgb) = args.alpha_background {
+        atelier_engine::image_input::set_background(rgb);
+    }
     let req = args.request();
     let library = StyleLibrary::new(args.library.clone()).with_shipped(PathBuf::from(SHIPPED_STYLES));
     let device = crate::cli::device()?;
