@@ -124,6 +124,8 @@ impl Workspace {
         check_wasm_target()?;
         let wasm = self.build_wasm(release)?;
         let pkg = self.site_dir().join("pkg");
+        // Should a step below fail, no `.br`/`.gz` of the last build may outlive its file.
+        remove_precompressed(&self.site_dir())?;
         self.bindgen(&wasm, &pkg, release)?;
         if release {
             wasm_opt(&pkg.join(format!("{OUTPUT_NAME}_bg.wasm")), &self.root)?;
@@ -247,9 +249,12 @@ fn wasm_opt(wasm: &Path, root: &Path) -> Result<()> {
     for bin in &candidates {
         let Ok(out) = Command::new(bin).arg("--version").output() else { continue };
         let version = String::from_utf8_lossy(&out.stdout);
+        // "wasm-opt version 132 (version_132)"
         let major = version
             .split_whitespace()
-            .find_map(|w| w.parse::<u32>().ok())
+            .skip_while(|w| *w != "version")
+            .nth(1)
+            .and_then(|w| w.parse::<u32>().ok())
             .unwrap_or(0);
         if major >= 116 {
             found = Some(bin);
@@ -314,6 +319,19 @@ fn precompress_dir(dir: &Path, release: bool) -> Result<()> {
                 packed.len(),
                 started.elapsed()
             );
+        }
+    }
+    Ok(())
+}
+
+fn remove_precompressed(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries {
+        let path = entry?.path();
+        if path.is_dir() {
+            remove_precompressed(&path)?;
+        } else if path.extension().is_some_and(|e| e == "br" || e == "gz") {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
     Ok(())
