@@ -182,7 +182,7 @@ fn item_from_row(r: &Row<'_>) -> rusqlite::Result<GalleryItem> {
     let seed: String = r.get(6)?;
     let warnings: String = r.get(14)?;
     Ok(GalleryItem {
-        url: format!("/api/images/{id}.png"),
+        url: app::dto::image_url(&id),
         id,
         created_at: r.get(1)?,
         prompt: r.get(2)?,
