@@ -104,10 +104,10 @@ async fn styles_are_listed_downloaded_protected_and_used_in_prompts() {
     assert_eq!(off, plain);
     let up = image_of(&app, &run_job(&app, "a red circle on a blue background, inkline style <lora:inkline:1:lbw=0,0,1>").await).await;
     assert!(up != plain && up != styled);
-    match run_job(&app, "a red circle <lora:nosuch:1>").await {
-        JobState::Failed { message } => assert!(message.contains("names no style") && message.contains("inkline"), "{message}"),
-        other => panic!("expected a failure, got {other:?}"),
-    }
+    // A style that does not exist is refused when the request arrives, not inside the job.
+    let r = send(&app, Method::POST, "/api/generate", Some(json!({"prompt": "a red circle <lora:nosuch:1>", "steps": 8}))).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(r.text().contains("<lora:nosuch> names no style") && r.text().contains("inkline"), "{}", r.text());
     let Reply { status, .. } = send(&app, Method::DELETE, "/api/styles/ours", None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert!(!tmp.path().join("styles/ours").exists());
