@@ -67,6 +67,11 @@ pub struct JobAccepted {
     pub job_id: String,
     /// The seed the job runs with (the random one when the request gave none).
     pub seed: u64,
+    /// Expected run time in seconds once it starts, from the speed of this studio's
+    /// earlier jobs (scaled by steps, batch, guidance and latent pixels); absent until a
+    /// job has finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_seconds: Option<f64>,
 }
 
 /// Where a job is in its life.

@@ -41,6 +41,8 @@ struct Queue {
 
 struct Shared {
     queue: Mutex<Queue>,
+    /// Seconds per unit of [`work_units`], learned from finished jobs (moving average).
+    seconds_per_unit: Mutex<Option<f64>>,
     wake: Condvar,
     generator: Arc<dyn Generator>,
     gallery: Arc<Gallery>,
@@ -63,6 +65,7 @@ impl JobQueue {
     pub fn start(generator: Arc<dyn Generator>, gallery: Arc<Gallery>) -> Self {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
+            seconds_per_unit: Mutex::new(None),
             wake: Condvar::new(),
             generator,
             gallery,
@@ -87,6 +90,8 @@ impl JobQueue {
     pub fn submit(&self, params: GenerateParams, admitted: Admitted) -> Result<JobAccepted, ApiError> {
         let id = uuid::Uuid::new_v4().to_string();
         let seed = params.seed;
+        let rate = *self.shared.seconds_per_unit.lock().unwrap_or_else(|e| e.into_inner());
+        let estimated_seconds = rate.map(|r| r * work_units(&params));
         let mut q = self.shared.lock();
         if q.waiting.len() >= MAX_QUEUED {
             return Err(ApiError::QueueFull(q.waiting.len()));
@@ -102,7 +107,7 @@ impl JobQueue {
         drop(q);
         self.shared.wake.notify_one();
         tracing::info!(job = %id, seed, "job queued");
-        Ok(JobAccepted { job_id: id, seed })
+        Ok(JobAccepted { job_id: id, seed, estimated_seconds })
     }
 
     /// The current status of a job.
@@ -169,6 +174,16 @@ impl Drop for JobQueue {
             let _ = worker.join();
         }
     }
+}
+
+/// The work of a generation in UNet evaluations × latent pixels: denoising steps run
+/// (⌊steps × strength⌋ for img2img), twice with guidance, per image, plus about one
+/// step's worth for the text encoder and the VAE.
+fn work_units(p: &GenerateParams) -> f64 {
+    let steps = if p.init_image.is_some() { (p.steps as f64 * p.strength).floor() } else { p.steps as f64 };
+    let cfg = if p.guidance > 1.0 { 2.0 } else { 1.0 };
+    let pixels = (p.width * p.height) as f64 / 64.0;
+    (steps * cfg + 1.0) * p.batch_size as f64 * pixels
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -272,6 +287,11 @@ fn run_job(
             JobState::Failed { message: "the generator crashed; see the server log".into() }
         }
     };
+    if matches!(state, JobState::Done { .. }) {
+        let observed = started.elapsed().as_secs_f64() / work_units(params);
+        let mut rate = shared.seconds_per_unit.lock().unwrap_or_else(|e| e.into_inner());
+        *rate = Some(rate.map_or(observed, |r| 0.5 * r + 0.5 * observed));
+    }
     tracing::info!(job = %id, elapsed = ?started.elapsed(), state = ?state, "job finished");
     status.send_modify(|s| s.state = state);
 }

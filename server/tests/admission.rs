@@ -57,14 +57,9 @@ async fn the_request_that_aborted_the_studio_is_refused_and_the_largest_that_fit
     let side = side_that_fits(&message);
     assert!((512..2048).contains(&side), "{message}");
 
-    // The largest request that fits is accepted (with split-einsum attention, said in
-    // its warnings); one step larger is refused. The accepted job is cancelled: running
-    // it would take minutes here; the CLI test below runs a fitting request for real.
-    let fits = json!({"prompt": "x", "width": side, "height": side, "batch_size": 8, "steps": 1});
-    let r = send(&app, Method::POST, "/api/generate", Some(fits)).await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
-    let job: JobAccepted = r.json();
-    send(&app, Method::POST, &format!("/api/jobs/{}/cancel", job.job_id), None).await;
+    // One step larger than what it says fits is refused too. (The largest request that
+    // fits is run for real, measured, by the CLI test below: at 12 GiB it would take
+    // minutes here; the engine's unit test checks it is admitted.)
     let bigger = json!({"prompt": "x", "width": side + 8, "height": side + 8, "batch_size": 8, "steps": 1});
     expect_error(&app, Method::POST, "/api/generate", Some(bigger), StatusCode::UNPROCESSABLE_ENTITY, "needs ≈").await;
 

@@ -122,6 +122,20 @@ async fn generate_completes_and_lands_in_gallery_with_png_parameters() {
 }
 
 #[tokio::test]
+async fn run_time_is_estimated_from_earlier_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(state(dir.path(), FakeGenerator::new(Duration::from_millis(20))));
+    // Nothing has run yet: no estimate.
+    let first = submit(&app, json!({"prompt": "x", "steps": 5, "guidance": 1})).await;
+    assert_eq!(first.estimated_seconds, None);
+    wait_finished(&app, &first.job_id).await;
+    // 5 steps took ≥ 0.1 s; 20 steps at twice the pixels are (20+1)·2 / (5+1) = 7× the work.
+    let second = submit(&app, json!({"prompt": "x", "steps": 20, "guidance": 1, "width": 128, "height": 64})).await;
+    let est = second.estimated_seconds.expect("an estimate after one job");
+    assert!((0.7..5.0).contains(&est), "{est}");
+}
+
+#[tokio::test]
 async fn random_seed_is_returned_and_used() {
     let dir = tempfile::tempdir().unwrap();
     let app = app(state(dir.path(), FakeGenerator::new(Duration::ZERO)));

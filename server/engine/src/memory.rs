@@ -52,6 +52,9 @@ pub struct GenerationShape {
     /// Whether an init image is encoded by the VAE (img2img).
     pub img2img: bool,
     pub attention: AttentionKind,
+    /// Text tokens the UNet attends to: 77 per prompt chunk (A1111's chunking makes long
+    /// prompts and `BREAK` longer contexts).
+    pub context_tokens: usize,
 }
 
 /// Bytes a run is expected to need at its peak, beyond the model's weights.
@@ -90,7 +93,13 @@ pub fn estimate_generation(unet: &UNetConfig, vae: &VaeConfig, dtype_bytes: u64,
                 // Flash attention holds no score matrix on CUDA; elsewhere it falls back.
                 AttentionKind::Original | AttentionKind::Flash => 2 * b * heads * t * t * s,
             };
-            let attn = scores + 12 * fmap;
+            // Cross-attention over the text runs after self-attention, not beside it.
+            let l = shape.context_tokens.max(1) as u64;
+            let cross = match shape.attention {
+                AttentionKind::SplitEinsum => 2 * b * SPLIT_CHUNK.min(t) * l * s,
+                AttentionKind::Original | AttentionKind::Flash => 2 * b * heads * t * l * s,
+            };
+            let attn = scores.max(cross) + 12 * fmap;
             if attn > level.0 {
                 level = (attn, format!("attention in the UNet at {wi}×{hi} latents"));
             }
@@ -147,8 +156,8 @@ fn vae_peak(vae: &VaeConfig, h: u64, w: u64, batch: u64, s: u64, attention: Atte
 /// Estimates one training step of a LoRA/LoCon style adapter at `resolution` with
 /// `batch` images: the forward activations at guidance-free batch, kept for the backward
 /// pass (×3: activations, their gradients, temporaries), plus a second copy of the model
-/// weights (`weights` bytes) that the trainer owns.
-pub fn estimate_training(unet: &UNetConfig, vae: &VaeConfig, dtype_bytes: u64, resolution: usize, batch: usize, weights: u64) -> MemoryEstimate {
+/// weights (`weights` bytes) that the trainer owns and the `images` of the prepared dataset.
+pub fn estimate_training(unet: &UNetConfig, vae: &VaeConfig, dtype_bytes: u64, resolution: usize, batch: usize, weights: u64, images: usize) -> MemoryEstimate {
     let shape = GenerationShape {
         width: resolution,
         height: resolution,
@@ -156,9 +165,12 @@ pub fn estimate_training(unet: &UNetConfig, vae: &VaeConfig, dtype_bytes: u64, r
         cfg: false,
         img2img: true,
         attention: AttentionKind::Original,
+        context_tokens: 77,
     };
     let forward = estimate_generation(unet, vae, dtype_bytes, &shape);
-    MemoryEstimate { bytes: forward.bytes * 3 + weights, peak_stage: format!("training ({})", forward.peak_stage) }
+    // The prepared dataset stays in memory: 8-bit RGB at the training resolution.
+    let dataset = (images * resolution * resolution * 3) as u64;
+    MemoryEstimate { bytes: forward.bytes * 3 + weights + dataset, peak_stage: format!("training ({})", forward.peak_stage) }
 }
 
 /// The number of values in a safetensors file, from its header alone (the format: an
@@ -190,7 +202,7 @@ pub fn safetensors_elements(path: &std::path::Path) -> crate::Result<u64> {
 /// images per step fits `budget` while the model in `dir` is also loaded for generation
 /// (the trainer holds its own copy). Returns the bytes the training may use (for
 /// [`with_limit`]), or an [`crate::Error::OutOfMemory`] naming the largest batch that fits.
-pub fn admit_training(dir: &std::path::Path, dtype_bytes: u64, resolution: usize, batch: usize, budget: &MemoryBudget) -> crate::Result<u64> {
+pub fn admit_training(dir: &std::path::Path, dtype_bytes: u64, resolution: usize, batch: usize, images: usize, budget: &MemoryBudget) -> crate::Result<u64> {
     let files = crate::model::ModelFiles::locate(dir)?;
     let unet: UNetConfig = crate::model::read_config(&files.unet_config)?;
     let vae: VaeConfig = crate::model::read_config(&files.vae_config)?;
@@ -199,14 +211,14 @@ pub fn admit_training(dir: &std::path::Path, dtype_bytes: u64, resolution: usize
         .map(|p| safetensors_elements(p).map(|n| n * dtype_bytes))
         .sum::<crate::Result<u64>>()?;
     let available = budget.available(weights);
-    let need = |b: usize| estimate_training(&unet, &vae, dtype_bytes, resolution, b, weights);
+    let need = |b: usize| estimate_training(&unet, &vae, dtype_bytes, resolution, b, weights, images);
     let asked = need(batch);
     if asked.bytes <= available {
         return Ok(available);
     }
     let fits = (1..batch).rev().find(|&b| need(b).bytes <= available);
     Err(crate::Error::OutOfMemory(format!(
-        "training at {resolution}×{resolution} with batch {batch} needs ≈{} ({}); this studio allows {} beside the loaded model (--max-memory): {}",
+        "training at {resolution}×{resolution} with batch {batch} on {images} image(s) needs ≈{} ({}); this studio allows {} beside the loaded model (--max-memory): {}",
         format_bytes(asked.bytes),
         asked.peak_stage,
         format_bytes(available),
@@ -420,7 +432,7 @@ mod tests {
     }
 
     fn shape(side: usize, batch: usize, attention: AttentionKind) -> GenerationShape {
-        GenerationShape { width: side, height: side, batch, cfg: true, img2img: false, attention }
+        GenerationShape { width: side, height: side, batch, cfg: true, img2img: false, attention, context_tokens: 77 }
     }
 
     #[test]
@@ -452,6 +464,18 @@ mod tests {
         // A default request fits as asked.
         let small = admit_generation(&unet, &vae, 4, &shape(64, 1, AttentionKind::Original), 12 << 30).unwrap();
         assert_eq!((small.attention, small.note), (AttentionKind::Original, None));
+    }
+
+    #[test]
+    fn long_prompts_cost_cross_attention_memory() {
+        let (unet, vae) = starter();
+        let short = estimate_generation(&unet, &vae, 4, &shape(512, 1, AttentionKind::Original));
+        // 130 chunks of 77 tokens (a 10 000-character prompt) at 64×64 latents: the
+        // cross-attention scores, 2 × 2 rows × 4 heads × 4096 × 10010 × 4 bytes, outgrow
+        // the self-attention ones (4096²).
+        let long = estimate_generation(&unet, &vae, 4, &GenerationShape { context_tokens: 130 * 77, ..shape(512, 1, AttentionKind::Original) });
+        assert!(long.bytes > short.bytes + 2 * 2 * 4 * 4096 * (130 * 77 - 4096) * 4, "{} vs {}", long.bytes, short.bytes);
+        assert!(long.peak_stage.contains("attention in the UNet at 64×64"), "{}", long.peak_stage);
     }
 
     #[test]

@@ -300,16 +300,17 @@ impl StableDiffusion {
     /// padding to 77, its vectors multiplied by their weights and rescaled to the chunk's
     /// unweighted mean; the chunks' hidden states are concatenated along the token axis.
     /// A prompt of one chunk without weights encodes exactly as [`Self::encode_prompt`].
-    pub fn encode_weighted_prompt(&self, prompt: &str, attn: AttentionKind, warnings: &mut Vec<String>) -> Result<Tensor> {
+    /// A prompt as A1111 chunks it (extra-network tags removed, attention weights per
+    /// token, 75-token chunks, `BREAK`), with the warnings about what was removed.
+    fn chunked_prompt(&self, prompt: &str) -> Result<(Vec<crate::prompt::TokenChunk>, Vec<String>)> {
         use crate::prompt::{chunk_tokens, parse_extra_networks, parse_segments, Segment, TokenRun};
         let parsed = parse_extra_networks(prompt)?;
-        warnings.extend(parsed.warnings());
+        let mut warnings = parsed.warnings();
         if !parsed.loras.is_empty() {
             let names: Vec<String> = parsed.loras.iter().map(|t| format!("<lora:{}>", t.name)).collect();
             warnings.push(format!("{} removed from the text and not applied here (LoRA tags are resolved by the caller)", names.join(", ")));
         }
         let tok = &self.tokenizer;
-        let max = tok.max_len();
         let runs: Vec<TokenRun> = parse_segments(&parsed.text)
             .into_iter()
             .map(|s| match s {
@@ -317,7 +318,14 @@ impl StableDiffusion {
                 Segment::Break => TokenRun::Break,
             })
             .collect();
-        let chunks = chunk_tokens(&runs, max.saturating_sub(2), tok.token_to_id(",</w>"));
+        Ok((chunk_tokens(&runs, tok.max_len().saturating_sub(2), tok.token_to_id(",</w>")), warnings))
+    }
+
+    pub fn encode_weighted_prompt(&self, prompt: &str, attn: AttentionKind, warnings: &mut Vec<String>) -> Result<Tensor> {
+        let (chunks, notes) = self.chunked_prompt(prompt)?;
+        warnings.extend(notes);
+        let tok = &self.tokenizer;
+        let max = tok.max_len();
         let mut encoded = Vec::with_capacity(chunks.len());
         for chunk in chunks {
             let mut ids = Vec::with_capacity(max);
@@ -428,13 +436,21 @@ impl StableDiffusion {
     /// [`crate::memory::admit_generation`]): the attention to use, or an
     /// [`Error::OutOfMemory`] that says what would fit.
     pub fn admit(&self, params: &GenerateParams, available: u64) -> Result<crate::memory::Admission> {
+        let f = self.vae_scale_factor();
+        if params.width % f != 0 || params.height % f != 0 {
+            return Err(Error::invalid("size", format!("width and height must be multiples of {f} for this model")));
+        }
+        let chunks = |p: &str| self.chunked_prompt(p).map(|(c, _)| c.len().max(1));
+        let cfg = params.guidance > 1.0;
+        let context = chunks(&params.prompt)?.max(if cfg { chunks(&params.negative_prompt)? } else { 1 });
         let shape = crate::memory::GenerationShape {
             width: params.width,
             height: params.height,
             batch: params.batch_size,
-            cfg: params.guidance > 1.0,
+            cfg,
             img2img: params.init_image.is_some(),
             attention: params.attention,
+            context_tokens: context * self.tokenizer.max_len(),
         };
         crate::memory::admit_generation(self.unet.config(), self.vae.config(), self.dtype.size_in_bytes() as u64, &shape, available)
     }
