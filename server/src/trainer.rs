@@ -292,7 +292,7 @@ impl Trainer {
             ));
         }
         let m = &self.shared.model;
-        let dtype_bytes = if m.device.is_cpu() { 4 } else { 2 };
+        let dtype_bytes = atelier_engine::pipeline::compute_dtype(&m.device).size_in_bytes() as u64;
         atelier_engine::memory::admit_training(&m.dir, dtype_bytes, m.resolution as usize, req.batch as usize, summary.images.len(), &m.budget)?;
         let mut q = self.shared.lock();
         if let Some(other) = q.trainings.values().map(|e| e.status.borrow().clone()).find(|s| {

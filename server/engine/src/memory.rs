@@ -206,10 +206,7 @@ pub fn admit_training(dir: &std::path::Path, dtype_bytes: u64, resolution: usize
     let files = crate::model::ModelFiles::locate(dir)?;
     let unet: UNetConfig = crate::model::read_config(&files.unet_config)?;
     let vae: VaeConfig = crate::model::read_config(&files.vae_config)?;
-    let weights = [&files.text_encoder_weights, &files.unet_weights, &files.vae_weights]
-        .iter()
-        .map(|p| safetensors_elements(p).map(|n| n * dtype_bytes))
-        .sum::<crate::Result<u64>>()?;
+    let weights = weights_bytes(&files, dtype_bytes)?;
     let available = budget.available(weights);
     let need = |b: usize| estimate_training(&unet, &vae, dtype_bytes, resolution, b, weights, images);
     let asked = need(batch);
@@ -227,6 +224,15 @@ pub fn admit_training(dir: &std::path::Path, dtype_bytes: u64, resolution: usize
             None => "not even a batch of 1 fits; raise --max-memory".to_string(),
         }
     )))
+}
+
+/// Bytes the weights of a model folder take once loaded with `dtype_bytes` per value
+/// (text encoder, UNet and VAE), from the safetensors headers alone.
+pub fn weights_bytes(files: &crate::model::ModelFiles, dtype_bytes: u64) -> crate::Result<u64> {
+    [&files.text_encoder_weights, &files.unet_weights, &files.vae_weights]
+        .iter()
+        .map(|p| safetensors_elements(p).map(|n| n * dtype_bytes))
+        .sum()
 }
 
 /// How much memory this process may use for its work, and what the loaded model takes.

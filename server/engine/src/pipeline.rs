@@ -145,15 +145,23 @@ pub struct StableDiffusion {
     generating: std::sync::Mutex<()>,
 }
 
+/// The dtype [`StableDiffusion::load`] computes in on `device`: f32 on the CPU, f16 on GPUs.
+pub fn compute_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::F16
+    }
+}
+
 /// Latent → RGB coefficients for SD-family VAEs, for cheap step previews.
 const LATENT_RGB: [[f32; 3]; 4] =
     [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]];
 
 impl StableDiffusion {
-    /// Loads a diffusers-layout folder onto `device` (f32 on CPU, f16 on GPUs).
+    /// Loads a diffusers-layout folder onto `device` in [`compute_dtype`].
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let dtype = if device.is_cpu() { DType::F32 } else { DType::F16 };
-        Self::load_with_dtype(dir, device, dtype)
+        Self::load_with_dtype(dir, device, compute_dtype(device))
     }
 
     /// Loads with an explicit compute dtype.
@@ -193,10 +201,7 @@ impl StableDiffusion {
         }
         let scheduler_config = SchedulerConfig::load(&files.scheduler_config)?;
         let hash = short_hash(&files.unet_weights)?;
-        let weights_bytes = [&files.text_encoder_weights, &files.unet_weights, &files.vae_weights]
-            .iter()
-            .map(|p| crate::memory::safetensors_elements(p).map(|n| n * dtype.size_in_bytes() as u64))
-            .sum::<Result<u64>>()?;
+        let weights_bytes = crate::memory::weights_bytes(&files, dtype.size_in_bytes() as u64)?;
         Ok(Self {
             files,
             device: device.clone(),

@@ -133,7 +133,7 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
     let model_dir = atelier_engine::model::resolve(&args.model)?;
     let sd = StableDiffusion::load(&model_dir, &device).with_context(|| format!("loading model {}", model_dir.display()))?;
     let budget = args.max_memory.unwrap_or_else(atelier_engine::memory::MemoryBudget::from_machine);
-    let dtype_bytes = if device.is_cpu() { 4 } else { 2 };
+    let dtype_bytes = atelier_engine::pipeline::compute_dtype(&device).size_in_bytes() as u64;
     // The images are counted before they are read (the dataset report comes later).
     let images = std::fs::read_dir(&args.images).map(|d| d.count()).unwrap_or(0);
     let limit = atelier_engine::memory::admit_training(&model_dir, dtype_bytes, sd.default_size(), args.batch, images, &budget)?;
