@@ -87,8 +87,8 @@ impl From<atelier_engine::Error> for ApiError {
     }
 }
 
-impl From<crate::gallery::GalleryError> for ApiError {
-    fn from(e: crate::gallery::GalleryError) -> Self {
+impl From<crate::generation::gallery::GalleryError> for ApiError {
+    fn from(e: crate::generation::gallery::GalleryError) -> Self {
         ApiError::Internal(e.to_string())
     }
 }

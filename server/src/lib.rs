@@ -1,29 +1,30 @@
-//! Atelier's web server: the job queue around the engine, the on-disk gallery, the JSON API
-//! and the Leptos pages. [`app`] builds the whole router from an [`AppState`], so tests can
-//! drive it with `tower::ServiceExt::oneshot` and no socket.
+//! Atelier's application library, laid out by feature as the pages are:
+//!
+//! - [`generation`]: the Generate page: requests, the generator around the engine, the
+//!   generation task, the gallery;
+//! - [`styles`]: the Styles and Train pages: the style library, datasets, style training;
+//! - [`blends`]: the Blend page: saved blends, share links, bakes;
+//! - [`negatives`]: the Negatives page: negative-prompt analysis and optimisation;
+//! - [`queue`]: the one work queue every heavy task runs on;
+//! - [`http`]: the router, the shared extractors and the server functions;
+//! - [`tracking`]: the embedded experiment store.
+//!
+//! [`app`] builds the whole router from an [`AppState`], so tests can drive it with
+//! `tower::ServiceExt::oneshot` and no socket. The `atelier` binary (`main.rs`, `cli/`,
+//! `serve.rs`) uses this library.
 
-pub mod api;
 pub mod blends;
-pub mod blends_api;
 pub mod error;
-pub mod gallery;
-pub mod generator;
-pub mod jobs;
+pub mod generation;
+pub mod http;
 pub mod negatives;
-pub mod negatives_api;
 pub mod png;
-pub mod request;
-pub mod routes;
+pub mod queue;
 pub mod state;
-pub mod static_files;
-pub mod studio;
-pub mod style_training;
 pub mod styles;
-pub mod trainer;
 pub mod tracking;
-pub mod training_api;
 
 pub use error::ApiError;
-pub use generator::{Generator, LoadedModel, Throttled};
-pub use routes::app;
+pub use generation::generator::{Generator, LoadedModel, Throttled};
+pub use http::app;
 pub use state::AppState;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use atelier_server::trainer::{ModelSource, Trainer};
+use atelier_server::styles::trainer::{ModelSource, Trainer};
 use atelier_engine::memory::MemoryBudget;
 use atelier_server::{AppState, Generator, LoadedModel, Throttled};
 use leptos::config::LeptosOptions;

@@ -7,9 +7,9 @@ use app::dto::{ModelInfo, SCHEDULERS};
 use axum::extract::FromRef;
 use leptos::config::LeptosOptions;
 
-use crate::gallery::{Gallery, GalleryError};
-use crate::generator::Generator;
-use crate::jobs::JobQueue;
+use crate::generation::gallery::{Gallery, GalleryError};
+use crate::generation::generator::Generator;
+use crate::generation::jobs::JobQueue;
 
 /// Cheap to clone; handed to every handler and, as [`app::studio::ssr::SharedStudio`], to
 /// server functions.
@@ -24,7 +24,7 @@ pub struct AppState {
     /// Saved blends (`DATA/blends/`).
     pub blends: Arc<crate::blends::BlendStore>,
     /// Style training from the web; `None` when the server has no model to train on.
-    pub trainer: Option<Arc<crate::trainer::Trainer>>,
+    pub trainer: Option<Arc<crate::styles::trainer::Trainer>>,
     /// Negative-prompt optimisation; `None` until [`AppState::with_negatives`].
     pub negatives: Option<Arc<crate::negatives::NegativeService>>,
     /// How much memory this process may use (`--max-memory`); heavy requests are
@@ -70,7 +70,7 @@ impl AppState {
         self
     }
 
-    pub fn with_trainer(mut self, trainer: Arc<crate::trainer::Trainer>) -> Self {
+    pub fn with_trainer(mut self, trainer: Arc<crate::styles::trainer::Trainer>) -> Self {
         self.trainer = Some(trainer);
         self
     }

@@ -25,8 +25,8 @@ fn setup(data: &Path) -> Router {
     let model = LoadedModel::load(&repo().join("models/starter"), &candle_core::Device::Cpu).unwrap().with_styles(library.clone());
     let options = LeptosOptions::builder().output_name("atelier").site_root(data.join("site").to_string_lossy().as_ref()).build();
     let state = AppState::new(options, Arc::new(model), data, (64, 64), None).unwrap().with_styles(library);
-    let source = atelier_server::trainer::ModelSource { dir: repo().join("models/starter"), device: candle_core::Device::Cpu, resolution: 64, budget: atelier_engine::memory::MemoryBudget::from_machine() };
-    let trainer = atelier_server::trainer::Trainer::open(&data.join("trainings"), state.styles.clone(), data.join("tracking"), source).unwrap();
+    let source = atelier_server::styles::trainer::ModelSource { dir: repo().join("models/starter"), device: candle_core::Device::Cpu, resolution: 64, budget: atelier_engine::memory::MemoryBudget::from_machine() };
+    let trainer = atelier_server::styles::trainer::Trainer::open(&data.join("trainings"), state.styles.clone(), data.join("tracking"), source).unwrap();
     app(state.with_trainer(Arc::new(trainer)))
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use app::dto::{DatasetSummary, TrainingState, TrainingStatus};
 use atelier_engine::starter::styles::{write_dataset, PictureStyle};
 use atelier_server::styles::StyleLibrary;
-use atelier_server::trainer::{ModelSource, Trainer};
+use atelier_server::styles::trainer::{ModelSource, Trainer};
 use atelier_server::{app, AppState, LoadedModel};
 use axum::http::{Method, StatusCode};
 use axum::Router;

@@ -13,8 +13,8 @@ use atelier_engine::pipeline::StableDiffusion;
 use atelier_engine::style::train::StyleEvent;
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use atelier_server::style_training::{EVAL_SEED, SHIPPED_STYLES, STYLE_GRAMS};
-use atelier_server::style_training::{run_training, RunError, RunEvent};
+pub use atelier_server::styles::training::{EVAL_SEED, SHIPPED_STYLES, STYLE_GRAMS};
+use atelier_server::styles::training::{run_training, RunError, RunEvent};
 use atelier_server::styles::StyleLibrary;
 
 /// Arguments of `atelier train-style`.

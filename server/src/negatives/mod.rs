@@ -5,6 +5,7 @@
 //! with [`atelier_engine::quality`].
 
 pub mod analysis;
+pub mod http;
 pub mod history;
 pub mod knowledge;
 pub mod optimizer;

@@ -22,7 +22,7 @@ use super::analysis::analyze;
 use super::history::{Entry, History};
 use super::knowledge::KnowledgeFile;
 use super::optimizer::{self, Event, Plan, Studio};
-use crate::generator::Generator;
+use crate::generation::generator::Generator;
 use crate::styles::StyleLibrary;
 use crate::tracking::{RunStatus, Tracker};
 use crate::ApiError;
@@ -83,7 +83,7 @@ impl Context {
 
     /// Admission of a run's renders (styles exist, memory fits): the base params to
     /// render with and what admission decided.
-    pub fn admit(&self, r: &OptimizeRequest) -> Result<(GenerateParams, crate::generator::Admitted), ApiError> {
+    pub fn admit(&self, r: &OptimizeRequest) -> Result<(GenerateParams, crate::generation::generator::Admitted), ApiError> {
         let mut base = self.base_params(r);
         let admitted = self.generator.admit(&mut base, &self.budget)?;
         Ok((base, admitted))
@@ -211,7 +211,7 @@ impl Studio for GeneratorStudio<'_> {
 /// The statistics kept with the style `name`.
 fn style_grams(styles: &StyleLibrary, name: &str) -> Result<Vec<Tensor>> {
     let entry = styles.find(name).with_context(|| format!("no style {name:?} in the library"))?;
-    crate::style_training::load_style_grams(&entry.dir, &candle_core::Device::Cpu)
+    crate::styles::training::load_style_grams(&entry.dir, &candle_core::Device::Cpu)
 }
 
 fn write_status(dir: &Path, status: &OptimizeStatus) -> Result<()> {

@@ -8,7 +8,7 @@
 //!   comes back as stopped and resumes from its last checkpoint.
 //!
 //! The training itself writes into the style's folder in the library, exactly as
-//! `atelier train-style` does ([`crate::style_training::run_training`]).
+//! `atelier train-style` does ([`crate::styles::training::run_training`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -25,7 +25,7 @@ use atelier_engine::style::dataset::scan;
 use atelier_engine::style::train::StyleEvent;
 use tokio::sync::watch;
 
-use crate::style_training::{run_training, RunError, RunEvent};
+use crate::styles::training::{run_training, RunError, RunEvent};
 use crate::styles::{check_name, StyleLibrary};
 use crate::ApiError;
 

@@ -1,5 +1,8 @@
-//! The style-training endpoints under `/api` (README: "JSON API"):
+//! Styles over HTTP (README: "JSON API"):
 //!
+//! - `GET /styles`, `DELETE /styles/{name}`, `POST /styles/{name}/rename`,
+//!   `GET /styles/{name}/files/{file}`, `GET /styles/by-hash/{hash}`,
+//!   `POST /styles/import?name=NAME[&hash=HASH]`.
 //! - `POST /style-datasets[?dataset=ID]`: multipart upload (field `files`, repeatable) of
 //!   images, `.txt` captions and zips into a new (or the given) dataset; answers its report.
 //! - `GET /style-datasets/{id}`, `GET /style-datasets/{id}/files/{file}`.
@@ -12,8 +15,7 @@ use std::path::PathBuf;
 
 use app::dto::{DatasetSummary, StyleTrainingRequest, TrainingStatus, MAX_UPLOAD_BYTES};
 use axum::extract::multipart::MultipartError;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,10 +23,17 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
+use crate::http::extract::{AppJson, AppQuery};
 use crate::{ApiError, AppState};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .route("/styles", get(styles_list))
+        .route("/styles/{name}", axum::routing::delete(style_delete))
+        .route("/styles/{name}/rename", post(style_rename))
+        .route("/styles/{name}/files/{file}", get(style_file))
+        .route("/styles/by-hash/{hash}", get(style_by_hash))
+        .route("/styles/import", post(import_style).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)))
         .route("/style-datasets", post(upload).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)))
         .route("/style-datasets/{id}", get(dataset))
         .route("/style-datasets/{id}/files/{file}", get(dataset_file))
@@ -61,7 +70,7 @@ struct UploadQuery {
 /// Streams every file of the form to a temporary file, then hands them to the trainer.
 async fn upload(
     State(state): State<AppState>,
-    Query(query): Query<UploadQuery>,
+    AppQuery(query): AppQuery<UploadQuery>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(StatusCode, Json<DatasetSummary>), ApiError> {
     let trainer = state.training()?;
@@ -119,7 +128,7 @@ struct FileQuery {
 async fn dataset_file(
     State(state): State<AppState>,
     Path((id, file)): Path<(String, String)>,
-    Query(q): Query<FileQuery>,
+    AppQuery(q): AppQuery<FileQuery>,
 ) -> Result<Response, ApiError> {
     let path = state.training()?.dataset_file(&id, &file)?;
     let bytes = tokio::fs::read(&path).await.map_err(|e| io_error("reading the dataset", e))?;
@@ -152,9 +161,8 @@ async fn list(State(state): State<AppState>) -> Result<Json<Vec<TrainingStatus>>
 
 async fn start(
     State(state): State<AppState>,
-    body: Result<Json<StyleTrainingRequest>, JsonRejection>,
+    AppJson(req): AppJson<StyleTrainingRequest>,
 ) -> Result<(StatusCode, Json<TrainingStatus>), ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::BadBody(e.body_text()))?;
     let trainer = state.training()?;
     let status = tokio::task::spawn_blocking(move || trainer.start(req)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok((StatusCode::ACCEPTED, Json(status)))
@@ -171,7 +179,7 @@ async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result
 
 async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let rx = state.training()?.subscribe(&id)?;
-    Ok(crate::api::status_stream(rx, |s: &TrainingStatus| !s.state.is_active()).into_response())
+    Ok(crate::http::extract::status_stream(rx, |s: &TrainingStatus| !s.state.is_active()).into_response())
 }
 
 async fn stop(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<TrainingStatus>, ApiError> {
@@ -189,3 +197,138 @@ async fn sample(State(state): State<AppState>, Path((id, file)): Path<(String, S
     let bytes = tokio::fs::read(&path).await.map_err(|_| not_found())?;
     Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response())
 }
+
+/// One style as the API lists it.
+#[derive(serde::Serialize)]
+struct StyleItem {
+    name: String,
+    builtin: bool,
+    card: Option<super::StyleCard>,
+    /// A1111 short hash of the kohya file (what blends and share links name it by).
+    hash: Option<String>,
+    /// Files that can be fetched from `/api/styles/{name}/files/{file}`.
+    files: Vec<String>,
+}
+
+/// `GET /api/styles`: every style with its card.
+async fn styles_list(State(state): State<AppState>) -> Json<Vec<StyleItem>> {
+    let items = state
+        .styles
+        .list()
+        .into_iter()
+        .map(|s| StyleItem { name: s.name.clone(), builtin: s.builtin, card: s.card.clone(), hash: crate::blends::style_hash(&s), files: super::served_files(&s) })
+        .collect();
+    Json(items)
+}
+
+/// `GET /api/styles/{name}/files/{file}`: the comparison sheet, loss plot, card, or an
+/// adapter file (downloaded as `NAME.safetensors` / `NAME.diffusers.safetensors`).
+async fn style_file(State(state): State<AppState>, Path((name, file)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let s = state.styles.find(&name).ok_or_else(|| ApiError::NotFound { what: "style", id: name.clone() })?;
+    let path = super::served_path(&s, &file).ok_or_else(|| ApiError::NotFound { what: "style file", id: format!("{name}/{file}") })?;
+    let bytes = tokio::fs::read(&path).await.map_err(|_| ApiError::NotFound { what: "style file", id: format!("{name}/{file}") })?;
+    let ctype = super::SERVED_FILES.iter().find(|(n, _)| *n == file).map_or("application/octet-stream", |(_, t)| *t);
+    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, ctype)], bytes).into_response();
+    if file.ends_with(".safetensors") {
+        let download = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(file);
+        if let Ok(v) = format!("attachment; filename=\"{download}\"").parse() {
+            resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+        }
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct RenameBody {
+    name: String,
+}
+
+/// `POST /api/styles/{name}/rename` with `{"name": NEW}`.
+async fn style_rename(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    AppJson(body): AppJson<RenameBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    super::change(&state.styles, &name, |lib| lib.rename(&name, &body.name))?;
+    Ok(Json(serde_json::json!({ "name": body.name })))
+}
+
+/// `DELETE /api/styles/{name}`.
+async fn style_delete(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    super::change(&state.styles, &name, |lib| lib.delete(&name))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+
+/// `GET /api/styles/by-hash/{hash}`: the kohya file of the style with that A1111 short hash,
+/// readable from other origins, so a studio that opens a shared blend can fetch what it lacks.
+async fn style_by_hash(State(state): State<AppState>, Path(hash): Path<String>) -> Result<axum::response::Response, ApiError> {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    let not_found = || ApiError::NotFound { what: "style with hash", id: hash.clone() };
+    if hash.len() != 10 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(not_found());
+    }
+    let styles = state.styles.clone();
+    let wanted = hash.to_ascii_lowercase();
+    let entry = tokio::task::spawn_blocking(move || styles.list().into_iter().find(|e| crate::blends::style_hash(e).as_deref() == Some(wanted.as_str())))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(not_found)?;
+    let bytes = tokio::fs::read(entry.adapter()).await.map_err(|_| not_found())?;
+    let disposition = format!("attachment; filename=\"{}.safetensors\"", entry.name);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*".to_string()),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct ImportQuery {
+    name: String,
+    /// When given, the file must have this A1111 short hash.
+    hash: Option<String>,
+}
+
+/// `POST /api/styles/import?name=NAME[&hash=HASH]` with a LoRA file as the body: checks it is
+/// a LoRA this studio reads (and has the expected hash), then adds it to the library.
+async fn import_style(
+    State(state): State<AppState>,
+    AppQuery(q): AppQuery<ImportQuery>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let invalid = |field: &str, message: String| ApiError::Invalid { field: field.into(), message };
+    super::check_name(&q.name).map_err(|e| invalid("name", e.to_string()))?;
+    if state.styles.find(&q.name).is_some() {
+        return Err(invalid("name", format!("a style called {} already exists; import it under another name", q.name)));
+    }
+    let styles = state.styles.clone();
+    let name = q.name.clone();
+    let hash = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
+        let dir = styles.style_dir(&name).map_err(|e| invalid("name", e.to_string()))?;
+        let path = dir.join(format!("{name}.safetensors"));
+        let tmp = dir.join(format!("{name}.safetensors.part"));
+        let fail = |e: ApiError| {
+            let _ = std::fs::remove_dir_all(&dir);
+            e
+        };
+        std::fs::write(&tmp, &body).map_err(|e| fail(ApiError::Internal(e.to_string())))?;
+        let adapter = atelier_engine::lora::LoraAdapter::load(&tmp).map_err(|e| fail(invalid("file", e.to_string())))?;
+        if let Some(want) = &q.hash {
+            if !adapter.hash.eq_ignore_ascii_case(want) {
+                return Err(fail(invalid("hash", format!("the file's hash is {}, not {want}: it is another version of the style", adapter.hash))));
+            }
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| fail(ApiError::Internal(e.to_string())))?;
+        Ok(adapter.hash)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "name": q.name, "hash": hash }))))
+}
+

@@ -1,8 +1,7 @@
-//! Saved blends and share links over HTTP (README: "JSON API"):
+//! Saved blends, share links and bakes over HTTP (README: "JSON API"):
 //! `GET /blends`, `GET|PUT|DELETE /blends/{name}`, `POST /blends/resolve` (`{"link"}`).
 
 use atelier_blend::Blend;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -10,12 +9,11 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::blends::{MissingStyle, SavedBlend};
+use crate::http::extract::{AppJson, AppQuery};
 use crate::{ApiError, AppState};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/styles/by-hash/{hash}", get(style_by_hash))
-        .route("/styles/import", post(import_style).layer(axum::extract::DefaultBodyLimit::max(app::dto::MAX_UPLOAD_BYTES)))
         .route("/blends", get(list))
         .route("/blends/resolve", post(resolve))
         .route("/blends/bake", get(bake))
@@ -34,9 +32,8 @@ async fn one(State(state): State<AppState>, Path(name): Path<String>) -> Result<
 async fn save(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: Result<Json<Blend>, JsonRejection>,
+    AppJson(blend): AppJson<Blend>,
 ) -> Result<Json<SavedBlend>, ApiError> {
-    let Json(blend) = body.map_err(|e| ApiError::BadBody(e.body_text()))?;
     crate::styles::check_name(&name).map_err(|e| ApiError::Invalid { field: "name".into(), message: e.to_string() })?;
     atelier_blend::encode(&blend).map_err(|e| ApiError::Invalid { field: "blend".into(), message: e.to_string() })?;
     Ok(Json(state.blends.save(&name, &blend).map_err(ApiError::internal)?))
@@ -70,8 +67,7 @@ struct ResolveReply {
     prompt: Option<String>,
 }
 
-async fn resolve(State(state): State<AppState>, body: Result<Json<ResolveBody>, JsonRejection>) -> Result<Json<ResolveReply>, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::BadBody(e.body_text()))?;
+async fn resolve(State(state): State<AppState>, AppJson(body): AppJson<ResolveBody>) -> Result<Json<ResolveReply>, ApiError> {
     let blend = atelier_blend::decode(&body.link).map_err(|e| ApiError::Invalid { field: "link".into(), message: e.to_string() })?;
     let styles = state.styles.clone();
     let model_hash = state.model.hash.clone();
@@ -87,78 +83,6 @@ async fn resolve(State(state): State<AppState>, body: Result<Json<ResolveBody>, 
     }))
 }
 
-/// `GET /api/styles/by-hash/{hash}`: the kohya file of the style with that A1111 short hash,
-/// readable from other origins, so a studio that opens a shared blend can fetch what it lacks.
-async fn style_by_hash(State(state): State<AppState>, Path(hash): Path<String>) -> Result<axum::response::Response, ApiError> {
-    use axum::http::header;
-    use axum::response::IntoResponse;
-    let not_found = || ApiError::NotFound { what: "style with hash", id: hash.clone() };
-    if hash.len() != 10 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(not_found());
-    }
-    let styles = state.styles.clone();
-    let wanted = hash.to_ascii_lowercase();
-    let entry = tokio::task::spawn_blocking(move || styles.list().into_iter().find(|e| crate::blends::style_hash(e).as_deref() == Some(wanted.as_str())))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(not_found)?;
-    let bytes = tokio::fs::read(entry.adapter()).await.map_err(|_| not_found())?;
-    let disposition = format!("attachment; filename=\"{}.safetensors\"", entry.name);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_DISPOSITION, disposition),
-            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*".to_string()),
-        ],
-        bytes,
-    )
-        .into_response())
-}
-
-#[derive(Deserialize)]
-struct ImportQuery {
-    name: String,
-    /// When given, the file must have this A1111 short hash.
-    hash: Option<String>,
-}
-
-/// `POST /api/styles/import?name=NAME[&hash=HASH]` with a LoRA file as the body: checks it is
-/// a LoRA this studio reads (and has the expected hash), then adds it to the library.
-async fn import_style(
-    State(state): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<ImportQuery>,
-    body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let invalid = |field: &str, message: String| ApiError::Invalid { field: field.into(), message };
-    crate::styles::check_name(&q.name).map_err(|e| invalid("name", e.to_string()))?;
-    if state.styles.find(&q.name).is_some() {
-        return Err(invalid("name", format!("a style called {} already exists; import it under another name", q.name)));
-    }
-    let styles = state.styles.clone();
-    let name = q.name.clone();
-    let hash = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
-        let dir = styles.style_dir(&name).map_err(|e| invalid("name", e.to_string()))?;
-        let path = dir.join(format!("{name}.safetensors"));
-        let tmp = dir.join(format!("{name}.safetensors.part"));
-        let fail = |e: ApiError| {
-            let _ = std::fs::remove_dir_all(&dir);
-            e
-        };
-        std::fs::write(&tmp, &body).map_err(|e| fail(ApiError::Internal(e.to_string())))?;
-        let adapter = atelier_engine::lora::LoraAdapter::load(&tmp).map_err(|e| fail(invalid("file", e.to_string())))?;
-        if let Some(want) = &q.hash {
-            if !adapter.hash.eq_ignore_ascii_case(want) {
-                return Err(fail(invalid("hash", format!("the file's hash is {}, not {want}: it is another version of the style", adapter.hash))));
-            }
-        }
-        std::fs::rename(&tmp, &path).map_err(|e| fail(ApiError::Internal(e.to_string())))?;
-        Ok(adapter.hash)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "name": q.name, "hash": hash }))))
-}
-
 #[derive(Deserialize)]
 struct BakeQuery {
     /// The share link or its code.
@@ -171,11 +95,10 @@ struct BakeQuery {
 /// (download), with the relative error of a compressed bake in `X-Bake-Relative-Error`.
 async fn bake(
     State(state): State<AppState>,
-    query: Result<axum::extract::Query<BakeQuery>, axum::extract::rejection::QueryRejection>,
+    AppQuery(q): AppQuery<BakeQuery>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::http::header;
     use axum::response::IntoResponse;
-    let axum::extract::Query(q) = query.map_err(|e| ApiError::BadBody(e.body_text()))?;
     let blend = atelier_blend::decode(&q.b).map_err(|e| ApiError::Invalid { field: "b".into(), message: e.to_string() })?;
     if q.rank.is_some_and(|r| r == 0 || r > 1024) {
         return Err(ApiError::Invalid { field: "rank".into(), message: "must be in 1..=1024".into() });

@@ -2,7 +2,6 @@
 //! the editable knowledge base, optimisation runs with live status, cancel and images.
 
 use app::dto::{NegativeAnalysis, NegativeAnalysisRequest, OptimizeRequest, OptimizeStatus};
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,6 +10,7 @@ use axum::{Json, Router};
 
 use crate::negatives::history::Entry;
 use crate::negatives::knowledge::KnowledgeBase;
+use crate::http::extract::AppJson;
 use crate::{ApiError, AppState};
 
 pub fn routes() -> Router<AppState> {
@@ -28,9 +28,8 @@ pub fn routes() -> Router<AppState> {
 
 async fn analyze(
     State(state): State<AppState>,
-    body: Result<Json<NegativeAnalysisRequest>, JsonRejection>,
+    AppJson(r): AppJson<NegativeAnalysisRequest>,
 ) -> Result<Json<NegativeAnalysis>, ApiError> {
-    let Json(r) = body.map_err(crate::api::json_rejection)?;
     let service = state.negatives()?;
     Ok(Json(service.context().analyze(&r.prompt, &r.negative_prompt).map_err(ApiError::internal)?))
 }
@@ -41,9 +40,8 @@ async fn knowledge(State(state): State<AppState>) -> Result<Json<KnowledgeBase>,
 
 async fn save_knowledge(
     State(state): State<AppState>,
-    body: Result<Json<KnowledgeBase>, JsonRejection>,
+    AppJson(kb): AppJson<KnowledgeBase>,
 ) -> Result<Json<KnowledgeBase>, ApiError> {
-    let Json(kb) = body.map_err(crate::api::json_rejection)?;
     kb.check().map_err(|message| ApiError::Invalid { field: "knowledge".into(), message })?;
     let file = &state.negatives()?.context().knowledge;
     file.save(&kb).map_err(|e| ApiError::Unavailable(format!("cannot save the knowledge base ({e:#}); check the disk and try again")))?;
@@ -57,9 +55,8 @@ async fn history(State(state): State<AppState>) -> Result<Json<Vec<Entry>>, ApiE
 /// `POST /api/negatives/optimize`: 202 with the queued run.
 async fn optimize(
     State(state): State<AppState>,
-    body: Result<Json<OptimizeRequest>, JsonRejection>,
+    AppJson(r): AppJson<OptimizeRequest>,
 ) -> Result<(StatusCode, Json<OptimizeStatus>), ApiError> {
-    let Json(r) = body.map_err(crate::api::json_rejection)?;
     Ok((StatusCode::ACCEPTED, Json(state.negatives()?.submit(r)?)))
 }
 
@@ -73,7 +70,7 @@ async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Result
 
 async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let rx = state.negatives()?.subscribe(&id)?;
-    Ok(crate::api::status_stream(rx, |s: &OptimizeStatus| s.state.is_finished()))
+    Ok(crate::http::extract::status_stream(rx, |s: &OptimizeStatus| s.state.is_finished()))
 }
 
 async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<OptimizeStatus>, ApiError> {

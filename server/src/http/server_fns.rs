@@ -39,7 +39,7 @@ impl Studio for AppState {
             .list()
             .into_iter()
             .map(|s| {
-                let files = crate::api::style_files(&s);
+                let files = crate::styles::served_files(&s);
                 let card = s.card.as_ref();
                 let sim = |who: &str| card.and_then(|c| c.metrics.get(who)?.get("style_similarity")?.as_f64());
                 StyleSummary {
@@ -113,7 +113,7 @@ impl Studio for AppState {
 
 impl AppState {
     /// The style trainer, or why there is none.
-    pub fn training(&self) -> Result<std::sync::Arc<crate::trainer::Trainer>, ApiError> {
+    pub fn training(&self) -> Result<std::sync::Arc<crate::styles::trainer::Trainer>, ApiError> {
         self.trainer.clone().ok_or_else(|| {
             ApiError::Unavailable("style training is not enabled on this server; start it with `atelier serve` (or train with `atelier train-style`)".into())
         })
@@ -125,7 +125,7 @@ impl AppState {
         let size = self.default_size();
         let (jobs, budget) = (self.jobs.clone(), self.budget);
         let (params, admitted) = tokio::task::spawn_blocking(move || {
-            let mut params = crate::request::to_params(request, size)?;
+            let mut params = crate::generation::request::to_params(request, size)?;
             let admitted = jobs.admit(&mut params, &budget)?;
             Ok::<_, ApiError>((params, admitted))
         })

@@ -15,8 +15,8 @@ use app::dto::{JobAccepted, JobState, JobStatus};
 use atelier_engine::pipeline::{GenerateParams, StepProgress};
 use tokio::sync::watch;
 
-use crate::gallery::{Gallery, NewImage};
-use crate::generator::{Admitted, Generator};
+use crate::generation::gallery::{Gallery, NewImage};
+use crate::generation::generator::{Admitted, Generator};
 use crate::ApiError;
 
 /// Most jobs that may wait at once; more are refused with 503.

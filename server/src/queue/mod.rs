@@ -1,0 +1,1 @@
+//! The one work queue (being written).

@@ -1,0 +1,1 @@
+//! Uploaded training datasets (moving here from trainer.rs).
