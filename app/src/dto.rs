@@ -575,3 +575,51 @@ pub struct OptimizeStatus {
     /// The run in the experiment store.
     pub tracking_run: Option<String>,
 }
+
+/// `POST /api/blends/bakes`: bake a blend into one kohya LoRA file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BakeRequest {
+    /// The share link or its code.
+    pub link: String,
+    /// Compress to at most this rank per layer; exact (rank = the sum of the styles' ranks)
+    /// when absent.
+    #[serde(default)]
+    pub rank: Option<usize>,
+}
+
+/// Where a bake is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum BakeState {
+    Queued { position: usize },
+    Running,
+    /// The file is ready at `GET /api/blends/bakes/{id}/file`.
+    Done {
+        /// ‖ΔW − ΔW_R‖_F / ‖ΔW‖_F over all layers (0 for an exact bake).
+        relative_error: f64,
+        /// Size of the file in bytes.
+        bytes: u64,
+    },
+    Failed { message: String },
+    Cancelled,
+}
+
+impl BakeState {
+    pub fn is_finished(&self) -> bool {
+        matches!(self, BakeState::Done { .. } | BakeState::Failed { .. } | BakeState::Cancelled)
+    }
+}
+
+/// `GET /api/blends/bakes/{id}` and every event of its stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BakeStatus {
+    pub id: String,
+    pub request: BakeRequest,
+    /// UTC time, ISO 8601.
+    pub created_at: String,
+    #[serde(flatten)]
+    pub state: BakeState,
+    /// Layers baked so far, of `total`.
+    pub done: usize,
+    pub total: usize,
+}

@@ -60,7 +60,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let budget = args.max_memory.unwrap_or_else(MemoryBudget::from_machine);
     tracing::info!(limit = %atelier_engine::memory::format_bytes(budget.limit), "memory budget (--max-memory)");
-    let device = candle_core::Device::cuda_if_available(0).context("opening the compute device")?;
+    let device = crate::cli::device().context("opening the compute device")?;
     tracing::info!(model = %args.model.display(), ?device, "loading model");
     let model_dir = args.model.clone();
     let load_device = device.clone();
@@ -95,22 +95,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let model_dir = atelier_engine::model::resolve(&args.model.to_string_lossy())?;
     let source = ModelSource { dir: model_dir, device, resolution: default_size.0 as u32, budget };
     let trainer = Arc::new(
-        Trainer::open(&args.data_dir.join("trainings"), state.styles.clone(), args.data_dir.join("tracking"), source)
+        Trainer::open(&args.data_dir.join("trainings"), state.styles.clone(), args.data_dir.join("tracking"), source, &state.workers)
             .with_context(|| format!("opening the style trainer in {}", args.data_dir.join("trainings").display()))?,
     );
-    let state = state.with_trainer(trainer.clone());
+    let state = state.with_trainer(trainer);
     let negatives = Arc::new(
-        atelier_server::negatives::NegativeService::start(atelier_server::negatives::Context::new(
-            args.data_dir.join("negatives"),
-            generator_for_negatives,
-            state.styles.clone(),
-            args.data_dir.join("tracking"),
-            default_size,
+        atelier_server::negatives::NegativeService::start(
+            atelier_server::negatives::Context::new(
+                args.data_dir.join("negatives"),
+                generator_for_negatives,
+                state.styles.clone(),
+                args.data_dir.join("tracking"),
+                default_size,
+            )
+            .with_budget(budget),
+            &state.workers,
         )
-        .with_budget(budget))
         .with_context(|| format!("opening {}", args.data_dir.join("negatives").display()))?,
     );
-    let state = state.with_negatives(negatives.clone());
+    let state = state.with_negatives(negatives);
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -118,25 +121,19 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let local = listener.local_addr()?;
     tracing::info!("Atelier is running: open http://{local}/");
     eprintln!("Atelier is running: open http://{local}/  (Ctrl-C to stop)");
-    let jobs = state.jobs.clone();
-    let stopping = trainer.clone();
-    let stopping_negatives = negatives.clone();
+    let workers = state.workers.clone();
+    let stopping = state.clone();
     axum::serve(listener, atelier_server::app(state))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
-            // Ends running jobs (and so their progress streams) instead of waiting for them;
-            // a running style training stops with a checkpoint and resumes after a restart.
-            jobs.cancel_all();
+            // Ends running tasks (and so their progress streams) instead of waiting for
+            // them; a running style training stops with a checkpoint and resumes after a
+            // restart.
             stopping.begin_shutdown();
-            stopping_negatives.shutdown_soon();
         })
         .await
         .context("serving")?;
-    tokio::task::spawn_blocking(move || {
-        negatives.shutdown();
-        trainer.shutdown()
-    })
-    .await?;
+    tokio::task::spawn_blocking(move || workers.join()).await?;
     tracing::info!("stopped");
     Ok(())
 }

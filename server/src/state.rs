@@ -1,4 +1,5 @@
-//! Shared server state: the Leptos options, the job queue, the gallery and the model's facts.
+//! Shared server state: the Leptos options, the work queue's workers and the queues of
+//! every feature, the gallery, the style library and the model's facts.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,22 +8,31 @@ use app::dto::{ModelInfo, SCHEDULERS};
 use axum::extract::FromRef;
 use leptos::config::LeptosOptions;
 
-use crate::generation::gallery::{Gallery, GalleryError};
+use crate::generation::gallery::Gallery;
 use crate::generation::generator::Generator;
-use crate::generation::jobs::JobQueue;
+use crate::generation::jobs::{Generation, JobQueue};
+use crate::queue::{JsonDir, Layout, Workers};
 
 /// Cheap to clone; handed to every handler and, as [`app::studio::ssr::SharedStudio`], to
 /// server functions.
 #[derive(Clone)]
 pub struct AppState {
     pub leptos_options: LeptosOptions,
-    pub jobs: Arc<JobQueue>,
+    /// The worker threads every queue shares (one per lane); [`AppState::shutdown`] stops them.
+    pub workers: Arc<Workers>,
+    pub jobs: JobQueue,
     pub gallery: Arc<Gallery>,
     pub model: Arc<ModelInfo>,
     /// The style library (user styles in `DATA/styles`, plus shipped ones).
     pub styles: Arc<crate::styles::StyleLibrary>,
     /// Saved blends (`DATA/blends/`).
     pub blends: Arc<crate::blends::BlendStore>,
+    /// Blend bakes (`DATA/bakes/`).
+    pub bakes: Arc<crate::blends::bake::Bakes>,
+    /// The generator the queues run (bakes read its model).
+    pub generator: Arc<dyn Generator>,
+    /// The studio's data folder.
+    pub data_dir: std::path::PathBuf,
     /// Style training from the web; `None` when the server has no model to train on.
     pub trainer: Option<Arc<crate::styles::trainer::Trainer>>,
     /// Negative-prompt optimisation; `None` until [`AppState::with_negatives`].
@@ -40,7 +50,7 @@ impl AppState {
         data_dir: &Path,
         default_size: (usize, usize),
         note: Option<String>,
-    ) -> Result<Self, GalleryError> {
+    ) -> Result<Self, crate::ApiError> {
         let gallery = Arc::new(Gallery::open(data_dir)?);
         let model = Arc::new(ModelInfo {
             name: generator.model_name(),
@@ -50,26 +60,30 @@ impl AppState {
             note,
             schedulers: SCHEDULERS.iter().map(|(id, _)| id.to_string()).collect(),
         });
-        let jobs = Arc::new(JobQueue::start(generator, gallery.clone()));
+        let workers = Workers::start();
+        let store = JsonDir::open(data_dir.join("jobs"), Layout::Flat).map_err(|e| crate::ApiError::Internal(e.to_string()))?;
+        let jobs = JobQueue::open(Generation::new(generator.clone(), gallery.clone()), store, &workers)?;
         let styles = Arc::new(crate::styles::StyleLibrary::new(data_dir.join("styles")));
         let blends = Arc::new(crate::blends::store_in(data_dir));
+        let bakes = Arc::new(crate::blends::bake::Bakes::open(data_dir.join("bakes"), generator.clone(), styles.clone(), &workers)?);
         let budget = atelier_engine::memory::MemoryBudget::from_machine();
-        Ok(Self { leptos_options, jobs, gallery, model, styles, blends, trainer: None, negatives: None, budget })
+        Ok(Self { leptos_options, workers, jobs, gallery, model, styles, blends, bakes, generator, data_dir: data_dir.to_path_buf(), trainer: None, negatives: None, budget })
     }
 
     /// Uses `library` as the style library.
     pub fn with_styles(mut self, library: crate::styles::StyleLibrary) -> Self {
         self.styles = Arc::new(library);
+        self.bakes.set_styles(self.styles.clone());
         self
     }
 
-    /// Turns on style training from the web.
     /// Sets the memory budget (`--max-memory`).
     pub fn with_budget(mut self, budget: atelier_engine::memory::MemoryBudget) -> Self {
         self.budget = budget;
         self
     }
 
+    /// Turns on style training from the web.
     pub fn with_trainer(mut self, trainer: Arc<crate::styles::trainer::Trainer>) -> Self {
         self.trainer = Some(trainer);
         self
@@ -84,6 +98,19 @@ impl AppState {
     /// The optimisation service, or 503 saying how to get one.
     pub fn negatives(&self) -> Result<&Arc<crate::negatives::NegativeService>, crate::ApiError> {
         self.negatives.as_ref().ok_or_else(|| crate::ApiError::Unavailable("negative-prompt optimisation is not enabled on this server".into()))
+    }
+
+    /// The style trainer, or why there is none.
+    pub fn training(&self) -> Result<Arc<crate::styles::trainer::Trainer>, crate::ApiError> {
+        self.trainer.clone().ok_or_else(|| {
+            crate::ApiError::Unavailable("style training is not enabled on this server; start it with `atelier serve` (or train with `atelier train-style`)".into())
+        })
+    }
+
+    /// Stops every queue at once: waiting tasks are marked interrupted, running ones asked
+    /// to stop (a training writes a checkpoint). Does not wait; [`Workers::join`] does.
+    pub fn begin_shutdown(&self) {
+        self.workers.begin_shutdown();
     }
 
     pub fn default_size(&self) -> (usize, usize) {

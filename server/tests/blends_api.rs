@@ -26,7 +26,7 @@ fn setup(data: &Path) -> Router {
     let options = LeptosOptions::builder().output_name("atelier").site_root(data.join("site").to_string_lossy().as_ref()).build();
     let state = AppState::new(options, Arc::new(model), data, (64, 64), None).unwrap().with_styles(library);
     let source = atelier_server::styles::trainer::ModelSource { dir: repo().join("models/starter"), device: candle_core::Device::Cpu, resolution: 64, budget: atelier_engine::memory::MemoryBudget::from_machine() };
-    let trainer = atelier_server::styles::trainer::Trainer::open(&data.join("trainings"), state.styles.clone(), data.join("tracking"), source).unwrap();
+    let trainer = atelier_server::styles::trainer::Trainer::open(&data.join("trainings"), state.styles.clone(), data.join("tracking"), source, &state.workers).unwrap();
     app(state.with_trainer(Arc::new(trainer)))
 }
 

@@ -32,7 +32,8 @@ fn setup(data: &Path) -> Router {
     let options = LeptosOptions::builder().output_name("atelier").site_root(data.join("site").to_string_lossy().as_ref()).build();
     let state = AppState::new(options, generator.clone(), data, (64, 64), None).unwrap().with_styles(library);
     let ctx = Context::new(data.join("negatives"), generator, state.styles.clone(), data.join("tracking"), (64, 64));
-    let state = state.with_negatives(Arc::new(NegativeService::start(ctx).unwrap()));
+    let service = Arc::new(NegativeService::start(ctx, &state.workers).unwrap());
+    let state = state.with_negatives(service);
     app(state)
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use app::dto::{DatasetSummary, TrainingState, TrainingStatus};
 use atelier_engine::starter::styles::{write_dataset, PictureStyle};
 use atelier_server::styles::StyleLibrary;
+use atelier_server::queue::Workers;
 use atelier_server::styles::trainer::{ModelSource, Trainer};
 use atelier_server::{app, AppState, LoadedModel};
 use axum::http::{Method, StatusCode};
@@ -26,18 +27,19 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn open_trainer(data: &Path, library: Arc<StyleLibrary>) -> Arc<Trainer> {
+fn open_trainer(data: &Path, library: Arc<StyleLibrary>, workers: &Workers) -> Arc<Trainer> {
     let source = ModelSource { dir: repo().join("models/starter"), device: candle_core::Device::Cpu, resolution: 64, budget: atelier_engine::memory::MemoryBudget::from_machine() };
-    Arc::new(Trainer::open(&data.join("trainings"), library, data.join("tracking"), source).unwrap())
+    Arc::new(Trainer::open(&data.join("trainings"), library, data.join("tracking"), source, workers).unwrap())
 }
 
-fn setup(data: &Path) -> (Router, Arc<Trainer>) {
+fn setup(data: &Path) -> (Router, Arc<Workers>) {
     let library = StyleLibrary::new(data.join("styles")).with_shipped(repo().join("models/styles"));
     let model = LoadedModel::load(&repo().join("models/starter"), &candle_core::Device::Cpu).unwrap().with_styles(library.clone());
     let options = LeptosOptions::builder().output_name("atelier").site_root(data.join("site").to_string_lossy().as_ref()).build();
     let state = AppState::new(options, Arc::new(model), data, (64, 64), None).unwrap().with_styles(library);
-    let trainer = open_trainer(data, state.styles.clone());
-    (app(state.with_trainer(trainer.clone())), trainer)
+    let trainer = open_trainer(data, state.styles.clone(), &state.workers);
+    let workers = state.workers.clone();
+    (app(state.with_trainer(trainer)), workers)
 }
 
 /// A multipart/form-data body with each (file name, bytes) in a `files` field.
@@ -85,7 +87,7 @@ async fn wait_training(app: &Router, id: &str, done: impl Fn(&TrainingStatus) ->
 #[tokio::test(flavor = "multi_thread")]
 async fn upload_report_train_stop_resume_and_land_in_the_library() {
     let tmp = tempfile::tempdir().unwrap();
-    let (app, trainer) = setup(tmp.path());
+    let (app, workers) = setup(tmp.path());
     let src = tmp.path().join("src");
     write_dataset(PictureStyle::Pastel, &src, 12, 3).unwrap();
     let file = |n: &str| std::fs::read(src.join(n)).unwrap();
@@ -220,8 +222,8 @@ async fn upload_report_train_stop_resume_and_land_in_the_library() {
 
     // A new trainer on the same folder lists the training as it ended.
     drop(app);
-    trainer.shutdown();
-    let again = open_trainer(tmp.path(), Arc::new(StyleLibrary::new(tmp.path().join("styles"))));
+    workers.join();
+    let again = open_trainer(tmp.path(), Arc::new(StyleLibrary::new(tmp.path().join("styles"))), &Workers::start());
     let listed = again.list();
     let same = listed.iter().find(|s| s.id == t.id).unwrap();
     assert_eq!(same.state, TrainingState::Done { style: "webpastel".into() });
@@ -242,7 +244,7 @@ fn disc_png(fg: [u8; 3], bg: [u8; 3], side: u32) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 async fn uploads_keep_each_image_with_its_caption() {
     let tmp = tempfile::tempdir().unwrap();
-    let (app, _trainer) = setup(tmp.path());
+    let (app, _workers) = setup(tmp.path());
     let (white, yellow) = ([255, 255, 255], [255, 255, 0]);
     let mut camera = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut camera, 90)

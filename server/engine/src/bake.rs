@@ -78,13 +78,51 @@ fn shaped(shape: &SlotShape, down: Tensor, up: Tensor) -> Result<(Tensor, Tensor
 
 /// Bakes the blend exactly (rank = sum of the adapters' ranks on each layer).
 pub fn bake_exact(active: &[ActiveLora], slots: &ModelSlots) -> Result<Baked> {
-    let mut modules = Vec::new();
-    for (slot, (down, up)) in stacked(active)? {
+    bake(active, slots, None, &mut |_, _| true)
+}
+
+/// Bakes the blend into one adapter of at most `rank` per layer (layers whose blend has a
+/// lower rank keep it exactly).
+pub fn bake_compressed(active: &[ActiveLora], slots: &ModelSlots, rank: usize) -> Result<Baked> {
+    bake(active, slots, Some(rank), &mut |_, _| true)
+}
+
+/// Bakes exactly (`rank` `None`) or compressed to `rank`, calling `progress(done, total)`
+/// before each of the `total` layers and once at the end; returning `false` stops with
+/// [`Error::Cancelled`].
+pub fn bake(active: &[ActiveLora], slots: &ModelSlots, rank: Option<usize>, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Baked> {
+    if rank == Some(0) {
+        return Err(Error::invalid("rank", "must be at least 1"));
+    }
+    let layers = stacked(active)?;
+    let count = layers.len();
+    let (mut lost, mut total, mut worst) = (0.0f64, 0.0f64, 0.0f64);
+    let mut modules = Vec::with_capacity(count);
+    for (i, (slot, (down, up))) in layers.into_iter().enumerate() {
+        if !progress(i, count) {
+            return Err(Error::Cancelled);
+        }
         let (component, info) = slots.get(slot).ok_or_else(|| Error::invalid("blend", "an adapter points at a layer the model lacks"))?;
+        let (down, up) = match rank {
+            None => (down, up),
+            Some(rank) => {
+                let c = compress_layer(&down, &up, rank)?;
+                total += c.total;
+                lost += c.lost;
+                if c.total > 0.0 {
+                    worst = worst.max((c.lost / c.total).sqrt());
+                }
+                (c.down, c.up)
+            }
+        };
         let (down, up) = shaped(&info.shape, down, up)?;
         modules.push(BakedModule { component, name: info.name.clone(), down, up });
     }
-    Ok(Baked { modules, relative_error: 0.0, worst_layer_error: 0.0 })
+    if !progress(count, count) {
+        return Err(Error::Cancelled);
+    }
+    let relative_error = if total > 0.0 { (lost / total).sqrt() } else { 0.0 };
+    Ok(Baked { modules, relative_error, worst_layer_error: worst })
 }
 
 fn to_matrix(t: &Tensor) -> Result<nalgebra::DMatrix<f64>> {
@@ -98,52 +136,41 @@ fn from_matrix(m: &nalgebra::DMatrix<f64>) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (m.nrows(), m.ncols()), &Device::Cpu)?)
 }
 
-/// Bakes the blend into one adapter of at most `rank` per layer (layers whose blend has a
-/// lower rank keep it exactly).
-pub fn bake_compressed(active: &[ActiveLora], slots: &ModelSlots, rank: usize) -> Result<Baked> {
-    if rank == 0 {
-        return Err(Error::invalid("rank", "must be at least 1"));
+/// One layer compressed: its new factors and the squared singular values it had and lost.
+struct Compressed {
+    down: Tensor,
+    up: Tensor,
+    total: f64,
+    lost: f64,
+}
+
+/// The best rank-`rank` approximation of ΔW = up·down (down [k, in], up [out, k]).
+fn compress_layer(down: &Tensor, up: &Tensor, rank: usize) -> Result<Compressed> {
+    // ΔW = U·D with U [out, k], D [k, in]. U = Qu·Ru, Dᵀ = Qd·Rd, so ΔW = Qu·(Ru·Rdᵀ)·Qdᵀ
+    // and the SVD of the small k×k middle gives that of ΔW.
+    let u = to_matrix(up)?;
+    let d = to_matrix(down)?;
+    let qr_u = u.qr();
+    let qr_d = d.transpose().qr();
+    let middle = qr_u.r() * qr_d.r().transpose();
+    let svd = middle.svd(true, true);
+    let (a, b) = (svd.u.as_ref().expect("asked for U"), svd.v_t.as_ref().expect("asked for Vᵀ"));
+    // nalgebra does not sort singular values.
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
+    let keep = rank.min(order.len());
+    let s2: Vec<f64> = order.iter().map(|&i| svd.singular_values[i].powi(2)).collect();
+    let qu = qr_u.q();
+    let qd = qr_d.q();
+    let mut new_up = nalgebra::DMatrix::<f64>::zeros(qu.nrows(), keep);
+    let mut new_down = nalgebra::DMatrix::<f64>::zeros(keep, qd.nrows());
+    for (col, &i) in order[..keep].iter().enumerate() {
+        let left = &qu * a.column(i) * svd.singular_values[i];
+        let right = &qd * b.row(i).transpose();
+        new_up.set_column(col, &left);
+        new_down.set_row(col, &right.transpose());
     }
-    let (mut lost, mut total, mut worst) = (0.0f64, 0.0f64, 0.0f64);
-    let mut modules = Vec::new();
-    for (slot, (down, up)) in stacked(active)? {
-        let (component, info) = slots.get(slot).ok_or_else(|| Error::invalid("blend", "an adapter points at a layer the model lacks"))?;
-        // ΔW = U·D with U [out, k], D [k, in]. U = Qu·Ru, Dᵀ = Qd·Rd, so ΔW = Qu·(Ru·Rdᵀ)·Qdᵀ
-        // and the SVD of the small k×k middle gives that of ΔW.
-        let u = to_matrix(&up)?;
-        let d = to_matrix(&down)?;
-        let qr_u = u.qr();
-        let qr_d = d.transpose().qr();
-        let middle = qr_u.r() * qr_d.r().transpose();
-        let svd = middle.svd(true, true);
-        let (a, b) = (svd.u.as_ref().expect("asked for U"), svd.v_t.as_ref().expect("asked for Vᵀ"));
-        // nalgebra does not sort singular values.
-        let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
-        order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
-        let keep = rank.min(order.len());
-        let s2: Vec<f64> = order.iter().map(|&i| svd.singular_values[i].powi(2)).collect();
-        let layer_total: f64 = s2.iter().sum();
-        let layer_lost: f64 = s2[keep..].iter().sum();
-        total += layer_total;
-        lost += layer_lost;
-        if layer_total > 0.0 {
-            worst = worst.max((layer_lost / layer_total).sqrt());
-        }
-        let qu = qr_u.q();
-        let qd = qr_d.q();
-        let mut new_up = nalgebra::DMatrix::<f64>::zeros(qu.nrows(), keep);
-        let mut new_down = nalgebra::DMatrix::<f64>::zeros(keep, qd.nrows());
-        for (col, &i) in order[..keep].iter().enumerate() {
-            let left = &qu * a.column(i) * svd.singular_values[i];
-            let right = &qd * b.row(i).transpose();
-            new_up.set_column(col, &left);
-            new_down.set_row(col, &right.transpose());
-        }
-        let (down, up) = shaped(&info.shape, from_matrix(&new_down)?, from_matrix(&new_up)?)?;
-        modules.push(BakedModule { component, name: info.name.clone(), down, up });
-    }
-    let relative_error = if total > 0.0 { (lost / total).sqrt() } else { 0.0 };
-    Ok(Baked { modules, relative_error, worst_layer_error: worst })
+    Ok(Compressed { down: from_matrix(&new_down)?, up: from_matrix(&new_up)?, total: s2.iter().sum(), lost: s2[keep..].iter().sum() })
 }
 
 /// Writes `baked` as a kohya LoRA file (`lora_unet_…`/`lora_te_…`, alpha = rank so the

@@ -1,9 +1,15 @@
 //! Saved blends, share links and bakes over HTTP (README: "JSON API"):
-//! `GET /blends`, `GET|PUT|DELETE /blends/{name}`, `POST /blends/resolve` (`{"link"}`).
+//! `GET /blends`, `GET|PUT|DELETE /blends/{name}`, `POST /blends/resolve` (`{"link"}`);
+//! bakes: `POST /blends/bakes` (a `BakeRequest`), `GET /blends/bakes`,
+//! `GET /blends/bakes/{id}`, `GET /blends/bakes/{id}/events` (SSE),
+//! `POST /blends/bakes/{id}/cancel`, `GET /blends/bakes/{id}/file`, and
+//! `GET /blends/bake?b=CODE[&rank=R]`, which bakes and answers the file in one request.
 
 use atelier_blend::Blend;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use app::dto::{BakeRequest, BakeState, BakeStatus};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -16,7 +22,12 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/blends", get(list))
         .route("/blends/resolve", post(resolve))
-        .route("/blends/bake", get(bake))
+        .route("/blends/bake", get(bake_now))
+        .route("/blends/bakes", get(bake_list).post(bake_start))
+        .route("/blends/bakes/{id}", get(bake_status))
+        .route("/blends/bakes/{id}/events", get(bake_events))
+        .route("/blends/bakes/{id}/cancel", post(bake_cancel))
+        .route("/blends/bakes/{id}/file", get(bake_file))
         .route("/blends/{name}", get(one).put(save).delete(delete))
 }
 
@@ -91,58 +102,73 @@ struct BakeQuery {
     rank: Option<usize>,
 }
 
-/// `GET /api/blends/bake?b=CODE[&rank=R]`: the blend baked into one kohya LoRA file
+/// `GET /api/blends/bake?b=CODE[&rank=R]`: queues a bake, waits for it and answers the file
 /// (download), with the relative error of a compressed bake in `X-Bake-Relative-Error`.
-async fn bake(
-    State(state): State<AppState>,
-    AppQuery(q): AppQuery<BakeQuery>,
-) -> Result<axum::response::Response, ApiError> {
-    use axum::http::header;
-    use axum::response::IntoResponse;
-    let blend = atelier_blend::decode(&q.b).map_err(|e| ApiError::Invalid { field: "b".into(), message: e.to_string() })?;
-    if q.rank.is_some_and(|r| r == 0 || r > 1024) {
-        return Err(ApiError::Invalid { field: "rank".into(), message: "must be in 1..=1024".into() });
+/// For a plain link; the page uses `POST /api/blends/bakes` to show progress.
+async fn bake_now(State(state): State<AppState>, AppQuery(q): AppQuery<BakeQuery>) -> Result<Response, ApiError> {
+    let bakes = state.bakes.clone();
+    let status = tokio::task::spawn_blocking(move || bakes.submit(BakeRequest { link: q.b, rank: q.rank }, "b"))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let mut rx = state.bakes.subscribe(&status.id)?;
+    let last = rx.wait_for(|s| s.state.is_finished()).await.map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?.clone();
+    match last.state {
+        BakeState::Done { relative_error, .. } => file_response(&state, &last.id, Some(relative_error)).await,
+        BakeState::Failed { message } => Err(ApiError::Invalid { field: "b".into(), message }),
+        BakeState::Cancelled => Err(ApiError::Unavailable("the bake was cancelled".into())),
+        BakeState::Queued { .. } | BakeState::Running => Err(ApiError::Internal("bake ended unfinished".into())),
     }
-    let source = state.training()?.model_source().clone();
-    let styles = state.styles.clone();
-    let (bytes, error) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, f64), ApiError> {
-        let sd = atelier_engine::pipeline::StableDiffusion::load(&source.dir, &source.device)?;
-        let r = crate::blends::resolve(blend, &styles, sd.model_hash());
-        let active = r.active(&sd).map_err(|e| {
-            // A missing style is the link's problem; an unreadable one in the library is ours.
-            if r.missing.is_empty() { ApiError::Internal(format!("{e:#}")) } else { ApiError::Invalid { field: "b".into(), message: format!("{e:#}") } }
-        })?;
-        let baked = match q.rank {
-            None => atelier_engine::bake::bake_exact(&active, sd.lora_slots())?,
-            Some(rank) => atelier_engine::bake::bake_compressed(&active, sd.lora_slots(), rank)?,
-        };
-        let dir = tempfile_dir()?;
-        let path = dir.join("blend.safetensors");
-        let meta = std::collections::HashMap::from([
-            ("atelier_blend".to_string(), q.b.clone()),
-            ("ss_sd_model_hash".to_string(), sd.model_hash().to_string()),
-        ]);
-        atelier_engine::bake::save_kohya(&baked, &meta, &path)?;
-        let bytes = std::fs::read(&path).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok((bytes, baked.relative_error))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_DISPOSITION, "attachment; filename=\"blend.safetensors\"".to_string()),
-            (header::HeaderName::from_static("x-bake-relative-error"), format!("{error}")),
-        ],
-        bytes,
-    )
-        .into_response())
 }
 
-/// A fresh private folder for one bake.
-fn tempfile_dir() -> Result<std::path::PathBuf, ApiError> {
-    let dir = std::env::temp_dir().join(format!("atelier-bake-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(dir)
+/// `POST /api/blends/bakes` with a [`BakeRequest`]: 202 with the queued bake.
+async fn bake_start(State(state): State<AppState>, AppJson(request): AppJson<BakeRequest>) -> Result<(StatusCode, Json<BakeStatus>), ApiError> {
+    let bakes = state.bakes.clone();
+    let status = tokio::task::spawn_blocking(move || bakes.submit(request, "link")).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok((StatusCode::ACCEPTED, Json(status)))
+}
+
+async fn bake_list(State(state): State<AppState>) -> Json<Vec<BakeStatus>> {
+    Json(state.bakes.list())
+}
+
+async fn bake_status(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BakeStatus>, ApiError> {
+    Ok(Json(state.bakes.status(&id)?))
+}
+
+/// `GET /api/blends/bakes/{id}/events`: SSE, one event per change, ending with the bake.
+async fn bake_events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let rx = state.bakes.subscribe(&id)?;
+    Ok(crate::http::extract::status_stream(rx, |s: &BakeStatus| s.state.is_finished()).into_response())
+}
+
+async fn bake_cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BakeStatus>, ApiError> {
+    Ok(Json(state.bakes.cancel(&id)?))
+}
+
+/// `GET /api/blends/bakes/{id}/file`: the baked kohya file.
+async fn bake_file(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let error = match state.bakes.status(&id)?.state {
+        BakeState::Done { relative_error, .. } => Some(relative_error),
+        _ => None,
+    };
+    file_response(&state, &id, error).await
+}
+
+async fn file_response(state: &AppState, id: &str, relative_error: Option<f64>) -> Result<Response, ApiError> {
+    let path = state.bakes.file(id)?;
+    let bytes = tokio::fs::read(&path).await.map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+    let mut headers = vec![
+        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        (header::CONTENT_DISPOSITION, "attachment; filename=\"blend.safetensors\"".to_string()),
+    ];
+    if let Some(e) = relative_error {
+        headers.push((header::HeaderName::from_static("x-bake-relative-error"), format!("{e}")));
+    }
+    let mut response = bytes.into_response();
+    for (k, v) in headers {
+        if let Ok(v) = v.parse() {
+            response.headers_mut().insert(k, v);
+        }
+    }
+    Ok(response)
 }

@@ -2,6 +2,7 @@
 //! studio has: the model by hash, each style by hash (found under any name), so a blend
 //! renders exactly what it rendered for the person who shared it, or says what is missing.
 
+pub mod bake;
 pub mod http;
 
 use std::path::{Path, PathBuf};

@@ -41,6 +41,10 @@ pub trait Generator: Send + Sync {
     fn encoder_grams(&self, _images: &[image::RgbImage]) -> atelier_engine::Result<Vec<candle_core::Tensor>> {
         Err(atelier_engine::Error::invalid("style", "this generator cannot measure style similarity"))
     }
+    /// The loaded model itself, where there is one (blend bakes read its layer shapes).
+    fn pipeline(&self) -> Option<&StableDiffusion> {
+        None
+    }
 }
 
 impl Generator for StableDiffusion {
@@ -62,6 +66,9 @@ impl Generator for StableDiffusion {
     }
     fn encoder_grams(&self, images: &[image::RgbImage]) -> atelier_engine::Result<Vec<candle_core::Tensor>> {
         atelier_engine::style::metrics::mean_grams(self.vae(), images)
+    }
+    fn pipeline(&self) -> Option<&StableDiffusion> {
+        Some(self)
     }
 }
 
@@ -175,6 +182,9 @@ impl Generator for LoadedModel {
     fn encoder_grams(&self, images: &[image::RgbImage]) -> atelier_engine::Result<Vec<candle_core::Tensor>> {
         atelier_engine::style::metrics::mean_grams(self.sd.vae(), images)
     }
+    fn pipeline(&self) -> Option<&StableDiffusion> {
+        Some(&self.sd)
+    }
 }
 
 /// Wraps a generator so every step takes at least `min_step`: makes live progress visible
@@ -204,6 +214,9 @@ impl<G: Generator> Generator for Throttled<G> {
     }
     fn model_hash(&self) -> String {
         self.inner.model_hash()
+    }
+    fn pipeline(&self) -> Option<&StableDiffusion> {
+        self.inner.pipeline()
     }
     fn model_name(&self) -> String {
         self.inner.model_name()

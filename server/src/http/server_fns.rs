@@ -17,7 +17,7 @@ impl Studio for AppState {
     }
 
     fn cancel(&self, job_id: &str) -> Result<(), AppError> {
-        self.jobs.cancel(job_id)?;
+        self.jobs.cancel(job_id).map_err(ApiError::from)?;
         Ok(())
     }
 
@@ -108,29 +108,5 @@ impl Studio for AppState {
 
     fn delete_training(&self, id: &str) -> Result<(), AppError> {
         Ok(self.training()?.delete(id)?)
-    }
-}
-
-impl AppState {
-    /// The style trainer, or why there is none.
-    pub fn training(&self) -> Result<std::sync::Arc<crate::styles::trainer::Trainer>, ApiError> {
-        self.trainer.clone().ok_or_else(|| {
-            ApiError::Unavailable("style training is not enabled on this server; start it with `atelier serve` (or train with `atelier train-style`)".into())
-        })
-    }
-
-    /// Validates a request (decoding any init image on a blocking thread), admits it
-    /// (styles exist, memory fits the budget) and queues it.
-    pub async fn submit(&self, request: GenerateRequest) -> Result<JobAccepted, ApiError> {
-        let size = self.default_size();
-        let (jobs, budget) = (self.jobs.clone(), self.budget);
-        let (params, admitted) = tokio::task::spawn_blocking(move || {
-            let mut params = crate::generation::request::to_params(request, size)?;
-            let admitted = jobs.admit(&mut params, &budget)?;
-            Ok::<_, ApiError>((params, admitted))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("request decoding task failed: {e}")))??;
-        self.jobs.submit(params, admitted)
     }
 }

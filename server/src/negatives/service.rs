@@ -2,12 +2,12 @@
 //! studio's [`Generator`], keeping every image and the status in
 //! `DATA/negatives/runs/{id}/`, recording the outcome in the history and the experiment
 //! store. [`execute`] does one run (the CLI calls it directly); [`NegativeService`] queues
-//! runs from the web on a worker thread, one at a time, with live status and cancel.
+//! runs from the web as tasks in the long lane of the one work queue ([`crate::queue`]),
+//! with live status and cancel; a run pauses between denoising steps while generations run.
 
-use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context as _, Result};
@@ -25,6 +25,7 @@ use super::optimizer::{self, Event, Plan, Studio};
 use crate::generation::generator::Generator;
 use crate::styles::StyleLibrary;
 use crate::tracking::{RunStatus, Tracker};
+use crate::queue::{Ctx, JsonDir, Lane, Layout, Phase, Queue, Task, Workers};
 use crate::ApiError;
 
 /// The experiment optimisation runs are recorded in.
@@ -180,13 +181,20 @@ pub struct GeneratorStudio<'a> {
     /// The active style's training-image statistics, for style similarity.
     pub style_grams: Option<Vec<Tensor>>,
     pub cancel: &'a AtomicBool,
+    /// Called before every denoising step (the queue pauses a web run here while
+    /// generations run).
+    pub pause: &'a dyn Fn(),
 }
 
 impl Studio for GeneratorStudio<'_> {
     fn render(&mut self, negative: &str, seed: u64) -> Result<RgbImage> {
         let params = GenerateParams { negative_prompt: negative.to_string(), seed, ..self.base.clone() };
         let cancel = self.cancel;
-        let out = self.generator.generate(&params, &mut |_| !cancel.load(Ordering::Relaxed));
+        let pause = self.pause;
+        let out = self.generator.generate(&params, &mut |_| {
+            pause();
+            !cancel.load(Ordering::Relaxed)
+        });
         // A generation stopped by the flag fails; that is a cancel, not an error.
         if cancel.load(Ordering::Relaxed) {
             return Err(optimizer::Cancelled.into());
@@ -238,12 +246,23 @@ pub fn new_status(request: OptimizeRequest) -> OptimizeStatus {
 /// Runs one optimisation to its end, reporting every change of its status through
 /// `publish` and keeping it in `DATA/negatives/runs/{id}/status.json`. Setting `cancel`
 /// stops it at the next denoising step.
-pub fn execute(ctx: &Context, mut status: OptimizeStatus, cancel: &AtomicBool, publish: &mut dyn FnMut(&OptimizeStatus)) -> OptimizeStatus {
+pub fn execute(ctx: &Context, status: OptimizeStatus, cancel: &AtomicBool, publish: &mut dyn FnMut(&OptimizeStatus)) -> OptimizeStatus {
+    execute_pausing(ctx, status, cancel, &|| {}, publish)
+}
+
+/// [`execute`], calling `pause` before every denoising step.
+pub fn execute_pausing(
+    ctx: &Context,
+    mut status: OptimizeStatus,
+    cancel: &AtomicBool,
+    pause: &dyn Fn(),
+    publish: &mut dyn FnMut(&OptimizeStatus),
+) -> OptimizeStatus {
     let dir = ctx.run_dir(&status.id);
     status.state = OptimizeState::Running;
     status.phase = "preparing".into();
     publish(&status);
-    match execute_inner(ctx, &mut status, &dir, cancel, publish) {
+    match execute_inner(ctx, &mut status, &dir, cancel, pause, publish) {
         Ok(()) => status.state = OptimizeState::Done,
         Err(e) if e.is::<optimizer::Cancelled>() => status.state = OptimizeState::Cancelled,
         Err(e) => status.state = OptimizeState::Failed { message: format!("{e:#}") },
@@ -266,7 +285,14 @@ pub fn execute(ctx: &Context, mut status: OptimizeStatus, cancel: &AtomicBool, p
     status
 }
 
-fn execute_inner(ctx: &Context, status: &mut OptimizeStatus, dir: &Path, cancel: &AtomicBool, publish: &mut dyn FnMut(&OptimizeStatus)) -> Result<()> {
+fn execute_inner(
+    ctx: &Context,
+    status: &mut OptimizeStatus,
+    dir: &Path,
+    cancel: &AtomicBool,
+    pause: &dyn Fn(),
+    publish: &mut dyn FnMut(&OptimizeStatus),
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let r = status.request.clone();
     let weights = ctx.check(&r).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -300,7 +326,7 @@ fn execute_inner(ctx: &Context, status: &mut OptimizeStatus, dir: &Path, cancel:
     write_status(dir, status)?;
     publish(status);
 
-    let mut studio = GeneratorStudio { generator: ctx.generator.as_ref(), base, weights, style_grams, cancel };
+    let mut studio = GeneratorStudio { generator: ctx.generator.as_ref(), base, weights, style_grams, cancel, pause };
     let mut step = 0i64;
     // The engine's largest buffers check the admitted limit (a failed check fails the run).
     let result = atelier_engine::memory::with_limit(admitted.limit, || optimizer::run(
@@ -363,199 +389,111 @@ fn execute_inner(ctx: &Context, status: &mut OptimizeStatus, dir: &Path, cancel:
     Ok(())
 }
 
-struct Slot {
-    status: Arc<watch::Sender<OptimizeStatus>>,
-    cancel: Arc<AtomicBool>,
-}
+/// Most optimisation runs that may wait at once.
+pub const MAX_QUEUED: usize = 16;
 
-#[derive(Default)]
-struct Queue {
-    waiting: VecDeque<String>,
-    slots: HashMap<String, Slot>,
-    shutdown: bool,
-}
-
-struct Shared {
+/// The optimisation task kind.
+pub struct Optimisation {
     ctx: Context,
-    queue: Mutex<Queue>,
-    wake: Condvar,
 }
 
-/// Optimisation runs from the web: a FIFO run by one worker thread.
+impl Task for Optimisation {
+    type Input = ();
+    type Status = OptimizeStatus;
+    const NOUN: &'static str = "optimisation";
+    const LANE: Lane = Lane::Long;
+    const MAX_WAITING: usize = MAX_QUEUED;
+
+    fn id(s: &OptimizeStatus) -> &str {
+        &s.id
+    }
+
+    fn phase(s: &OptimizeStatus) -> Phase {
+        match s.state {
+            OptimizeState::Queued { .. } => Phase::Waiting,
+            OptimizeState::Running => Phase::Running,
+            _ => Phase::Ended,
+        }
+    }
+
+    fn set_waiting(s: &mut OptimizeStatus, position: usize) {
+        s.state = OptimizeState::Queued { position };
+    }
+
+    fn set_started(s: &mut OptimizeStatus, _input: Option<&()>) {
+        s.state = OptimizeState::Running;
+        s.phase = "preparing".into();
+    }
+
+    fn set_cancelled(s: &mut OptimizeStatus) {
+        s.state = OptimizeState::Cancelled;
+        s.phase = s.state.name().into();
+    }
+
+    fn set_interrupted(s: &mut OptimizeStatus) {
+        s.state = OptimizeState::Failed { message: "the server stopped during this run; start it again".into() };
+        s.phase = s.state.name().into();
+    }
+
+    fn set_crashed(s: &mut OptimizeStatus, message: &str) {
+        s.state = OptimizeState::Failed { message: message.into() };
+        s.phase = s.state.name().into();
+    }
+
+    fn run(&self, _input: Option<()>, ctx: &mut Ctx<'_, Self>) {
+        let status = ctx.status();
+        let pause = || ctx.wait_turn();
+        execute_pausing(&self.ctx, status, ctx.cancel_flag(), &pause, &mut |s| ctx.update(|x| *x = s.clone()));
+    }
+}
+
+/// Optimisation runs from the web, on the one work queue.
 pub struct NegativeService {
-    shared: Arc<Shared>,
-    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    queue: Queue<Optimisation>,
 }
 
 impl NegativeService {
-    /// Opens the runs in `ctx.root` (runs a stopped server left unfinished are marked failed)
-    /// and starts the worker.
-    pub fn start(ctx: Context) -> Result<Self> {
-        let runs = ctx.root.join("runs");
-        std::fs::create_dir_all(&runs).with_context(|| format!("creating {}", runs.display()))?;
-        let mut queue = Queue::default();
-        for entry in std::fs::read_dir(&runs)?.flatten() {
-            let Ok(bytes) = std::fs::read(entry.path().join(STATUS_FILE)) else { continue };
-            let Ok(mut status) = serde_json::from_slice::<OptimizeStatus>(&bytes) else {
-                tracing::warn!("skipping {}: unreadable status", entry.path().display());
-                continue;
-            };
-            if !status.state.is_finished() {
-                status.state = OptimizeState::Failed { message: "the server stopped during this run; start it again".into() };
-                let _ = write_status(&entry.path(), &status);
-            }
-            let (tx, _) = watch::channel(status.clone());
-            queue.slots.insert(status.id.clone(), Slot { status: Arc::new(tx), cancel: Arc::new(AtomicBool::new(false)) });
-        }
-        let shared = Arc::new(Shared { ctx, queue: Mutex::new(queue), wake: Condvar::new() });
-        let worker_shared = shared.clone();
-        let worker = std::thread::Builder::new().name("negatives".into()).spawn(move || worker(worker_shared))?;
-        Ok(Self { shared, worker: Mutex::new(Some(worker)) })
+    /// Opens the runs in `ctx.root` (runs a stopped server left unfinished are marked
+    /// failed) on `workers`.
+    pub fn start(ctx: Context, workers: &Workers) -> Result<Self> {
+        let store = JsonDir::open(ctx.root.join("runs"), Layout::Folder(STATUS_FILE))?;
+        Ok(Self { queue: Queue::open(Optimisation { ctx }, store, workers)? })
     }
 
     pub fn context(&self) -> &Context {
-        &self.shared.ctx
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner())
+        &self.queue.task().ctx
     }
 
     /// Checks and queues a run.
     pub fn submit(&self, request: OptimizeRequest) -> Result<OptimizeStatus, ApiError> {
-        self.shared.ctx.check(&request)?;
-        self.shared.ctx.admit(&request)?;
-        let mut status = new_status(request);
-        let id = status.id.clone();
-        let dir = self.shared.ctx.run_dir(&id);
-        let mut q = self.lock();
-        if q.shutdown {
-            return Err(ApiError::Unavailable("the server is shutting down".into()));
-        }
-        if q.waiting.len() >= 16 {
-            return Err(ApiError::QueueFull(q.waiting.len()));
-        }
-        status.state = OptimizeState::Queued { position: q.waiting.len() + 1 };
-        std::fs::create_dir_all(&dir).and_then(|_| write_status(&dir, &status).map_err(std::io::Error::other)).map_err(|e| {
-            ApiError::Unavailable(format!("cannot write {} ({e}); free some disk space and try again", dir.display()))
-        })?;
-        let (tx, _) = watch::channel(status.clone());
-        q.slots.insert(id.clone(), Slot { status: Arc::new(tx), cancel: Arc::new(AtomicBool::new(false)) });
-        q.waiting.push_back(id);
-        self.shared.wake.notify_all();
-        Ok(status)
+        self.context().check(&request)?;
+        self.context().admit(&request)?;
+        Ok(self.queue.submit(new_status(request), Some(()))?)
     }
 
     pub fn status(&self, id: &str) -> Result<OptimizeStatus, ApiError> {
-        self.lock().slots.get(id).map(|s| s.status.borrow().clone()).ok_or_else(|| not_found(id))
+        Ok(self.queue.status(id)?)
     }
 
     pub fn subscribe(&self, id: &str) -> Result<watch::Receiver<OptimizeStatus>, ApiError> {
-        self.lock().slots.get(id).map(|s| s.status.subscribe()).ok_or_else(|| not_found(id))
+        Ok(self.queue.subscribe(id)?)
     }
 
     /// Every run, newest first.
     pub fn list(&self) -> Vec<OptimizeStatus> {
-        let mut all: Vec<OptimizeStatus> = self.lock().slots.values().map(|s| s.status.borrow().clone()).collect();
-        all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
-        all
+        self.queue.list()
     }
 
     /// Cancels a queued or running run.
     pub fn cancel(&self, id: &str) -> Result<OptimizeStatus, ApiError> {
-        let mut q = self.lock();
-        let slot = q.slots.get(id).ok_or_else(|| not_found(id))?;
-        slot.cancel.store(true, Ordering::Relaxed);
-        if let Some(pos) = q.waiting.iter().position(|w| w == id) {
-            q.waiting.remove(pos);
-            let slot = &q.slots[id];
-            let mut s = slot.status.borrow().clone();
-            s.state = OptimizeState::Cancelled;
-            let _ = write_status(&self.shared.ctx.run_dir(id), &s);
-            slot.status.send_replace(s);
-            renumber(&q);
-        }
-        let status = q.slots[id].status.borrow().clone();
-        Ok(status)
+        Ok(self.queue.cancel(id)?)
     }
 
-    /// A file of a run (an image or `comparison.png`); `None` for names that are not one.
+    /// A file of a run (an image or `comparison.png`).
     pub fn file(&self, id: &str, name: &str) -> Result<PathBuf, ApiError> {
-        if !self.lock().slots.contains_key(id) {
-            return Err(not_found(id));
-        }
+        self.queue.status(id)?;
         let ok = name.ends_with(".png") && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') && !name.starts_with('.');
-        let path = self.shared.ctx.run_dir(id).join(name);
+        let path = self.context().run_dir(id).join(name);
         if ok && path.is_file() { Ok(path) } else { Err(ApiError::NotFound { what: "image", id: format!("{id}/{name}") }) }
-    }
-
-    /// Stops taking runs and cancels the running one (its stream ends as cancelled).
-    pub fn shutdown_soon(&self) {
-        {
-            let mut q = self.lock();
-            q.shutdown = true;
-            for s in q.slots.values() {
-                s.cancel.store(true, Ordering::Relaxed);
-            }
-        }
-        self.shared.wake.notify_all();
-    }
-
-    /// [`Self::shutdown_soon`], then waits for the worker.
-    pub fn shutdown(&self) {
-        self.shutdown_soon();
-        if let Some(w) = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = w.join();
-        }
-    }
-}
-
-impl Drop for NegativeService {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-fn not_found(id: &str) -> ApiError {
-    ApiError::NotFound { what: "optimisation", id: id.to_string() }
-}
-
-fn renumber(q: &Queue) {
-    for (i, id) in q.waiting.iter().enumerate() {
-        if let Some(slot) = q.slots.get(id) {
-            slot.status.send_modify(|s| s.state = OptimizeState::Queued { position: i + 1 });
-        }
-    }
-}
-
-fn worker(shared: Arc<Shared>) {
-    loop {
-        let (id, status, tx, cancel) = {
-            let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                if q.shutdown {
-                    return;
-                }
-                if let Some(id) = q.waiting.pop_front() {
-                    renumber(&q);
-                    let slot = &q.slots[&id];
-                    let status = slot.status.borrow().clone();
-                    break (id, status, slot.status.clone(), slot.cancel.clone());
-                }
-                q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
-            }
-        };
-        let ctx = shared.ctx.clone();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            execute(&ctx, status.clone(), &cancel, &mut |s| {
-                tx.send_replace(s.clone());
-            })
-        }));
-        if outcome.is_err() {
-            let mut s = status;
-            s.state = OptimizeState::Failed { message: "internal error (see the server log)".into() };
-            let _ = write_status(&ctx.run_dir(&id), &s);
-            tx.send_replace(s);
-        }
     }
 }

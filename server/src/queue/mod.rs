@@ -82,8 +82,8 @@ pub trait Task: Send + Sync + 'static {
     fn phase(status: &Self::Status) -> Phase;
     /// Waiting at `position` (1 is next).
     fn set_waiting(status: &mut Self::Status, position: usize);
-    /// Picked by a worker, about to run.
-    fn set_started(status: &mut Self::Status);
+    /// Picked by a worker, about to run (`input` is `None` for a resumed task).
+    fn set_started(status: &mut Self::Status, input: Option<&Self::Input>);
     /// Cancelled while waiting.
     fn set_cancelled(status: &mut Self::Status);
     /// Asked to stop while running; the run ends it.
@@ -104,6 +104,8 @@ pub trait Task: Send + Sync + 'static {
         Self: Sized;
     /// Nothing waits in this task's lane: a chance to free cached models.
     fn idle(&self) {}
+    /// The queue forgot this ended task (beyond [`Task::KEEP_ENDED`]): remove its files.
+    fn forgotten(&self, _status: &Self::Status) {}
 }
 
 /// Why the queue refused a call.
@@ -202,7 +204,9 @@ impl<T: Task> Inner<T> {
         if let Some(keep) = T::KEEP_ENDED {
             while state.ended.len() > keep {
                 let Some(old) = state.ended.pop_front() else { break };
-                state.entries.remove(&old);
+                if let Some(entry) = state.entries.remove(&old) {
+                    self.task.forgotten(&entry.status.borrow());
+                }
                 if let Err(e) = self.store.remove(&old) {
                     tracing::warn!(id = %old, error = %e, "cannot remove an old task record");
                 }
@@ -258,14 +262,28 @@ impl<T: Task> Queue<T> {
 
     /// Queues a new task. `status` carries its id and request; the queue sets its position
     /// and writes its record first, so a task is never accepted without one.
-    pub fn submit(&self, mut status: T::Status, input: Option<T::Input>) -> Result<T::Status, QueueError> {
+    pub fn submit(&self, status: T::Status, input: Option<T::Input>) -> Result<T::Status, QueueError> {
+        self.submit_unless(status, input, |_| None)
+    }
+
+    /// [`Queue::submit`], unless `conflict` finds a reason in a task already known (checked
+    /// under the queue's lock, so two submits cannot both pass).
+    pub fn submit_unless<E: From<QueueError>>(
+        &self,
+        mut status: T::Status,
+        input: Option<T::Input>,
+        conflict: impl Fn(&T::Status) -> Option<E>,
+    ) -> Result<T::Status, E> {
         let id = T::id(&status).to_string();
         let mut state = self.inner.lock();
+        if let Some(e) = state.entries.values().find_map(|e| conflict(&e.status.borrow())) {
+            return Err(e);
+        }
         if state.shutdown {
-            return Err(QueueError::ShuttingDown);
+            return Err(QueueError::ShuttingDown.into());
         }
         if state.waiting.len() >= T::MAX_WAITING {
-            return Err(QueueError::Full { noun: T::NOUN, waiting: state.waiting.len() });
+            return Err(QueueError::Full { noun: T::NOUN, waiting: state.waiting.len() }.into());
         }
         T::set_waiting(&mut status, state.waiting.len() + 1);
         self.inner.save(&status)?;
@@ -321,9 +339,12 @@ impl<T: Task> Queue<T> {
             }
             Phase::Running => {
                 entry.cancel.store(true, Ordering::SeqCst);
-                entry.status.send_modify(T::set_stopping);
                 tracing::info!(kind = T::NOUN, id = %id, "stopping at the next step");
-                true
+                entry.status.send_if_modified(|s| {
+                    let before = serde_json::to_value(&*s).ok();
+                    T::set_stopping(s);
+                    before != serde_json::to_value(&*s).ok()
+                })
             }
             Phase::Ended => false,
         };
@@ -468,7 +489,7 @@ impl<T: Task> Source for Inner<T> {
         let entry = state.entries.get_mut(&id)?;
         let input = entry.input.take();
         // Marked running under the lock, so a cancel never sees a picked task as waiting.
-        entry.status.send_modify(T::set_started);
+        entry.status.send_modify(|s| T::set_started(s, input.as_ref()));
         let (tx, cancel) = (entry.status.clone(), entry.cancel.clone());
         let started = tx.borrow().clone();
         Inner::<T>::renumber(&state);

@@ -64,7 +64,7 @@ impl<const LONG: bool> Task for FakeTask<LONG> {
     fn set_waiting(s: &mut Fake, position: usize) {
         s.state = St::Queued { position };
     }
-    fn set_started(s: &mut Fake) {
+    fn set_started(s: &mut Fake, _input: Option<&()>) {
         s.state = St::Running;
     }
     fn set_cancelled(s: &mut Fake) {

@@ -75,7 +75,7 @@ async fn upload(
 ) -> Result<(StatusCode, Json<DatasetSummary>), ApiError> {
     let trainer = state.training()?;
     let mut multipart = multipart.map_err(|e| ApiError::BadBody(format!("{}; send multipart/form-data", e.body_text())))?;
-    let incoming = trainer.incoming_dir();
+    let incoming = trainer.datasets().incoming_dir();
     tokio::fs::create_dir_all(&incoming).await.map_err(|e| io_error("receiving the upload", e))?;
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     let received = async {
@@ -112,7 +112,7 @@ async fn upload(
 
 async fn dataset(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<DatasetSummary>, ApiError> {
     let trainer = state.training()?;
-    let summary = tokio::task::spawn_blocking(move || trainer.dataset(&id)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let summary = tokio::task::spawn_blocking(move || trainer.datasets().dataset(&id)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(Json(summary))
 }
 
@@ -130,7 +130,7 @@ async fn dataset_file(
     Path((id, file)): Path<(String, String)>,
     AppQuery(q): AppQuery<FileQuery>,
 ) -> Result<Response, ApiError> {
-    let path = state.training()?.dataset_file(&id, &file)?;
+    let path = state.training()?.datasets().dataset_file(&id, &file)?;
     let bytes = tokio::fs::read(&path).await.map_err(|e| io_error("reading the dataset", e))?;
     if let Some(side) = q.thumb {
         let side = side.clamp(16, 512);
