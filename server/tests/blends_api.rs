@@ -122,3 +122,66 @@ async fn save_list_resolve_and_render_blends() {
     assert_eq!(send(&app, Method::DELETE, "/api/blends/soft-ink", None).await.status, StatusCode::NO_CONTENT);
     assert_eq!(send(&app, Method::GET, "/api/blends/soft-ink", None).await.status, StatusCode::NOT_FOUND);
 }
+
+/// A bake is a queued task: 202, live progress over SSE layer by layer, then the file;
+/// bad links and missing styles are refused before anything is queued.
+#[tokio::test(flavor = "multi_thread")]
+async fn bakes_are_queued_tasks_with_progress() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = setup(tmp.path());
+    let model: Value = get_json(&app, "/api/model").await;
+    let styles: Vec<Value> = get_json(&app, "/api/styles").await;
+    let hash = |n: &str| styles.iter().find(|s| s["name"] == n).unwrap()["hash"].as_str().unwrap().to_string();
+    let blend = json!({
+        "model_hash": model["hash"], "prompt": "a circle", "negative_prompt": "",
+        "seed": 1, "steps": 4, "guidance": 7.5, "scheduler": "euler", "width": 64, "height": 64,
+        "styles": [
+            {"name": "inkline", "hash": hash("inkline"), "weight": 0.7, "blocks": {"down": 1.0, "mid": 1.0, "up": 1.0}},
+            {"name": "pastel", "hash": hash("pastel"), "weight": 0.4, "blocks": {"down": 1.0, "mid": 0.0, "up": 1.0}}
+        ]
+    });
+    let link = send(&app, Method::PUT, "/api/blends/two", Some(blend.clone())).await.json::<Value>()["link"].as_str().unwrap().to_string();
+
+    let r = send(&app, Method::POST, "/api/blends/bakes", Some(json!({"link": link, "rank": 2}))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let id = r.json::<Value>()["id"].as_str().unwrap().to_string();
+    let events = send(&app, Method::GET, &format!("/api/blends/bakes/{id}/events"), None).await;
+    assert_eq!(events.status, StatusCode::OK);
+    let events: Vec<Value> = events.text().lines().filter_map(|l| l.strip_prefix("data:")).map(|d| serde_json::from_str(d.trim()).unwrap()).collect();
+    let last = events.last().unwrap();
+    assert_eq!(last["state"], "done", "{events:?}");
+    let total = last["total"].as_u64().unwrap();
+    assert!(total > 10, "the starter model's styles touch many layers: {total}");
+    assert_eq!(last["done"], total);
+    let error = last["relative_error"].as_f64().unwrap();
+    assert!(error > 0.0 && error < 1.0, "rank 2 loses part of a rank-8+8 blend: {error}");
+    let file = send(&app, Method::GET, &format!("/api/blends/bakes/{id}/file"), None).await;
+    assert_eq!(file.status, StatusCode::OK);
+    assert_eq!(file.body.len() as u64, last["bytes"].as_u64().unwrap());
+    let adapter = tmp.path().join("baked.safetensors");
+    std::fs::write(&adapter, &file.body).unwrap();
+    let lora = atelier_engine::lora::LoraAdapter::load(&adapter).unwrap();
+    assert_eq!(lora.modules.len() as u64, total, "one module per baked layer");
+    let listed: Vec<Value> = get_json(&app, "/api/blends/bakes").await;
+    assert_eq!(listed[0]["id"], id.as_str());
+    // Cancelling a finished bake changes nothing; unknown bakes are 404.
+    assert_eq!(send(&app, Method::POST, &format!("/api/blends/bakes/{id}/cancel"), None).await.json::<Value>()["state"], "done");
+    assert_json_error(&send(&app, Method::GET, "/api/blends/bakes/nope", None).await, StatusCode::NOT_FOUND, "no bake");
+    assert_json_error(&send(&app, Method::GET, "/api/blends/bakes/nope/file", None).await, StatusCode::NOT_FOUND, "no bake");
+
+    // Refused before queueing: a malformed link, a missing style, a rank out of range.
+    assert_json_error(&send(&app, Method::POST, "/api/blends/bakes", Some(json!({"link": "not-a-link"}))).await, StatusCode::BAD_REQUEST, "invalid link");
+    let mut other = blend.clone();
+    other["styles"][1]["hash"] = json!("00112233ff");
+    let code = send(&app, Method::PUT, "/api/blends/other", Some(other)).await.json::<Value>()["link"].as_str().unwrap().to_string();
+    assert_json_error(&send(&app, Method::POST, "/api/blends/bakes", Some(json!({"link": code}))).await, StatusCode::BAD_REQUEST, "00112233ff");
+    assert_json_error(&send(&app, Method::POST, "/api/blends/bakes", Some(json!({"link": link, "rank": 0}))).await, StatusCode::BAD_REQUEST, "rank");
+    assert_eq!(get_json::<Vec<Value>>(&app, "/api/blends/bakes").await.len(), 1, "nothing refused was queued");
+
+    // One body extractor everywhere: a body over the limit is 413 on every JSON endpoint.
+    let huge = format!("{{\"link\": \"{}\"}}", "x".repeat(app::dto::MAX_BODY_BYTES + 1));
+    for (method, uri) in [(Method::POST, "/api/blends/bakes"), (Method::PUT, "/api/blends/big"), (Method::POST, "/api/blends/resolve"), (Method::POST, "/api/style-trainings")] {
+        let r = common::send_raw(&app, method, uri, "application/json", huge.clone().into_bytes()).await;
+        assert_json_error(&r, StatusCode::PAYLOAD_TOO_LARGE, "larger than");
+    }
+}
