@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod bake;
 pub mod error;
+pub mod files;
 pub mod image_input;
 pub mod memory;
 pub mod metadata;

@@ -177,20 +177,9 @@ fn parse_line(line: &str, n: usize) -> Option<(u64, Vec<f64>)> {
     (values.len() == n).then_some((step, values))
 }
 
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`, so a
-/// reader never sees a half-written file.
+/// [`crate::files::write_atomic`], with the engine's error.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name =
-        path.file_name().ok_or_else(|| Error::invalid("path", format!("{} is not a file path", path.display())))?;
-    let tmp = path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    if let Err(e) = fs::write(&tmp, bytes) {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    crate::files::write_atomic(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 /// Plot size in pixels.
