@@ -33,9 +33,10 @@ use crate::pipeline::{image_to_tensor, GenerateParams, StableDiffusion};
 use crate::style::dataset::PreparedDataset;
 use crate::train::checkpoint;
 use crate::train::diffusion::{alphas_cumprod, detached, timesteps_tensor, weighted_loss, Objective};
-use crate::train::curves::{plot_png, CsvLog};
+use crate::train::curves::CsvLog;
 use crate::train::init::seeded_var_builder;
 use crate::train::optim::{AdamW, OptimConfig};
+use crate::train::plot::plot_png;
 use crate::{Error, Result};
 
 /// Everything that decides a trained adapter; saved with it.
