@@ -243,7 +243,7 @@ pub fn measure_style(
     let style = measure(sd.vae(), &style_images, &reference)?;
     let mut all = base_images;
     all.extend(style_images);
-    let sheet = atelier_engine::starter::eval::contact_sheet(&all, prompts.len().max(1));
+    let sheet = atelier_engine::sheet::contact_sheet(&all, prompts.len().max(1));
     let path = run_dir.join("compare.png");
     let tmp = run_dir.join("compare.png.tmp");
     sheet.save_with_format(&tmp, image::ImageFormat::Png)?;

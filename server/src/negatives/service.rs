@@ -354,7 +354,7 @@ fn execute_inner(ctx: &Context, status: &mut OptimizeStatus, dir: &Path, cancel:
             }
         }
         let png = dir.join("comparison.png");
-        atelier_engine::starter::eval::contact_sheet(&sheet, result.comparisons.len()).save(&png)?;
+        atelier_engine::sheet::contact_sheet(&sheet, result.comparisons.len()).save(&png)?;
         tracker.log_artifact(&run, &png, None)?;
     }
     status.result = Some(result);

@@ -7,9 +7,9 @@
 //!   (C × h·w) after down block l of the model's own VAE encoder (the feature statistics
 //!   of Gatys et al.'s style loss, from a fixed network every model ships with);
 //! - **sharpness**: variance of the 4-neighbour Laplacian of the luma
-//!   ([`crate::metrics::laplacian_variance`]);
+//!   ([`crate::quality::laplacian_variance`]);
 //! - **colourfulness** (Hasler & Süsstrunk 2003): with `rg = R − G`, `yb = (R + G)/2 − B`,
-//!   `M = √(σ_rg² + σ_yb²) + 0.3·√(μ_rg² + μ_yb²)`;
+//!   `M = √(σ_rg² + σ_yb²) + 0.3·√(μ_rg² + μ_yb²)` ([`crate::quality::colourfulness`]);
 //! - **diversity** of a set: the mean over pairs of the RMS difference of 16×16
 //!   thumbnails, in units of the full 0–255 range (0: identical images).
 
@@ -67,24 +67,6 @@ pub fn style_similarity(generated: &[Tensor], reference: &[Tensor]) -> Result<f6
     Ok(1.0 / (1.0 + d))
 }
 
-/// Hasler–Süsstrunk colourfulness.
-pub fn colourfulness(img: &RgbImage) -> f64 {
-    let n = img.pixels().len().max(1) as f64;
-    let (mut s_rg, mut s_yb, mut q_rg, mut q_yb) = (0.0, 0.0, 0.0, 0.0);
-    for p in img.pixels() {
-        let (r, g, b) = (p[0] as f64, p[1] as f64, p[2] as f64);
-        let rg = r - g;
-        let yb = 0.5 * (r + g) - b;
-        s_rg += rg;
-        s_yb += yb;
-        q_rg += rg * rg;
-        q_yb += yb * yb;
-    }
-    let (m_rg, m_yb) = (s_rg / n, s_yb / n);
-    let (v_rg, v_yb) = ((q_rg / n - m_rg * m_rg).max(0.0), (q_yb / n - m_yb * m_yb).max(0.0));
-    (v_rg + v_yb).sqrt() + 0.3 * (m_rg * m_rg + m_yb * m_yb).sqrt()
-}
-
 /// Mean pairwise RMS difference of 16×16 thumbnails, as a fraction of 255.
 pub fn diversity(images: &[RgbImage]) -> f64 {
     let thumbs: Vec<Vec<f64>> = images
@@ -110,8 +92,8 @@ pub fn measure(vae: &AutoencoderKL, generated: &[RgbImage], reference_grams: &[T
     let n = generated.len().max(1) as f64;
     Ok(StyleMetrics {
         style_similarity: style_similarity(&mean_grams(vae, generated)?, reference_grams)?,
-        sharpness: generated.iter().map(crate::metrics::laplacian_variance).sum::<f64>() / n,
-        colourfulness: generated.iter().map(colourfulness).sum::<f64>() / n,
+        sharpness: generated.iter().map(crate::quality::laplacian_variance).sum::<f64>() / n,
+        colourfulness: generated.iter().map(crate::quality::colourfulness).sum::<f64>() / n,
         diversity: diversity(generated),
     })
 }
@@ -119,15 +101,6 @@ pub fn measure(vae: &AutoencoderKL, generated: &[RgbImage], reference_grams: &[T
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn colourfulness_of_grey_and_of_colour() {
-        let grey = RgbImage::from_pixel(8, 8, image::Rgb([120, 120, 120]));
-        assert_eq!(colourfulness(&grey), 0.0);
-        // Uniform red: rg = 255, yb = 127.5, no spread → 0.3·√(255² + 127.5²).
-        let red = RgbImage::from_pixel(8, 8, image::Rgb([255, 0, 0]));
-        assert!((colourfulness(&red) - 0.3 * (255f64.powi(2) + 127.5f64.powi(2)).sqrt()).abs() < 1e-9);
-    }
 
     #[test]
     fn diversity_is_zero_for_copies_and_grows_with_difference() {
