@@ -1,7 +1,11 @@
 //! Contact sheets: many images of one size tiled into one, for looking at a set at a
 //! glance (training samples, before/after comparisons, evaluation renders).
 
+use std::path::Path;
+
 use image::RgbImage;
+
+use crate::{Error, Result};
 
 /// Tiles images into a contact sheet, `columns` wide, with a 2-pixel white gap. Every
 /// cell has the size of the first image.
@@ -16,6 +20,16 @@ pub fn contact_sheet(images: &[RgbImage], columns: usize) -> RgbImage {
         image::imageops::replace(&mut sheet, img, (gap + cx * (w + gap)) as i64, (gap + cy * (h + gap)) as i64);
     }
     sheet
+}
+
+/// Writes `img` (a sheet, or any image) to `path` as PNG, atomically
+/// ([`crate::files::write_atomic_with`]).
+pub fn save_png(path: &Path, img: &RgbImage) -> Result<()> {
+    crate::files::write_atomic_with(
+        path,
+        |tmp| img.save_with_format(tmp, image::ImageFormat::Png).map_err(|e| Error::Image(e.to_string())),
+        |e| Error::io(path, e),
+    )
 }
 
 #[cfg(test)]

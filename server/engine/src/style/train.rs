@@ -471,12 +471,7 @@ pub fn train_style(
 fn write_sheet(dir: &Path, step: u64, images: &[image::RgbImage]) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(format!("step-{step:05}.png"));
-    let sheet = crate::sheet::contact_sheet(images, images.len().max(1));
-    crate::files::write_atomic_with(
-        &path,
-        |tmp| sheet.save_with_format(tmp, image::ImageFormat::Png).map_err(|e| Error::Image(e.to_string())),
-        |e| Error::io(&path, e),
-    )?;
+    crate::sheet::save_png(&path, &crate::sheet::contact_sheet(images, images.len().max(1)))?;
     Ok(path)
 }
 
