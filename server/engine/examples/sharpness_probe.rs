@@ -4,9 +4,9 @@
 //! `cargo run --release -p atelier-engine --example sharpness_probe -- MODEL_DIR [VAE_WEIGHTS]`
 
 use atelier_engine::attention::AttentionKind;
-use atelier_engine::metrics::laplacian_variance;
 use atelier_engine::model::load_safetensors;
 use atelier_engine::pipeline::{image_to_tensor, tensor_to_images, GenerateParams, StableDiffusion};
+use atelier_engine::quality::laplacian_variance;
 use atelier_engine::scheduler::SchedulerKind;
 use atelier_engine::starter::eval::held_out_cases;
 use atelier_engine::starter::{model, shapes::World};

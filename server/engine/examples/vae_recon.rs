@@ -7,7 +7,7 @@
 use atelier_engine::attention::AttentionKind;
 use atelier_engine::model::load_safetensors;
 use atelier_engine::pipeline::{image_to_tensor, tensor_to_images};
-use atelier_engine::starter::eval::contact_sheet;
+use atelier_engine::sheet::contact_sheet;
 use atelier_engine::starter::{model, shapes::World};
 use atelier_engine::vae::AutoencoderKL;
 use candle_core::{DType, Device, Tensor};

@@ -3,32 +3,45 @@
 //! Loads diffusers-layout SD 1.x / 2.x models ([`model`]), tokenizes prompts
 //! ([`tokenizer`]), encodes them ([`clip`]), denoises with a [`unet`] under one of
 //! the [`scheduler`]s and decodes with the [`vae`]. [`pipeline`] ties them together.
-//! This crate never downloads outside [`hub`], never prints, and never parses flags.
+//! This crate never downloads (a Hugging Face id is looked up in the local hub cache by
+//! [`model::resolve`]), never prints, and never parses flags.
+//!
+//! The modules are listed by layer: the model, inference, training, measurement, files.
 
-pub mod attention;
-pub mod bake;
 pub mod error;
-pub mod image_input;
-pub mod memory;
-pub mod metadata;
-pub mod noise;
-pub mod pipeline;
-pub mod scheduler;
-pub mod tokenizer;
-
 pub use error::{Error, Result};
-pub mod clip;
-pub mod conv;
-pub mod layers;
-pub mod lora;
-pub mod prompt;
-pub mod unet;
-pub mod unet_blocks;
-pub mod vae;
-pub mod model;
-pub mod reference;
-pub mod metrics;
-pub mod quality;
-pub mod starter;
-pub mod style;
-pub mod train;
+
+// Model: loading a model folder and the networks it holds.
+pub mod model; // a diffusers folder: its files, configs, weights, the hub cache
+pub mod layers; // linear, convolution and normalisation layers under checkpoint names
+pub mod conv; // 2-D convolution as im2col + matmul, for training on the CPU
+pub mod attention; // how attention is computed, selectable per run
+pub mod tokenizer; // CLIP byte-level BPE tokenizer
+pub mod clip; // CLIP text encoder
+pub mod unet_blocks; // ResNet, sampler and transformer blocks of the UNet and VAE
+pub mod unet; // the denoising UNet
+pub mod vae; // the autoencoder between images and latents
+pub mod lora; // LoRA adapter files, checked against a model and attached to it
+pub mod bake; // a blend of adapters baked into one file or into the weights
+
+// Inference: turning a prompt into images.
+pub mod prompt; // A1111 prompt syntax: <lora:…> tags, attention weights, BREAK, chunks
+pub mod noise; // seeded Gaussian noise, the same on every machine
+pub mod scheduler; // noise schedulers, configured as diffusers does
+pub mod memory; // memory admission for a generation or a training step
+pub mod pipeline; // text-to-image and image-to-image
+
+// Training: the shared machinery, the starter model and style adapters.
+pub mod train; // optimiser, weight average, checkpoints, loss curves and their plots
+pub mod starter; // the starter model trained on a procedural world of shapes
+pub mod style; // style adapters: datasets, training, style metrics
+
+// Measurement: how good an image, a set or the engine is.
+pub mod quality; // no-reference quality of one image, and generic image measures
+pub mod reference; // reproducing diffusers' reference cases, to compare with them
+pub mod sheet; // contact sheets: a set of images tiled into one
+
+// Files: images and results in and out.
+pub mod files; // atomic writes (temporary file, then rename)
+pub mod image_input; // the one way an image enters (format by content, EXIF orientation)
+pub mod metadata; // A1111 `parameters` text in PNG files

@@ -11,9 +11,7 @@
 //! The negative-prompt line is left out when empty; a value holding `,`, `:` or a newline is
 //! written as a JSON string. Parsing follows A1111's `parse_generation_parameters`.
 
-use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use image::RgbImage;
@@ -273,42 +271,11 @@ fn find_parameters(info: &png::Info<'_>) -> std::result::Result<Option<String>, 
 }
 
 /// Writes the PNG so that `path` holds either the old file or the complete new one, never a
-/// partial file: a temporary file in the same folder is written, synced and renamed over `path`.
+/// partial file: a temporary file in the same folder is written, synced and renamed over `path`
+/// ([`crate::files::write_atomic`]).
 pub fn write_png_atomic(path: &Path, img: &RgbImage, meta: &ImageMetadata) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let bytes = encode_png(img, meta)?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().ok_or_else(|| Error::Metadata(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.{}-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    // Make the rename itself durable. Directories cannot be opened for syncing everywhere
-    // (Windows), and the file is already complete, so this is best effort.
-    #[cfg(unix)]
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::files::write_atomic(path, &bytes).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]

@@ -186,18 +186,21 @@ pub fn resolve_in_cache(id: &str, cache: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Writes tensors to a safetensors file atomically (temp file + rename).
+/// Writes tensors to a safetensors file atomically ([`crate::files::write_atomic_with`]),
+/// creating its folder.
 pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let tmp = path.with_extension("safetensors.tmp");
     let cpu: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&cpu, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::files::write_atomic_with(
+        path,
+        |tmp| Ok(candle_core::safetensors::save(&cpu, tmp)?),
+        |e| Error::io(path, e),
+    )
 }
 
 /// Like [`save_safetensors_atomic`], with a safetensors metadata header (string pairs).
@@ -209,15 +212,19 @@ pub fn save_safetensors_with_metadata_atomic(
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let tmp = path.with_extension("safetensors.tmp");
     let mut cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     cpu.sort_by(|a, b| a.0.cmp(&b.0));
-    safetensors::serialize_to_file(cpu, Some(metadata.clone()), &tmp)
-        .map_err(|e| Error::Weights { path: path.to_path_buf(), message: format!("cannot write ({e})") })?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::files::write_atomic_with(
+        path,
+        |tmp| {
+            safetensors::serialize_to_file(cpu, Some(metadata.clone()), tmp)
+                .map_err(|e| Error::Weights { path: path.to_path_buf(), message: format!("cannot write ({e})") })
+        },
+        |e| Error::io(path, e),
+    )
 }
 
 /// Weights drawn at random (N(0, 0.02²), deterministic per tensor name): lets benchmarks

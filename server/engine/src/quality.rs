@@ -9,13 +9,17 @@
 //! | sharpness | variance of the 4-neighbour Laplacian of `Y` minus the `20 σ²` that noise of level `σ` adds to it (the kernel's squared weights sum to 20), floored at 0 | `min(ln(1 + s) / ln(1 + 4000), 1)` |
 //! | contrast | RMS contrast: mean over R, G, B of the channel's standard deviation, / 255 | `min(c / 0.3, 1)` |
 //! | exposure | clipped fraction: pixels with a channel at ≤ 2 or ≥ 253 (crushed shadows, blown highlights) | `1 − clipped` |
-//! | colourfulness | Hasler & Süsstrunk's `M` ([`crate::style::metrics::colourfulness`]) | `min(M / 109, 1)` (109: their "extremely colourful") |
+//! | colourfulness | Hasler & Süsstrunk's `M` ([`colourfulness`]) | `min(M / 109, 1)` (109: their "extremely colourful") |
 //! | blockiness | `R = (mean |ΔY| across the 8-pixel block grid + 1) / (mean |ΔY| elsewhere + 1)`, horizontal and vertical together (JPEG-style block edges make `R > 1`) | `1 − min(max(R − 1, 0) / 2, 1)` |
 //! | style | style similarity to the active style's training images ([`crate::style::metrics::style_similarity`]), in (0, 1] | the similarity itself |
 //!
 //! The combined score is the weighted mean of the scores present, with [`Weights`]
 //! (defaults: sharpness 0.25, noise 0.25, contrast 0.15, exposure 0.15, colourfulness 0.1,
 //! blockiness 0.1, style 0.3); a metric whose weight is 0 takes no part.
+//!
+//! Two of the measurements are used on their own elsewhere (starter evaluation, style
+//! metrics): [`laplacian_variance`] (sharpness before the noise correction) and
+//! [`colourfulness`].
 
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -198,13 +202,13 @@ pub fn measure(img: &RgbImage, style: Option<f64>) -> Metrics {
     let y = luma(img);
     let (w, h) = img.dimensions();
     let sigma = noise_sigma(&y, w, h);
-    let lap = crate::metrics::laplacian_variance(img);
+    let lap = laplacian_variance_of(&y, w, h);
     Metrics {
         sharpness: (lap - 20.0 * sigma * sigma).max(0.0),
         noise: sigma,
         contrast: rms_contrast(img),
         exposure: clipped_fraction(img),
-        colourfulness: crate::style::metrics::colourfulness(img),
+        colourfulness: colourfulness(img),
         blockiness: blockiness(&y, w, h),
         style,
     }
@@ -225,6 +229,53 @@ pub fn score(raw: &Metrics) -> Metrics {
 
 fn luma(img: &RgbImage) -> Vec<f64> {
     img.pixels().map(|p| 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64).collect()
+}
+
+/// Variance of the 3×3 Laplacian `[0,1,0; 1,-4,1; 0,1,0]` of the luma
+/// (0.299 R + 0.587 G + 0.114 B, in 0..255 units) over the interior pixels (those with all
+/// four neighbours). Low values mean a blurry image, high values edges or noise. Images
+/// smaller than 3×3 give 0.
+pub fn laplacian_variance(img: &RgbImage) -> f64 {
+    let (w, h) = img.dimensions();
+    laplacian_variance_of(&luma(img), w, h)
+}
+
+/// [`laplacian_variance`] of a luma plane `y` of `w` × `h` pixels.
+fn laplacian_variance_of(y: &[f64], w: u32, h: u32) -> f64 {
+    if w < 3 || h < 3 {
+        return 0.0;
+    }
+    let at = |x: u32, r: u32| y[(r * w + x) as usize];
+    let (mut sum, mut sum_sq, mut n) = (0.0, 0.0, 0.0);
+    for r in 1..h - 1 {
+        for x in 1..w - 1 {
+            let v = at(x - 1, r) + at(x + 1, r) + at(x, r - 1) + at(x, r + 1) - 4.0 * at(x, r);
+            sum += v;
+            sum_sq += v * v;
+            n += 1.0;
+        }
+    }
+    let mean = sum / n;
+    (sum_sq / n - mean * mean).max(0.0)
+}
+
+/// Hasler & Süsstrunk's (2003) colourfulness `M`: with `rg = R − G`, `yb = (R + G)/2 − B`,
+/// `M = √(σ_rg² + σ_yb²) + 0.3·√(μ_rg² + μ_yb²)` (0 for grey images).
+pub fn colourfulness(img: &RgbImage) -> f64 {
+    let n = img.pixels().len().max(1) as f64;
+    let (mut s_rg, mut s_yb, mut q_rg, mut q_yb) = (0.0, 0.0, 0.0, 0.0);
+    for p in img.pixels() {
+        let (r, g, b) = (p[0] as f64, p[1] as f64, p[2] as f64);
+        let rg = r - g;
+        let yb = 0.5 * (r + g) - b;
+        s_rg += rg;
+        s_yb += yb;
+        q_rg += rg * rg;
+        q_yb += yb * yb;
+    }
+    let (m_rg, m_yb) = (s_rg / n, s_yb / n);
+    let (v_rg, v_yb) = ((q_rg / n - m_rg * m_rg).max(0.0), (q_yb / n - m_yb * m_yb).max(0.0));
+    (v_rg + v_yb).sqrt() + 0.3 * (m_rg * m_rg + m_yb * m_yb).sqrt()
 }
 
 /// Robust noise level: the median absolute response to Immerkær's (1996) mask, scaled to σ
@@ -310,6 +361,32 @@ mod tests {
 
     fn flat(v: u8) -> RgbImage {
         RgbImage::from_pixel(32, 32, image::Rgb([v, v, v]))
+    }
+
+    #[test]
+    fn laplacian_of_flat_and_checkerboard() {
+        use image::Rgb;
+        let flat = RgbImage::from_pixel(16, 16, Rgb([90, 10, 200]));
+        assert_eq!(laplacian_variance(&flat), 0.0);
+        // One-pixel black/white checkerboard: luma 0 or 255 (the weights sum to 1), so
+        // the Laplacian is +4·255 on black and −4·255 on white pixels; a 14×14 interior
+        // holds as many of each, so the mean is 0 and the variance (4·255)² = 1 040 400.
+        let board = RgbImage::from_fn(16, 16, |x, y| if (x + y) % 2 == 0 { Rgb([255; 3]) } else { Rgb([0; 3]) });
+        assert!((laplacian_variance(&board) - 1_040_400.0).abs() < 1e-6, "{}", laplacian_variance(&board));
+        // A vertical step edge of height 100 in luma: the Laplacian is ±100 on the two
+        // columns beside it (2 of 8 interior columns, 8 rows), 0 elsewhere: mean 0,
+        // variance (2·8·100²)/(8·8) = 2500.
+        let step = RgbImage::from_fn(10, 10, |x, _| if x < 5 { Rgb([0; 3]) } else { Rgb([100; 3]) });
+        assert!((laplacian_variance(&step) - 2500.0).abs() < 1e-6, "{}", laplacian_variance(&step));
+    }
+
+    #[test]
+    fn colourfulness_of_grey_and_of_colour() {
+        let grey = RgbImage::from_pixel(8, 8, image::Rgb([120, 120, 120]));
+        assert_eq!(colourfulness(&grey), 0.0);
+        // Uniform red: rg = 255, yb = 127.5, no spread → 0.3·√(255² + 127.5²).
+        let red = RgbImage::from_pixel(8, 8, image::Rgb([255, 0, 0]));
+        assert!((colourfulness(&red) - 0.3 * (255f64.powi(2) + 127.5f64.powi(2)).sqrt()).abs() < 1e-9);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use atelier_engine::metrics::classify_colours;
 use atelier_engine::pipeline::{GenerateParams, StableDiffusion};
+use atelier_engine::starter::measure::classify_colours;
 use atelier_engine::starter::shapes::{is_held_out, Colour, Position, Quality, Scene, Shape, Size};
 use candle_core::Device;
 

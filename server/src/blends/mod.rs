@@ -43,9 +43,7 @@ impl BlendStore {
         let link = atelier_blend::encode(blend)?;
         let path = self.path(name)?;
         std::fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(blend)?).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        atelier_engine::files::write_json_atomic(&path, blend).with_context(|| format!("writing {}", path.display()))?;
         Ok(SavedBlend { name: name.to_string(), blend: blend.clone(), link })
     }
 

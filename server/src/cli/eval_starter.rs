@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use atelier_engine::pipeline::StableDiffusion;
-use atelier_engine::starter::eval::{contact_sheet, evaluate, held_out_cases, Adherence, EvalSettings};
+use atelier_engine::sheet::contact_sheet;
+use atelier_engine::starter::eval::{evaluate, held_out_cases, Adherence, EvalSettings};
 
 /// Arguments of `atelier eval-starter`.
 #[derive(Debug, clap::Args)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use atelier_engine::pipeline::StableDiffusion;
-use atelier_engine::style::metrics::{render_set, starter_eval_prompts, style_similarity};
+use atelier_engine::style::metrics::{load_style_grams, render_set, starter_eval_prompts, style_similarity};
 use atelier_server::styles::StyleLibrary;
 
 use super::train_style::{EVAL_SEED, STYLE_GRAMS};
@@ -56,7 +56,7 @@ pub fn run(args: EvalStylesArgs) -> Result<()> {
     }
     for entry in entries {
         let trigger = entry.card.as_ref().map_or(entry.name.clone(), |c| c.trigger.clone());
-        let reference = atelier_server::styles::training::load_style_grams(&entry.dir, sd.device())?;
+        let reference = load_style_grams(&entry.dir, sd.device())?;
         let lora = sd.bind_lora(&Arc::new(atelier_engine::lora::LoraAdapter::load(&entry.adapter())?))?;
         let prompts = starter_eval_prompts(&trigger);
         let sim = |w: Option<f64>| -> Result<f64> {

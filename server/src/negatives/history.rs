@@ -69,7 +69,7 @@ impl History {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        crate::png::write_atomic(&self.path, &serde_json::to_vec_pretty(&all)?)?;
+        atelier_engine::files::write_json_atomic(&self.path, &all)?;
         Ok(())
     }
 }

@@ -115,7 +115,7 @@ impl KnowledgeFile {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        crate::png::write_atomic(&self.path, &serde_json::to_vec_pretty(kb)?)?;
+        atelier_engine::files::write_json_atomic(&self.path, kb)?;
         Ok(())
     }
 }

@@ -380,7 +380,7 @@ fn execute_inner(
             }
         }
         let png = dir.join("comparison.png");
-        atelier_engine::starter::eval::contact_sheet(&sheet, result.comparisons.len()).save(&png)?;
+        atelier_engine::sheet::contact_sheet(&sheet, result.comparisons.len()).save(&png)?;
         tracker.log_artifact(&run, &png, None)?;
     }
     status.result = Some(result);

@@ -130,9 +130,7 @@ impl StyleLibrary {
     /// Writes a style's card (atomically).
     pub fn write_card(&self, name: &str, card: &StyleCard) -> Result<()> {
         let path = self.style_dir(name)?.join("card.json");
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(card)?).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        atelier_engine::files::write_json_atomic(&path, card).with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 

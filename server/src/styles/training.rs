@@ -4,13 +4,13 @@
 //! then measure the style against the base model and write its card into the library.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use app::dto::StyleTrainingRequest;
 use atelier_engine::pipeline::StableDiffusion;
 use atelier_engine::style::dataset::{prepare, scan, DatasetReport};
+use atelier_engine::style::metrics::{measure_style, COMPARE_PNG};
 use atelier_engine::style::train::{train_style, StyleEvent, StyleOutput, StyleTrainConfig};
 
 use crate::styles::{StyleCard, StyleLibrary};
@@ -20,7 +20,7 @@ use crate::tracking::{RunStatus, Tracker};
 pub const SHIPPED_STYLES: &str = "models/styles";
 
 /// File of a style folder holding the training images' mean Gram matrices.
-pub const STYLE_GRAMS: &str = "style_grams.safetensors";
+pub use atelier_engine::style::metrics::STYLE_GRAMS;
 
 /// Seed of the first evaluation image; image i uses EVAL_SEED + i.
 pub const EVAL_SEED: u64 = 2000;
@@ -161,7 +161,14 @@ pub fn run_training(
     } else {
         req.eval_prompts.clone()
     };
-    card.metrics = measure_style(sd, &output.kohya, &data.images, &prompts, &run_dir)?;
+    let measured = measure_style(sd, &output.kohya, &data.images, &prompts, EVAL_SEED, &run_dir)?;
+    card.metrics = serde_json::json!({
+        "prompts": prompts,
+        "first_seed": EVAL_SEED,
+        "base": measured.base,
+        "style": measured.style,
+        "formulas": "see atelier_engine::style::metrics (README: Styles)",
+    });
     library.write_card(&req.name, &card)?;
     let step = req.steps as i64;
     tracker.log_metric(&tracked, "fit_loss_base", output.fit_before, step)?;
@@ -175,7 +182,7 @@ pub fn run_training(
             }
         }
     }
-    for f in [output.kohya.clone(), output.diffusers.clone(), run_dir.join("compare.png"), run_dir.join("loss.png"), run_dir.join("card.json")] {
+    for f in [output.kohya.clone(), output.diffusers.clone(), run_dir.join(COMPARE_PNG), run_dir.join("loss.png"), run_dir.join("card.json")] {
         if f.is_file() {
             tracker.log_artifact(&tracked, &f, None)?;
         }
@@ -212,47 +219,9 @@ fn tracked_run(tracker: &Tracker, run_dir: &Path, cfg: &StyleTrainConfig, tags: 
     Ok(id)
 }
 
-/// The statistics [`measure_style`] keeps with a style (`STYLE_GRAMS` in its folder), in
-/// encoder-layer order, on `device`.
+/// The statistics [`measure_style`] keeps with a style ([`STYLE_GRAMS`] in its folder), in
+/// encoder-layer order, on `device`: [`atelier_engine::style::metrics::load_style_grams`]
+/// for callers that report with `anyhow`.
 pub fn load_style_grams(style_dir: &Path, device: &candle_core::Device) -> Result<Vec<candle_core::Tensor>> {
-    let file = style_dir.join(STYLE_GRAMS);
-    let map = atelier_engine::model::load_safetensors(&file, device)
-        .with_context(|| format!("reading {} (train the style again to measure style similarity)", file.display()))?;
-    (0..map.len()).map(|i| map.get(&format!("layer{i}")).cloned().with_context(|| format!("{} lacks layer{i}", file.display()))).collect()
-}
-
-/// Renders the evaluation prompts with the base model and with the style (weight 1),
-/// writes `compare.png` (base row over style row) and returns the metrics of both.
-pub fn measure_style(
-    sd: &StableDiffusion,
-    adapter: &Path,
-    training_images: &[image::RgbImage],
-    prompts: &[String],
-    run_dir: &Path,
-) -> Result<serde_json::Value> {
-    use atelier_engine::style::metrics::{mean_grams, measure, render_set};
-    let lora = sd.bind_lora(&Arc::new(atelier_engine::lora::LoraAdapter::load(adapter)?))?;
-    let reference = mean_grams(sd.vae(), training_images)?;
-    // Kept with the style, so that it can be measured again without its dataset.
-    let grams: std::collections::HashMap<String, candle_core::Tensor> =
-        reference.iter().enumerate().map(|(i, g)| (format!("layer{i}"), g.clone())).collect();
-    atelier_engine::model::save_safetensors_atomic(&grams, &run_dir.join(STYLE_GRAMS))?;
-    let base_images = render_set(sd, None, prompts, EVAL_SEED)?;
-    let style_images = render_set(sd, Some((&lora, 1.0)), prompts, EVAL_SEED)?;
-    let base = measure(sd.vae(), &base_images, &reference)?;
-    let style = measure(sd.vae(), &style_images, &reference)?;
-    let mut all = base_images;
-    all.extend(style_images);
-    let sheet = atelier_engine::starter::eval::contact_sheet(&all, prompts.len().max(1));
-    let path = run_dir.join("compare.png");
-    let tmp = run_dir.join("compare.png.tmp");
-    sheet.save_with_format(&tmp, image::ImageFormat::Png)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(serde_json::json!({
-        "prompts": prompts,
-        "first_seed": EVAL_SEED,
-        "base": base,
-        "style": style,
-        "formulas": "see atelier_engine::style::metrics (README: Styles)",
-    }))
+    Ok(atelier_engine::style::metrics::load_style_grams(style_dir, device)?)
 }

@@ -4,10 +4,10 @@
 //!
 //! Every held-out triple is rendered as a plain, a `small` and a `large` prompt
 //! (centred, so the centre/border classification applies), one image each with a
-//! fixed seed. Each image is classified by [`metrics::classify_colours`] (mean colour
+//! fixed seed. Each image is classified by [`measure::classify_colours`] (mean colour
 //! of the central box vs the median of the border ring, nearest palette colour) and
-//! [`metrics::classify_shape`]; sharpness is the variance of the Laplacian
-//! ([`metrics::laplacian_variance`]). The same prompts and seeds are generated once
+//! [`measure::classify_shape`]; sharpness is the variance of the Laplacian
+//! ([`laplacian_variance`]). The same prompts and seeds are generated once
 //! with an empty negative prompt and once with the quality negative prompt.
 
 use std::time::Instant;
@@ -15,9 +15,10 @@ use std::time::Instant;
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::metrics;
 use crate::pipeline::{GenerateParams, StableDiffusion};
+use crate::quality::laplacian_variance;
 use crate::scheduler::SchedulerKind;
+use crate::starter::measure;
 use crate::starter::shapes::{held_out_triples, Colour, Position, Quality, Scene, Shape, Size};
 use crate::{Error, Result};
 
@@ -86,13 +87,13 @@ pub struct Classified {
 
 impl Classified {
     pub fn of(img: &RgbImage, case: &EvalCase) -> Self {
-        let (colour, background) = metrics::classify_colours(img);
-        let shape = metrics::classify_shape(img, case.colour, case.background);
+        let (colour, background) = measure::classify_colours(img);
+        let shape = measure::classify_shape(img, case.colour, case.background);
         Classified {
             colour_ok: colour == case.colour,
             background_ok: background == case.background,
             shape_ok: shape == Some(case.shape),
-            sharpness: metrics::laplacian_variance(img),
+            sharpness: laplacian_variance(img),
         }
     }
 }
@@ -188,20 +189,6 @@ pub fn evaluate(
         seconds_per_image: seconds / (2 * cases.len()).max(1) as f64,
         rows,
     })
-}
-
-/// Tiles images into a contact sheet, `columns` wide, with a 2-pixel gap.
-pub fn contact_sheet(images: &[RgbImage], columns: usize) -> RgbImage {
-    let (w, h) = images.first().map_or((1, 1), |i| (i.width(), i.height()));
-    let columns = columns.max(1) as u32;
-    let rows = (images.len() as u32).div_ceil(columns).max(1);
-    let gap = 2;
-    let mut sheet = RgbImage::from_pixel(columns * (w + gap) + gap, rows * (h + gap) + gap, image::Rgb([255, 255, 255]));
-    for (i, img) in images.iter().enumerate() {
-        let (cx, cy) = (i as u32 % columns, i as u32 / columns);
-        image::imageops::replace(&mut sheet, img, (gap + cx * (w + gap)) as i64, (gap + cy * (h + gap)) as i64);
-    }
-    sheet
 }
 
 #[cfg(test)]

@@ -178,17 +178,6 @@ pub fn card_json() -> Value {
     })
 }
 
-/// Writes `value` as pretty JSON to `path` atomically.
-pub fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = path.with_extension("json.tmp");
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::Metadata(e.to_string()))?;
-    text.push('\n');
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
 /// Copies the CLIP tokenizer files (`vocab.json`, `merges.txt`) from `src` and writes
 /// the tokenizer config, into `dest`.
 pub fn write_tokenizer(src: &Path, dest: &Path) -> Result<()> {
@@ -198,11 +187,14 @@ pub fn write_tokenizer(src: &Path, dest: &Path) -> Result<()> {
         if !from.is_file() {
             return Err(Error::Tokenizer { path: from, message: "missing; point --tokenizer at a CLIP tokenizer folder".into() });
         }
-        let tmp = dest.join(format!("{f}.tmp"));
-        std::fs::copy(&from, &tmp).map_err(|e| Error::io(&from, e))?;
-        std::fs::rename(&tmp, dest.join(f)).map_err(|e| Error::io(dest.join(f), e))?;
+        let to = dest.join(f);
+        crate::files::write_atomic_with(
+            &to,
+            |tmp| std::fs::copy(&from, tmp).map(drop).map_err(|e| Error::io(&from, e)),
+            |e| Error::io(&to, e),
+        )?;
     }
-    write_json(
+    crate::files::save_json(
         &dest.join("tokenizer_config.json"),
         &json!({
             "tokenizer_class": "CLIPTokenizer",

@@ -568,7 +568,7 @@ mod tests {
     }
 
     fn laplacian_var(img: &RgbImage) -> f64 {
-        crate::metrics::laplacian_variance(img)
+        crate::quality::laplacian_variance(img)
     }
 
     /// Pixels of the central `box_side` box (centred) and of the `ring`-wide border.

@@ -31,8 +31,9 @@ use crate::noise::Noise;
 use crate::starter::model::{self, IMAGE_SIZE};
 use crate::starter::shapes::{Scene, World};
 use crate::tokenizer::ClipTokenizer;
-use crate::train::curves::{plot_png, CsvLog};
+use crate::train::curves::CsvLog;
 use crate::train::diffusion::{alphas_cumprod, detached, weighted_loss, Objective};
+use crate::train::plot::plot_png;
 use crate::train::{checkpoint, seeded_var_builder, AdamW, Ema, OptimConfig};
 use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
@@ -278,7 +279,7 @@ pub fn train_base(
         }
     }
     let config_json = serde_json::to_value(config).map_err(|e| Error::Metadata(e.to_string()))?;
-    model::write_json(&config_path, &config_json)?;
+    crate::files::save_json(&config_path, &config_json)?;
     let tokenizer = ClipTokenizer::from_dir(tokenizer_dir)?;
 
     if let Some(init) = config.init_from.as_ref().filter(|i| !i.retrain_vae) {
@@ -288,7 +289,7 @@ pub fn train_base(
             let vae_cfg: Value = serde_json::from_slice(&std::fs::read(&src_cfg).map_err(|e| Error::io(&src_cfg, e))?)
                 .map_err(|e| Error::Config { path: src_cfg.clone(), message: e.to_string() })?;
             save_safetensors_atomic(&weights, &layout.vae_weights())?;
-            model::write_json(&layout.vae_config(), &vae_cfg)?;
+            crate::files::save_json(&layout.vae_config(), &vae_cfg)?;
         }
     }
     let (vae_final_loss, scaling_factor) = if layout.vae_weights().is_file() && layout.vae_config().is_file() {
@@ -299,9 +300,9 @@ pub fn train_base(
     };
     let diffusion_final_loss = train_diffusion(&layout, &tokenizer, config, scaling_factor, device, progress)?;
 
-    model::write_json(&out.join("model_index.json"), &model::model_index_json())?;
-    model::write_json(&out.join("atelier.json"), &model::card_json())?;
-    model::write_json(&out.join("scheduler").join("scheduler_config.json"), &model::scheduler_config_json())?;
+    crate::files::save_json(&out.join("model_index.json"), &model::model_index_json())?;
+    crate::files::save_json(&out.join("atelier.json"), &model::card_json())?;
+    crate::files::save_json(&out.join("scheduler").join("scheduler_config.json"), &model::scheduler_config_json())?;
     model::write_tokenizer(tokenizer_dir, &out.join("tokenizer"))?;
     let ckpts = out.join("checkpoints");
     if ckpts.exists() {
@@ -410,7 +411,7 @@ fn train_vae(
         // Same encoder, same latents: keep the scale the UNet was trained with.
         let cfg: crate::vae::VaeConfig = crate::model::read_config(&dir.join("config.json"))?;
         save_safetensors_atomic(&weights, &layout.vae_weights())?;
-        model::write_json(&layout.vae_config(), &model::vae_config_json(cfg.scaling_factor))?;
+        crate::files::save_json(&layout.vae_config(), &model::vae_config_json(cfg.scaling_factor))?;
         return Ok((last, cfg.scaling_factor));
     }
     // Latent scale: 1/std of the latent means over a sample of training images.
@@ -427,7 +428,7 @@ fn train_vae(
     let std = (all.sqr()?.mean_all()?.to_scalar::<f32>()? as f64 - mean * mean).max(1e-12).sqrt();
     let scaling_factor = 1.0 / std;
     save_safetensors_atomic(&weights, &layout.vae_weights())?;
-    model::write_json(&layout.vae_config(), &model::vae_config_json(scaling_factor))?;
+    crate::files::save_json(&layout.vae_config(), &model::vae_config_json(scaling_factor))?;
     Ok((last, scaling_factor))
 }
 
@@ -664,9 +665,9 @@ fn train_diffusion(
 /// their configs into the diffusers folder `out`.
 fn write_diffusion_weights(out: &Path, weights: &HashMap<String, Tensor>) -> Result<()> {
     save_safetensors_atomic(&split_prefix(weights, "unet."), &out.join("unet").join("diffusion_pytorch_model.safetensors"))?;
-    model::write_json(&out.join("unet").join("config.json"), &model::unet_config_json())?;
+    crate::files::save_json(&out.join("unet").join("config.json"), &model::unet_config_json())?;
     save_safetensors_atomic(&split_prefix(weights, "text_encoder."), &out.join("text_encoder").join("model.safetensors"))?;
-    model::write_json(&out.join("text_encoder").join("config.json"), &model::text_encoder_config_json())
+    crate::files::save_json(&out.join("text_encoder").join("config.json"), &model::text_encoder_config_json())
 }
 
 /// Exports the averaged weights of the newest diffusion checkpoint of the run in `run`
@@ -681,9 +682,9 @@ pub fn export_snapshot(run: &Path, tokenizer_dir: &Path, dest: &Path) -> Result<
     save_safetensors_atomic(&vae, &dest.join("vae").join("diffusion_pytorch_model.safetensors"))?;
     let vae_cfg = std::fs::read(layout.vae_config()).map_err(|e| Error::io(layout.vae_config(), e))?;
     std::fs::write(dest.join("vae").join("config.json"), vae_cfg).map_err(|e| Error::io(dest.join("vae"), e))?;
-    model::write_json(&dest.join("model_index.json"), &model::model_index_json())?;
-    model::write_json(&dest.join("atelier.json"), &model::card_json())?;
-    model::write_json(&dest.join("scheduler").join("scheduler_config.json"), &model::scheduler_config_json())?;
+    crate::files::save_json(&dest.join("model_index.json"), &model::model_index_json())?;
+    crate::files::save_json(&dest.join("atelier.json"), &model::card_json())?;
+    crate::files::save_json(&dest.join("scheduler").join("scheduler_config.json"), &model::scheduler_config_json())?;
     model::write_tokenizer(tokenizer_dir, &dest.join("tokenizer"))?;
     Ok(step)
 }

@@ -1,5 +1,6 @@
 //! Quality metrics of a style, measured on generated images (formulas below, all on
-//! 8-bit RGB images):
+//! 8-bit RGB images), and [`measure_style`], which measures a trained style against its
+//! base model and keeps the training images' statistics with it ([`load_style_grams`]):
 //!
 //! - **style similarity** to the training images, in (0, 1]: `1 / (1 + d)` with
 //!   `d = mean over layers l of ‖Ḡ_gen,l − Ḡ_ref,l‖_F / ‖Ḡ_ref,l‖_F`, where `Ḡ_l` is the
@@ -7,19 +8,33 @@
 //!   (C × h·w) after down block l of the model's own VAE encoder (the feature statistics
 //!   of Gatys et al.'s style loss, from a fixed network every model ships with);
 //! - **sharpness**: variance of the 4-neighbour Laplacian of the luma
-//!   ([`crate::metrics::laplacian_variance`]);
+//!   ([`crate::quality::laplacian_variance`]);
 //! - **colourfulness** (Hasler & Süsstrunk 2003): with `rg = R − G`, `yb = (R + G)/2 − B`,
-//!   `M = √(σ_rg² + σ_yb²) + 0.3·√(μ_rg² + μ_yb²)`;
+//!   `M = √(σ_rg² + σ_yb²) + 0.3·√(μ_rg² + μ_yb²)` ([`crate::quality::colourfulness`]);
 //! - **diversity** of a set: the mean over pairs of the RMS difference of 16×16
 //!   thumbnails, in units of the full 0–255 range (0: identical images).
 
-use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::image_to_tensor;
+use crate::lora::LoraAdapter;
+use crate::model::{load_safetensors, save_safetensors_atomic};
+use crate::pipeline::{image_to_tensor, StableDiffusion};
 use crate::vae::AutoencoderKL;
-use crate::Result;
+use crate::{Error, Result};
+
+/// File of a style folder holding the training images' mean Gram matrices (tensors
+/// `layer0`, `layer1`, … in encoder-layer order), written by [`measure_style`].
+pub const STYLE_GRAMS: &str = "style_grams.safetensors";
+
+/// File of a style folder showing [`measure_style`]'s renders: the base model's row over
+/// the style's.
+pub const COMPARE_PNG: &str = "compare.png";
 
 /// The four metrics of a set of images.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -67,24 +82,6 @@ pub fn style_similarity(generated: &[Tensor], reference: &[Tensor]) -> Result<f6
     Ok(1.0 / (1.0 + d))
 }
 
-/// Hasler–Süsstrunk colourfulness.
-pub fn colourfulness(img: &RgbImage) -> f64 {
-    let n = img.pixels().len().max(1) as f64;
-    let (mut s_rg, mut s_yb, mut q_rg, mut q_yb) = (0.0, 0.0, 0.0, 0.0);
-    for p in img.pixels() {
-        let (r, g, b) = (p[0] as f64, p[1] as f64, p[2] as f64);
-        let rg = r - g;
-        let yb = 0.5 * (r + g) - b;
-        s_rg += rg;
-        s_yb += yb;
-        q_rg += rg * rg;
-        q_yb += yb * yb;
-    }
-    let (m_rg, m_yb) = (s_rg / n, s_yb / n);
-    let (v_rg, v_yb) = ((q_rg / n - m_rg * m_rg).max(0.0), (q_yb / n - m_yb * m_yb).max(0.0));
-    (v_rg + v_yb).sqrt() + 0.3 * (m_rg * m_rg + m_yb * m_yb).sqrt()
-}
-
 /// Mean pairwise RMS difference of 16×16 thumbnails, as a fraction of 255.
 pub fn diversity(images: &[RgbImage]) -> f64 {
     let thumbs: Vec<Vec<f64>> = images
@@ -110,10 +107,66 @@ pub fn measure(vae: &AutoencoderKL, generated: &[RgbImage], reference_grams: &[T
     let n = generated.len().max(1) as f64;
     Ok(StyleMetrics {
         style_similarity: style_similarity(&mean_grams(vae, generated)?, reference_grams)?,
-        sharpness: generated.iter().map(crate::metrics::laplacian_variance).sum::<f64>() / n,
-        colourfulness: generated.iter().map(colourfulness).sum::<f64>() / n,
+        sharpness: generated.iter().map(crate::quality::laplacian_variance).sum::<f64>() / n,
+        colourfulness: generated.iter().map(crate::quality::colourfulness).sum::<f64>() / n,
         diversity: diversity(generated),
     })
+}
+
+/// A style and its base model measured on the same prompts and seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StyleComparison {
+    /// The base model alone.
+    pub base: StyleMetrics,
+    /// The base model with the style at weight 1.
+    pub style: StyleMetrics,
+}
+
+/// Measures the adapter file `adapter` on the model `sd` it was trained for: renders
+/// `prompts` (seeds `first_seed + i`, see [`render_set`]) with the base model and with the
+/// adapter at weight 1, and measures both sets against the mean Grams of
+/// `training_images`. Writes into `style_dir` those Grams ([`STYLE_GRAMS`], so the style
+/// can be measured again without its dataset, see [`load_style_grams`]) and
+/// [`COMPARE_PNG`] (base row over style row).
+pub fn measure_style(
+    sd: &StableDiffusion,
+    adapter: &Path,
+    training_images: &[RgbImage],
+    prompts: &[String],
+    first_seed: u64,
+    style_dir: &Path,
+) -> Result<StyleComparison> {
+    let lora = sd.bind_lora(&Arc::new(LoraAdapter::load(adapter)?))?;
+    let reference = mean_grams(sd.vae(), training_images)?;
+    let grams: HashMap<String, Tensor> =
+        reference.iter().enumerate().map(|(i, g)| (format!("layer{i}"), g.clone())).collect();
+    save_safetensors_atomic(&grams, &style_dir.join(STYLE_GRAMS))?;
+    let base_images = render_set(sd, None, prompts, first_seed)?;
+    let style_images = render_set(sd, Some((&lora, 1.0)), prompts, first_seed)?;
+    let base = measure(sd.vae(), &base_images, &reference)?;
+    let style = measure(sd.vae(), &style_images, &reference)?;
+    let mut all = base_images;
+    all.extend(style_images);
+    crate::sheet::save_png(&style_dir.join(COMPARE_PNG), &crate::sheet::contact_sheet(&all, prompts.len().max(1)))?;
+    Ok(StyleComparison { base, style })
+}
+
+/// The training images' mean Grams that [`measure_style`] kept in `style_dir`
+/// ([`STYLE_GRAMS`]), in encoder-layer order, on `device`.
+pub fn load_style_grams(style_dir: &Path, device: &Device) -> Result<Vec<Tensor>> {
+    let file = style_dir.join(STYLE_GRAMS);
+    let unusable = |why: String| Error::Weights {
+        path: file.clone(),
+        message: format!("{why} (train the style again to measure style similarity)"),
+    };
+    let map = load_safetensors(&file, device).map_err(|e| {
+        unusable(match e {
+            Error::Io { source, .. } => source.to_string(),
+            Error::Weights { message, .. } => message,
+            other => other.to_string(),
+        })
+    })?;
+    (0..map.len()).map(|i| map.get(&format!("layer{i}")).cloned().ok_or_else(|| unusable(format!("lacks layer{i}")))).collect()
 }
 
 #[cfg(test)]
@@ -121,12 +174,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn colourfulness_of_grey_and_of_colour() {
-        let grey = RgbImage::from_pixel(8, 8, image::Rgb([120, 120, 120]));
-        assert_eq!(colourfulness(&grey), 0.0);
-        // Uniform red: rg = 255, yb = 127.5, no spread → 0.3·√(255² + 127.5²).
-        let red = RgbImage::from_pixel(8, 8, image::Rgb([255, 0, 0]));
-        assert!((colourfulness(&red) - 0.3 * (255f64.powi(2) + 127.5f64.powi(2)).sqrt()).abs() < 1e-9);
+    fn style_grams_load_in_layer_order_or_say_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_style_grams(dir.path(), &Device::Cpu).unwrap_err();
+        assert!(matches!(err, Error::Weights { .. }) && err.to_string().contains("train the style again"), "{err}");
+        let grams: HashMap<String, Tensor> = (0..3)
+            .map(|i| (format!("layer{i}"), Tensor::full(i as f32, (2, 2), &Device::Cpu).unwrap()))
+            .collect();
+        save_safetensors_atomic(&grams, &dir.path().join(STYLE_GRAMS)).unwrap();
+        let loaded = load_style_grams(dir.path(), &Device::Cpu).unwrap();
+        let firsts: Vec<f32> = loaded.iter().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]).collect();
+        assert_eq!(firsts, [0.0, 1.0, 2.0]);
     }
 
     #[test]

@@ -33,9 +33,10 @@ use crate::pipeline::{image_to_tensor, GenerateParams, StableDiffusion};
 use crate::style::dataset::PreparedDataset;
 use crate::train::checkpoint;
 use crate::train::diffusion::{alphas_cumprod, detached, timesteps_tensor, weighted_loss, Objective};
-use crate::train::curves::{plot_png, CsvLog};
+use crate::train::curves::CsvLog;
 use crate::train::init::seeded_var_builder;
 use crate::train::optim::{AdamW, OptimConfig};
+use crate::train::plot::plot_png;
 use crate::{Error, Result};
 
 /// Everything that decides a trained adapter; saved with it.
@@ -307,7 +308,7 @@ pub fn train_style(
             ));
         }
     }
-    crate::starter::model::write_json(&dirs.config(), &serde_json::to_value(config).map_err(|e| Error::Metadata(e.to_string()))?)?;
+    crate::files::save_json(&dirs.config(), &serde_json::to_value(config).map_err(|e| Error::Metadata(e.to_string()))?)?;
     let device = sd.device().clone();
 
     // Encode the dataset once (and its mirror images).
@@ -442,7 +443,7 @@ pub fn train_style(
         }
     };
     let fit = serde_json::json!({ "fit_loss_base": fit_before, "fit_loss_adapter": fit_after, "timesteps": FIXED_TIMESTEPS });
-    crate::starter::model::write_json(&run.join("fit.json"), &fit)?;
+    crate::files::save_json(&run.join("fit.json"), &fit)?;
     let (columns, rows) = CsvLog::read(&dirs.loss_csv())?;
     let li = columns.iter().position(|c| c == "loss").unwrap_or(0);
     let points: Vec<(f64, f64)> = rows.iter().filter_map(|(s, v)| v.get(li).map(|l| (*s as f64, *l))).collect();
@@ -470,10 +471,7 @@ pub fn train_style(
 fn write_sheet(dir: &Path, step: u64, images: &[image::RgbImage]) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(format!("step-{step:05}.png"));
-    let sheet = crate::starter::eval::contact_sheet(images, images.len().max(1));
-    let tmp = path.with_extension("png.tmp");
-    sheet.save_with_format(&tmp, image::ImageFormat::Png).map_err(|e| Error::Image(e.to_string()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    crate::sheet::save_png(&path, &crate::sheet::contact_sheet(images, images.len().max(1)))?;
     Ok(path)
 }
 

@@ -31,8 +31,7 @@ pub fn save<S: Serialize>(root: &Path, step: u64, tensors: &[(&str, &HashMap<Str
     for (stem, t) in tensors {
         save_safetensors_atomic(t, &tmp.join(format!("{stem}.safetensors")))?;
     }
-    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Metadata(e.to_string()))?;
-    std::fs::write(tmp.join(STATE), json).map_err(|e| Error::io(tmp.join(STATE), e))?;
+    crate::files::write_json_atomic(&tmp.join(STATE), state).map_err(|e| Error::io(tmp.join(STATE), e))?;
     let dest = step_dir(root, step);
     if dest.exists() {
         std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;

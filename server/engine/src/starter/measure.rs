@@ -1,6 +1,7 @@
-//! Image measurements for evaluating the starter model on the shapes world
-//! ([`crate::starter::shapes`]): sharpness ([`laplacian_variance`]), region colours
-//! ([`region_means`], [`classify_colours`]) and the drawn shape ([`classify_shape`]).
+//! Reading a shapes-world image ([`crate::starter::shapes`]) back: region colours
+//! ([`region_means`], [`classify_colours`]) and the drawn shape ([`classify_shape`]), for
+//! evaluating the starter model ([`super::eval`]). Sharpness is the generic
+//! [`crate::quality::laplacian_variance`].
 //!
 //! The classifiers are built to read generated images, not only clean renders: they use
 //! medians rather than means where a few stray pixels could mislead, accept images whose
@@ -18,34 +19,6 @@ const RING: u32 = 4;
 /// How far the `low contrast` degradation pulls colours toward mid grey.
 const LOW_CONTRAST_MIX: f32 = 0.55;
 const MID_GREY: f32 = 128.0;
-
-fn luma(p: &image::Rgb<u8>) -> f64 {
-    0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64
-}
-
-/// Variance of the 3×3 Laplacian `[0,1,0; 1,-4,1; 0,1,0]` of the luma
-/// (0.299 R + 0.587 G + 0.114 B, in 0..255 units) over the interior pixels (those with all
-/// four neighbours). Low values mean a blurry image, high values edges or noise. Images
-/// smaller than 3×3 give 0.
-pub fn laplacian_variance(img: &RgbImage) -> f64 {
-    let (w, h) = img.dimensions();
-    if w < 3 || h < 3 {
-        return 0.0;
-    }
-    let l: Vec<f64> = img.pixels().map(luma).collect();
-    let at = |x: u32, y: u32| l[(y * w + x) as usize];
-    let (mut sum, mut sum_sq, mut n) = (0.0, 0.0, 0.0);
-    for y in 1..h - 1 {
-        for x in 1..w - 1 {
-            let v = at(x - 1, y) + at(x + 1, y) + at(x, y - 1) + at(x, y + 1) - 4.0 * at(x, y);
-            sum += v;
-            sum_sq += v * v;
-            n += 1.0;
-        }
-    }
-    let mean = sum / n;
-    (sum_sq / n - mean * mean).max(0.0)
-}
 
 /// The pixels of the central box (side `frac` of the image side, rounded down, at least
 /// 1, centred) and of the border ring `ring` pixels wide.
@@ -274,22 +247,6 @@ mod tests {
     use crate::starter::shapes::{Position, Quality, Scene, Size, World};
     use image::Rgb;
     use rand::SeedableRng;
-
-    #[test]
-    fn laplacian_of_flat_and_checkerboard() {
-        let flat = RgbImage::from_pixel(16, 16, Rgb([90, 10, 200]));
-        assert_eq!(laplacian_variance(&flat), 0.0);
-        // One-pixel black/white checkerboard: luma 0 or 255 (the weights sum to 1), so
-        // the Laplacian is +4·255 on black and −4·255 on white pixels; a 14×14 interior
-        // holds as many of each, so the mean is 0 and the variance (4·255)² = 1 040 400.
-        let board = RgbImage::from_fn(16, 16, |x, y| if (x + y) % 2 == 0 { Rgb([255; 3]) } else { Rgb([0; 3]) });
-        assert!((laplacian_variance(&board) - 1_040_400.0).abs() < 1e-6, "{}", laplacian_variance(&board));
-        // A vertical step edge of height 100 in luma: the Laplacian is ±100 on the two
-        // columns beside it (2 of 8 interior columns, 8 rows), 0 elsewhere: mean 0,
-        // variance (2·8·100²)/(8·8) = 2500.
-        let step = RgbImage::from_fn(10, 10, |x, _| if x < 5 { Rgb([0; 3]) } else { Rgb([100; 3]) });
-        assert!((laplacian_variance(&step) - 2500.0).abs() < 1e-6, "{}", laplacian_variance(&step));
-    }
 
     #[test]
     fn region_means_read_the_box_and_the_ring() {
