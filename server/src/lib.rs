@@ -18,7 +18,6 @@ pub mod error;
 pub mod generation;
 pub mod http;
 pub mod negatives;
-pub mod png;
 pub mod queue;
 pub mod state;
 pub mod styles;

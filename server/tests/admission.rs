@@ -78,7 +78,7 @@ async fn doomed_numbers_are_refused_at_request_time() {
     let dir = tempfile::tempdir().unwrap();
     let app = setup(dir.path(), MemoryBudget { limit: 12 << 30 });
     // img2img with ⌊1 × 0.8⌋ = 0 denoising steps.
-    let png = atelier_server::png::encode_png(&image::RgbImage::from_pixel(64, 64, image::Rgb([200, 0, 0])), None).unwrap();
+    let png = atelier_engine::metadata::encode_plain_png(&image::RgbImage::from_pixel(64, 64, image::Rgb([200, 0, 0]))).unwrap();
     use base64::Engine;
     let init = base64::engine::general_purpose::STANDARD.encode(png);
     let body = json!({"prompt": "x", "steps": 1, "strength": 0.8, "init_image": init});

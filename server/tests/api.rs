@@ -225,7 +225,7 @@ async fn img2img_accepts_a_base64_png() {
     let dir = tempfile::tempdir().unwrap();
     let app = app(state(dir.path(), FakeGenerator::new(Duration::ZERO)));
     let src = image::RgbImage::from_pixel(32, 32, image::Rgb([1, 2, 3]));
-    let png = atelier_server::png::encode_png(&src, None).unwrap();
+    let png = atelier_engine::metadata::encode_plain_png(&src).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD.encode(png);
     let accepted = submit(&app, json!({"prompt": "x", "steps": 4, "init_image": format!("data:image/png;base64,{b64}"), "strength": 0.3})).await;
     wait_finished(&app, &accepted.job_id).await;

@@ -12,7 +12,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use atelier_engine::metadata::ImageMetadata;
 
-use crate::png::{encode_png, write_atomic};
+use atelier_engine::files::write_atomic;
+use atelier_engine::metadata::encode_png;
 
 /// Gallery failures: storage problems only (bad ids are simply "not found").
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +104,7 @@ impl Gallery {
     pub fn save(&self, img: &RgbImage, meta: &NewImage<'_>) -> Result<String, GalleryError> {
         let id = uuid::Uuid::new_v4().to_string();
         let text = ImageMetadata::for_generation(meta.params, &meta.params.prompt, meta.seed, meta.model_hash, Some(meta.model_name), meta.adapters);
-        let bytes = encode_png(img, Some(&text))?;
+        let bytes = encode_png(img, &text)?;
         let path = self.images_dir.join(format!("{id}.png"));
         write_atomic(&path, &bytes).map_err(|source| GalleryError::Io { path: path.clone(), source })?;
         let p = meta.params;

@@ -95,7 +95,7 @@ impl Task for Generation {
             if cancel.load(Ordering::SeqCst) {
                 return false;
             }
-            let preview = p.preview.as_ref().and_then(crate::png::data_url);
+            let preview = p.preview.as_ref().and_then(data_url);
             ctx.update(|s| {
                 s.state = JobState::Running { step: p.step, total: p.total };
                 if preview.is_some() {
@@ -162,6 +162,13 @@ impl AppState {
         .map_err(|e| ApiError::Internal(format!("request decoding task failed: {e}")))??;
         self.jobs.submit_generation(params, admitted)
     }
+}
+
+/// A step preview as a `data:image/png;base64,…` URL (small: the preview is latent-sized).
+fn data_url(img: &image::RgbImage) -> Option<String> {
+    use base64::Engine;
+    let bytes = atelier_engine::metadata::encode_plain_png(img).ok()?;
+    Some(format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes)))
 }
 
 /// The work of a generation in UNet evaluations × latent pixels: denoising steps run

@@ -100,7 +100,7 @@ mod tests {
     #[test]
     fn data_url_png_decodes() {
         let img = image::RgbImage::from_pixel(16, 8, image::Rgb([9, 8, 7]));
-        let png = crate::png::encode_png(&img, None).unwrap();
+        let png = atelier_engine::metadata::encode_plain_png(&img).unwrap();
         let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png));
         let p = to_params(GenerateRequest { init_image: Some(url), ..req() }, (64, 64)).unwrap();
         assert_eq!(p.init_image.unwrap(), img);

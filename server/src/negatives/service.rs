@@ -223,7 +223,7 @@ fn style_grams(styles: &StyleLibrary, name: &str) -> Result<Vec<Tensor>> {
 }
 
 fn write_status(dir: &Path, status: &OptimizeStatus) -> Result<()> {
-    crate::png::write_atomic(&dir.join(STATUS_FILE), &serde_json::to_vec_pretty(status)?)?;
+    atelier_engine::files::write_json_atomic(&dir.join(STATUS_FILE), status)?;
     Ok(())
 }
 
@@ -351,7 +351,7 @@ fn execute_inner(
         },
         &mut |name, image| {
             let path = dir.join(name);
-            crate::png::write_atomic(&path, &crate::png::encode_png(image, None)?).with_context(|| format!("writing {}", path.display()))
+            atelier_engine::files::write_atomic(&path, &atelier_engine::metadata::encode_plain_png(image)?).with_context(|| format!("writing {}", path.display()))
         },
     ))?;
 

@@ -117,7 +117,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Store<S> for JsonD
             std::fs::create_dir_all(parent).map_err(io)?;
         }
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| io(std::io::Error::other(e)))?;
-        crate::png::write_atomic(&path, &bytes).map_err(io)
+        atelier_engine::files::write_atomic(&path, &bytes).map_err(io)
     }
 
     fn remove(&self, id: &str) -> Result<(), StoreError> {

@@ -355,17 +355,19 @@ fn unzip(dir: &Path, name: &str, tmp: &Path) -> Result<(), ApiError> {
         for ((i, f), target) in wanted.iter().zip(&targets) {
             let mut entry = archive.by_index(*i).map_err(|e| bad(format!("{} cannot be read ({e})", f.shown)))?;
             let target = dir.join(target);
-            let part = target.with_extension("part");
-            let mut out = std::fs::File::create(&part).map_err(|e| ApiError::Internal(e.to_string()))?;
-            written.push(part.clone());
-            let n = std::io::copy(&mut (&mut entry).take(budget + 1), &mut out).map_err(|e| bad(format!("{} cannot be unpacked ({e})", f.shown)))?;
-            if n > budget {
-                return Err(bad(format!("unpacks to more than {} MB", MAX_UNZIPPED_BYTES / (1024 * 1024))));
-            }
-            budget -= n;
-            out.flush().map_err(|e| ApiError::Internal(e.to_string()))?;
-            std::fs::rename(&part, &target).map_err(|e| ApiError::Internal(e.to_string()))?;
-            written.pop();
+            atelier_engine::files::write_atomic_with(
+                &target,
+                |part| {
+                    let mut out = std::fs::File::create(part).map_err(|e| ApiError::Internal(e.to_string()))?;
+                    let n = std::io::copy(&mut (&mut entry).take(budget + 1), &mut out).map_err(|e| bad(format!("{} cannot be unpacked ({e})", f.shown)))?;
+                    if n > budget {
+                        return Err(bad(format!("unpacks to more than {} MB", MAX_UNZIPPED_BYTES / (1024 * 1024))));
+                    }
+                    budget -= n;
+                    out.flush().map_err(|e| ApiError::Internal(e.to_string()))
+                },
+                |e| ApiError::Internal(e.to_string()),
+            )?;
             written.push(target);
         }
         Ok(())

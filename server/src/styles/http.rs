@@ -139,7 +139,7 @@ async fn dataset_file(
             let (w, h) = (img.width() as f64, img.height() as f64);
             let scale = (side as f64 / w.max(h)).min(1.0);
             let thumb = image::imageops::thumbnail(&img, ((w * scale).round() as u32).max(1), ((h * scale).round() as u32).max(1));
-            Ok::<_, ApiError>(crate::png::encode_png(&thumb, None)?)
+            Ok::<_, ApiError>(atelier_engine::metadata::encode_plain_png(&thumb)?)
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
@@ -312,20 +312,28 @@ async fn import_style(
     let hash = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
         let dir = styles.style_dir(&name).map_err(|e| invalid("name", e.to_string()))?;
         let path = dir.join(format!("{name}.safetensors"));
-        let tmp = dir.join(format!("{name}.safetensors.part"));
-        let fail = |e: ApiError| {
+        // Checked before it takes its name: a refused file leaves nothing behind.
+        let mut hash = String::new();
+        let written = atelier_engine::files::write_atomic_with(
+            &path,
+            |tmp| {
+                std::fs::write(tmp, &body).map_err(|e| ApiError::Internal(e.to_string()))?;
+                let adapter = atelier_engine::lora::LoraAdapter::load(tmp).map_err(|e| invalid("file", e.to_string()))?;
+                if let Some(want) = &q.hash {
+                    if !adapter.hash.eq_ignore_ascii_case(want) {
+                        return Err(invalid("hash", format!("the file's hash is {}, not {want}: it is another version of the style", adapter.hash)));
+                    }
+                }
+                hash = adapter.hash;
+                Ok(())
+            },
+            |e| ApiError::Internal(e.to_string()),
+        );
+        if let Err(e) = written {
             let _ = std::fs::remove_dir_all(&dir);
-            e
-        };
-        std::fs::write(&tmp, &body).map_err(|e| fail(ApiError::Internal(e.to_string())))?;
-        let adapter = atelier_engine::lora::LoraAdapter::load(&tmp).map_err(|e| fail(invalid("file", e.to_string())))?;
-        if let Some(want) = &q.hash {
-            if !adapter.hash.eq_ignore_ascii_case(want) {
-                return Err(fail(invalid("hash", format!("the file's hash is {}, not {want}: it is another version of the style", adapter.hash))));
-            }
+            return Err(e);
         }
-        std::fs::rename(&tmp, &path).map_err(|e| fail(ApiError::Internal(e.to_string())))?;
-        Ok(adapter.hash)
+        Ok(hash)
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
