@@ -1,5 +1,6 @@
 //! Components shared by pages, one per file.
 
+pub mod bake;
 pub mod errors;
 pub mod gallery;
 pub mod progress;

@@ -10,6 +10,7 @@ use leptos::prelude::*;
 use leptos_router::hooks::use_query_map;
 
 #[cfg(feature = "hydrate")]
+use crate::components::bake::BakeBlend;
 use crate::dto::JobState;
 use crate::dto::{GenerateRequest, ModelInfo, StyleSummary, DEFAULT_SCHEDULER};
 use crate::studio::{get_model_info, list_styles, save_blend};
@@ -485,10 +486,7 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                 })}
             </div>
             <div class="share export">
-                {move || link.get().filter(|_| chosen.with(|c| !c.is_empty())).map(|code| view! {
-                    <a class="download" href=format!("/api/blends/bake?b={code}") download="blend.safetensors">"Download as one LoRA (exact)"</a>
-                    <a class="download" href=format!("/api/blends/bake?b={code}&rank=8") download="blend-r8.safetensors">"… compressed to rank 8"</a>
-                })}
+                {move || link.get().filter(|_| chosen.with(|c| !c.is_empty())).map(|code| view! { <BakeBlend code=code /> })}
             </div>
             <div class="share">
                 <label>"Open a link from another studio " <input type="text" id="open-link" placeholder="http://…/blend?b=…"
