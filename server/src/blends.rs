@@ -204,13 +204,11 @@ pub fn from_specs(specs: &[String], library: &StyleLibrary) -> Result<Vec<atelie
     specs
         .iter()
         .map(|spec| {
-            let (_, tags) = atelier_engine::prompt::extract_lora_tags(&format!("<lora:{spec}>"))
+            let t = atelier_blend::tags::parse_lora_args(spec)
                 .with_context(|| format!("--style {spec}: write NAME:WEIGHT or NAME:WEIGHT:lbw=DOWN,MID,UP"))?;
-            let t = tags.into_iter().next().with_context(|| format!("--style {spec}: write NAME:WEIGHT"))?;
             let entry = library.find(&t.name).with_context(|| format!("no style {} in the library", t.name))?;
             let hash = style_hash(&entry).with_context(|| format!("cannot read the adapter of {}", entry.name))?;
-            let blocks = t.blocks.map_or_else(Default::default, |[down, mid, up]| atelier_blend::BlockWeights { down, mid, up });
-            Ok(atelier_blend::BlendStyle { name: entry.name, hash, weight: t.weight, blocks })
+            Ok(atelier_blend::BlendStyle { name: entry.name, hash, weight: t.weight, blocks: t.block_weights() })
         })
         .collect()
 }

@@ -61,12 +61,6 @@ struct Exact {
     weights: Vec<f64>,
 }
 
-#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
-fn lora_tag(name: &str, weight: f64, blocks: &BlockWeights) -> String {
-    let b = if blocks.is_neutral() { String::new() } else { format!(":lbw={},{},{}", blocks.down, blocks.mid, blocks.up) };
-    format!(" <lora:{name}:{weight}{b}>")
-}
-
 fn parse<T: std::str::FromStr>(ev: &leptos::ev::Event) -> Option<T> {
     event_target_value(ev).trim().parse().ok()
 }
@@ -183,7 +177,8 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
         {
             let key = anchor_key.get_untracked();
             for (i, (name, down, mid, up)) in styles.into_iter().enumerate() {
-                let req = make_request(format!("{}{}", p.trim_end(), lora_tag(&name, 1.0, &BlockWeights { down, mid, up })));
+                let tag = atelier_blend::tags::LoraTag::new(name, 1.0, &BlockWeights { down, mid, up });
+                let req = make_request(format!("{} {tag}", p.trim_end()));
                 let key = key.clone();
                 leptos::task::spawn_local(async move {
                     let Ok(accepted) = crate::studio::submit_generation(req).await else { return };

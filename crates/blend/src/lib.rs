@@ -4,10 +4,12 @@
 //! - [`weights`]: block groups, per-block multipliers, normalisation, the 2-D blend pad
 //!   (segment, triangle, square) and per-layer scale maps;
 //! - [`link`]: a blend as a compact, checksummed, URL-safe string;
-//! - [`preview`]: mixing already-rendered anchor images for an instant preview.
+//! - [`preview`]: mixing already-rendered anchor images for an instant preview;
+//! - [`tags`]: the `<lora:NAME:WEIGHT[:lbw=D,M,U]>` prompt tag grammar (reader and writer).
 
 pub mod link;
 pub mod preview;
+pub mod tags;
 pub mod weights;
 
 use serde::{Deserialize, Serialize};
@@ -49,11 +51,8 @@ impl Blend {
     pub fn tagged_prompt(&self) -> String {
         let mut out = self.prompt.trim_end().to_string();
         for s in self.styles.iter().filter(|s| s.weight != 0.0) {
-            out.push_str(&format!(" <lora:{}:{}", s.name, s.weight));
-            if !s.blocks.is_neutral() {
-                out.push_str(&format!(":lbw={},{},{}", s.blocks.down, s.blocks.mid, s.blocks.up));
-            }
-            out.push('>');
+            out.push(' ');
+            out.push_str(&tags::LoraTag::new(s.name.as_str(), s.weight, &s.blocks).to_string());
         }
         out
     }
