@@ -88,15 +88,17 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
     let import_note = RwSignal::new(None::<String>);
     let link_error = RwSignal::new(None::<String>);
 
-    // A shared link: restore it (styles matched by hash, whatever their name here).
+    // A shared link: restore it (styles matched by hash, whatever their name here, the
+    // same-name style first: the server's rule, `atelier_blend::resolve`).
     if let Some(code) = query.with_untracked(|q| q.get("b")) {
         match atelier_blend::decode(&code) {
             Ok(b) => {
+                let local: Vec<(&str, Option<&str>)> = library.iter().map(|l| (l.name.as_str(), l.hash.as_deref())).collect();
                 let mut found = Vec::new();
                 let mut lacking = Vec::new();
-                for s in &b.styles {
-                    match library.iter().find(|l| l.hash.as_deref() == Some(s.hash.as_str())) {
-                        Some(l) => found.push(Chosen { name: l.name.clone(), hash: s.hash.clone(), slider: s.weight, blocks: s.blocks }),
+                for (s, m) in b.styles.iter().zip(atelier_blend::resolve::match_styles(&b.styles, &local)) {
+                    match m.found() {
+                        Some(i) => found.push(Chosen { name: library[i].name.clone(), hash: s.hash.clone(), slider: s.weight, blocks: s.blocks }),
                         None => lacking.push((s.name.clone(), s.hash.clone())),
                     }
                 }

@@ -5,10 +5,12 @@
 //!   (segment, triangle, square) and per-layer scale maps;
 //! - [`link`]: a blend as a compact, checksummed, URL-safe string;
 //! - [`preview`]: mixing already-rendered anchor images for an instant preview;
+//! - [`resolve`]: matching a blend's styles to a studio's styles (by hash);
 //! - [`tags`]: the `<lora:NAME:WEIGHT[:lbw=D,M,U]>` prompt tag grammar (reader and writer).
 
 pub mod link;
 pub mod preview;
+pub mod resolve;
 pub mod tags;
 pub mod weights;
 
