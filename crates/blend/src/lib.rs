@@ -1,6 +1,7 @@
 //! Style blends: the weight maths and the share-link format, in one crate that compiles
 //! for the server and for the browser (WASM), so both compute exactly the same numbers.
 //!
+//! - [`defaults`]: default settings of a generation and of a style training;
 //! - [`weights`]: block groups, per-block multipliers, normalisation, the 2-D blend pad
 //!   (segment, triangle, square) and per-layer scale maps;
 //! - [`link`]: a blend as a compact, checksummed, URL-safe string;
@@ -8,6 +9,7 @@
 //! - [`resolve`]: matching a blend's styles to a studio's styles (by hash);
 //! - [`tags`]: the `<lora:NAME:WEIGHT[:lbw=D,M,U]>` prompt tag grammar (reader and writer).
 
+pub mod defaults;
 pub mod link;
 pub mod preview;
 pub mod resolve;
