@@ -11,7 +11,7 @@ use crate::gallery::{Gallery, GalleryError};
 use crate::generator::Generator;
 use crate::jobs::JobQueue;
 
-/// Cheap to clone; handed to every handler and, as [`app::studio::ssr::SharedStudio`], to
+/// Cheap to clone; handed to every handler and, as [`app::server_fns::ssr::SharedBackend`], to
 /// server functions.
 #[derive(Clone)]
 pub struct AppState {

@@ -12,7 +12,7 @@ use leptos_router::hooks::use_query_map;
 #[cfg(feature = "hydrate")]
 use crate::dto::JobState;
 use crate::dto::{GenerateRequest, ModelInfo, StyleSummary, DEFAULT_SCHEDULER};
-use crate::studio::{get_model_info, list_styles, save_blend};
+use crate::server_fns::{get_model_info, list_styles, save_blend};
 use crate::AppError;
 
 /// How long a control must rest before the exact render starts.
@@ -183,7 +183,7 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                 let req = make_request(format!("{} {tag}", p.trim_end()));
                 let key = key.clone();
                 leptos::task::spawn_local(async move {
-                    let Ok(accepted) = crate::studio::submit_generation(req).await else { return };
+                    let Ok(accepted) = crate::server_fns::submit_generation(req).await else { return };
                     let stream = std::rc::Rc::new(std::cell::RefCell::new(None));
                     let keep = stream.clone();
                     *stream.borrow_mut() = crate::browser::watch_job(
@@ -255,7 +255,7 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                 rendering.set(Some("rendering…".into()));
                 #[cfg(feature = "hydrate")]
                 leptos::task::spawn_local(async move {
-                    let accepted = match crate::studio::submit_generation(req).await {
+                    let accepted = match crate::server_fns::submit_generation(req).await {
                         Ok(a) => a,
                         Err(e) => return rendering.set(Some(e.to_string())),
                     };
@@ -559,7 +559,7 @@ fn import_style(from: String, name: String, hash: String, note: RwSignal<Option<
 /// The saved blends, as links.
 #[component]
 fn SavedBlends(refresh: RwSignal<Option<Result<String, String>>>) -> impl IntoView {
-    let list = Resource::new(move || refresh.get(), |_| crate::studio::list_blends());
+    let list = Resource::new(move || refresh.get(), |_| crate::server_fns::list_blends());
     view! {
         <Transition fallback=|| ()>
             {move || Suspend::new(async move {
