@@ -15,7 +15,7 @@ pub const SCHEDULERS: [(&str, &str); 5] = [
 ];
 
 /// The scheduler used when a request names none.
-pub const DEFAULT_SCHEDULER: &str = "dpmpp-2m-karras";
+pub const DEFAULT_SCHEDULER: &str = atelier_blend::defaults::generate::SCHEDULER;
 
 /// Largest request body the server accepts (JSON with a base64 init image), in bytes.
 pub const MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
@@ -43,19 +43,22 @@ pub struct GenerateRequest {
     pub init_image: Option<String>,
 }
 
+/// The defaults of `atelier_blend::defaults::generate`, which the engine's
+/// `GenerateParams::default()` uses too.
 impl Default for GenerateRequest {
     fn default() -> Self {
+        use atelier_blend::defaults::generate as d;
         Self {
             prompt: String::new(),
             negative_prompt: String::new(),
-            steps: 20,
-            guidance: 7.5,
+            steps: d::STEPS,
+            guidance: d::GUIDANCE,
             seed: None,
             scheduler: DEFAULT_SCHEDULER.into(),
             width: None,
             height: None,
-            batch_size: 1,
-            strength: 0.6,
+            batch_size: d::BATCH_SIZE,
+            strength: d::STRENGTH,
             init_image: None,
         }
     }
@@ -220,27 +223,30 @@ pub struct StyleTrainingRequest {
     pub eval_prompts: Vec<String>,
 }
 
+/// The defaults of `atelier_blend::defaults::style_training`, which the engine's
+/// `StyleTrainConfig::new` uses too.
 impl Default for StyleTrainingRequest {
     fn default() -> Self {
+        use atelier_blend::defaults::style_training as d;
         Self {
             dataset_id: String::new(),
             name: String::new(),
             trigger: String::new(),
-            rank: 8,
+            rank: d::RANK,
             alpha: None,
-            steps: 400,
-            lr: 1e-3,
-            batch: 4,
-            seed: 0,
-            text_encoder: false,
-            convs: false,
-            min_snr_gamma: 5.0,
-            noise_offset: 0.0,
-            flip: true,
-            checkpoint_every: 50,
-            sample_every: 100,
+            steps: d::STEPS,
+            lr: d::LR,
+            batch: d::BATCH,
+            seed: d::SEED,
+            text_encoder: d::TEXT_ENCODER,
+            convs: d::CONVS,
+            min_snr_gamma: d::MIN_SNR_GAMMA,
+            noise_offset: d::NOISE_OFFSET,
+            flip: d::FLIP,
+            checkpoint_every: d::CHECKPOINT_EVERY,
+            sample_every: d::SAMPLE_EVERY,
             sample_prompts: Vec::new(),
-            min_images: 5,
+            min_images: d::MIN_IMAGES,
             eval_prompts: Vec::new(),
         }
     }

@@ -8,7 +8,7 @@ pub mod components;
 pub mod dto;
 pub mod error;
 pub mod pages;
-pub mod studio;
+pub mod server_fns;
 
 pub use error::AppError;
 

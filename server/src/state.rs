@@ -13,7 +13,7 @@ use crate::generation::generator::Generator;
 use crate::generation::jobs::{Generation, JobQueue};
 use crate::queue::{JsonDir, Layout, Workers};
 
-/// Cheap to clone; handed to every handler and, as [`app::studio::ssr::SharedStudio`], to
+/// Cheap to clone; handed to every handler and, as [`app::server_fns::ssr::SharedBackend`], to
 /// server functions.
 #[derive(Clone)]
 pub struct AppState {

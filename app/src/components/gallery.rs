@@ -3,7 +3,7 @@
 use leptos::prelude::*;
 
 use crate::dto::GalleryItem;
-use crate::studio::{delete_image, list_gallery};
+use crate::server_fns::{delete_image, list_gallery};
 
 /// How many images the page shows.
 const PAGE: usize = 60;

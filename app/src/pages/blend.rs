@@ -9,11 +9,11 @@ use atelier_blend::{Blend, BlendStyle, BlockWeights, Normalise};
 use leptos::prelude::*;
 use leptos_router::hooks::use_query_map;
 
-#[cfg(feature = "hydrate")]
 use crate::components::bake::BakeBlend;
+#[cfg(feature = "hydrate")]
 use crate::dto::JobState;
 use crate::dto::{GenerateRequest, ModelInfo, StyleSummary, DEFAULT_SCHEDULER};
-use crate::studio::{get_model_info, list_styles, save_blend};
+use crate::server_fns::{get_model_info, list_styles, save_blend};
 use crate::AppError;
 
 /// How long a control must rest before the exact render starts.
@@ -62,12 +62,6 @@ struct Exact {
     weights: Vec<f64>,
 }
 
-#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
-fn lora_tag(name: &str, weight: f64, blocks: &BlockWeights) -> String {
-    let b = if blocks.is_neutral() { String::new() } else { format!(":lbw={},{},{}", blocks.down, blocks.mid, blocks.up) };
-    format!(" <lora:{name}:{weight}{b}>")
-}
-
 fn parse<T: std::str::FromStr>(ev: &leptos::ev::Event) -> Option<T> {
     event_target_value(ev).trim().parse().ok()
 }
@@ -95,15 +89,17 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
     let import_note = RwSignal::new(None::<String>);
     let link_error = RwSignal::new(None::<String>);
 
-    // A shared link: restore it (styles matched by hash, whatever their name here).
+    // A shared link: restore it (styles matched by hash, whatever their name here, the
+    // same-name style first: the server's rule, `atelier_blend::resolve`).
     if let Some(code) = query.with_untracked(|q| q.get("b")) {
         match atelier_blend::decode(&code) {
             Ok(b) => {
+                let local: Vec<(&str, Option<&str>)> = library.iter().map(|l| (l.name.as_str(), l.hash.as_deref())).collect();
                 let mut found = Vec::new();
                 let mut lacking = Vec::new();
-                for s in &b.styles {
-                    match library.iter().find(|l| l.hash.as_deref() == Some(s.hash.as_str())) {
-                        Some(l) => found.push(Chosen { name: l.name.clone(), hash: s.hash.clone(), slider: s.weight, blocks: s.blocks }),
+                for (s, m) in b.styles.iter().zip(atelier_blend::resolve::match_styles(&b.styles, &local)) {
+                    match m.found() {
+                        Some(i) => found.push(Chosen { name: library[i].name.clone(), hash: s.hash.clone(), slider: s.weight, blocks: s.blocks }),
                         None => lacking.push((s.name.clone(), s.hash.clone())),
                     }
                 }
@@ -184,10 +180,11 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
         {
             let key = anchor_key.get_untracked();
             for (i, (name, down, mid, up)) in styles.into_iter().enumerate() {
-                let req = make_request(format!("{}{}", p.trim_end(), lora_tag(&name, 1.0, &BlockWeights { down, mid, up })));
+                let tag = atelier_blend::tags::LoraTag::new(name, 1.0, &BlockWeights { down, mid, up });
+                let req = make_request(format!("{} {tag}", p.trim_end()));
                 let key = key.clone();
                 leptos::task::spawn_local(async move {
-                    let Ok(accepted) = crate::studio::submit_generation(req).await else { return };
+                    let Ok(accepted) = crate::server_fns::submit_generation(req).await else { return };
                     let stream = std::rc::Rc::new(std::cell::RefCell::new(None));
                     let keep = stream.clone();
                     *stream.borrow_mut() = crate::browser::watch_job(
@@ -259,7 +256,7 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                 rendering.set(Some("rendering…".into()));
                 #[cfg(feature = "hydrate")]
                 leptos::task::spawn_local(async move {
-                    let accepted = match crate::studio::submit_generation(req).await {
+                    let accepted = match crate::server_fns::submit_generation(req).await {
                         Ok(a) => a,
                         Err(e) => return rendering.set(Some(e.to_string())),
                     };
@@ -560,7 +557,7 @@ fn import_style(from: String, name: String, hash: String, note: RwSignal<Option<
 /// The saved blends, as links.
 #[component]
 fn SavedBlends(refresh: RwSignal<Option<Result<String, String>>>) -> impl IntoView {
-    let list = Resource::new(move || refresh.get(), |_| crate::studio::list_blends());
+    let list = Resource::new(move || refresh.get(), |_| crate::server_fns::list_blends());
     view! {
         <Transition fallback=|| ()>
             {move || Suspend::new(async move {

@@ -5,10 +5,10 @@ use leptos::prelude::*;
 use crate::components::gallery::Gallery;
 use crate::components::progress::Progress;
 use crate::dto::{GalleryItem, GenerateRequest, JobStatus, ModelInfo, DEFAULT_SCHEDULER, SCHEDULERS};
-use crate::studio::{cancel_job, get_model_info, submit_generation};
+use crate::server_fns::{cancel_job, get_model_info, submit_generation};
 use crate::AppError;
 
-/// Loads the model's facts, then shows the studio.
+/// Loads the model's facts, then shows the form.
 #[component]
 pub fn GeneratePage() -> impl IntoView {
     let model = Resource::new(|| (), |_| get_model_info());
@@ -17,7 +17,7 @@ pub fn GeneratePage() -> impl IntoView {
             <ErrorBoundary fallback=crate::components::errors::error_line>
                 {move || Suspend::new(async move {
                     let info = model.await?;
-                    Ok::<_, AppError>(view! { <Studio info /> })
+                    Ok::<_, AppError>(view! { <GenerateForm info /> })
                 })}
             </ErrorBoundary>
         </Suspense>
@@ -102,7 +102,7 @@ where
 }
 
 #[component]
-fn Studio(info: ModelInfo) -> impl IntoView {
+fn GenerateForm(info: ModelInfo) -> impl IntoView {
     let form = Form::new(&info);
     // `?prompt=…&negative=…` (the Negatives page's "adopt" link) fills the form.
     let query = leptos_router::hooks::use_query_map();

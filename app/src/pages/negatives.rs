@@ -6,7 +6,7 @@
 use leptos::prelude::*;
 
 use crate::dto::{CandidateResult, NegativeAnalysis, OptimizeRequest, OptimizeResult, OptimizeState, OptimizeStatus, StyleSummary};
-use crate::studio::list_styles;
+use crate::server_fns::list_styles;
 use crate::AppError;
 
 #[component]

@@ -5,7 +5,7 @@
 use leptos::prelude::*;
 
 use crate::dto::StyleSummary;
-use crate::studio::{delete_style, list_styles, rename_style};
+use crate::server_fns::{delete_style, list_styles, rename_style};
 
 #[component]
 pub fn StylesPage() -> impl IntoView {

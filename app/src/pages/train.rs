@@ -5,7 +5,7 @@
 use leptos::prelude::*;
 
 use crate::dto::{DatasetSummary, StyleTrainingRequest, TrainingState, TrainingStatus};
-use crate::studio::{delete_style_training, list_style_trainings, resume_style_training, start_style_training, stop_style_training};
+use crate::server_fns::{delete_style_training, list_style_trainings, resume_style_training, start_style_training, stop_style_training};
 use crate::AppError;
 
 #[component]

@@ -45,20 +45,23 @@ pub struct GenerateParams {
     pub loras: Vec<ActiveLora>,
 }
 
+/// Steps, guidance, scheduler, batch size and strength from
+/// `atelier_blend::defaults::generate`, as the web request (`app::dto::GenerateRequest`).
 impl Default for GenerateParams {
     fn default() -> Self {
+        use atelier_blend::defaults::generate as d;
         Self {
             prompt: String::new(),
             negative_prompt: String::new(),
-            steps: 20,
-            guidance: 7.5,
+            steps: d::STEPS,
+            guidance: d::GUIDANCE,
             seed: 0,
-            scheduler: SchedulerKind::DpmPp2mKarras,
+            scheduler: d::SCHEDULER.parse().expect("defaults::generate::SCHEDULER is a scheduler id"),
             width: 64,
             height: 64,
-            batch_size: 1,
+            batch_size: d::BATCH_SIZE,
             init_image: None,
-            strength: 0.6,
+            strength: d::STRENGTH,
             attention: AttentionKind::Original,
             loras: Vec::new(),
         }
@@ -588,4 +591,14 @@ pub fn latent_preview(latents: &Tensor) -> Result<RgbImage> {
     let rgb = ((rgb + 1.0)? * 127.5)?.clamp(0f32, 255f32)?.to_dtype(DType::U8)?;
     RgbImage::from_raw(w as u32, h as u32, rgb.flatten_all()?.to_vec1::<u8>()?)
         .ok_or_else(|| Error::Image("bad preview size".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shared_default_scheduler_is_an_engine_id() {
+        assert_eq!(GenerateParams::default().scheduler.id(), atelier_blend::defaults::generate::SCHEDULER);
+    }
 }

@@ -163,22 +163,20 @@ pub fn style_hash(entry: &StyleEntry) -> Option<String> {
     Some(hash)
 }
 
-/// Matches `blend` against `library` and the loaded model's hash.
+/// Matches `blend` against `library` (by [`atelier_blend::resolve::match_styles`], the
+/// rule the Blend page uses too) and the loaded model's hash.
 pub fn resolve(blend: Blend, library: &StyleLibrary, model_hash: &str) -> Resolved {
+    use atelier_blend::resolve::{match_styles, StyleMatch};
     let all = library.list();
     let hashes: Vec<Option<String>> = all.iter().map(style_hash).collect();
+    let local: Vec<(&str, Option<&str>)> = all.iter().zip(&hashes).map(|(e, h)| (e.name.as_str(), h.as_deref())).collect();
     let mut styles = Vec::new();
     let mut missing = Vec::new();
-    for s in &blend.styles {
-        let same_name = all.iter().zip(&hashes).find(|(e, _)| e.name == s.name);
-        let found = match same_name {
-            Some((e, Some(h))) if *h == s.hash => Some(e.clone()),
-            _ => all.iter().zip(&hashes).find(|(_, h)| h.as_deref() == Some(s.hash.as_str())).map(|(e, _)| e.clone()),
-        };
-        if found.is_none() {
-            missing.push(MissingStyle { name: s.name.clone(), hash: s.hash.clone(), name_taken_by_other_version: same_name.is_some() });
+    for (s, m) in blend.styles.iter().zip(match_styles(&blend.styles, &local)) {
+        if let StyleMatch::Missing { name_taken } = m {
+            missing.push(MissingStyle { name: s.name.clone(), hash: s.hash.clone(), name_taken_by_other_version: name_taken });
         }
-        styles.push(found);
+        styles.push(m.found().map(|i| all[i].clone()));
     }
     let other_model = !blend.model_hash.is_empty() && blend.model_hash != model_hash;
     Resolved { blend, styles, missing, other_model }
@@ -205,13 +203,11 @@ pub fn from_specs(specs: &[String], library: &StyleLibrary) -> Result<Vec<atelie
     specs
         .iter()
         .map(|spec| {
-            let (_, tags) = atelier_engine::prompt::extract_lora_tags(&format!("<lora:{spec}>"))
+            let t = atelier_blend::tags::parse_lora_args(spec)
                 .with_context(|| format!("--style {spec}: write NAME:WEIGHT or NAME:WEIGHT:lbw=DOWN,MID,UP"))?;
-            let t = tags.into_iter().next().with_context(|| format!("--style {spec}: write NAME:WEIGHT"))?;
             let entry = library.find(&t.name).with_context(|| format!("no style {} in the library", t.name))?;
             let hash = style_hash(&entry).with_context(|| format!("cannot read the adapter of {}", entry.name))?;
-            let blocks = t.blocks.map_or_else(Default::default, |[down, mid, up]| atelier_blend::BlockWeights { down, mid, up });
-            Ok(atelier_blend::BlendStyle { name: entry.name, hash, weight: t.weight, blocks })
+            Ok(atelier_blend::BlendStyle { name: entry.name, hash, weight: t.weight, blocks: t.block_weights() })
         })
         .collect()
 }

@@ -10,7 +10,7 @@ pub mod static_files;
 use std::sync::Arc;
 
 use app::dto::MAX_BODY_BYTES;
-use app::studio::ssr::SharedStudio;
+use app::server_fns::ssr::SharedBackend;
 use axum::Router;
 use leptos::prelude::provide_context;
 use leptos_axum::{generate_route_list, LeptosRoutes};
@@ -28,13 +28,13 @@ use crate::{ApiError, AppState};
 
 /// Builds the application. Tests call this and drive it with `oneshot`.
 pub fn app(state: AppState) -> Router {
-    let studio: SharedStudio = Arc::new(state.clone());
+    let backend: SharedBackend = Arc::new(state.clone());
     let leptos_options = state.leptos_options.clone();
     let pages = Router::new()
         .leptos_routes_with_context(
             &state,
             generate_route_list(app::App),
-            move || provide_context(studio.clone()),
+            move || provide_context(backend.clone()),
             move || app::shell(leptos_options.clone()),
         )
         // Server functions read their body without axum's extractor limit.

@@ -1,12 +1,12 @@
-//! The server's answer to the UI's server functions: [`Studio`] over the job queue and gallery.
+//! The server's answer to the UI's server functions: [`Backend`] over the job queue and gallery.
 
 use app::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary, StyleTrainingRequest, TrainingStatus};
-use app::studio::ssr::{BoxFuture, Studio};
+use app::server_fns::ssr::{Backend, BoxFuture};
 use app::AppError;
 
 use crate::{ApiError, AppState};
 
-impl Studio for AppState {
+impl Backend for AppState {
     fn model_info(&self) -> ModelInfo {
         (*self.model).clone()
     }

@@ -12,8 +12,8 @@ use app::dto::{CandidateResult, OptimizeResult, SeedComparison};
 use atelier_engine::quality::Assessment;
 use image::RgbImage;
 
-/// What the search needs from a studio: images and their scores.
-pub trait Studio {
+/// What the search needs: images rendered with a negative prompt, and their scores.
+pub trait Renderer {
     /// Renders the prompt with `negative` on `seed`.
     fn render(&mut self, negative: &str, seed: u64) -> Result<RgbImage>;
     fn assess(&mut self, image: &RgbImage) -> Result<Assessment>;
@@ -59,7 +59,7 @@ struct Measured {
 }
 
 struct Search<'a> {
-    studio: &'a mut dyn Studio,
+    renderer: &'a mut dyn Renderer,
     sink: &'a mut dyn FnMut(Event) -> bool,
     save: &'a mut dyn FnMut(&str, &RgbImage) -> Result<()>,
     done: usize,
@@ -85,8 +85,8 @@ impl Search<'_> {
         let mut out = Vec::with_capacity(seeds.len());
         for &seed in seeds {
             self.progress(phase)?;
-            let image = self.studio.render(negative, seed)?;
-            out.push(self.studio.assess(&image)?);
+            let image = self.renderer.render(negative, seed)?;
+            out.push(self.renderer.assess(&image)?);
             (self.save)(&image_name(index, seed), &image)?;
             self.done += 1;
         }
@@ -152,12 +152,12 @@ pub fn join(parts: &[&str]) -> String {
 /// Runs the search. `Err` holding [`Cancelled`] when the sink stopped it.
 pub fn run(
     plan: &Plan,
-    studio: &mut dyn Studio,
+    renderer: &mut dyn Renderer,
     sink: &mut dyn FnMut(Event) -> bool,
     save: &mut dyn FnMut(&str, &RgbImage) -> Result<()>,
 ) -> Result<OptimizeResult> {
     let total = plan.total_images();
-    let mut s = Search { studio, sink, save, done: 0, total };
+    let mut s = Search { renderer, sink, save, done: 0, total };
     let seeds = &plan.search_seeds;
     let base_label = if plan.baseline.trim().is_empty() { "(no negative prompt)".to_string() } else { plan.baseline.clone() };
 
@@ -327,13 +327,13 @@ mod tests {
     use super::*;
     use atelier_engine::quality::{assess, Weights};
 
-    /// A studio whose images get blurrier with "bad" in the negative and cleaner with "good":
+    /// A renderer whose images get blurrier with "bad" in the negative and cleaner with "good":
     /// a colour ramp whose edge (off the 8-pixel grid) is smeared over `width` pixels.
     struct Fake {
         renders: usize,
     }
 
-    impl Studio for Fake {
+    impl Renderer for Fake {
         fn render(&mut self, negative: &str, seed: u64) -> Result<RgbImage> {
             self.renders += 1;
             let mut width = 3.0 + (seed % 3) as f32;
@@ -369,10 +369,10 @@ mod tests {
 
     #[test]
     fn picks_the_good_candidate_combines_and_confirms_on_new_seeds() {
-        let mut studio = Fake { renders: 0 };
+        let mut renderer = Fake { renders: 0 };
         let mut saved = Vec::new();
         let mut events = 0;
-        let r = run(&plan(&["bad", "good", "fine"]), &mut studio, &mut |_| {
+        let r = run(&plan(&["bad", "good", "fine"]), &mut renderer, &mut |_| {
             events += 1;
             true
         }, &mut |name, _| {
@@ -393,25 +393,25 @@ mod tests {
         assert_eq!(r.comparisons.len(), 7);
         assert!(r.candidates[3].metric_deltas["sharpness"] > 0.0);
         // baseline + 3 candidates + 1 combination on 4 seeds, then 2 × 3 held out.
-        assert_eq!(studio.renders, 5 * 4 + 6);
-        assert_eq!(saved.len(), studio.renders);
+        assert_eq!(renderer.renders, 5 * 4 + 6);
+        assert_eq!(saved.len(), renderer.renders);
         assert!(saved.contains(&"c4_s13.png".to_string()) && saved.contains(&"c0_s13.png".to_string()));
-        assert!(events > studio.renders);
+        assert!(events > renderer.renders);
     }
 
     #[test]
     fn says_plainly_when_nothing_helps_and_stops_when_cancelled() {
-        let mut studio = Fake { renders: 0 };
-        let r = run(&plan(&["bad", "worse bad"]), &mut studio, &mut |_| true, &mut |_, _| Ok(())).unwrap();
+        let mut renderer = Fake { renders: 0 };
+        let r = run(&plan(&["bad", "worse bad"]), &mut renderer, &mut |_| true, &mut |_, _| Ok(())).unwrap();
         assert_eq!(r.winner, None);
         assert!(!r.helped);
         assert!(r.verdict.starts_with("No candidate helped"), "{}", r.verdict);
         assert!(r.comparisons.is_empty() && r.holdout_seeds.is_empty());
-        assert_eq!(studio.renders, 3 * 4, "no combination of unhelpful ones, nothing held out");
+        assert_eq!(renderer.renders, 3 * 4, "no combination of unhelpful ones, nothing held out");
 
-        let mut studio = Fake { renders: 0 };
+        let mut renderer = Fake { renders: 0 };
         let mut n = 0;
-        let err = run(&plan(&["good"]), &mut studio, &mut |e| {
+        let err = run(&plan(&["good"]), &mut renderer, &mut |e| {
             if matches!(e, Event::Progress { .. }) {
                 n += 1;
             }
@@ -419,7 +419,7 @@ mod tests {
         }, &mut |_, _| Ok(()))
         .unwrap_err();
         assert!(err.is::<Cancelled>());
-        assert_eq!(studio.renders, 5);
+        assert_eq!(renderer.renders, 5);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use super::analysis::analyze;
 use super::history::{Entry, History};
 use super::knowledge::KnowledgeFile;
-use super::optimizer::{self, Event, Plan, Studio};
+use super::optimizer::{self, Event, Plan, Renderer};
 use crate::generation::generator::Generator;
 use crate::styles::StyleLibrary;
 use crate::tracking::{RunStatus, Tracker};
@@ -174,7 +174,7 @@ impl Context {
 }
 
 /// Renders through a [`Generator`] and scores with [`atelier_engine::quality`].
-pub struct GeneratorStudio<'a> {
+pub struct GeneratorRenderer<'a> {
     pub generator: &'a dyn Generator,
     pub base: GenerateParams,
     pub weights: Weights,
@@ -186,7 +186,7 @@ pub struct GeneratorStudio<'a> {
     pub pause: &'a dyn Fn(),
 }
 
-impl Studio for GeneratorStudio<'_> {
+impl Renderer for GeneratorRenderer<'_> {
     fn render(&mut self, negative: &str, seed: u64) -> Result<RgbImage> {
         let params = GenerateParams { negative_prompt: negative.to_string(), seed, ..self.base.clone() };
         let cancel = self.cancel;
@@ -326,12 +326,12 @@ fn execute_inner(
     write_status(dir, status)?;
     publish(status);
 
-    let mut studio = GeneratorStudio { generator: ctx.generator.as_ref(), base, weights, style_grams, cancel, pause };
+    let mut renderer = GeneratorRenderer { generator: ctx.generator.as_ref(), base, weights, style_grams, cancel, pause };
     let mut step = 0i64;
     // The engine's largest buffers check the admitted limit (a failed check fails the run).
     let result = atelier_engine::memory::with_limit(admitted.limit, || optimizer::run(
         &plan,
-        &mut studio,
+        &mut renderer,
         &mut |event| {
             match event {
                 Event::Progress { done, total, phase } => {

@@ -75,25 +75,28 @@ pub struct StyleTrainConfig {
 }
 
 impl StyleTrainConfig {
-    /// Defaults for a style called `name`, triggered by `trigger`.
+    /// Defaults for a style called `name`, triggered by `trigger`: those of
+    /// `atelier_blend::defaults::style_training` (as the web request,
+    /// `app::dto::StyleTrainingRequest`), alpha = rank, plus the engine's own.
     pub fn new(name: &str, trigger: &str, steps: u64) -> Self {
+        use atelier_blend::defaults::style_training as d;
         Self {
             name: name.to_string(),
             trigger: trigger.to_string(),
-            rank: 8,
-            alpha: 8.0,
+            rank: d::RANK,
+            alpha: d::RANK as f64,
             steps,
-            batch: 4,
-            optim: OptimConfig { weight_decay: 0.0, ..OptimConfig::new(1e-3, 20.min(steps / 10 + 1), steps) },
-            seed: 0,
-            text_encoder: false,
-            convs: false,
-            min_snr_gamma: 5.0,
-            noise_offset: 0.0,
-            flip: true,
-            checkpoint_every: 50,
+            batch: d::BATCH,
+            optim: OptimConfig { weight_decay: 0.0, ..OptimConfig::new(d::LR, 20.min(steps / 10 + 1), steps) },
+            seed: d::SEED,
+            text_encoder: d::TEXT_ENCODER,
+            convs: d::CONVS,
+            min_snr_gamma: d::MIN_SNR_GAMMA,
+            noise_offset: d::NOISE_OFFSET,
+            flip: d::FLIP,
+            checkpoint_every: d::CHECKPOINT_EVERY,
             keep_checkpoints: 2,
-            sample_every: 100,
+            sample_every: d::SAMPLE_EVERY,
             sample_prompts: Vec::new(),
             sample_seed: 1000,
             sample_steps: 20,

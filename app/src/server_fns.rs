@@ -1,4 +1,4 @@
-//! Server functions the pages call, and (server side only) the [`ssr::Studio`] trait the
+//! Server functions the pages call, and (server side only) the [`ssr::Backend`] trait the
 //! server implements to answer them. The engine, job queue and gallery live in the server
 //! crate; this crate only sees them through that trait, so the WASM build never links them.
 
@@ -20,11 +20,12 @@ pub mod ssr {
     use crate::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummary, StyleTrainingRequest, TrainingStatus};
     use crate::error::AppError;
 
-    /// A boxed future, so [`Studio`] stays object-safe.
+    /// A boxed future, so [`Backend`] stays object-safe.
     pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-    /// The studio's operations, implemented by the server over its job queue and gallery.
-    pub trait Studio: Send + Sync + 'static {
+    /// What the server functions ask of the server, implemented by it over its job queue,
+    /// gallery, style library, blends and trainer.
+    pub trait Backend: Send + Sync + 'static {
         fn model_info(&self) -> ModelInfo;
         /// Validates and queues a generation (decoding the init image off the async runtime).
         fn submit(&self, request: GenerateRequest) -> BoxFuture<Result<JobAccepted, AppError>>;
@@ -48,8 +49,8 @@ pub mod ssr {
         fn delete_training(&self, id: &str) -> Result<(), AppError>;
     }
 
-    /// How the server passes the studio to server functions (`leptos_routes_with_context`).
-    pub type SharedStudio = Arc<dyn Studio>;
+    /// How the server passes its [`Backend`] to server functions (`leptos_routes_with_context`).
+    pub type SharedBackend = Arc<dyn Backend>;
 
     /// Passes `result` through, setting the HTTP status of the server-function response to
     /// match the error (400, 404, 413 or 500) so it reads right in logs and dev tools.
@@ -69,102 +70,102 @@ pub mod ssr {
         result
     }
 
-    /// The studio provided by the server for this request.
-    pub fn studio() -> Result<SharedStudio, AppError> {
-        use_context::<SharedStudio>()
-            .ok_or_else(|| AppError::Internal("the studio is not available in this context".into()))
+    /// The backend provided by the server for this request.
+    pub fn backend() -> Result<SharedBackend, AppError> {
+        use_context::<SharedBackend>()
+            .ok_or_else(|| AppError::Internal("the server backend is not available in this context".into()))
     }
 }
 
 /// The loaded model's name, hash, native size and note.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn get_model_info() -> Result<ModelInfo, AppError> {
-    ssr::with_status(ssr::studio().map(|s| s.model_info()))
+    ssr::with_status(ssr::backend().map(|s| s.model_info()))
 }
 
 /// Queues a generation; progress then comes from `/api/jobs/{id}/events`.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn submit_generation(request: GenerateRequest) -> Result<JobAccepted, AppError> {
-    let studio = ssr::with_status(ssr::studio())?;
-    ssr::with_status(studio.submit(request).await)
+    let backend = ssr::with_status(ssr::backend())?;
+    ssr::with_status(backend.submit(request).await)
 }
 
 /// Cancels a queued or running job.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn cancel_job(job_id: String) -> Result<(), AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.cancel(&job_id)))
+    ssr::with_status(ssr::backend().and_then(|s| s.cancel(&job_id)))
 }
 
 /// A page of the gallery, newest first.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn list_gallery(offset: usize, limit: usize) -> Result<GalleryPage, AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.gallery(offset, limit)))
+    ssr::with_status(ssr::backend().and_then(|s| s.gallery(offset, limit)))
 }
 
 /// Deletes an image and its file.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn delete_image(id: String) -> Result<(), AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.delete_image(&id)))
+    ssr::with_status(ssr::backend().and_then(|s| s.delete_image(&id)))
 }
 
 /// The style library.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn list_styles() -> Result<Vec<StyleSummary>, AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.styles()))
+    ssr::with_status(ssr::backend().and_then(|s| s.styles()))
 }
 
 /// Renames a user style.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn rename_style(name: String, new_name: String) -> Result<(), AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.rename_style(&name, &new_name)))
+    ssr::with_status(ssr::backend().and_then(|s| s.rename_style(&name, &new_name)))
 }
 
 /// Deletes a user style.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn delete_style(name: String) -> Result<(), AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.delete_style(&name)))
+    ssr::with_status(ssr::backend().and_then(|s| s.delete_style(&name)))
 }
 
 /// Style trainings, newest first.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn list_style_trainings() -> Result<Vec<TrainingStatus>, AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.trainings()))
+    ssr::with_status(ssr::backend().and_then(|s| s.trainings()))
 }
 
 /// Queues a style training on an uploaded dataset; progress then comes from
 /// `/api/style-trainings/{id}/events`.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn start_style_training(request: StyleTrainingRequest) -> Result<TrainingStatus, AppError> {
-    let studio = ssr::with_status(ssr::studio())?;
-    ssr::with_status(studio.start_training(request).await)
+    let backend = ssr::with_status(ssr::backend())?;
+    ssr::with_status(backend.start_training(request).await)
 }
 
 /// Stops a training (with a checkpoint when it is running).
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn stop_style_training(id: String) -> Result<TrainingStatus, AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.stop_training(&id)))
+    ssr::with_status(ssr::backend().and_then(|s| s.stop_training(&id)))
 }
 
 /// Resumes a stopped training from its last checkpoint.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn resume_style_training(id: String) -> Result<TrainingStatus, AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.resume_training(&id)))
+    ssr::with_status(ssr::backend().and_then(|s| s.resume_training(&id)))
 }
 
 /// Forgets a training that is not running.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn delete_style_training(id: String) -> Result<(), AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.delete_training(&id)))
+    ssr::with_status(ssr::backend().and_then(|s| s.delete_training(&id)))
 }
 
 /// Saves a blend under `name` on the server; returns its share-link code.
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn save_blend(name: String, blend: atelier_blend::Blend) -> Result<String, AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.save_blend(&name, blend)))
+    ssr::with_status(ssr::backend().and_then(|s| s.save_blend(&name, blend)))
 }
 
 /// Saved blends: (name, share-link code).
 #[server(prefix = "/_sfn", input = Json)]
 pub async fn list_blends() -> Result<Vec<(String, String)>, AppError> {
-    ssr::with_status(ssr::studio().and_then(|s| s.blends()))
+    ssr::with_status(ssr::backend().and_then(|s| s.blends()))
 }

@@ -1,13 +1,19 @@
 //! Style blends: the weight maths and the share-link format, in one crate that compiles
 //! for the server and for the browser (WASM), so both compute exactly the same numbers.
 //!
+//! - [`defaults`]: default settings of a generation and of a style training;
 //! - [`weights`]: block groups, per-block multipliers, normalisation, the 2-D blend pad
 //!   (segment, triangle, square) and per-layer scale maps;
 //! - [`link`]: a blend as a compact, checksummed, URL-safe string;
-//! - [`preview`]: mixing already-rendered anchor images for an instant preview.
+//! - [`preview`]: mixing already-rendered anchor images for an instant preview;
+//! - [`resolve`]: matching a blend's styles to a studio's styles (by hash);
+//! - [`tags`]: the `<lora:NAME:WEIGHT[:lbw=D,M,U]>` prompt tag grammar (reader and writer).
 
+pub mod defaults;
 pub mod link;
 pub mod preview;
+pub mod resolve;
+pub mod tags;
 pub mod weights;
 
 use serde::{Deserialize, Serialize};
@@ -49,11 +55,8 @@ impl Blend {
     pub fn tagged_prompt(&self) -> String {
         let mut out = self.prompt.trim_end().to_string();
         for s in self.styles.iter().filter(|s| s.weight != 0.0) {
-            out.push_str(&format!(" <lora:{}:{}", s.name, s.weight));
-            if !s.blocks.is_neutral() {
-                out.push_str(&format!(":lbw={},{},{}", s.blocks.down, s.blocks.mid, s.blocks.up));
-            }
-            out.push('>');
+            out.push(' ');
+            out.push_str(&tags::LoraTag::new(s.name.as_str(), s.weight, &s.blocks).to_string());
         }
         out
     }
