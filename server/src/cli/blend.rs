@@ -42,11 +42,11 @@ pub enum BlendAction {
         negative_prompt: String,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = atelier_blend::defaults::generate::STEPS as u32)]
         steps: u32,
-        #[arg(long, default_value_t = 7.5)]
+        #[arg(long, default_value_t = atelier_blend::defaults::generate::GUIDANCE)]
         guidance: f64,
-        #[arg(long, default_value = "dpmpp-2m-karras")]
+        #[arg(long, default_value = atelier_blend::defaults::generate::SCHEDULER)]
         scheduler: String,
         /// Also save the blend under this name.
         #[arg(long)]

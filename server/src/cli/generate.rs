@@ -26,16 +26,16 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// Denoising steps (1..=150).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = atelier_blend::defaults::generate::STEPS)]
     pub steps: usize,
     /// Classifier-free guidance scale (0..=30).
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = atelier_blend::defaults::generate::GUIDANCE)]
     pub guidance: f64,
     /// Seed; random when omitted (the one used is printed and stored in the PNG).
     #[arg(long)]
     pub seed: Option<u64>,
     /// ddim, euler, euler-a, dpmpp-2m or dpmpp-2m-karras.
-    #[arg(long, default_value = "dpmpp-2m-karras")]
+    #[arg(long, default_value = atelier_blend::defaults::generate::SCHEDULER)]
     pub scheduler: String,
     /// Width in pixels (multiple of 8); the model's native size when omitted.
     #[arg(long)]
@@ -47,13 +47,13 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub init_image: Option<PathBuf>,
     /// img2img strength 0..1: how much of the schedule re-noises the input.
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = atelier_blend::defaults::generate::STRENGTH)]
     pub strength: f64,
     /// original or split-einsum (flash on CUDA builds).
     #[arg(long, default_value = "original")]
     pub attention: String,
     /// Images to generate; image k uses seed + k.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = atelier_blend::defaults::generate::BATCH_SIZE)]
     pub batch: usize,
     /// Model folder (diffusers layout) or hub id.
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]

@@ -31,19 +31,19 @@ pub struct TrainStyleArgs {
     #[arg(long)]
     pub trigger: Option<String>,
     /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = atelier_blend::defaults::style_training::RANK)]
     pub rank: usize,
     /// LoRA alpha (the update is scaled by alpha / rank).
     #[arg(long)]
     pub alpha: Option<f64>,
     /// Training steps.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = atelier_blend::defaults::style_training::STEPS)]
     pub steps: u64,
     /// Peak learning rate (AdamW, linear warm-up then cosine decay).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = atelier_blend::defaults::style_training::LR)]
     pub lr: f64,
     /// Images per step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = atelier_blend::defaults::style_training::BATCH)]
     pub batch: usize,
     /// Memory this run may use (e.g. `12GiB`); a batch that would need more is refused
     /// with the largest that fits. Default: three quarters of the machine's memory.
@@ -53,7 +53,7 @@ pub struct TrainStyleArgs {
     /// onto before any resize: white (as A1111), black, grey or #RRGGBB.
     #[arg(long, env = "ATELIER_ALPHA_BACKGROUND", value_parser = crate::cli::parse_background)]
     pub alpha_background: Option<[u8; 3]>,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = atelier_blend::defaults::style_training::SEED)]
     pub seed: u64,
     /// Also adapt the text encoder's attention layers.
     #[arg(long)]
@@ -62,25 +62,25 @@ pub struct TrainStyleArgs {
     #[arg(long)]
     pub convs: bool,
     /// Min-SNR-γ loss weighting (0 turns it off).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = atelier_blend::defaults::style_training::MIN_SNR_GAMMA)]
     pub min_snr_gamma: f64,
     /// Noise offset (0 turns it off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = atelier_blend::defaults::style_training::NOISE_OFFSET)]
     pub noise_offset: f64,
     /// Do not add mirror images.
     #[arg(long)]
     pub no_flip: bool,
     /// Steps between checkpoints.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = atelier_blend::defaults::style_training::CHECKPOINT_EVERY)]
     pub checkpoint_every: u64,
     /// Steps between sample sheets (0: none).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = atelier_blend::defaults::style_training::SAMPLE_EVERY)]
     pub sample_every: u64,
     /// Prompt for the sample sheets (repeatable); default: the first four captions.
     #[arg(long = "sample-prompt")]
     pub sample_prompts: Vec<String>,
     /// Fewest usable images to train on.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = atelier_blend::defaults::style_training::MIN_IMAGES)]
     pub min_images: usize,
     /// Prompt for the before/after quality metrics (repeatable); default: 8 starter-world
     /// prompts over held-out colour/shape triples, each ending in ", TRIGGER style".
