@@ -354,6 +354,14 @@ test('the blend page previews instantly, renders exactly, and its link reproduce
   } finally {
     await other.close();
   }
+  // Baking is a queued task: live progress under the buttons, then a download link whose
+  // file is a LoRA (safetensors header first).
+  await page.click('button.bake >> text=compressed to rank 8');
+  await page.waitForSelector('.bake-state a.download', { timeout: 60_000 });
+  assert.match(await page.textContent('.bake-state'), /done: rank 8, [0-9.]+ % of the blend lost/);
+  const baked = await (await page.request.get(baseUrl + (await page.getAttribute('.bake-state a.download', 'href')))).body();
+  const headerLen = Number(baked.readBigUInt64LE(0));
+  assert.ok(JSON.parse(baked.subarray(8, 8 + headerLen).toString()).__metadata__.atelier_blend, 'the bake records its blend');
   await page.screenshot({ path: screenshot.replace(/\.png$/, '-blend.png'), fullPage: true });
 });
 
