@@ -37,10 +37,37 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// `e` and its causes as one line, `error: cause: cause`, the way `anyhow` shows a chain
+/// with `{:#}`; a cause whose text the line already holds (an error that shows its source
+/// in its own message) is not repeated.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+/// True when `e` says the disk is full (ENOSPC): the user can fix it by freeing space.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(28)
+}
+
 impl ApiError {
-    /// A server-side failure with its whole cause chain (logged, not shown to clients).
-    pub fn internal(e: anyhow::Error) -> Self {
-        ApiError::Internal(format!("{e:#}"))
+    /// A failure to read or write the studio's files (`io` is the I/O error under `e`): a
+    /// full disk is the user's to fix (503, "free some space"), anything else is internal.
+    pub fn storage(e: &(dyn std::error::Error + 'static), io: &std::io::Error) -> Self {
+        if is_disk_full(io) {
+            ApiError::Unavailable(format!("the server's disk is full ({}); free some space and try again", report(e)))
+        } else {
+            ApiError::Internal(report(e))
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -111,5 +138,48 @@ impl From<ApiError> for AppError {
             s if s.is_client_error() || s == StatusCode::SERVICE_UNAVAILABLE => AppError::BadRequest(message),
             _ => AppError::Internal(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::styles::LibraryError;
+
+    fn io(code: i32) -> std::io::Error {
+        std::io::Error::from_raw_os_error(code)
+    }
+
+    #[test]
+    fn report_shows_each_cause_once() {
+        let e = LibraryError::Io { action: "creating", path: "/data/styles/ink".into(), source: io(13) };
+        assert_eq!(report(&e), format!("creating /data/styles/ink: {}", io(13)));
+        // The engine's I/O error shows its source in its own message: not repeated.
+        let e = atelier_engine::Error::Io { path: "/m/unet".into(), source: io(2) };
+        assert_eq!(report(&e), format!("/m/unet: {}", io(2)));
+    }
+
+    #[test]
+    fn library_errors_get_the_status_of_what_went_wrong() {
+        let status = |e: LibraryError| ApiError::from(e).status();
+        assert_eq!(status(LibraryError::BadName("a b".into())), StatusCode::BAD_REQUEST);
+        assert_eq!(status(LibraryError::Builtin("ink".into())), StatusCode::BAD_REQUEST);
+        assert_eq!(status(LibraryError::NameTaken("ink".into())), StatusCode::BAD_REQUEST);
+        assert_eq!(status(LibraryError::NotFound("ink".into())), StatusCode::NOT_FOUND);
+        assert_eq!(status(LibraryError::Io { action: "renaming", path: "/s/ink".into(), source: io(13) }), StatusCode::INTERNAL_SERVER_ERROR);
+        let full = ApiError::from(LibraryError::Io { action: "writing", path: "/s/ink/card.json".into(), source: io(28) });
+        assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(full.to_string().contains("writing /s/ink/card.json") && full.to_string().contains("free some space"), "{full}");
+    }
+
+    #[test]
+    fn a_studio_knowledge_base_to_fix_by_hand_is_a_503_saying_so() {
+        use crate::negatives::NegativesError;
+        let error = serde_json::from_str::<serde_json::Value>("{ not json").unwrap_err();
+        let e = ApiError::from(NegativesError::UnreadableKnowledge { path: "/d/negatives/knowledge.json".into(), error });
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.public_message().contains("fix or delete it"), "{e}");
+        let e = ApiError::from(NegativesError::Invalid { field: "seeds".into(), message: "between 1 and 16, not 0".into() });
+        assert_eq!((e.status(), e.to_string()), (StatusCode::BAD_REQUEST, "invalid seeds: between 1 and 16, not 0".to_string()));
     }
 }

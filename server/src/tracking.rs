@@ -8,7 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
@@ -51,6 +50,54 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (run_uuid, key)
 );
 ";
+
+/// Why the experiment store could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackingError {
+    /// The SQLite database failed.
+    #[error(transparent)]
+    Db(#[from] rusqlite::Error),
+    /// The store's or a run's folder could not be created.
+    #[error("creating {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file could not be copied into a run's artifacts.
+    #[error("copying {path} into the run")]
+    Artifact {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An artifact path that names no file.
+    #[error("artifact without a file name")]
+    NoFileName(PathBuf),
+    #[error("no run {0}")]
+    NoRun(String),
+    /// Params are set once.
+    #[error("param {key} of run {run} is {old:?} already; params cannot change")]
+    ParamChanged { run: String, key: String, old: String },
+}
+
+/// A missing run is a 404, a full disk a 503 saying to free space, the rest a 500.
+impl From<TrackingError> for crate::ApiError {
+    fn from(e: TrackingError) -> Self {
+        use crate::ApiError;
+        match e {
+            TrackingError::NoRun(id) => ApiError::NotFound { what: "run", id },
+            TrackingError::Io { ref source, .. } | TrackingError::Artifact { ref source, .. } => ApiError::storage(&e, source),
+            other => ApiError::Internal(crate::error::report(&other)),
+        }
+    }
+}
+
+type Result<T, E = TrackingError> = std::result::Result<T, E>;
+
+fn creating(path: &Path) -> impl FnOnce(std::io::Error) -> TrackingError + '_ {
+    move |source| TrackingError::Io { path: path.to_path_buf(), source }
+}
 
 /// Run states, as MLflow names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -105,7 +152,7 @@ fn now_ms() -> i64 {
 impl Tracker {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(creating(dir))?;
         let db = Connection::open(dir.join("tracking.sqlite"))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.execute_batch(SCHEMA)?;
@@ -136,7 +183,7 @@ impl Tracker {
     pub fn start_run(&self, experiment: i64, name: &str) -> Result<String> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let artifacts = self.root.join("artifacts").join(experiment.to_string()).join(&id).join("artifacts");
-        std::fs::create_dir_all(&artifacts).with_context(|| format!("creating {}", artifacts.display()))?;
+        std::fs::create_dir_all(&artifacts).map_err(creating(&artifacts))?;
         self.db().execute(
             "INSERT INTO runs (run_uuid, experiment_id, name, status, start_time, artifact_uri) VALUES (?1, ?2, ?3, 'RUNNING', ?4, ?5)",
             params![id, experiment, name, now_ms(), artifacts.display().to_string()],
@@ -163,7 +210,7 @@ impl Tracker {
             db.query_row("SELECT value FROM params WHERE run_uuid = ?1 AND key = ?2", params![run, key], |r| r.get(0)).optional()?;
         match old {
             Some(v) if v == value => Ok(()),
-            Some(v) => anyhow::bail!("param {key} of run {run} is {v:?} already; params cannot change"),
+            Some(old) => Err(TrackingError::ParamChanged { run: run.to_string(), key: key.to_string(), old }),
             None => {
                 db.execute("INSERT INTO params (run_uuid, key, value) VALUES (?1, ?2, ?3)", params![run, key, value])?;
                 Ok(())
@@ -186,14 +233,14 @@ impl Tracker {
 
     /// Copies a file into the run's artifacts (under `subdir` when given).
     pub fn log_artifact(&self, run: &str, file: &Path, subdir: Option<&str>) -> Result<PathBuf> {
-        let info = self.run(run)?.with_context(|| format!("no run {run}"))?;
+        let info = self.run(run)?.ok_or_else(|| TrackingError::NoRun(run.to_string()))?;
         let mut dest = PathBuf::from(info.artifact_uri);
         if let Some(s) = subdir {
             dest = dest.join(s);
         }
-        std::fs::create_dir_all(&dest)?;
-        let dest = dest.join(file.file_name().context("artifact without a file name")?);
-        std::fs::copy(file, &dest).with_context(|| format!("copying {} into the run", file.display()))?;
+        std::fs::create_dir_all(&dest).map_err(creating(&dest))?;
+        let dest = dest.join(file.file_name().ok_or_else(|| TrackingError::NoFileName(file.to_path_buf()))?);
+        std::fs::copy(file, &dest).map_err(|source| TrackingError::Artifact { path: file.to_path_buf(), source })?;
         Ok(dest)
     }
 
@@ -271,7 +318,9 @@ mod tests {
             run = t.start_run(exp, "ink").unwrap();
             t.log_param(&run, "rank", "8").unwrap();
             t.log_param(&run, "rank", "8").unwrap();
-            assert!(t.log_param(&run, "rank", "4").unwrap_err().to_string().contains("cannot change"));
+            let changed = t.log_param(&run, "rank", "4").unwrap_err();
+            assert!(matches!(changed, TrackingError::ParamChanged { ref old, .. } if old == "8"), "{changed:?}");
+            assert!(changed.to_string().contains("cannot change"));
             for (step, v) in [(1, 0.5), (2, 0.25), (3, 0.125)] {
                 t.log_metric(&run, "loss", v, step).unwrap();
             }

@@ -77,6 +77,15 @@ async fn analysis_optimisation_history_and_refusals() {
     assert_eq!(now, kb);
     let a: NegativeAnalysis = send(&app, Method::POST, "/api/negatives/analyze", Some(json!({"prompt": prompt}))).await.json();
     assert!(a.suggestions.iter().any(|s| s.negative == "tiny" && s.category == "shapes"));
+    // A hand-broken copy is reported (503, naming the file and what to do), never replaced.
+    let file = tmp.path().join("negatives/knowledge.json");
+    let saved = std::fs::read(&file).unwrap();
+    std::fs::write(&file, "{ not json").unwrap();
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    expect_error(&app, Method::GET, "/api/negatives/knowledge", None, unavailable, "fix or delete it").await;
+    expect_error(&app, Method::POST, "/api/negatives/analyze", Some(json!({"prompt": prompt})), unavailable, "fix or delete it").await;
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "{ not json");
+    std::fs::write(&file, saved).unwrap();
 
     // Refusals.
     expect_error(&app, Method::POST, "/api/negatives/optimize", Some(json!({"prompt": ""})), StatusCode::BAD_REQUEST, "type a prompt").await;

@@ -47,7 +47,7 @@ impl Bake {
         let sd = self.generator.pipeline().ok_or_else(|| ApiError::Unavailable("this studio's generator has no model to bake against".into()))?;
         let blend = atelier_blend::decode(&status.request.link).map_err(|e| ApiError::Invalid { field: "link".into(), message: e.to_string() })?;
         let resolved = crate::blends::resolve(blend, &self.styles(), sd.model_hash());
-        let active = resolved.active(sd).map_err(|e| ApiError::Invalid { field: "link".into(), message: format!("{e:#}") })?;
+        let active = resolved.active(sd).map_err(|e| ApiError::Invalid { field: "link".into(), message: crate::error::report(&e) })?;
         let baked = atelier_engine::bake::bake(&active, sd.lora_slots(), status.request.rank, &mut |done, total| {
             ctx.update(|s| {
                 s.done = done;
@@ -151,7 +151,7 @@ impl Bakes {
         let task = self.queue.task();
         let resolved = crate::blends::resolve(blend, &task.styles(), &task.generator.model_hash());
         if !resolved.missing.is_empty() {
-            return Err(invalid(resolved.tagged_prompt().err().map_or_else(|| "a style of the blend is missing".into(), |e| format!("{e:#}"))));
+            return Err(invalid(resolved.tagged_prompt().err().map_or_else(|| "a style of the blend is missing".into(), |e| crate::error::report(&e))));
         }
         let status = BakeStatus {
             id: uuid::Uuid::new_v4().simple().to_string(),

@@ -36,8 +36,8 @@ async fn list(State(state): State<AppState>) -> Json<Vec<SavedBlend>> {
 }
 
 async fn one(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<SavedBlend>, ApiError> {
-    crate::styles::check_name(&name).map_err(|e| ApiError::Invalid { field: "name".into(), message: e.to_string() })?;
-    state.blends.get(&name).map_err(ApiError::internal)?.map(Json).ok_or(ApiError::NotFound { what: "blend", id: name })
+    crate::styles::check_name(&name)?;
+    state.blends.get(&name)?.map(Json).ok_or(ApiError::NotFound { what: "blend", id: name })
 }
 
 async fn save(
@@ -45,14 +45,14 @@ async fn save(
     Path(name): Path<String>,
     AppJson(blend): AppJson<Blend>,
 ) -> Result<Json<SavedBlend>, ApiError> {
-    crate::styles::check_name(&name).map_err(|e| ApiError::Invalid { field: "name".into(), message: e.to_string() })?;
+    crate::styles::check_name(&name)?;
     atelier_blend::encode(&blend).map_err(|e| ApiError::Invalid { field: "blend".into(), message: e.to_string() })?;
-    Ok(Json(state.blends.save(&name, &blend).map_err(ApiError::internal)?))
+    Ok(Json(state.blends.save(&name, &blend)?))
 }
 
 async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    crate::styles::check_name(&name).map_err(|e| ApiError::Invalid { field: "name".into(), message: e.to_string() })?;
-    if state.blends.delete(&name).map_err(ApiError::internal)? {
+    crate::styles::check_name(&name)?;
+    if state.blends.delete(&name)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound { what: "blend", id: name })

@@ -7,11 +7,105 @@ pub mod http;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use atelier_blend::Blend;
+use atelier_blend::{Blend, LinkError};
 use serde::{Deserialize, Serialize};
 
-use crate::styles::{check_name, StyleEntry, StyleLibrary};
+use crate::styles::{check_name, LibraryError, StyleEntry, StyleLibrary};
+
+/// What can go wrong with saved blends, links and matching a blend to this studio. The
+/// messages are shown to users as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum BlendError {
+    /// A blend name breaks the style-name rule.
+    #[error(transparent)]
+    BadName(#[from] LibraryError),
+    /// The link cannot be read, or the blend cannot be made into one.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The blends folder or a blend's file could not be created, read, written or deleted.
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A saved blend's file does not hold a blend.
+    #[error("{path} is not a saved blend")]
+    NotABlend {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A saved blend's file holds a blend that no link can carry.
+    #[error("{path} holds a blend that cannot be shared")]
+    Unshareable {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    /// Neither a link nor the name of a saved blend.
+    #[error("{input:?} is neither a saved blend nor a blend link ({link_error})")]
+    Unknown { input: String, link_error: LinkError },
+    /// The blend uses a style this studio does not have.
+    #[error(
+        "this blend needs the style {} (hash {}), which this studio does not have{}; get it from whoever shared the blend",
+        .0.name,
+        .0.hash,
+        if .0.name_taken_by_other_version { " (a different style has that name here)" } else { "" }
+    )]
+    MissingStyle(MissingStyle),
+    /// A style of the blend does not fit the model.
+    #[error("applying style {name}")]
+    Apply {
+        name: String,
+        #[source]
+        source: atelier_engine::Error,
+    },
+    /// A style's adapter could not be loaded.
+    #[error(transparent)]
+    Engine(#[from] atelier_engine::Error),
+    /// A `--style NAME:WEIGHT[:lbw=D,M,U]` argument that does not parse.
+    #[error("--style {spec}: write NAME:WEIGHT or NAME:WEIGHT:lbw=DOWN,MID,UP")]
+    BadSpec {
+        spec: String,
+        #[source]
+        source: atelier_blend::tags::TagError,
+    },
+    #[error("no style {0} in the library")]
+    NoStyle(String),
+    #[error("cannot read the adapter of {0}")]
+    UnreadableAdapter(String),
+}
+
+impl BlendError {
+    fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Self + 'a {
+        move |source| BlendError::Io { action, path: path.to_path_buf(), source }
+    }
+}
+
+/// What the blend itself gets wrong is a 400 on `blend`, a bad name what
+/// [`LibraryError`] maps to, a missing style a 404, a full disk a 503 saying to free
+/// space, a damaged saved blend or another failure a 500.
+impl From<BlendError> for crate::ApiError {
+    fn from(e: BlendError) -> Self {
+        use crate::ApiError;
+        match e {
+            BlendError::BadName(e) => e.into(),
+            BlendError::Engine(e) => e.into(),
+            BlendError::Link(_) | BlendError::Unknown { .. } | BlendError::MissingStyle(_) | BlendError::Apply { .. } | BlendError::BadSpec { .. } => {
+                ApiError::Invalid { field: "blend".into(), message: crate::error::report(&e) }
+            }
+            BlendError::NoStyle(name) => ApiError::NotFound { what: "style", id: name },
+            BlendError::Io { ref source, .. } => ApiError::storage(&e, source),
+            BlendError::NotABlend { .. } | BlendError::Unshareable { .. } | BlendError::UnreadableAdapter(_) => {
+                ApiError::Internal(crate::error::report(&e))
+            }
+        }
+    }
+}
+
+type Result<T, E = BlendError> = std::result::Result<T, E>;
 
 /// Named blends, one JSON file each (`ROOT/NAME.json`), written atomically.
 #[derive(Debug, Clone)]
@@ -42,8 +136,8 @@ impl BlendStore {
     pub fn save(&self, name: &str, blend: &Blend) -> Result<SavedBlend> {
         let link = atelier_blend::encode(blend)?;
         let path = self.path(name)?;
-        std::fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
-        atelier_engine::files::write_json_atomic(&path, blend).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::create_dir_all(&self.root).map_err(BlendError::io("creating", &self.root))?;
+        atelier_engine::files::write_json_atomic(&path, blend).map_err(BlendError::io("writing", &path))?;
         Ok(SavedBlend { name: name.to_string(), blend: blend.clone(), link })
     }
 
@@ -52,10 +146,10 @@ impl BlendStore {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(e) => return Err(BlendError::io("reading", &path)(e)),
         };
-        let blend: Blend = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a saved blend", path.display()))?;
-        let link = atelier_blend::encode(&blend)?;
+        let blend: Blend = serde_json::from_slice(&bytes).map_err(|source| BlendError::NotABlend { path: path.clone(), source })?;
+        let link = atelier_blend::encode(&blend).map_err(|source| BlendError::Unshareable { path: path.clone(), source })?;
         Ok(Some(SavedBlend { name: name.to_string(), blend, link }))
     }
 
@@ -76,7 +170,7 @@ impl BlendStore {
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e).with_context(|| format!("deleting {}", path.display())),
+            Err(e) => Err(BlendError::io("deleting", &path)(e)),
         }
     }
 }
@@ -105,12 +199,7 @@ impl Resolved {
     /// The prompt with `<lora:…>` tags naming the local styles.
     pub fn tagged_prompt(&self) -> Result<String> {
         if let Some(m) = self.missing.first() {
-            bail!(
-                "this blend needs the style {} (hash {}), which this studio does not have{}; get it from whoever shared the blend",
-                m.name,
-                m.hash,
-                if m.name_taken_by_other_version { " (a different style has that name here)" } else { "" }
-            );
+            return Err(BlendError::MissingStyle(m.clone()));
         }
         let mut local = self.blend.clone();
         for (s, entry) in local.styles.iter_mut().zip(&self.styles) {
@@ -131,7 +220,7 @@ impl Resolved {
         for (s, e) in self.blend.styles.iter().zip(&self.styles).filter(|(s, _)| s.weight != 0.0) {
             let e = e.as_ref().expect("tagged_prompt checked that none is missing");
             let adapter = std::sync::Arc::new(atelier_engine::lora::LoraAdapter::load(&e.adapter())?);
-            let lora = sd.bind_lora(&adapter).with_context(|| format!("applying style {}", e.name))?;
+            let lora = sd.bind_lora(&adapter).map_err(|source| BlendError::Apply { name: e.name.clone(), source })?;
             active.push(atelier_engine::lora::ActiveLora { lora, weight: s.weight, blocks: s.blocks });
         }
         Ok(active)
@@ -140,8 +229,8 @@ impl Resolved {
 
 /// The A1111 short hash of a diffusers model folder (of its UNet weights), as
 /// `StableDiffusion::model_hash` gives once loaded.
-pub fn model_hash(model_dir: &Path) -> Result<String> {
-    Ok(atelier_engine::model::short_hash(&model_dir.join("unet/diffusion_pytorch_model.safetensors"))?)
+pub fn model_hash(model_dir: &Path) -> atelier_engine::Result<String> {
+    atelier_engine::model::short_hash(&model_dir.join("unet/diffusion_pytorch_model.safetensors"))
 }
 
 /// The A1111 short hash of a style's kohya file (remembered per file, size and
@@ -191,7 +280,7 @@ pub fn load(link_or_name: &str, store: &BlendStore) -> Result<Blend> {
                 if let Some(saved) = store.get(link_or_name)? {
                     return Ok(saved.blend);
                 }
-                bail!("{link_or_name:?} is neither a saved blend nor a blend link ({link_error})");
+                return Err(BlendError::Unknown { input: link_or_name.to_string(), link_error });
             }
             Err(link_error.into())
         }
@@ -203,10 +292,9 @@ pub fn from_specs(specs: &[String], library: &StyleLibrary) -> Result<Vec<atelie
     specs
         .iter()
         .map(|spec| {
-            let t = atelier_blend::tags::parse_lora_args(spec)
-                .with_context(|| format!("--style {spec}: write NAME:WEIGHT or NAME:WEIGHT:lbw=DOWN,MID,UP"))?;
-            let entry = library.find(&t.name).with_context(|| format!("no style {} in the library", t.name))?;
-            let hash = style_hash(&entry).with_context(|| format!("cannot read the adapter of {}", entry.name))?;
+            let t = atelier_blend::tags::parse_lora_args(spec).map_err(|source| BlendError::BadSpec { spec: spec.clone(), source })?;
+            let entry = library.find(&t.name).ok_or_else(|| BlendError::NoStyle(t.name.clone()))?;
+            let hash = style_hash(&entry).ok_or_else(|| BlendError::UnreadableAdapter(entry.name.clone()))?;
             Ok(atelier_blend::BlendStyle { name: entry.name, hash, weight: t.weight, blocks: t.block_weights() })
         })
         .collect()

@@ -216,6 +216,6 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
             std::process::exit(130);
         }
         Err(RunError::Dataset(m)) => anyhow::bail!("{m}"),
-        Err(RunError::Other(e)) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }

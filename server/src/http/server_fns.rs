@@ -4,7 +4,18 @@ use app::dto::{GalleryPage, GenerateRequest, JobAccepted, ModelInfo, StyleSummar
 use app::server_fns::ssr::{Backend, BoxFuture};
 use app::AppError;
 
+use crate::blends::BlendError;
+use crate::styles::LibraryError;
 use crate::{ApiError, AppState};
+
+/// A style rename or delete the library refused, as the Styles page shows it (the
+/// library's reason); a failed one (the disk) as the API reports it.
+fn style_change_error(e: LibraryError) -> AppError {
+    match e {
+        LibraryError::Io { .. } => ApiError::from(e).into(),
+        refused => AppError::BadRequest(refused.to_string()),
+    }
+}
 
 impl Backend for AppState {
     fn model_info(&self) -> ModelInfo {
@@ -63,14 +74,14 @@ impl Backend for AppState {
         if self.styles.find(name).is_none() {
             return Err(ApiError::NotFound { what: "style", id: name.into() }.into());
         }
-        self.styles.rename(name, new_name).map_err(|e| AppError::BadRequest(e.to_string()))
+        self.styles.rename(name, new_name).map_err(style_change_error)
     }
 
     fn delete_style(&self, name: &str) -> Result<(), AppError> {
         if self.styles.find(name).is_none() {
             return Err(ApiError::NotFound { what: "style", id: name.into() }.into());
         }
-        self.styles.delete(name).map_err(|e| AppError::BadRequest(e.to_string()))
+        self.styles.delete(name).map_err(style_change_error)
     }
 
     fn blends(&self) -> Result<Vec<(String, String)>, AppError> {
@@ -79,7 +90,10 @@ impl Backend for AppState {
 
     fn save_blend(&self, name: &str, blend: atelier_blend::Blend) -> Result<String, AppError> {
         crate::styles::check_name(name).map_err(|e| AppError::BadRequest(e.to_string()))?;
-        let saved = self.blends.save(name, &blend).map_err(|e| AppError::BadRequest(format!("{e:#}")))?;
+        let saved = self.blends.save(name, &blend).map_err(|e| match e {
+            BlendError::Io { .. } => AppError::from(ApiError::from(e)),
+            refused => AppError::BadRequest(crate::error::report(&refused)),
+        })?;
         Ok(saved.link)
     }
 

@@ -9,6 +9,8 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use super::NegativesError;
+
 /// One measured candidate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
@@ -48,28 +50,28 @@ impl History {
     }
 
     /// Every entry (none when the file does not exist yet).
-    pub fn entries(&self) -> anyhow::Result<Vec<Entry>> {
+    pub fn entries(&self) -> Result<Vec<Entry>, NegativesError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.read()
     }
 
-    fn read(&self) -> anyhow::Result<Vec<Entry>> {
+    fn read(&self) -> Result<Vec<Entry>, NegativesError> {
         match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{} is damaged ({e})", self.path.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| NegativesError::DamagedHistory { path: self.path.clone(), error }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(anyhow::anyhow!("reading {}: {e}", self.path.display())),
+            Err(e) => Err(NegativesError::io("reading", &self.path)(e)),
         }
     }
 
     /// Appends `entries` (atomically rewriting the file).
-    pub fn record(&self, entries: &[Entry]) -> anyhow::Result<()> {
+    pub fn record(&self, entries: &[Entry]) -> Result<(), NegativesError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut all = self.read()?;
         all.extend_from_slice(entries);
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).map_err(NegativesError::io("creating", dir))?;
         }
-        atelier_engine::files::write_json_atomic(&self.path, &all)?;
+        atelier_engine::files::write_json_atomic(&self.path, &all).map_err(NegativesError::io("writing", &self.path))?;
         Ok(())
     }
 }
@@ -173,5 +175,9 @@ pub(super) mod tests {
         h.record(&[entry("c", "d", -0.1)]).unwrap();
         assert_eq!(h.entries().unwrap().len(), 2);
         assert_eq!(std::fs::read_dir(dir.path().join("negatives")).unwrap().count(), 1, "no temp files left");
+        std::fs::write(dir.path().join("negatives/history.json"), "[{").unwrap();
+        let damaged = h.entries().unwrap_err();
+        assert!(matches!(damaged, NegativesError::DamagedHistory { .. }), "{damaged:?}");
+        assert!(damaged.to_string().contains("history.json is damaged ("), "{damaged}");
     }
 }

@@ -31,11 +31,11 @@ async fn analyze(
     AppJson(r): AppJson<NegativeAnalysisRequest>,
 ) -> Result<Json<NegativeAnalysis>, ApiError> {
     let service = state.negatives()?;
-    Ok(Json(service.context().analyze(&r.prompt, &r.negative_prompt).map_err(ApiError::internal)?))
+    Ok(Json(service.context().analyze(&r.prompt, &r.negative_prompt)?))
 }
 
 async fn knowledge(State(state): State<AppState>) -> Result<Json<KnowledgeBase>, ApiError> {
-    Ok(Json(state.negatives()?.context().knowledge.load().map_err(ApiError::internal)?))
+    Ok(Json(state.negatives()?.context().knowledge.load()?))
 }
 
 async fn save_knowledge(
@@ -44,12 +44,14 @@ async fn save_knowledge(
 ) -> Result<Json<KnowledgeBase>, ApiError> {
     kb.check().map_err(|message| ApiError::Invalid { field: "knowledge".into(), message })?;
     let file = &state.negatives()?.context().knowledge;
-    file.save(&kb).map_err(|e| ApiError::Unavailable(format!("cannot save the knowledge base ({e:#}); check the disk and try again")))?;
+    file.save(&kb).map_err(|e| {
+        ApiError::Unavailable(format!("cannot save the knowledge base ({}); check the disk and try again", crate::error::report(&e)))
+    })?;
     Ok(Json(kb))
 }
 
 async fn history(State(state): State<AppState>) -> Result<Json<Vec<Entry>>, ApiError> {
-    Ok(Json(state.negatives()?.context().history.entries().map_err(ApiError::internal)?))
+    Ok(Json(state.negatives()?.context().history.entries()?))
 }
 
 /// `POST /api/negatives/optimize`: 202 with the queued run.

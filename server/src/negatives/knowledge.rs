@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::NegativesError;
+
 /// The shipped knowledge base.
 pub const DEFAULT_JSON: &str = include_str!("knowledge.json");
 
@@ -96,26 +98,26 @@ impl KnowledgeFile {
 
     /// The edited copy when there is one, else the shipped knowledge base. A copy that no
     /// longer parses is an error naming the file (it is never silently replaced).
-    pub fn load(&self) -> anyhow::Result<KnowledgeBase> {
+    pub fn load(&self) -> Result<KnowledgeBase, NegativesError> {
         match std::fs::read_to_string(&self.path) {
             Ok(text) => {
                 let kb: KnowledgeBase = serde_json::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("{} is not a valid knowledge base ({e}); fix or delete it to use the shipped one", self.path.display()))?;
-                kb.check().map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))?;
+                    .map_err(|error| NegativesError::UnreadableKnowledge { path: self.path.clone(), error })?;
+                kb.check().map_err(|reason| NegativesError::InvalidKnowledgeFile { path: self.path.clone(), reason })?;
                 Ok(kb)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KnowledgeBase::default()),
-            Err(e) => Err(anyhow::anyhow!("reading {}: {e}", self.path.display())),
+            Err(e) => Err(NegativesError::io("reading", &self.path)(e)),
         }
     }
 
     /// Checks and writes `kb` (atomically).
-    pub fn save(&self, kb: &KnowledgeBase) -> anyhow::Result<()> {
-        kb.check().map_err(anyhow::Error::msg)?;
+    pub fn save(&self, kb: &KnowledgeBase) -> Result<(), NegativesError> {
+        kb.check().map_err(NegativesError::InvalidKnowledge)?;
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).map_err(NegativesError::io("creating", dir))?;
         }
-        atelier_engine::files::write_json_atomic(&self.path, kb)?;
+        atelier_engine::files::write_json_atomic(&self.path, kb).map_err(NegativesError::io("writing", &self.path))?;
         Ok(())
     }
 }
@@ -142,13 +144,22 @@ mod tests {
         assert_eq!(file.load().unwrap(), kb);
         let mut bad = kb.clone();
         bad.categories[2].cues.clear();
-        assert!(file.save(&bad).unwrap_err().to_string().contains("needs cue words"));
+        let refused = file.save(&bad).unwrap_err();
+        assert!(matches!(refused, NegativesError::InvalidKnowledge(_)), "{refused:?}");
+        assert!(refused.to_string().contains("needs cue words"));
         let mut dup = kb.clone();
         dup.categories[1].name = dup.categories[0].name.to_uppercase();
         assert!(file.save(&dup).unwrap_err().to_string().contains("appears twice"));
         // A refused save leaves the file as it was; a hand-broken file is reported, not replaced.
         assert_eq!(file.load().unwrap(), kb);
         std::fs::write(file.path(), "{ not json").unwrap();
-        assert!(file.load().unwrap_err().to_string().contains("fix or delete it"));
+        let broken = file.load().unwrap_err();
+        assert!(matches!(broken, NegativesError::UnreadableKnowledge { .. }), "{broken:?}");
+        assert!(broken.to_string().contains("fix or delete it"));
+        // A file that parses but breaks a rule names the file and the rule.
+        std::fs::write(file.path(), serde_json::to_string(&dup).unwrap()).unwrap();
+        let invalid = file.load().unwrap_err();
+        assert!(matches!(invalid, NegativesError::InvalidKnowledgeFile { .. }), "{invalid:?}");
+        assert!(invalid.to_string().contains("knowledge.json: ") && invalid.to_string().contains("appears twice"), "{invalid}");
     }
 }

@@ -5,10 +5,12 @@
 //! with [`atelier_engine::quality`].
 
 pub mod analysis;
+pub mod error;
 pub mod http;
 pub mod history;
 pub mod knowledge;
 pub mod optimizer;
 pub mod service;
 
+pub use error::NegativesError;
 pub use service::{Context, NegativeService};

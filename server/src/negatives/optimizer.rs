@@ -7,16 +7,20 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Result;
 use app::dto::{CandidateResult, OptimizeResult, SeedComparison};
 use atelier_engine::quality::Assessment;
 use image::RgbImage;
 
-/// What the search needs: images rendered with a negative prompt, and their scores.
+use super::NegativesError;
+
+type Result<T, E = NegativesError> = std::result::Result<T, E>;
+
+/// What the search needs: images rendered with a negative prompt, and their scores. A
+/// renderer that notices a cancel returns [`NegativesError::Cancelled`].
 pub trait Renderer {
     /// Renders the prompt with `negative` on `seed`.
-    fn render(&mut self, negative: &str, seed: u64) -> Result<RgbImage>;
-    fn assess(&mut self, image: &RgbImage) -> Result<Assessment>;
+    fn render(&mut self, negative: &str, seed: u64) -> Result<RgbImage, NegativesError>;
+    fn assess(&mut self, image: &RgbImage) -> Result<Assessment, NegativesError>;
 }
 
 /// The candidates and seeds of one search.
@@ -66,17 +70,12 @@ struct Search<'a> {
     total: usize,
 }
 
-/// Raised when the sink asks to stop.
-#[derive(Debug, thiserror::Error)]
-#[error("cancelled")]
-pub struct Cancelled;
-
 impl Search<'_> {
     fn progress(&mut self, phase: &str) -> Result<()> {
         if (self.sink)(Event::Progress { done: self.done, total: self.total, phase }) {
             Ok(())
         } else {
-            Err(Cancelled.into())
+            Err(NegativesError::Cancelled)
         }
     }
 
@@ -149,13 +148,13 @@ pub fn join(parts: &[&str]) -> String {
     parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()).collect::<Vec<_>>().join(", ")
 }
 
-/// Runs the search. `Err` holding [`Cancelled`] when the sink stopped it.
+/// Runs the search. [`NegativesError::Cancelled`] when the sink stopped it.
 pub fn run(
     plan: &Plan,
     renderer: &mut dyn Renderer,
     sink: &mut dyn FnMut(Event) -> bool,
-    save: &mut dyn FnMut(&str, &RgbImage) -> Result<()>,
-) -> Result<OptimizeResult> {
+    save: &mut dyn FnMut(&str, &RgbImage) -> Result<(), NegativesError>,
+) -> Result<OptimizeResult, NegativesError> {
     let total = plan.total_images();
     let mut s = Search { renderer, sink, save, done: 0, total };
     let seeds = &plan.search_seeds;
@@ -418,7 +417,7 @@ mod tests {
             n < 6
         }, &mut |_, _| Ok(()))
         .unwrap_err();
-        assert!(err.is::<Cancelled>());
+        assert!(matches!(err, NegativesError::Cancelled), "{err:?}");
         assert_eq!(renderer.renders, 5);
     }
 

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use anyhow::{Context as _, Result};
 use app::dto::{NegativeAnalysis, OptimizeRequest, OptimizeState, OptimizeStatus};
 use atelier_engine::pipeline::GenerateParams;
 use atelier_engine::quality::{Assessment, Weights};
@@ -22,11 +21,14 @@ use super::analysis::analyze;
 use super::history::{Entry, History};
 use super::knowledge::KnowledgeFile;
 use super::optimizer::{self, Event, Plan, Renderer};
+use super::NegativesError;
 use crate::generation::generator::Generator;
 use crate::styles::StyleLibrary;
 use crate::tracking::{RunStatus, Tracker};
 use crate::queue::{Ctx, JsonDir, Lane, Layout, Phase, Queue, Task, Workers};
 use crate::ApiError;
+
+type Result<T, E = NegativesError> = std::result::Result<T, E>;
 
 /// The experiment optimisation runs are recorded in.
 pub const EXPERIMENT: &str = "negative-prompts";
@@ -84,7 +86,7 @@ impl Context {
 
     /// Admission of a run's renders (styles exist, memory fits): the base params to
     /// render with and what admission decided.
-    pub fn admit(&self, r: &OptimizeRequest) -> Result<(GenerateParams, crate::generation::generator::Admitted), ApiError> {
+    pub fn admit(&self, r: &OptimizeRequest) -> atelier_engine::Result<(GenerateParams, crate::generation::generator::Admitted)> {
         let mut base = self.base_params(r);
         let admitted = self.generator.admit(&mut base, &self.budget)?;
         Ok((base, admitted))
@@ -100,8 +102,8 @@ impl Context {
     }
 
     /// Refuses what cannot run, saying what to change; returns the combined-score weights.
-    pub fn check(&self, r: &OptimizeRequest) -> Result<Weights, ApiError> {
-        let invalid = |field: &str, message: String| ApiError::Invalid { field: field.into(), message };
+    pub fn check(&self, r: &OptimizeRequest) -> Result<Weights> {
+        let invalid = |field: &str, message: String| NegativesError::Invalid { field: field.into(), message };
         if r.prompt.trim().is_empty() {
             return Err(invalid("prompt", "type a prompt to optimise the negative prompt for".into()));
         }
@@ -197,9 +199,9 @@ impl Renderer for GeneratorRenderer<'_> {
         });
         // A generation stopped by the flag fails; that is a cancel, not an error.
         if cancel.load(Ordering::Relaxed) {
-            return Err(optimizer::Cancelled.into());
+            return Err(NegativesError::Cancelled);
         }
-        out?.images.into_iter().next().context("the generator returned no image")
+        out?.images.into_iter().next().ok_or(NegativesError::NoImage)
     }
 
     fn assess(&mut self, image: &RgbImage) -> Result<Assessment> {
@@ -218,13 +220,13 @@ impl Renderer for GeneratorRenderer<'_> {
 
 /// The statistics kept with the style `name`.
 fn style_grams(styles: &StyleLibrary, name: &str) -> Result<Vec<Tensor>> {
-    let entry = styles.find(name).with_context(|| format!("no style {name:?} in the library"))?;
-    crate::styles::training::load_style_grams(&entry.dir, &candle_core::Device::Cpu)
+    let entry = styles.find(name).ok_or_else(|| NegativesError::NoStyle(name.to_string()))?;
+    Ok(atelier_engine::style::metrics::load_style_grams(&entry.dir, &candle_core::Device::Cpu)?)
 }
 
 fn write_status(dir: &Path, status: &OptimizeStatus) -> Result<()> {
-    atelier_engine::files::write_json_atomic(&dir.join(STATUS_FILE), status)?;
-    Ok(())
+    let path = dir.join(STATUS_FILE);
+    atelier_engine::files::write_json_atomic(&path, status).map_err(NegativesError::io("writing", &path))
 }
 
 /// A new run for `request`, queued, with a fresh id.
@@ -264,12 +266,12 @@ pub fn execute_pausing(
     publish(&status);
     match execute_inner(ctx, &mut status, &dir, cancel, pause, publish) {
         Ok(()) => status.state = OptimizeState::Done,
-        Err(e) if e.is::<optimizer::Cancelled>() => status.state = OptimizeState::Cancelled,
-        Err(e) => status.state = OptimizeState::Failed { message: format!("{e:#}") },
+        Err(NegativesError::Cancelled) => status.state = OptimizeState::Cancelled,
+        Err(e) => status.state = OptimizeState::Failed { message: crate::error::report(&e) },
     }
     status.phase = status.state.name().into();
     if let Err(e) = write_status(&dir, &status) {
-        tracing::warn!("writing the status of optimisation {}: {e:#}", status.id);
+        tracing::warn!("writing the status of optimisation {}: {}", status.id, crate::error::report(&e));
     }
     if let Some(run) = &status.tracking_run {
         let end = match status.state {
@@ -278,7 +280,7 @@ pub fn execute_pausing(
             _ => RunStatus::Failed,
         };
         if let Err(e) = Tracker::open(&ctx.tracking).and_then(|t| t.end_run(run, end)) {
-            tracing::warn!("ending tracked run {run}: {e:#}");
+            tracing::warn!("ending tracked run {run}: {}", crate::error::report(&e));
         }
     }
     publish(&status);
@@ -293,12 +295,12 @@ fn execute_inner(
     pause: &dyn Fn(),
     publish: &mut dyn FnMut(&OptimizeStatus),
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(NegativesError::io("creating", dir))?;
     let r = status.request.clone();
-    let weights = ctx.check(&r).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let weights = ctx.check(&r)?;
     let plan = ctx.plan(&r)?;
     let style = r.style.clone().filter(|s| !s.is_empty());
-    let (base, admitted) = ctx.admit(&r).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (base, admitted) = ctx.admit(&r)?;
     let style_grams = style.as_deref().map(|s| style_grams(&ctx.styles, s)).transpose()?;
 
     let tracker = Tracker::open(&ctx.tracking)?;
@@ -312,10 +314,10 @@ fn execute_inner(
         ("style_weight", r.style_weight.to_string()),
         ("search_seeds", format!("{:?}", plan.search_seeds)),
         ("holdout_seeds", format!("{:?}", plan.holdout_seeds)),
-        ("candidates", serde_json::to_string(&candidates)?),
+        ("candidates", serde_json::to_string(&candidates).map_err(NegativesError::Settings)?),
         ("steps", r.steps.to_string()),
         ("guidance", r.guidance.to_string()),
-        ("weights", serde_json::to_string(&weights)?),
+        ("weights", serde_json::to_string(&weights).map_err(NegativesError::Settings)?),
         ("model_hash", ctx.generator.model_hash()),
     ] {
         tracker.log_param(&run, k, &v)?;
@@ -351,7 +353,7 @@ fn execute_inner(
         },
         &mut |name, image| {
             let path = dir.join(name);
-            atelier_engine::files::write_atomic(&path, &atelier_engine::metadata::encode_plain_png(image)?).with_context(|| format!("writing {}", path.display()))
+            atelier_engine::files::write_atomic(&path, &atelier_engine::metadata::encode_plain_png(image)?).map_err(NegativesError::io("writing", &path))
         },
     ))?;
 
@@ -376,11 +378,15 @@ fn execute_inner(
         for row in [0, 1] {
             for c in &result.comparisons {
                 let file = if row == 0 { &c.baseline_image } else { &c.winner_image };
-                sheet.push(image::open(dir.join(file))?.to_rgb8());
+                let path = dir.join(file);
+                let image = image::open(&path).map_err(|source| NegativesError::Image { action: "reading", path, source })?;
+                sheet.push(image.to_rgb8());
             }
         }
         let png = dir.join("comparison.png");
-        atelier_engine::sheet::contact_sheet(&sheet, result.comparisons.len()).save(&png)?;
+        atelier_engine::sheet::contact_sheet(&sheet, result.comparisons.len())
+            .save(&png)
+            .map_err(|source| NegativesError::Image { action: "writing", path: png.clone(), source })?;
         tracker.log_artifact(&run, &png, None)?;
     }
     status.result = Some(result);

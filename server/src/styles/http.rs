@@ -303,14 +303,14 @@ async fn import_style(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let invalid = |field: &str, message: String| ApiError::Invalid { field: field.into(), message };
-    super::check_name(&q.name).map_err(|e| invalid("name", e.to_string()))?;
+    super::check_name(&q.name)?;
     if state.styles.find(&q.name).is_some() {
         return Err(invalid("name", format!("a style called {} already exists; import it under another name", q.name)));
     }
     let styles = state.styles.clone();
     let name = q.name.clone();
     let hash = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
-        let dir = styles.style_dir(&name).map_err(|e| invalid("name", e.to_string()))?;
+        let dir = styles.style_dir(&name)?;
         let path = dir.join(format!("{name}.safetensors"));
         // Checked before it takes its name: a refused file leaves nothing behind.
         let mut hash = String::new();

@@ -8,10 +8,57 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use atelier_engine::style::dataset::DatasetReport;
 use atelier_engine::style::train::{StyleOutput, StyleTrainConfig};
 use serde::{Deserialize, Serialize};
+
+/// Why the library refused or failed a change. The messages are shown to users as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum LibraryError {
+    /// The name breaks [`check_name`]'s rule.
+    #[error("style name {0:?} is not valid: use 1-64 letters, digits, '-' or '_', starting with a letter or digit")]
+    BadName(String),
+    /// A new user style may not take the name of a shipped one.
+    #[error("{0} is the name of a style that ships with Atelier; choose another name")]
+    ShippedName(String),
+    /// Shipped styles are read-only.
+    #[error("{0} ships with Atelier and cannot be changed; train a copy under another name")]
+    Builtin(String),
+    #[error("there is no style called {0}")]
+    NotFound(String),
+    /// A rename to a name another style has.
+    #[error("a style called {0} exists already")]
+    NameTaken(String),
+    /// A style folder or file could not be created, written, renamed or deleted.
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LibraryError {
+    fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Self + 'a {
+        move |source| LibraryError::Io { action, path: path.to_path_buf(), source }
+    }
+}
+
+/// A refused name or change is a 400 on `name` with the library's reason, a missing style a
+/// 404, a full disk a 503 saying to free space, any other I/O failure a 500.
+impl From<LibraryError> for crate::ApiError {
+    fn from(e: LibraryError) -> Self {
+        use crate::ApiError;
+        match e {
+            LibraryError::BadName(_) | LibraryError::ShippedName(_) | LibraryError::Builtin(_) | LibraryError::NameTaken(_) => {
+                ApiError::Invalid { field: "name".into(), message: e.to_string() }
+            }
+            LibraryError::NotFound(name) => ApiError::NotFound { what: "style", id: name },
+            LibraryError::Io { ref source, .. } => ApiError::storage(&e, source),
+        }
+    }
+}
 
 /// What the library shows about a style.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -87,13 +134,13 @@ pub struct StyleLibrary {
 }
 
 /// Checks a style name: 1–64 of letters, digits, `-`, `_`, starting with a letter or digit.
-pub fn check_name(name: &str) -> Result<()> {
+pub fn check_name(name: &str) -> Result<(), LibraryError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
     if !ok {
-        bail!("style name {name:?} is not valid: use 1-64 letters, digits, '-' or '_', starting with a letter or digit");
+        return Err(LibraryError::BadName(name.to_string()));
     }
     Ok(())
 }
@@ -117,20 +164,20 @@ impl StyleLibrary {
     }
 
     /// The folder of the user style `name` (created if needed).
-    pub fn style_dir(&self, name: &str) -> Result<PathBuf> {
+    pub fn style_dir(&self, name: &str) -> Result<PathBuf, LibraryError> {
         check_name(name)?;
         if self.shipped.iter().any(|r| r != &self.root && r.join(name).is_dir()) {
-            bail!("{name} is the name of a style that ships with Atelier; choose another name");
+            return Err(LibraryError::ShippedName(name.to_string()));
         }
         let dir = self.root.join(name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(LibraryError::io("creating", &dir))?;
         Ok(dir)
     }
 
     /// Writes a style's card (atomically).
-    pub fn write_card(&self, name: &str, card: &StyleCard) -> Result<()> {
+    pub fn write_card(&self, name: &str, card: &StyleCard) -> Result<(), LibraryError> {
         let path = self.style_dir(name)?.join("card.json");
-        atelier_engine::files::write_json_atomic(&path, card).with_context(|| format!("writing {}", path.display()))?;
+        atelier_engine::files::write_json_atomic(&path, card).map_err(LibraryError::io("writing", &path))?;
         Ok(())
     }
 
@@ -167,29 +214,30 @@ impl StyleLibrary {
         all.iter().find(|s| s.name == name).cloned().or_else(|| all.into_iter().find(|s| s.name.eq_ignore_ascii_case(name)))
     }
 
-    fn user_style(&self, name: &str) -> Result<StyleEntry> {
+    fn user_style(&self, name: &str) -> Result<StyleEntry, LibraryError> {
         match self.find(name) {
-            Some(s) if s.builtin => bail!("{name} ships with Atelier and cannot be changed; train a copy under another name"),
+            Some(s) if s.builtin => Err(LibraryError::Builtin(name.to_string())),
             Some(s) => Ok(s),
-            None => bail!("there is no style called {name}"),
+            None => Err(LibraryError::NotFound(name.to_string())),
         }
     }
 
     /// Renames a user style (folder and adapter files).
-    pub fn rename(&self, name: &str, new_name: &str) -> Result<()> {
+    pub fn rename(&self, name: &str, new_name: &str) -> Result<(), LibraryError> {
         check_name(new_name)?;
         let s = self.user_style(name)?;
         if self.find(new_name).is_some() {
-            bail!("a style called {new_name} exists already");
+            return Err(LibraryError::NameTaken(new_name.to_string()));
         }
         let new_dir = self.root.join(new_name);
-        std::fs::rename(&s.dir, &new_dir).with_context(|| format!("renaming {}", s.dir.display()))?;
+        std::fs::rename(&s.dir, &new_dir).map_err(LibraryError::io("renaming", &s.dir))?;
         for (old, new) in [
             (format!("{name}.safetensors"), format!("{new_name}.safetensors")),
             (format!("{name}.diffusers.safetensors"), format!("{new_name}.diffusers.safetensors")),
         ] {
-            if new_dir.join(&old).is_file() {
-                std::fs::rename(new_dir.join(&old), new_dir.join(&new))?;
+            let old = new_dir.join(&old);
+            if old.is_file() {
+                std::fs::rename(&old, new_dir.join(&new)).map_err(LibraryError::io("renaming", &old))?;
             }
         }
         let card_path = new_dir.join("card.json");
@@ -203,9 +251,9 @@ impl StyleLibrary {
     }
 
     /// Deletes a user style and everything in its folder.
-    pub fn delete(&self, name: &str) -> Result<()> {
+    pub fn delete(&self, name: &str) -> Result<(), LibraryError> {
         let s = self.user_style(name)?;
-        std::fs::remove_dir_all(&s.dir).with_context(|| format!("deleting {}", s.dir.display()))
+        std::fs::remove_dir_all(&s.dir).map_err(LibraryError::io("deleting", &s.dir))
     }
 }
 
@@ -230,16 +278,20 @@ mod tests {
         let names: Vec<_> = lib.list().iter().map(|s| (s.name.clone(), s.builtin)).collect();
         assert_eq!(names, [("stripes".to_string(), true), ("mine".to_string(), false)]);
         assert_eq!(lib.find("MINE").unwrap().name, "mine");
-        assert!(lib.style_dir("stripes").unwrap_err().to_string().contains("ships with Atelier"));
-        assert!(lib.delete("stripes").unwrap_err().to_string().contains("cannot be changed"));
+        let shipped_name = lib.style_dir("stripes").unwrap_err();
+        assert!(matches!(shipped_name, LibraryError::ShippedName(_)) && shipped_name.to_string().contains("ships with Atelier"));
+        let builtin = lib.delete("stripes").unwrap_err();
+        assert!(matches!(builtin, LibraryError::Builtin(_)) && builtin.to_string().contains("cannot be changed"));
+        assert!(matches!(lib.delete("nosuch"), Err(LibraryError::NotFound(_))));
         lib.rename("mine", "ours").unwrap();
         assert!(lib.find("mine").is_none());
         assert!(user.join("ours/ours.safetensors").is_file());
-        assert!(lib.rename("ours", "stripes").is_err());
+        assert!(matches!(lib.rename("ours", "stripes"), Err(LibraryError::NameTaken(_))));
+        assert!(matches!(lib.rename("ours", "a b"), Err(LibraryError::BadName(_))));
         lib.delete("ours").unwrap();
         assert!(lib.find("ours").is_none());
         for bad in ["", "../x", "a b", "-x", &"x".repeat(65)] {
-            assert!(check_name(bad).is_err(), "{bad:?}");
+            assert!(matches!(check_name(bad), Err(LibraryError::BadName(_))), "{bad:?}");
         }
     }
 }

@@ -38,15 +38,15 @@ pub fn served_path(s: &StyleEntry, file: &str) -> Option<std::path::PathBuf> {
 }
 
 /// Renames or deletes through `change` after the check both doors (the JSON API and the
-/// server functions) make: the style `name` must exist (404), and a refused change is a
-/// 400 on `name` with the library's reason.
+/// server functions) make: the style `name` must exist (404); a refused change is a 400
+/// on `name` with the library's reason, a failed one what [`LibraryError`] maps to.
 pub fn change(
     library: &StyleLibrary,
     name: &str,
-    change: impl FnOnce(&StyleLibrary) -> anyhow::Result<()>,
+    change: impl FnOnce(&StyleLibrary) -> Result<(), LibraryError>,
 ) -> Result<(), ApiError> {
     if library.find(name).is_none() {
         return Err(ApiError::NotFound { what: "style", id: name.to_string() });
     }
-    change(library).map_err(|e| ApiError::Invalid { field: "name".into(), message: e.to_string() })
+    Ok(change(library)?)
 }

@@ -117,9 +117,10 @@ impl Task for StyleTraining {
             Ok(style) => TrainingState::Done { style },
             Err(RunError::Stopped) => TrainingState::Stopped,
             Err(RunError::Dataset(m)) => TrainingState::Failed { message: m },
-            Err(RunError::Other(e)) => {
-                tracing::error!(training = %ctx.status().id, error = %format!("{e:#}"), "style training failed");
-                TrainingState::Failed { message: format!("{e:#}") }
+            Err(e) => {
+                let message = crate::error::report(&e);
+                tracing::error!(training = %ctx.status().id, error = %message, "style training failed");
+                TrainingState::Failed { message }
             }
         };
         ctx.save(|s| {

@@ -6,15 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
 use app::dto::StyleTrainingRequest;
 use atelier_engine::pipeline::StableDiffusion;
 use atelier_engine::style::dataset::{prepare, scan, DatasetReport};
 use atelier_engine::style::metrics::{measure_style, COMPARE_PNG};
 use atelier_engine::style::train::{train_style, StyleEvent, StyleOutput, StyleTrainConfig};
 
-use crate::styles::{StyleCard, StyleLibrary};
-use crate::tracking::{RunStatus, Tracker};
+use crate::styles::{LibraryError, StyleCard, StyleLibrary};
+use crate::tracking::{RunStatus, Tracker, TrackingError};
 
 /// Where the styles that ship with Atelier live (relative to the repository root).
 pub const SHIPPED_STYLES: &str = "models/styles";
@@ -46,14 +45,39 @@ pub enum RunError {
     /// Stopped on request, with a checkpoint to resume from.
     #[error("stopped")]
     Stopped,
+    /// The style's folder or card (a refused name, a failed write).
     #[error(transparent)]
-    Other(#[from] anyhow::Error),
-}
-
-impl From<atelier_engine::Error> for RunError {
-    fn from(e: atelier_engine::Error) -> Self {
-        RunError::Other(e.into())
-    }
+    Library(#[from] LibraryError),
+    /// The image folder could not be read.
+    #[error("reading the images in {path}")]
+    Scan {
+        path: PathBuf,
+        #[source]
+        source: atelier_engine::Error,
+    },
+    /// Training itself failed (the tracked run is marked failed).
+    #[error("training style {name}")]
+    Train {
+        name: String,
+        #[source]
+        source: atelier_engine::Error,
+    },
+    /// Loading the model, preparing the dataset or measuring the style failed.
+    #[error(transparent)]
+    Engine(#[from] atelier_engine::Error),
+    /// The experiment store could not record the run.
+    #[error(transparent)]
+    Tracking(#[from] TrackingError),
+    /// The style folder's link to its tracked run could not be written.
+    #[error("writing {path}")]
+    RunFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The training settings could not be recorded as the run's params.
+    #[error("recording the training settings")]
+    Settings(#[source] serde_json::Error),
 }
 
 /// A finished training.
@@ -99,8 +123,8 @@ pub fn run_training(
     let run_dir = library.style_dir(&req.name)?;
     let trigger = req.trigger_word().to_string();
     let resolution = sd.default_size() as u32;
-    let report =
-        scan(images, &trigger, resolution, req.min_images).with_context(|| format!("reading the images in {}", images.display()))?;
+    let report = scan(images, &trigger, resolution, req.min_images)
+        .map_err(|source| RunError::Scan { path: images.to_path_buf(), source })?;
     if !progress(&RunEvent::Report(&report)) {
         return Err(RunError::Stopped);
     }
@@ -150,7 +174,7 @@ pub fn run_training(
         }
         Err(e) => {
             tracker.end_run(&tracked, RunStatus::Failed)?;
-            return Err(anyhow::Error::new(e).context(format!("training style {}", req.name)).into());
+            return Err(RunError::Train { name: req.name.clone(), source: e });
         }
     };
     let seconds = started.elapsed().as_secs_f64();
@@ -193,7 +217,7 @@ pub fn run_training(
 
 /// The tracked run of the style in `run_dir`: the one a stopped training started
 /// (reopened), else a new run in experiment "styles" with `cfg` as params and `tags`.
-fn tracked_run(tracker: &Tracker, run_dir: &Path, cfg: &StyleTrainConfig, tags: &[(&str, &str)]) -> Result<String> {
+fn tracked_run(tracker: &Tracker, run_dir: &Path, cfg: &StyleTrainConfig, tags: &[(&str, &str)]) -> Result<String, RunError> {
     let run_file = run_dir.join("tracking_run");
     if let Some(id) = std::fs::read_to_string(&run_file).ok().map(|s| s.trim().to_string()) {
         if tracker.run(&id)?.is_some() {
@@ -203,8 +227,8 @@ fn tracked_run(tracker: &Tracker, run_dir: &Path, cfg: &StyleTrainConfig, tags: 
     }
     let exp = tracker.experiment("styles")?;
     let id = tracker.start_run(exp, &cfg.name)?;
-    std::fs::write(&run_file, &id).with_context(|| format!("writing {}", run_file.display()))?;
-    if let serde_json::Value::Object(fields) = serde_json::to_value(cfg)? {
+    std::fs::write(&run_file, &id).map_err(|source| RunError::RunFile { path: run_file.clone(), source })?;
+    if let serde_json::Value::Object(fields) = serde_json::to_value(cfg).map_err(RunError::Settings)? {
         for (k, v) in fields {
             let text = match v {
                 serde_json::Value::String(s) => s,
@@ -217,11 +241,4 @@ fn tracked_run(tracker: &Tracker, run_dir: &Path, cfg: &StyleTrainConfig, tags: 
         tracker.set_tag(&id, k, v)?;
     }
     Ok(id)
-}
-
-/// The statistics [`measure_style`] keeps with a style ([`STYLE_GRAMS`] in its folder), in
-/// encoder-layer order, on `device`: [`atelier_engine::style::metrics::load_style_grams`]
-/// for callers that report with `anyhow`.
-pub fn load_style_grams(style_dir: &Path, device: &candle_core::Device) -> Result<Vec<candle_core::Tensor>> {
-    Ok(atelier_engine::style::metrics::load_style_grams(style_dir, device)?)
 }
