@@ -27,8 +27,8 @@ pub enum ApiError {
     /// The request would need more memory than the studio allows; says what would fit.
     #[error("{0}")]
     OverBudget(String),
-    #[error("the queue is full ({0} jobs waiting); try again later")]
-    QueueFull(usize),
+    #[error("the {noun} queue is full ({waiting} waiting); try again later")]
+    QueueFull { noun: &'static str, waiting: usize },
     /// The server cannot do this now (a feature that is off, a full disk); says what to do.
     #[error("{0}")]
     Unavailable(String),
@@ -78,7 +78,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::OverBudget(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound { .. } | ApiError::UnknownRoute(_) => StatusCode::NOT_FOUND,
-            ApiError::QueueFull(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::QueueFull { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use app::dto::{ModelInfo, SCHEDULERS};
+use app::dto::{GenerateRequest, JobAccepted, ModelInfo, SCHEDULERS};
 use axum::extract::FromRef;
 use leptos::config::LeptosOptions;
 
@@ -12,6 +12,7 @@ use crate::generation::gallery::Gallery;
 use crate::generation::generator::Generator;
 use crate::generation::jobs::{Generation, JobQueue};
 use crate::queue::{JsonDir, Layout, Workers};
+use crate::ApiError;
 
 /// Cheap to clone; handed to every handler and, as [`app::server_fns::ssr::SharedBackend`], to
 /// server functions.
@@ -98,6 +99,21 @@ impl AppState {
     /// The optimisation service, or 503 saying how to get one.
     pub fn negatives(&self) -> Result<&Arc<crate::negatives::NegativeService>, crate::ApiError> {
         self.negatives.as_ref().ok_or_else(|| crate::ApiError::Unavailable("negative-prompt optimisation is not enabled on this server".into()))
+    }
+
+    /// Validates a request (decoding any init image on a blocking thread), admits it
+    /// (styles exist, memory fits the budget) and queues it.
+    pub async fn submit(&self, request: GenerateRequest) -> Result<JobAccepted, ApiError> {
+        let size = self.default_size();
+        let (jobs, budget) = (self.jobs.clone(), self.budget);
+        let (params, admitted) = tokio::task::spawn_blocking(move || {
+            let mut params = crate::generation::request::to_params(request, size)?;
+            let admitted = jobs.admit(&mut params, &budget)?;
+            Ok::<_, ApiError>((params, admitted))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("request decoding task failed: {e}")))??;
+        self.jobs.submit_generation(params, admitted)
     }
 
     /// The style trainer, or why there is none.

@@ -233,31 +233,12 @@ pub fn model_hash(model_dir: &Path) -> atelier_engine::Result<String> {
     atelier_engine::model::short_hash(&model_dir.join("unet/diffusion_pytorch_model.safetensors"))
 }
 
-/// The A1111 short hash of a style's kohya file (remembered per file, size and
-/// modification time, so listing styles does not re-read large files).
-pub fn style_hash(entry: &StyleEntry) -> Option<String> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Key = (PathBuf, u64, Option<std::time::SystemTime>);
-    static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
-    let path = entry.adapter();
-    let meta = std::fs::metadata(&path).ok()?;
-    let key = (path.clone(), meta.len(), meta.modified().ok());
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(h) = cache.lock().ok()?.get(&key) {
-        return Some(h.clone());
-    }
-    let hash = atelier_engine::model::short_hash(&path).ok()?;
-    cache.lock().ok()?.insert(key, hash.clone());
-    Some(hash)
-}
-
 /// Matches `blend` against `library` (by [`atelier_blend::resolve::match_styles`], the
 /// rule the Blend page uses too) and the loaded model's hash.
 pub fn resolve(blend: Blend, library: &StyleLibrary, model_hash: &str) -> Resolved {
     use atelier_blend::resolve::{match_styles, StyleMatch};
     let all = library.list();
-    let hashes: Vec<Option<String>> = all.iter().map(style_hash).collect();
+    let hashes: Vec<Option<String>> = all.iter().map(StyleEntry::short_hash).collect();
     let local: Vec<(&str, Option<&str>)> = all.iter().zip(&hashes).map(|(e, h)| (e.name.as_str(), h.as_deref())).collect();
     let mut styles = Vec::new();
     let mut missing = Vec::new();
@@ -294,7 +275,7 @@ pub fn from_specs(specs: &[String], library: &StyleLibrary) -> Result<Vec<atelie
         .map(|spec| {
             let t = atelier_blend::tags::parse_lora_args(spec).map_err(|source| BlendError::BadSpec { spec: spec.clone(), source })?;
             let entry = library.find(&t.name).ok_or_else(|| BlendError::NoStyle(t.name.clone()))?;
-            let hash = style_hash(&entry).ok_or_else(|| BlendError::UnreadableAdapter(entry.name.clone()))?;
+            let hash = StyleEntry::short_hash(&entry).ok_or_else(|| BlendError::UnreadableAdapter(entry.name.clone()))?;
             Ok(atelier_blend::BlendStyle { name: entry.name, hash, weight: t.weight, blocks: t.block_weights() })
         })
         .collect()

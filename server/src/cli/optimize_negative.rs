@@ -85,7 +85,7 @@ pub fn run(args: OptimizeNegativeArgs) -> Result<()> {
     let size = model.default_size;
     let generator: Arc<dyn Generator> = Arc::new(model);
     let ctx = Context::new(args.data_dir.join("negatives"), generator, Arc::new(styles), args.data_dir.join("tracking"), size);
-    ctx.check(&request).map_err(|e| anyhow::anyhow!("{e}"))?;
+    ctx.check(&request)?;
 
     if !args.json {
         let analysis = ctx.analyze(&request.prompt, &request.negative_prompt)?;

@@ -7,13 +7,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use app::dto::{GenerateRequest, JobAccepted, JobState, JobStatus};
+use app::dto::{JobAccepted, JobState, JobStatus};
 use atelier_engine::pipeline::{GenerateParams, StepProgress};
 
 use crate::generation::gallery::{Gallery, NewImage};
 use crate::generation::generator::{Admitted, Generator};
 use crate::queue::{Ctx, Lane, Phase, Queue, Task};
-use crate::{ApiError, AppState};
+use crate::ApiError;
 
 /// Most generations that may wait at once; more are refused with 503.
 pub const MAX_QUEUED: usize = 64;
@@ -144,23 +144,6 @@ impl Queue<Generation> {
         let status = JobStatus { job_id: id.clone(), seed, state: JobState::Queued { position: 1 }, preview: None };
         self.submit(status, Some(GenerationInput { params: Box::new(params), admitted }))?;
         Ok(JobAccepted { job_id: id, seed, estimated_seconds })
-    }
-}
-
-impl AppState {
-    /// Validates a request (decoding any init image on a blocking thread), admits it
-    /// (styles exist, memory fits the budget) and queues it.
-    pub async fn submit(&self, request: GenerateRequest) -> Result<JobAccepted, ApiError> {
-        let size = self.default_size();
-        let (jobs, budget) = (self.jobs.clone(), self.budget);
-        let (params, admitted) = tokio::task::spawn_blocking(move || {
-            let mut params = crate::generation::request::to_params(request, size)?;
-            let admitted = jobs.admit(&mut params, &budget)?;
-            Ok::<_, ApiError>((params, admitted))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("request decoding task failed: {e}")))??;
-        self.jobs.submit_generation(params, admitted)
     }
 }
 

@@ -5,18 +5,10 @@ use app::server_fns::ssr::{Backend, BoxFuture};
 use app::AppError;
 
 use crate::blends::BlendError;
-use crate::styles::LibraryError;
 use crate::{ApiError, AppState};
 
 /// A style rename or delete the library refused, as the Styles page shows it (the
 /// library's reason); a failed one (the disk) as the API reports it.
-fn style_change_error(e: LibraryError) -> AppError {
-    match e {
-        LibraryError::Io { .. } => ApiError::from(e).into(),
-        refused => AppError::BadRequest(refused.to_string()),
-    }
-}
-
 impl Backend for AppState {
     fn model_info(&self) -> ModelInfo {
         (*self.model).clone()
@@ -63,7 +55,7 @@ impl Backend for AppState {
                     steps: card.map_or(0, |c| c.training.steps),
                     rank: card.map_or(0, |c| c.training.rank),
                     similarity: sim("base").zip(sim("style")),
-                    hash: crate::blends::style_hash(&s),
+                    hash: s.short_hash(),
                     files,
                 }
             })
@@ -71,17 +63,11 @@ impl Backend for AppState {
     }
 
     fn rename_style(&self, name: &str, new_name: &str) -> Result<(), AppError> {
-        if self.styles.find(name).is_none() {
-            return Err(ApiError::NotFound { what: "style", id: name.into() }.into());
-        }
-        self.styles.rename(name, new_name).map_err(style_change_error)
+        Ok(crate::styles::change(&self.styles, name, |lib| lib.rename(name, new_name))?)
     }
 
     fn delete_style(&self, name: &str) -> Result<(), AppError> {
-        if self.styles.find(name).is_none() {
-            return Err(ApiError::NotFound { what: "style", id: name.into() }.into());
-        }
-        self.styles.delete(name).map_err(style_change_error)
+        Ok(crate::styles::change(&self.styles, name, |lib| lib.delete(name))?)
     }
 
     fn blends(&self) -> Result<Vec<(String, String)>, AppError> {

@@ -384,9 +384,7 @@ fn execute_inner(
             }
         }
         let png = dir.join("comparison.png");
-        atelier_engine::sheet::contact_sheet(&sheet, result.comparisons.len())
-            .save(&png)
-            .map_err(|source| NegativesError::Image { action: "writing", path: png.clone(), source })?;
+        atelier_engine::sheet::save_png(&png, &atelier_engine::sheet::contact_sheet(&sheet, result.comparisons.len()))?;
         tracker.log_artifact(&run, &png, None)?;
     }
     status.result = Some(result);

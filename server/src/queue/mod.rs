@@ -113,7 +113,7 @@ pub trait Task: Send + Sync + 'static {
 pub enum QueueError {
     #[error("no {noun} with id {id:?}")]
     NotFound { noun: &'static str, id: String },
-    #[error("the queue is full ({waiting} {noun}s waiting); try again later")]
+    #[error("the {noun} queue is full ({waiting} waiting); try again later")]
     Full { noun: &'static str, waiting: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -129,7 +129,7 @@ impl From<QueueError> for crate::ApiError {
         use crate::ApiError;
         match e {
             QueueError::NotFound { noun, id } => ApiError::NotFound { what: noun, id },
-            QueueError::Full { waiting, .. } => ApiError::QueueFull(waiting),
+            QueueError::Full { noun, waiting } => ApiError::QueueFull { noun, waiting },
             QueueError::ShuttingDown => ApiError::Unavailable("the server is shutting down".into()),
             QueueError::WrongState { .. } => ApiError::Invalid { field: "state".into(), message: e.to_string() },
             QueueError::Store { source, .. } if source.is_disk_full() => {

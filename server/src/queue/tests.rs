@@ -151,7 +151,9 @@ fn tasks_run_in_order_with_positions_and_cancel_while_waiting() {
     // The cap: three wait, a fourth is refused.
     let full = r.queue.submit(fake("d", 1), None).unwrap_err();
     assert!(matches!(full, QueueError::Full { waiting: 3, .. }), "{full}");
-    assert_eq!(crate::ApiError::from(full).status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    let full = crate::ApiError::from(full);
+    assert_eq!(full.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(full.to_string(), "the fake queue is full (3 waiting); try again later");
     // Cancel while waiting: it ends at once and the others move up.
     assert_eq!(r.queue.cancel("b").unwrap().state, St::Cancelled);
     assert_eq!(state(&r, "c"), St::Queued { position: 2 });

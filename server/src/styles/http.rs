@@ -216,7 +216,7 @@ async fn styles_list(State(state): State<AppState>) -> Json<Vec<StyleItem>> {
         .styles
         .list()
         .into_iter()
-        .map(|s| StyleItem { name: s.name.clone(), builtin: s.builtin, card: s.card.clone(), hash: crate::blends::style_hash(&s), files: super::served_files(&s) })
+        .map(|s| StyleItem { name: s.name.clone(), builtin: s.builtin, card: s.card.clone(), hash: s.short_hash(), files: super::served_files(&s) })
         .collect();
     Json(items)
 }
@@ -271,7 +271,7 @@ async fn style_by_hash(State(state): State<AppState>, Path(hash): Path<String>) 
     }
     let styles = state.styles.clone();
     let wanted = hash.to_ascii_lowercase();
-    let entry = tokio::task::spawn_blocking(move || styles.list().into_iter().find(|e| crate::blends::style_hash(e).as_deref() == Some(wanted.as_str())))
+    let entry = tokio::task::spawn_blocking(move || styles.list().into_iter().find(|e| e.short_hash().as_deref() == Some(wanted.as_str())))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .ok_or_else(not_found)?;

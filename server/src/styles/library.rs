@@ -115,6 +115,26 @@ pub struct StyleEntry {
 }
 
 impl StyleEntry {
+    /// The A1111 short hash of the kohya file (what blends and share links name a style
+    /// by); remembered per file, size and modification time, so listing styles does not
+    /// re-read large files. `None` when the file cannot be read.
+    pub fn short_hash(&self) -> Option<String> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock};
+        type Key = (PathBuf, u64, Option<std::time::SystemTime>);
+        static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
+        let path = self.adapter();
+        let meta = std::fs::metadata(&path).ok()?;
+        let key = (path.clone(), meta.len(), meta.modified().ok());
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(h) = cache.lock().ok()?.get(&key) {
+            return Some(h.clone());
+        }
+        let hash = atelier_engine::model::short_hash(&path).ok()?;
+        cache.lock().ok()?.insert(key, hash.clone());
+        Some(hash)
+    }
+
     /// The kohya-layout adapter file.
     pub fn adapter(&self) -> PathBuf {
         self.dir.join(format!("{}.safetensors", self.name))
