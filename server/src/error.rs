@@ -114,12 +114,6 @@ impl From<atelier_engine::Error> for ApiError {
     }
 }
 
-impl From<crate::generation::gallery::GalleryError> for ApiError {
-    fn from(e: crate::generation::gallery::GalleryError) -> Self {
-        ApiError::Internal(e.to_string())
-    }
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();

@@ -202,6 +202,12 @@ fn item_from_row(r: &Row<'_>) -> rusqlite::Result<GalleryItem> {
     })
 }
 
+impl From<GalleryError> for crate::ApiError {
+    fn from(e: GalleryError) -> Self {
+        crate::ApiError::Internal(e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
