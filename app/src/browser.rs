@@ -209,3 +209,17 @@ mod imp {
 
 #[cfg(feature = "hydrate")]
 pub use imp::*;
+
+/// POSTs an empty JSON body to `url` in the background (a cancel button), putting the
+/// server's message into `error` if it refuses. Does nothing outside the browser.
+pub fn post_in_background(url: String, error: leptos::prelude::RwSignal<Option<String>>) {
+    #[cfg(feature = "hydrate")]
+    leptos::task::spawn_local(async move {
+        use leptos::prelude::Set;
+        if let Err(e) = imp::post_json::<_, serde_json::Value>(&url, &()).await {
+            error.set(Some(e));
+        }
+    });
+    #[cfg(not(feature = "hydrate"))]
+    let _ = (url, error);
+}

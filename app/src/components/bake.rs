@@ -35,14 +35,7 @@ pub fn BakeBlend(code: String) -> impl IntoView {
     };
     let cancel = move |_| {
         let Some(id) = status.with_untracked(|s| s.as_ref().map(|s| s.id.clone())) else { return };
-        #[cfg(feature = "hydrate")]
-        leptos::task::spawn_local(async move {
-            if let Err(e) = crate::browser::post_json::<_, BakeStatus>(&format!("/api/blends/bakes/{id}/cancel"), &()).await {
-                error.set(Some(e));
-            }
-        });
-        #[cfg(not(feature = "hydrate"))]
-        let _ = id;
+        crate::browser::post_in_background(format!("/api/blends/bakes/{id}/cancel"), error);
     };
     let busy = move || status.with(|s| s.as_ref().is_some_and(|s| !s.state.is_finished()));
     let start_exact = start.clone();

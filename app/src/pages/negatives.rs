@@ -133,14 +133,7 @@ fn Optimiser(styles: Vec<StyleSummary>) -> impl IntoView {
     };
     let cancel = move |_| {
         let Some(id) = status.with_untracked(|s| s.as_ref().map(|s| s.id.clone())) else { return };
-        #[cfg(feature = "hydrate")]
-        leptos::task::spawn_local(async move {
-            if let Err(e) = crate::browser::post_json::<_, OptimizeStatus>(&format!("/api/negatives/runs/{id}/cancel"), &()).await {
-                error.set(Some(e));
-            }
-        });
-        #[cfg(not(feature = "hydrate"))]
-        let _ = id;
+        crate::browser::post_in_background(format!("/api/negatives/runs/{id}/cancel"), error);
     };
     let add_own = move |negative: String| {
         own.update(|o| {
