@@ -582,8 +582,10 @@ pub struct OptimizeStatus {
     pub tracking_run: Option<String>,
 }
 
-/// `POST /api/blends/bakes`: bake a blend into one kohya LoRA file.
+/// `POST /api/blends/bakes`: bake a blend into one kohya LoRA file. Unknown fields are
+/// refused (a mistyped `rank` would otherwise bake exactly).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BakeRequest {
     /// The share link or its code.
     pub link: String,

@@ -18,12 +18,18 @@ pub enum ApiError {
     /// The body is not the JSON the endpoint expects.
     #[error("bad request body: {0}")]
     BadBody(String),
+    /// The query string does not parse (a field of the wrong type).
+    #[error("bad query string: {0}")]
+    BadQuery(String),
     #[error("request body is larger than the {} MB limit", .limit / (1024 * 1024))]
     TooLarge { limit: usize },
     #[error("no {what} with id {id:?}")]
     NotFound { what: &'static str, id: String },
     #[error("no API route {0}; see the README for the endpoints")]
     UnknownRoute(String),
+    /// The path exists but not with this method.
+    #[error("{0} is not allowed here; see the README for the endpoint's methods")]
+    WrongMethod(String),
     /// The request would need more memory than the studio allows; says what would fit.
     #[error("{0}")]
     OverBudget(String),
@@ -72,12 +78,13 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Invalid { .. } | ApiError::BadImage(_) | ApiError::BadBody(_) => {
+            ApiError::Invalid { .. } | ApiError::BadImage(_) | ApiError::BadBody(_) | ApiError::BadQuery(_) => {
                 StatusCode::BAD_REQUEST
             }
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::OverBudget(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound { .. } | ApiError::UnknownRoute(_) => StatusCode::NOT_FOUND,
+            ApiError::WrongMethod(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::QueueFull { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -91,9 +98,12 @@ impl ApiError {
         }
     }
 
-    /// Logs once, at a level matching who is at fault.
+    /// Logs once, at a level matching who is at fault (a full queue or a feature that is
+    /// off is not a failure of the server).
     fn log(&self) {
-        if self.status().is_server_error() {
+        if matches!(self, ApiError::QueueFull { .. } | ApiError::Unavailable(_)) {
+            tracing::warn!(error = %self, "request refused");
+        } else if self.status().is_server_error() {
             tracing::error!(error = %self, "request failed");
         } else {
             tracing::info!(error = %self, "request rejected");

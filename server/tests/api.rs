@@ -303,3 +303,40 @@ async fn health_model_and_server_rendered_page() {
     assert!(html.contains("test note: coloured noise"), "model note missing: {html}");
     assert!(html.contains("Reuse settings") || html.contains("No images yet"), "{html}");
 }
+
+/// Generations have records: after a shutdown (the running job interrupted, the waiting
+/// one too) a new studio on the same folder answers for both, failed with what to do; a
+/// finished one keeps its images. Wrong methods are JSON 405s.
+#[tokio::test(flavor = "multi_thread")]
+async fn generations_survive_a_restart_as_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = state(tmp.path(), FakeGenerator::new(Duration::from_millis(20)));
+    let app1 = app(first.clone());
+    let done = submit(&app1, json!({"prompt": "x", "steps": 2, "seed": 1})).await;
+    wait_finished(&app1, &done.job_id).await;
+    let running = submit(&app1, json!({"prompt": "x", "steps": 150, "seed": 2})).await;
+    let waiting = submit(&app1, json!({"prompt": "x", "steps": 5, "seed": 3})).await;
+    wait_for(&app1, &running.job_id, |s| matches!(s, JobState::Running { step, .. } if *step > 0)).await;
+    first.begin_shutdown();
+    let interrupted = |s: &JobState| matches!(s, JobState::Failed { message } if message.contains("generate it again"));
+    assert!(interrupted(&wait_finished(&app1, &running.job_id).await.state), "a job running at shutdown is interrupted, not cancelled");
+    assert!(interrupted(&wait_finished(&app1, &waiting.job_id).await.state));
+    let r = send(&app1, Method::POST, "/api/generate", Some(json!({"prompt": "x"}))).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    first.workers.join();
+    drop((app1, first));
+
+    let app2 = app(state(tmp.path(), FakeGenerator::new(Duration::ZERO)));
+    let again: JobStatus = get_json(&app2, &format!("/api/jobs/{}", done.job_id)).await;
+    let JobState::Done { image_ids, .. } = again.state else { panic!("{:?}", again.state) };
+    assert_eq!(send(&app2, Method::GET, &format!("/api/images/{}.png", image_ids[0]), None).await.status, StatusCode::OK);
+    for id in [&running.job_id, &waiting.job_id] {
+        let s: JobStatus = get_json(&app2, &format!("/api/jobs/{id}")).await;
+        assert!(interrupted(&s.state), "{s:?}");
+    }
+    for (method, uri) in [(Method::POST, "/api/health"), (Method::GET, "/api/generate"), (Method::DELETE, "/api/jobs/x")] {
+        let r = send(&app2, method, uri, None).await;
+        assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{uri}");
+        assert!(r.text().contains("is not allowed here"), "{uri}: {}", r.text());
+    }
+}

@@ -177,6 +177,18 @@ async fn bakes_are_queued_tasks_with_progress() {
     assert_json_error(&send(&app, Method::POST, "/api/blends/bakes", Some(json!({"link": code}))).await, StatusCode::BAD_REQUEST, "00112233ff");
     assert_json_error(&send(&app, Method::POST, "/api/blends/bakes", Some(json!({"link": link, "rank": 0}))).await, StatusCode::BAD_REQUEST, "rank");
     assert_eq!(get_json::<Vec<Value>>(&app, "/api/blends/bakes").await.len(), 1, "nothing refused was queued");
+    assert_json_error(&send(&app, Method::DELETE, &format!("/api/blends/bakes/{id}"), None).await, StatusCode::METHOD_NOT_ALLOWED, "not allowed");
+
+    // A mistyped field is refused, not ignored; a bad query names the query string.
+    assert_json_error(&send(&app, Method::POST, "/api/blends/bakes", Some(json!({"link": link, "rnak": 4}))).await, StatusCode::BAD_REQUEST, "unknown field `rnak`");
+    assert_json_error(&send(&app, Method::GET, &format!("/api/blends/bake?b={link}&rank=x"), None).await, StatusCode::BAD_REQUEST, "bad query string");
+    // A bake waiting behind a generation can be cancelled; its file then says why it is absent.
+    let gen = send(&app, Method::POST, "/api/generate", Some(json!({"prompt": "x", "steps": 60, "seed": 1}))).await;
+    assert_eq!(gen.status, StatusCode::ACCEPTED);
+    let queued: Value = send(&app, Method::POST, "/api/blends/bakes", Some(json!({"link": link}))).await.json();
+    let qid = queued["id"].as_str().unwrap();
+    assert_eq!(send(&app, Method::POST, &format!("/api/blends/bakes/{qid}/cancel"), None).await.json::<Value>()["state"], "cancelled");
+    assert_json_error(&send(&app, Method::GET, &format!("/api/blends/bakes/{qid}/file"), None).await, StatusCode::BAD_REQUEST, "was cancelled");
 
     // One body extractor everywhere: a body over the limit is 413 on every JSON endpoint.
     let huge = format!("{{\"link\": \"{}\"}}", "x".repeat(app::dto::MAX_BODY_BYTES + 1));

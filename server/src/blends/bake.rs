@@ -111,6 +111,11 @@ impl Task for Bake {
     fn run(&self, _input: Option<()>, ctx: &mut Ctx<'_, Self>) {
         let state = match self.bake(ctx) {
             Ok(done) => done,
+            Err(_) if ctx.is_shutting_down() => {
+                let mut s = ctx.status();
+                Self::set_interrupted(&mut s);
+                s.state
+            }
             Err(_) if ctx.is_cancelled() => BakeState::Cancelled,
             Err(e) => {
                 tracing::warn!(bake = %ctx.status().id, error = %e, "bake failed");
@@ -190,9 +195,13 @@ impl Bakes {
     pub fn file(&self, id: &str) -> Result<PathBuf, ApiError> {
         let status = self.status(id)?;
         let path = self.queue.task().file(&status.id);
+        let unavailable = |why: &str| ApiError::Invalid { field: "bake".into(), message: format!("bake {id} {why}; its file exists once it is done") };
         match status.state {
             BakeState::Done { .. } if path.is_file() => Ok(path),
-            _ => Err(ApiError::NotFound { what: "baked file", id: id.to_string() }),
+            BakeState::Done { .. } => Err(ApiError::NotFound { what: "baked file", id: id.to_string() }),
+            BakeState::Queued { .. } | BakeState::Running => Err(unavailable("is not finished yet")),
+            BakeState::Cancelled => Err(unavailable("was cancelled")),
+            BakeState::Failed { .. } => Err(unavailable("failed")),
         }
     }
 }

@@ -110,13 +110,31 @@ async fn bake_now(State(state): State<AppState>, AppQuery(q): AppQuery<BakeQuery
     let status = tokio::task::spawn_blocking(move || bakes.submit(BakeRequest { link: q.b, rank: q.rank }, "b"))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+    // A client that goes away takes its bake with it (nobody else knows its id).
+    let mut guard = CancelOnDrop { bakes: state.bakes.clone(), id: status.id.clone(), armed: true };
     let mut rx = state.bakes.subscribe(&status.id)?;
     let last = rx.wait_for(|s| s.state.is_finished()).await.map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?.clone();
+    guard.armed = false;
     match last.state {
         BakeState::Done { relative_error, .. } => file_response(&state, &last.id, Some(relative_error)).await,
         BakeState::Failed { message } => Err(ApiError::Invalid { field: "b".into(), message }),
         BakeState::Cancelled => Err(ApiError::Unavailable("the bake was cancelled".into())),
         BakeState::Queued { .. } | BakeState::Running => Err(ApiError::Internal("bake ended unfinished".into())),
+    }
+}
+
+/// Cancels a one-request bake when its request is dropped before the bake ends.
+struct CancelOnDrop {
+    bakes: std::sync::Arc<crate::blends::bake::Bakes>,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.bakes.cancel(&self.id);
+        }
     }
 }
 

@@ -113,6 +113,11 @@ impl Task for Generation {
                 warnings.extend(generated.warnings.iter().cloned());
                 save_images(self, &params, &generated, &warnings)
             }
+            Err(atelier_engine::Error::Cancelled) if ctx.is_shutting_down() => {
+                let mut s = ctx.status();
+                Self::set_interrupted(&mut s);
+                s.state
+            }
             Err(atelier_engine::Error::Cancelled) => JobState::Cancelled,
             Err(e) => {
                 tracing::warn!(error = %e, "generation failed");

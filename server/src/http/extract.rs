@@ -42,7 +42,7 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     }
 }
 
-/// A query string; a malformed one is a `BadBody` (400) naming the field.
+/// A query string; a malformed one is a `BadQuery` (400) naming the field.
 pub struct AppQuery<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for AppQuery<T> {
@@ -51,7 +51,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for AppQuery<T> {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(value)) => Ok(AppQuery(value)),
-            Err(rejection) => Err(ApiError::BadBody(rejection.body_text())),
+            Err(rejection) => Err(ApiError::BadQuery(rejection.body_text())),
         }
     }
 }

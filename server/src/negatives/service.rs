@@ -446,8 +446,13 @@ impl Task for Optimisation {
 
     fn run(&self, _input: Option<()>, ctx: &mut Ctx<'_, Self>) {
         let status = ctx.status();
-        let pause = || ctx.wait_turn();
-        execute_pausing(&self.ctx, status, ctx.cancel_flag(), &pause, &mut |s| ctx.update(|x| *x = s.clone()));
+        let pause = || {
+            ctx.wait_turn(|| ctx.update(|s| s.phase = "paused while generations run (they go first)".into()));
+        };
+        let end = execute_pausing(&self.ctx, status, ctx.cancel_flag(), &pause, &mut |s| ctx.update(|x| *x = s.clone()));
+        if end.state == OptimizeState::Cancelled && ctx.is_shutting_down() {
+            ctx.save(Self::set_interrupted);
+        }
     }
 }
 

@@ -447,11 +447,16 @@ impl<T: Task> Ctx<'_, T> {
     }
 
     /// For long tasks, between steps: waits while interactive work waits or runs (returns
-    /// at once when cancelled). Interactive tasks never wait here.
-    pub fn wait_turn(&self) {
-        if T::LANE == Lane::Long {
-            self.inner.pool.wait_for_interactive(&self.cancel);
-        }
+    /// at once when cancelled), calling `on_pause` first (to say so in the status).
+    /// Returns whether it paused. Interactive tasks never wait here.
+    pub fn wait_turn(&self, on_pause: impl FnOnce()) -> bool {
+        T::LANE == Lane::Long && self.inner.pool.wait_for_interactive(&self.cancel, on_pause)
+    }
+
+    /// Whether the studio is shutting down (a cancel then is an interruption, not the
+    /// user's choice).
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.lock().shutdown
     }
 }
 
@@ -594,11 +599,19 @@ impl Pool {
         state.interactive_running > 0 || Self::sources(state, Lane::Interactive).iter().any(|s| s.head().is_some())
     }
 
-    fn wait_for_interactive(&self, cancel: &AtomicBool) {
+    /// Waits while interactive work waits or runs; calls `on_pause` once before waiting.
+    /// Returns whether it waited.
+    fn wait_for_interactive(&self, cancel: &AtomicBool, on_pause: impl FnOnce()) -> bool {
+        let busy = |state: &PoolState| !state.shutdown && !cancel.load(Ordering::SeqCst) && Self::interactive_busy(state);
+        if !busy(&self.lock()) {
+            return false;
+        }
+        on_pause();
         let mut state = self.lock();
-        while !state.shutdown && !cancel.load(Ordering::SeqCst) && Self::interactive_busy(&state) {
+        while busy(&state) {
             state = self.wake.wait_timeout(state, Duration::from_millis(250)).unwrap_or_else(|e| e.into_inner()).0;
         }
+        true
     }
 
     fn worker(&self, lane: Lane) {

@@ -88,7 +88,7 @@ impl<const LONG: bool> Task for FakeTask<LONG> {
             panic!("a fake task panics");
         }
         for step in status.done..status.steps {
-            ctx.wait_turn();
+            ctx.wait_turn(|| {});
             while self.hold.load(Ordering::SeqCst) && !ctx.is_cancelled() {
                 std::thread::sleep(Duration::from_millis(1));
             }

@@ -91,10 +91,14 @@ impl Task for StyleTraining {
     }
 
     fn set_interrupted(s: &mut TrainingStatus) {
-        s.state = TrainingState::Stopped;
         s.steps_per_s = None;
         s.eta_s = None;
-        s.note = Some("the server stopped during this training; resume continues from its last checkpoint".into());
+        s.note = Some(if matches!(s.state, TrainingState::Queued { .. }) {
+            "the server stopped before this training started; resume starts it".into()
+        } else {
+            "the server stopped during this training; resume continues from its last checkpoint".into()
+        });
+        s.state = TrainingState::Stopped;
     }
 
     fn set_crashed(s: &mut TrainingStatus, message: &str) {
@@ -202,8 +206,18 @@ impl StyleTraining {
                     } else {
                         ctx.update(apply);
                     }
-                    // Generations go first: pause here while one waits or runs.
-                    ctx.wait_turn();
+                    // Generations go first: pause here while one waits or runs, and say so.
+                    let paused = ctx.wait_turn(|| {
+                        ctx.update(|s| {
+                            s.note = Some("paused while generations run (they go first); continues after them".into());
+                            s.eta_s = None;
+                        })
+                    });
+                    if paused {
+                        // The pause is not training speed: measure from here.
+                        window = Some((Instant::now(), step));
+                        ctx.update(|s| s.note = None);
+                    }
                 }
                 RunEvent::Train(StyleEvent::Samples { step, .. }) => {
                     let step = *step;
