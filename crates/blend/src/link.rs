@@ -163,10 +163,11 @@ fn code_of(link: &str) -> &str {
         let rest = &link[i + 3..];
         return &rest[..rest.find(['&', '#']).unwrap_or(rest.len())];
     }
-    if let Some(i) = link.rfind('#') {
-        return &link[i + 1..];
+    match link.rfind('#') {
+        // An empty fragment is no code: judge the whole text instead.
+        Some(i) if i + 1 < link.len() => &link[i + 1..],
+        _ => link,
     }
-    link
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -308,6 +309,9 @@ mod tests {
             assert!(decode(c).is_err(), "{c:?}");
         }
         assert_eq!(decode("QUIC").unwrap_err(), LinkError::UnsupportedVersion(2));
+        // Text that is no link at all is called that, not "empty" (a trailing `#` is no fragment).
+        assert_eq!(decode("!!!@@@###").unwrap_err(), LinkError::NotBase64);
+        assert_eq!(decode("https://x/blend#").unwrap_err(), LinkError::NotBase64);
         // Well-checksummed garbage after the header: a clean error.
         let mut seed = 0x9e3779b97f4a7c15u64;
         for len in 0..200 {
