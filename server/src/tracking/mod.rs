@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+pub mod search;
+
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
