@@ -40,6 +40,8 @@ enum Command {
     OptimizeNegative(cli::optimize_negative::OptimizeNegativeArgs),
     /// Measure negative-prompt optimisation on held-out starter prompts (table).
     EvalNegatives(cli::eval_negatives::EvalNegativesArgs),
+    /// Tracked runs (trainings, optimisations, evaluations): list with an MLflow filter, show one.
+    Runs(cli::runs::RunsArgs),
 }
 
 fn main() -> Result<()> {
@@ -65,5 +67,6 @@ fn main() -> Result<()> {
         Command::Blend(args) => cli::blend::run(args),
         Command::OptimizeNegative(args) => cli::optimize_negative::run(args),
         Command::EvalNegatives(args) => cli::eval_negatives::run(args),
+        Command::Runs(args) => cli::runs::run(args),
     }
 }

@@ -340,3 +340,69 @@ async fn generations_survive_a_restart_as_records() {
         assert!(r.text().contains("is not allowed here"), "{uri}: {}", r.text());
     }
 }
+
+/// Seeds `DATA/tracking` with three style runs: ranks 4, 8, 8 with similarity gains
+/// 0.2, 0.01, 0.3 and a loss curve of `steps` points each. Returns their ids.
+fn seed_runs(data: &Path, steps: i64) -> Vec<String> {
+    let t = atelier_server::tracking::Tracker::open(&data.join("tracking")).unwrap();
+    let exp = t.experiment("styles").unwrap();
+    t.experiment("negative-prompts").unwrap();
+    let mut ids = Vec::new();
+    for (name, rank, gain) in [("ink-r4", "4", 0.2), ("ink-r8", "8", 0.01), ("pastel-r8", "8", 0.3)] {
+        let run = t.start_run(exp, name).unwrap();
+        t.log_param(&run, "rank", rank).unwrap();
+        t.set_tag(&run, "trigger", name.split('-').next().unwrap()).unwrap();
+        for step in 1..=steps {
+            t.log_metric(&run, "loss", 1.0 / step as f64, step).unwrap();
+        }
+        t.log_metric(&run, "similarity_gain", gain, steps).unwrap();
+        let f = data.join("card.json");
+        std::fs::write(&f, b"{}").unwrap();
+        t.log_artifact(&run, &f, None).unwrap();
+        t.end_run(&run, atelier_server::tracking::RunStatus::Finished).unwrap();
+        ids.push(run);
+        std::thread::sleep(Duration::from_millis(5)); // distinct start times
+    }
+    ids
+}
+
+fn query(text: &str) -> String {
+    text.bytes().map(|b| if b.is_ascii_alphanumeric() || b"._-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+/// The experiment store over HTTP: experiments, runs narrowed by MLflow's filter language
+/// (errors name the character), one run with its artifacts, a metric's whole history.
+#[tokio::test(flavor = "multi_thread")]
+async fn experiments_and_runs_with_mlflow_filters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = seed_runs(tmp.path(), 50);
+    let app = app(state(tmp.path(), FakeGenerator::new(Duration::ZERO)));
+    let experiments: Vec<Value> = get_json(&app, "/api/experiments").await;
+    let names: Vec<(&str, u64)> = experiments.iter().map(|e| (e["name"].as_str().unwrap(), e["runs"].as_u64().unwrap())).collect();
+    assert_eq!(names, [("negative-prompts", 0), ("styles", 3)]);
+
+    let all: Vec<Value> = get_json(&app, "/api/experiments/styles/runs").await;
+    let order: Vec<&str> = all.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(order, ["pastel-r8", "ink-r8", "ink-r4"], "newest first");
+    assert_eq!(all[0]["metrics"]["loss"], 1.0 / 50.0, "the latest value of each metric");
+    assert_eq!(all[0]["params"]["rank"], "8");
+    let filtered: Vec<Value> = get_json(&app, &format!("/api/experiments/styles/runs?filter={}", query("metrics.similarity_gain > 0.05 and params.rank = '8'"))).await;
+    assert_eq!(filtered.len(), 1);
+    assert_eq!(filtered[0]["run_id"], ids[2].as_str());
+    let like: Vec<Value> = get_json(&app, &format!("/api/experiments/1/runs?filter={}", query("tags.trigger LIKE 'in%' and attributes.status = 'FINISHED'"))).await;
+    assert_eq!(like.len(), 2, "by experiment id too");
+
+    let r = send(&app, Method::GET, &format!("/api/experiments/styles/runs?filter={}", query("metrics.loss >")), None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json::<Value>()["error"], "invalid filter: at character 15: expected a value (a number, or text in quotes)");
+    expect_error(&app, Method::GET, "/api/experiments/nope/runs", None, StatusCode::NOT_FOUND, "no experiment").await;
+    expect_error(&app, Method::GET, "/api/runs/nope", None, StatusCode::NOT_FOUND, "no run").await;
+    expect_error(&app, Method::GET, &format!("/api/runs/{}/metrics/nope", ids[0]), None, StatusCode::NOT_FOUND, "no metric").await;
+
+    let one: Value = get_json(&app, &format!("/api/runs/{}", ids[0])).await;
+    assert_eq!(one["name"], "ink-r4");
+    assert_eq!(one["artifacts"], json!(["card.json"]));
+    let history: Vec<Value> = get_json(&app, &format!("/api/runs/{}/metrics/loss", ids[0])).await;
+    assert_eq!(history.len(), 50);
+    assert_eq!((history[0]["step"].as_i64(), history[49]["value"].as_f64()), (Some(1), Some(0.02)));
+}

@@ -113,3 +113,38 @@ fn optimize_negative_picks_the_known_good_candidate_and_keeps_the_run() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be a number ≥ 0"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `atelier runs list` narrows with an MLflow filter and prints a table; a bad filter
+/// points at the character; `runs show` takes an id prefix.
+#[test]
+fn runs_list_and_show() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("tracking");
+    let run = {
+        let t = atelier_server::tracking::Tracker::open(&store).unwrap();
+        let exp = t.experiment("styles").unwrap();
+        let mut last = String::new();
+        for (name, rank, gain) in [("ink-r4", "4", 0.2), ("pastel-r8", "8", 0.3)] {
+            last = t.start_run(exp, name).unwrap();
+            t.log_param(&last, "rank", rank).unwrap();
+            t.log_metric(&last, "similarity_gain", gain, 10).unwrap();
+            t.end_run(&last, atelier_server::tracking::RunStatus::Finished).unwrap();
+        }
+        last
+    };
+    let atelier = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_atelier")).args(args).arg("--tracking").arg(&store).output().unwrap();
+    let out = atelier(&["runs", "list", "--filter", "params.rank = '8'"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("experiment styles (id 1): 1 of 2 run(s)"), "{text}");
+    assert!(text.contains("pastel-r8") && !text.contains("ink-r4"), "{text}");
+    assert!(text.contains("similarity_gain") && text.contains("0.3000"), "{text}");
+    let out = atelier(&["runs", "list", "--filter", "params.rank = 8"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid filter at character 15: rank is text") && err.contains("              ^"), "{err}");
+    let out = atelier(&["runs", "show", &run[..6]]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("pastel-r8") && text.contains("rank") && text.contains("(1 points)"), "{text}");
+}

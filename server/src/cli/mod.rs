@@ -8,6 +8,7 @@ pub mod eval_styles;
 pub mod generate;
 pub mod optimize_negative;
 pub mod reference;
+pub mod runs;
 pub mod style_data;
 pub mod train_base;
 pub mod train_style;

@@ -5,9 +5,11 @@
 //! `DIR/artifacts/EXPERIMENT_ID/RUN_ID/`, the same shape MLflow's file and SQL stores
 //! have, so that runs can later be copied to an MLflow server as they are.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+pub mod http;
 pub mod search;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -131,6 +133,45 @@ pub struct RunInfo {
     pub start_time: i64,
     pub end_time: Option<i64>,
     pub artifact_uri: String,
+}
+
+/// One experiment as listed.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ExperimentInfo {
+    pub experiment_id: i64,
+    pub name: String,
+    /// Active runs in it.
+    pub runs: usize,
+    /// Start of its newest run (ms since the epoch).
+    pub last_run_start: Option<i64>,
+}
+
+/// A run with its params, tags and the latest value of each metric (what the runs table
+/// shows and filters match).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RunSummary {
+    #[serde(flatten)]
+    pub info: RunInfo,
+    pub params: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    /// The value at the highest step (then the latest time) of each metric.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl RunSummary {
+    /// What a [`search::Filter`] is matched against.
+    pub fn facts(&self) -> search::RunFacts<'_> {
+        search::RunFacts {
+            run_id: &self.info.run_id,
+            run_name: &self.info.name,
+            status: &self.info.status,
+            start_time: self.info.start_time,
+            end_time: self.info.end_time,
+            params: &self.params,
+            tags: &self.tags,
+            metrics: &self.metrics,
+        }
+    }
 }
 
 /// One metric value.
@@ -290,6 +331,100 @@ impl Tracker {
             .query_map(params![run, key], |r| Ok(MetricPoint { value: r.get(0)?, timestamp: r.get(1)?, step: r.get(2)? }))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
+    }
+}
+
+impl Tracker {
+    /// Every experiment, by name.
+    pub fn experiments(&self) -> Result<Vec<ExperimentInfo>> {
+        let db = self.db();
+        let mut st = db.prepare(
+            "SELECT e.experiment_id, e.name, COUNT(r.run_uuid), MAX(r.start_time) FROM experiments e \
+             LEFT JOIN runs r ON r.experiment_id = e.experiment_id AND r.lifecycle_stage = 'active' \
+             WHERE e.lifecycle_stage = 'active' GROUP BY e.experiment_id ORDER BY e.name",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(ExperimentInfo { experiment_id: r.get(0)?, name: r.get(1)?, runs: r.get::<_, i64>(2)? as usize, last_run_start: r.get(3)? })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// The experiment named `name_or_id` (its name, or its numeric id), without creating it.
+    pub fn find_experiment(&self, name_or_id: &str) -> Result<Option<i64>> {
+        let db = self.db();
+        let by_name = db.query_row("SELECT experiment_id FROM experiments WHERE name = ?1", [name_or_id], |r| r.get(0)).optional()?;
+        if by_name.is_some() {
+            return Ok(by_name);
+        }
+        let Ok(id) = name_or_id.parse::<i64>() else { return Ok(None) };
+        Ok(db.query_row("SELECT experiment_id FROM experiments WHERE experiment_id = ?1", [id], |r| r.get(0)).optional()?)
+    }
+
+    /// The runs of `experiment` that `filter` keeps, newest first, with their params, tags
+    /// and latest metrics.
+    pub fn search(&self, experiment: i64, filter: &search::Filter) -> Result<Vec<RunSummary>> {
+        let runs = self.runs(experiment)?;
+        let mut by_id: BTreeMap<String, RunSummary> = runs
+            .iter()
+            .map(|info| (info.run_id.clone(), RunSummary { info: info.clone(), params: BTreeMap::new(), tags: BTreeMap::new(), metrics: BTreeMap::new() }))
+            .collect();
+        {
+            let db = self.db();
+            let join = "JOIN runs r ON r.run_uuid = x.run_uuid WHERE r.experiment_id = ?1";
+            let mut st = db.prepare(&format!("SELECT x.run_uuid, x.key, x.value FROM params x {join}"))?;
+            for row in st.query_map([experiment], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))? {
+                let (run, k, v) = row?;
+                if let Some(s) = by_id.get_mut(&run) {
+                    s.params.insert(k, v);
+                }
+            }
+            let mut st = db.prepare(&format!("SELECT x.run_uuid, x.key, x.value FROM tags x {join}"))?;
+            for row in st.query_map([experiment], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))? {
+                let (run, k, v) = row?;
+                if let Some(s) = by_id.get_mut(&run) {
+                    s.tags.insert(k, v);
+                }
+            }
+            // Ordered so that the last row of each (run, key) is its latest value.
+            let mut st = db.prepare(&format!("SELECT x.run_uuid, x.key, x.value FROM metrics x {join} ORDER BY x.step, x.timestamp, x.rowid"))?;
+            for row in st.query_map([experiment], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, f64>(2)?)))? {
+                let (run, k, v) = row?;
+                if let Some(s) = by_id.get_mut(&run) {
+                    s.metrics.insert(k, v);
+                }
+            }
+        }
+        Ok(runs.iter().filter_map(|info| by_id.remove(&info.run_id)).filter(|s| filter.matches(&s.facts())).collect())
+    }
+
+    /// One run with its params, tags and latest metrics.
+    pub fn summary(&self, run: &str) -> Result<Option<RunSummary>> {
+        let Some(info) = self.run(run)? else { return Ok(None) };
+        let found = self.search(info.experiment_id, &search::Filter::default())?;
+        Ok(found.into_iter().find(|s| s.info.run_id == run))
+    }
+
+    /// The files under a run's artifacts, as paths relative to it, sorted.
+    pub fn artifacts(&self, run: &str) -> Result<Vec<String>> {
+        let info = self.run(run)?.ok_or_else(|| TrackingError::NoRun(run.to_string()))?;
+        let root = PathBuf::from(&info.artifact_uri);
+        let mut out = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(rel) = p.strip_prefix(&root) {
+                    out.push(rel.to_string_lossy().replace('\\', "/"));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 }
 

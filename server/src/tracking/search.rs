@@ -14,7 +14,7 @@
 //! `run` are accepted for the prefixes, as MLflow does. A run that lacks the metric, param
 //! or tag a clause names does not match it. Errors name the character where the problem is.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// A filter that could not be read: `position` is the 0-based character where it fails.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -73,9 +73,9 @@ pub struct RunFacts<'a> {
     pub status: &'a str,
     pub start_time: i64,
     pub end_time: Option<i64>,
-    pub params: &'a HashMap<String, String>,
-    pub tags: &'a HashMap<String, String>,
-    pub metrics: &'a HashMap<String, f64>,
+    pub params: &'a BTreeMap<String, String>,
+    pub tags: &'a BTreeMap<String, String>,
+    pub metrics: &'a BTreeMap<String, f64>,
 }
 
 const NUMERIC_ATTRIBUTES: [&str; 2] = ["start_time", "end_time"];
@@ -348,11 +348,11 @@ impl Filter {
 mod tests {
     use super::*;
 
-    fn facts<'a>(params: &'a HashMap<String, String>, tags: &'a HashMap<String, String>, metrics: &'a HashMap<String, f64>) -> RunFacts<'a> {
+    fn facts<'a>(params: &'a BTreeMap<String, String>, tags: &'a BTreeMap<String, String>, metrics: &'a BTreeMap<String, f64>) -> RunFacts<'a> {
         RunFacts { run_id: "abc123", run_name: "ink-r8", status: "FINISHED", start_time: 1_000, end_time: Some(5_000), params, tags, metrics }
     }
 
-    fn map<V: Clone>(pairs: &[(&str, V)]) -> HashMap<String, V> {
+    fn map<V: Clone>(pairs: &[(&str, V)]) -> BTreeMap<String, V> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
     }
 
