@@ -103,6 +103,25 @@ fn creating(path: &Path) -> impl FnOnce(std::io::Error) -> TrackingError + '_ {
     move |source| TrackingError::Io { path: path.to_path_buf(), source }
 }
 
+/// The tag holding the id of the process a run is running in.
+pub const PID_TAG: &str = "atelier.pid";
+
+/// Whether process `pid` exists (unix: `kill(pid, 0)`; elsewhere assumed alive).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 /// Run states, as MLflow names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum RunStatus {
@@ -199,7 +218,27 @@ impl Tracker {
         let db = Connection::open(dir.join("tracking.sqlite"))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.execute_batch(SCHEMA)?;
-        Ok(Self { root: dir.to_path_buf(), db: Mutex::new(db) })
+        let tracker = Self { root: dir.to_path_buf(), db: Mutex::new(db) };
+        tracker.end_orphaned_runs()?;
+        Ok(tracker)
+    }
+
+    /// Ends as `KILLED` every `RUNNING` run whose process (tag [`PID_TAG`], set by
+    /// [`Tracker::start_run`] and [`Tracker::reopen_run`]) is gone, so a killed studio or
+    /// CLI never leaves a run running forever. Runs of live processes are left alone.
+    fn end_orphaned_runs(&self) -> Result<()> {
+        let db = self.db();
+        let running: Vec<(String, String)> = db
+            .prepare("SELECT r.run_uuid, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = ?1 WHERE r.status = 'RUNNING'")?
+            .query_map([PID_TAG], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (run, pid) in running {
+            if pid.parse::<u32>().is_ok_and(|pid| !process_alive(pid)) {
+                db.execute("UPDATE runs SET status = 'KILLED', end_time = ?1 WHERE run_uuid = ?2", params![now_ms(), run])?;
+                tracing::info!(run = %run, pid = %pid, "a run whose process is gone is marked KILLED");
+            }
+        }
+        Ok(())
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -231,13 +270,14 @@ impl Tracker {
             "INSERT INTO runs (run_uuid, experiment_id, name, status, start_time, artifact_uri) VALUES (?1, ?2, ?3, 'RUNNING', ?4, ?5)",
             params![id, experiment, name, now_ms(), artifacts.display().to_string()],
         )?;
+        self.set_tag(&id, PID_TAG, &std::process::id().to_string())?;
         Ok(id)
     }
 
     /// Marks a run as running again (a resumed training run).
     pub fn reopen_run(&self, run: &str) -> Result<()> {
         self.db().execute("UPDATE runs SET status = 'RUNNING', end_time = NULL WHERE run_uuid = ?1", [run])?;
-        Ok(())
+        self.set_tag(run, PID_TAG, &std::process::id().to_string())
     }
 
     /// Ends a run with `status`.
@@ -476,8 +516,34 @@ mod tests {
         assert_eq!((runs[0].run_id.as_str(), runs[0].status.as_str()), (run.as_str(), "FINISHED"));
         assert!(runs[0].end_time.unwrap() >= runs[0].start_time);
         assert_eq!(t.params(&run).unwrap(), vec![("rank".to_string(), "8".to_string())]);
-        assert_eq!(t.tags(&run).unwrap(), vec![("dataset_hash".to_string(), "def".to_string())]);
+        let pid = (PID_TAG.to_string(), std::process::id().to_string());
+        assert_eq!(t.tags(&run).unwrap(), vec![pid, ("dataset_hash".to_string(), "def".to_string())], "with the process that ran it");
         let h: Vec<(i64, f64)> = t.metric_history(&run, "loss").unwrap().iter().map(|p| (p.step, p.value)).collect();
         assert_eq!(h, vec![(1, 0.5), (2, 0.25), (3, 0.125)]);
+    }
+
+    #[test]
+    fn runs_of_dead_processes_are_killed_on_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (orphan, live) = {
+            let t = Tracker::open(dir.path()).unwrap();
+            let exp = t.experiment("styles").unwrap();
+            let orphan = t.start_run(exp, "killed").unwrap();
+            let live = t.start_run(exp, "ours").unwrap();
+            // A process that has exited: its run is an orphan.
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let dead = child.id();
+            child.wait().unwrap();
+            t.set_tag(&orphan, PID_TAG, &dead.to_string()).unwrap();
+            (orphan, live)
+        };
+        let t = Tracker::open(dir.path()).unwrap();
+        let killed = t.run(&orphan).unwrap().unwrap();
+        assert_eq!(killed.status, "KILLED");
+        assert!(killed.end_time.is_some());
+        assert_eq!(t.run(&live).unwrap().unwrap().status, "RUNNING", "this process is alive");
+        t.reopen_run(&orphan).unwrap();
+        assert_eq!(t.run(&orphan).unwrap().unwrap().status, "RUNNING", "a resumed run is this process's again");
+        assert!(t.tags(&orphan).unwrap().contains(&(PID_TAG.to_string(), std::process::id().to_string())));
     }
 }
