@@ -631,3 +631,48 @@ pub struct BakeStatus {
     pub done: usize,
     pub total: usize,
 }
+
+// Experiments: the embedded experiment store (MLflow's data model), `GET /api/experiments…`.
+
+/// One run as listed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub experiment_id: i64,
+    pub name: String,
+    pub status: String,
+    pub start_time: i64,
+    pub end_time: Option<i64>,
+    pub artifact_uri: String,
+}
+
+/// One experiment as listed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExperimentInfo {
+    pub experiment_id: i64,
+    pub name: String,
+    /// Active runs in it.
+    pub runs: usize,
+    /// Start of its newest run (ms since the epoch).
+    pub last_run_start: Option<i64>,
+}
+
+/// A run with its params, tags and the latest value of each metric (what the runs table
+/// shows and filters match).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunSummary {
+    #[serde(flatten)]
+    pub info: RunInfo,
+    pub params: std::collections::BTreeMap<String, String>,
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// The value at the highest step (then the latest time) of each metric.
+    pub metrics: std::collections::BTreeMap<String, f64>,
+}
+
+/// One metric value.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct MetricPoint {
+    pub value: f64,
+    pub timestamp: i64,
+    pub step: i64,
+}

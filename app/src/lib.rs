@@ -52,6 +52,7 @@ pub fn App() -> impl IntoView {
                 <a href="/train">"Train"</a>
                 <a href="/blend">"Blend"</a>
                 <a href="/negatives">"Negatives"</a>
+                <a href="/experiments">"Experiments"</a>
             </nav>
             <main>
                 <Routes fallback=|| view! { <p class="error">"Page not found."</p> }>
@@ -60,6 +61,7 @@ pub fn App() -> impl IntoView {
                     <Route path=StaticSegment("train") view=pages::train::TrainPage />
                     <Route path=StaticSegment("blend") view=pages::blend::BlendPage />
                     <Route path=StaticSegment("negatives") view=pages::negatives::NegativesPage />
+                    <Route path=StaticSegment("experiments") view=pages::experiments::ExperimentsPage />
                 </Routes>
             </main>
         </Router>

@@ -472,6 +472,24 @@ test('a running optimisation can be cancelled from the page', async () => {
   assert.equal(await page.$$eval('#neg-cancel', (b) => b.length), 0);
 });
 
+test('the experiments page lists tracked runs and narrows them with an MLflow filter', async () => {
+  await page.goto(`${baseUrl}/experiments`);
+  await page.waitForSelector('.experiments[data-ready="true"]', { timeout: 60_000 });
+  await page.click('.exp-list button[data-experiment="styles"]');
+  await page.waitForSelector('table.runs tbody tr', { timeout: 30_000 });
+  const names = await page.$$eval('table.runs tbody tr td:first-child', (tds) => tds.map((t) => t.textContent));
+  assert.ok(names.includes('browserpastel'), `the style trained above is a run: ${names.join(', ')}`);
+  assert.ok(await page.$('table.runs th.param'), 'a column per param');
+  await page.fill('#run-filter', "params.rank = 'no-such-rank'");
+  await page.press('#run-filter', 'Enter');
+  await page.waitForFunction(() => document.querySelector('.run-count')?.textContent === '0 runs', null, { timeout: 10_000 });
+  await page.fill('#run-filter', 'metrics.loss >');
+  await page.press('#run-filter', 'Enter');
+  await page.waitForSelector('.filter-error', { timeout: 10_000 });
+  assert.match(await page.textContent('.filter-error'), /at character 15: expected a value/);
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-experiments.png'), fullPage: true });
+});
+
 test('no errors in the browser console', () => {
   // The deliberate 400 above is logged by Chromium as a failed resource load; ignore those.
   const real = pageErrors.filter((e) => !/Failed to load resource/.test(e));

@@ -194,7 +194,7 @@ impl Workspace {
 
     fn test(&self) -> Result<()> {
         run(Command::new(cargo())
-            .args(["test", "-p", "atelier-blend", "-p", "atelier-engine", "-p", "server"])
+            .args(["test", "-p", "atelier-blend", "-p", "atelier-engine", "-p", "app", "-p", "server"])
             .env_remove("LEPTOS_OUTPUT_NAME")
             .current_dir(&self.root))?;
         self.build(false)?;

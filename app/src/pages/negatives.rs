@@ -6,6 +6,7 @@
 use leptos::prelude::*;
 
 use crate::dto::{CandidateResult, NegativeAnalysis, OptimizeRequest, OptimizeResult, OptimizeState, OptimizeStatus, StyleSummary};
+use super::encode_query;
 use crate::server_fns::list_styles;
 use crate::AppError;
 
@@ -22,16 +23,6 @@ pub fn NegativesPage() -> impl IntoView {
             </ErrorBoundary>
         </Suspense>
     }
-}
-
-/// Percent-encodes a query value (UTF-8, everything but unreserved characters).
-fn encode_query(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// `up` for a gain, `down` for a loss.

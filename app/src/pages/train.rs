@@ -373,9 +373,12 @@ fn TrainingCard(
             match result {
                 Ok(Some(s)) => {
                     error.set(None);
-                    let resumed = what == "resume";
+                    // The reply can arrive after the stream's last event (a stop whose
+                    // checkpoint took milliseconds): while it says the training is still
+                    // going, follow the stream again, which starts with the current status.
+                    let follow_again = what == "resume" || s.state.is_active();
                     upsert(trainings, s);
-                    if resumed {
+                    if follow_again {
                         follow(&id, trainings, connection);
                     }
                 }

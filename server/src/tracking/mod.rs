@@ -142,64 +142,7 @@ impl RunStatus {
     }
 }
 
-/// One run as listed.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RunInfo {
-    pub run_id: String,
-    pub experiment_id: i64,
-    pub name: String,
-    pub status: String,
-    pub start_time: i64,
-    pub end_time: Option<i64>,
-    pub artifact_uri: String,
-}
-
-/// One experiment as listed.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ExperimentInfo {
-    pub experiment_id: i64,
-    pub name: String,
-    /// Active runs in it.
-    pub runs: usize,
-    /// Start of its newest run (ms since the epoch).
-    pub last_run_start: Option<i64>,
-}
-
-/// A run with its params, tags and the latest value of each metric (what the runs table
-/// shows and filters match).
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RunSummary {
-    #[serde(flatten)]
-    pub info: RunInfo,
-    pub params: BTreeMap<String, String>,
-    pub tags: BTreeMap<String, String>,
-    /// The value at the highest step (then the latest time) of each metric.
-    pub metrics: BTreeMap<String, f64>,
-}
-
-impl RunSummary {
-    /// What a [`search::Filter`] is matched against.
-    pub fn facts(&self) -> search::RunFacts<'_> {
-        search::RunFacts {
-            run_id: &self.info.run_id,
-            run_name: &self.info.name,
-            status: &self.info.status,
-            start_time: self.info.start_time,
-            end_time: self.info.end_time,
-            params: &self.params,
-            tags: &self.tags,
-            metrics: &self.metrics,
-        }
-    }
-}
-
-/// One metric value.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub struct MetricPoint {
-    pub value: f64,
-    pub timestamp: i64,
-    pub step: i64,
-}
+pub use app::dto::{ExperimentInfo, MetricPoint, RunInfo, RunSummary};
 
 /// The store.
 pub struct Tracker {
@@ -436,7 +379,7 @@ impl Tracker {
                 }
             }
         }
-        Ok(runs.iter().filter_map(|info| by_id.remove(&info.run_id)).filter(|s| filter.matches(&s.facts())).collect())
+        Ok(runs.iter().filter_map(|info| by_id.remove(&info.run_id)).filter(|s| filter.matches(&search::facts(s))).collect())
     }
 
     /// One run with its params, tags and latest metrics.

@@ -78,6 +78,20 @@ pub struct RunFacts<'a> {
     pub metrics: &'a BTreeMap<String, f64>,
 }
 
+/// What `filter` is matched against for `run`.
+pub fn facts(run: &app::dto::RunSummary) -> RunFacts<'_> {
+    RunFacts {
+        run_id: &run.info.run_id,
+        run_name: &run.info.name,
+        status: &run.info.status,
+        start_time: run.info.start_time,
+        end_time: run.info.end_time,
+        params: &run.params,
+        tags: &run.tags,
+        metrics: &run.metrics,
+    }
+}
+
 const NUMERIC_ATTRIBUTES: [&str; 2] = ["start_time", "end_time"];
 const TEXT_ATTRIBUTES: [&str; 3] = ["status", "run_name", "run_id"];
 
