@@ -67,7 +67,7 @@ pub enum Phase {
 /// is not persisted (decoded images, admission decisions).
 pub trait Task: Send + Sync + 'static {
     type Input: Send + 'static;
-    type Status: Clone + Serialize + DeserializeOwned + Send + Sync + 'static;
+    type Status: Clone + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static;
     /// What a task of this kind is called in messages ("job", "training").
     const NOUN: &'static str;
     const LANE: Lane;
@@ -188,11 +188,7 @@ impl<T: Task> Inner<T> {
     fn renumber(state: &State<T>) {
         for (i, id) in state.waiting.iter().enumerate() {
             if let Some(e) = state.entries.get(id) {
-                e.status.send_if_modified(|s| {
-                    let before = serde_json::to_value(&*s).ok();
-                    T::set_waiting(s, i + 1);
-                    before != serde_json::to_value(&*s).ok()
-                });
+                send_if_changed(&e.status, |s| T::set_waiting(s, i + 1));
             }
         }
     }
@@ -340,11 +336,7 @@ impl<T: Task> Queue<T> {
             Phase::Running => {
                 entry.cancel.store(true, Ordering::SeqCst);
                 tracing::info!(kind = T::NOUN, id = %id, "stopping at the next step");
-                entry.status.send_if_modified(|s| {
-                    let before = serde_json::to_value(&*s).ok();
-                    T::set_stopping(s);
-                    before != serde_json::to_value(&*s).ok()
-                })
+                send_if_changed(&entry.status, T::set_stopping)
             }
             Phase::Ended => false,
         };
@@ -401,6 +393,15 @@ impl<T: Task> Queue<T> {
         self.inner.store.remove(id).map_err(|source| QueueError::Store { noun: T::NOUN, source })?;
         Ok(status)
     }
+}
+
+/// Applies `change` and tells watchers only if the status really changed.
+fn send_if_changed<S: Clone + PartialEq>(tx: &watch::Sender<S>, change: impl FnOnce(&mut S)) -> bool {
+    tx.send_if_modified(|s| {
+        let before = s.clone();
+        change(s);
+        *s != before
+    })
 }
 
 fn phase_word(phase: Phase) -> &'static str {

@@ -22,7 +22,7 @@ enum St {
     Failed { message: String },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Fake {
     id: String,
     #[serde(flatten)]
