@@ -37,6 +37,8 @@ pub struct ServeArgs {
     /// onto before any resize: white (as A1111), black, grey or #RRGGBB.
     #[arg(long, env = "ATELIER_ALPHA_BACKGROUND", value_parser = crate::cli::parse_background)]
     alpha_background: Option<[u8; 3]>,
+    #[command(flatten)]
+    tracking_uri: crate::cli::TrackingUri,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -113,7 +115,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         )
         .with_context(|| format!("opening {}", args.data_dir.join("negatives").display()))?,
     );
-    let state = state.with_negatives(negatives);
+    let mut state = state.with_negatives(negatives);
+    if let Some(server) = args.tracking_uri.server()? {
+        tracing::info!(server = %server.uri, "mirroring runs to MLflow (--tracking-uri)");
+        state = state.with_mirror(server);
+    }
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await

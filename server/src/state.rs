@@ -41,6 +41,9 @@ pub struct AppState {
     /// How much memory this process may use (`--max-memory`); heavy requests are
     /// estimated against it before they are queued.
     pub budget: atelier_engine::memory::MemoryBudget,
+    /// The mirror of the experiment store to an MLflow server (`--tracking-uri`); `None`
+    /// when runs are kept locally only.
+    pub mirror: Option<Arc<crate::tracking::mlflow::Background>>,
 }
 
 impl AppState {
@@ -68,7 +71,7 @@ impl AppState {
         let blends = Arc::new(crate::blends::store_in(data_dir));
         let bakes = Arc::new(crate::blends::bake::Bakes::open(data_dir.join("bakes"), generator.clone(), styles.clone(), &workers)?);
         let budget = atelier_engine::memory::MemoryBudget::from_machine();
-        Ok(Self { leptos_options, workers, jobs, gallery, model, styles, blends, bakes, generator, data_dir: data_dir.to_path_buf(), trainer: None, negatives: None, budget })
+        Ok(Self { leptos_options, workers, jobs, gallery, model, styles, blends, bakes, generator, data_dir: data_dir.to_path_buf(), trainer: None, negatives: None, budget, mirror: None })
     }
 
     /// Uses `library` as the style library.
@@ -81,6 +84,12 @@ impl AppState {
     /// Sets the memory budget (`--max-memory`).
     pub fn with_budget(mut self, budget: atelier_engine::memory::MemoryBudget) -> Self {
         self.budget = budget;
+        self
+    }
+
+    /// Mirrors the experiment store (`DATA/tracking`) to an MLflow server in the background.
+    pub fn with_mirror(mut self, config: crate::tracking::mlflow::ServerConfig) -> Self {
+        self.mirror = Some(Arc::new(crate::tracking::mlflow::Background::start(self.data_dir.join("tracking"), config)));
         self
     }
 

@@ -38,3 +38,62 @@ pub fn parse_budget(text: &str) -> Result<atelier_engine::memory::MemoryBudget, 
 pub fn parse_background(text: &str) -> Result<[u8; 3], String> {
     atelier_engine::image_input::parse_colour(text).ok_or_else(|| format!("{text:?} is not a colour; write white, black, grey or #RRGGBB"))
 }
+
+/// `--tracking-uri`: the MLflow server runs are mirrored to (MLflow's own
+/// `MLFLOW_TRACKING_URI` when not given). Runs are always kept in the embedded store too.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrackingUri {
+    /// MLflow tracking server to mirror runs to, e.g. http://127.0.0.1:5000 (credentials
+    /// from MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD).
+    #[arg(long = "tracking-uri", env = "MLFLOW_TRACKING_URI")]
+    pub uri: Option<String>,
+}
+
+impl TrackingUri {
+    /// The server, if one is configured.
+    ///
+    /// # Errors
+    /// A URI that is not http(s), saying how to write it.
+    pub fn server(&self) -> anyhow::Result<Option<atelier_server::tracking::mlflow::ServerConfig>> {
+        self.uri
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .map(|u| atelier_server::tracking::mlflow::ServerConfig::new(u).map_err(anyhow::Error::msg))
+            .transpose()
+    }
+
+    /// After a command recorded runs in `tracking`: sends what is pending to the server
+    /// (if one is configured) and prints a line; an unreachable server is a warning, as
+    /// the runs stay recorded and `atelier runs sync` sends them later.
+    pub fn mirror(&self, tracking: &std::path::Path) {
+        let server = match self.server() {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                eprintln!("warning: {e:#}");
+                return;
+            }
+        };
+        let client = atelier_server::tracking::mlflow::Client::new(server);
+        let outcome = atelier_server::tracking::Tracker::open(tracking)
+            .and_then(|t| atelier_server::tracking::mlflow::Mirror::new(&t, &client).sync_pending(&mut |_| {}));
+        match outcome {
+            Ok(report) => {
+                let sent: usize = report.synced.iter().map(|r| r.metrics).sum();
+                println!("mirrored {} run(s) ({sent} metric points) to MLflow at {}", report.synced.len(), client.uri());
+                for (_, name, message) in &report.refused {
+                    eprintln!("warning: MLflow refused run {name}: {message}");
+                }
+                if let Some(e) = report.interrupted {
+                    eprintln!(
+                        "warning: {e}\n{} run(s) waiting to sync: they are kept in {}; `atelier runs sync --tracking {}` sends them when the server is back",
+                        report.pending,
+                        tracking.display(),
+                        tracking.display()
+                    );
+                }
+            }
+            Err(e) => eprintln!("warning: syncing runs to MLflow: {}", atelier_server::error::report(&e)),
+        }
+    }
+}

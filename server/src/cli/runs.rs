@@ -34,6 +34,12 @@ enum RunsCommand {
         /// The run id (or its first characters, as `list` shows them).
         run: String,
     },
+    /// Sends every run with something new to the MLflow server (idempotent: runs already
+    /// there are updated, never duplicated) and prints a table of what went.
+    Sync {
+        #[command(flatten)]
+        uri: super::TrackingUri,
+    },
 }
 
 pub fn run(args: RunsArgs) -> Result<()> {
@@ -44,7 +50,68 @@ pub fn run(args: RunsArgs) -> Result<()> {
     match args.command {
         RunsCommand::List { experiment, filter } => list(&tracker, experiment.as_deref(), &filter),
         RunsCommand::Show { run } => show(&tracker, &run),
+        RunsCommand::Sync { uri } => sync(&tracker, &uri),
     }
+}
+
+fn sync(tracker: &Tracker, uri: &super::TrackingUri) -> Result<()> {
+    use atelier_server::tracking::mlflow::{Client, Mirror};
+    let server = uri.server()?.context("no MLflow server: pass --tracking-uri http://HOST:PORT or set MLFLOW_TRACKING_URI")?;
+    let client = Client::new(server);
+    let pending = tracker.pending_runs(client.uri())?.len();
+    if pending == 0 {
+        println!("nothing to sync: every run is on {}", client.uri());
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(pending as u64).with_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_prefix("sync");
+    let report = Mirror::new(tracker, &client).sync_pending(&mut |r| {
+        bar.inc(1);
+        bar.set_message(r.name.clone());
+    })?;
+    bar.finish_and_clear();
+    let mut rows = vec![["run", "name", "experiment", "server run", "new", "params", "tags", "metrics", "artifacts", "status"].map(String::from).to_vec()];
+    for r in &report.synced {
+        rows.push(vec![
+            r.run_id.chars().take(8).collect(),
+            r.name.clone(),
+            r.experiment.clone(),
+            r.remote_run_id.chars().take(8).collect(),
+            if r.created { "yes" } else { "no" }.into(),
+            r.params.to_string(),
+            r.tags.to_string(),
+            r.metrics.to_string(),
+            r.artifacts.to_string(),
+            r.status.clone(),
+        ]);
+    }
+    print!("{}", columns(rows));
+    println!("{} run(s) sent to {}", report.synced.len(), client.uri());
+    for (run, name, message) in &report.refused {
+        println!("refused: {} ({name}): {message}", &run[..run.len().min(8)]);
+    }
+    if let Some(e) = &report.interrupted {
+        bail!("{e}
+{} run(s) still waiting; run `atelier runs sync` again when the server is back", report.pending);
+    }
+    if !report.refused.is_empty() {
+        bail!("the server refused {} run(s); they are retried once they change", report.refused.len());
+    }
+    Ok(())
+}
+
+/// Rows as left-aligned columns two spaces apart.
+fn columns(rows: Vec<Vec<String>>) -> String {
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len)).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn list(tracker: &Tracker, experiment: Option<&str>, filter: &str) -> Result<()> {
@@ -82,14 +149,7 @@ fn table(runs: &[RunSummary]) -> String {
         row.extend(metric_keys.iter().map(|k| r.metrics.get(*k).map_or_else(|| "-".into(), |v| format!("{v:.4}"))));
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    columns(rows)
 }
 
 fn show(tracker: &Tracker, run: &str) -> Result<()> {

@@ -89,6 +89,8 @@ pub struct TrainStyleArgs {
     /// The embedded experiment store the run is recorded in (experiment "styles").
     #[arg(long, env = "ATELIER_TRACKING", default_value = "data/tracking")]
     pub tracking: PathBuf,
+    #[command(flatten)]
+    pub tracking_uri: super::TrackingUri,
     /// Base model folder (diffusers layout) or hub id.
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: String,
@@ -184,6 +186,9 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
         !stop.load(Ordering::SeqCst)
     }));
     bar.finish_and_clear();
+    if !matches!(result, Err(RunError::Stopped)) {
+        args.tracking_uri.mirror(&args.tracking);
+    }
     match result {
         Ok(done) => {
             let (out, card) = (&done.output, &done.card);

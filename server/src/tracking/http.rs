@@ -18,6 +18,20 @@ pub fn routes() -> Router<AppState> {
         .route("/experiments/{id}/runs", get(runs))
         .route("/runs/{id}", get(run))
         .route("/runs/{id}/metrics/{key}", get(history))
+        .route("/tracking/sync", get(sync_status).post(sync_now))
+}
+
+/// `GET /api/tracking/sync`: where the mirror to MLflow stands (server, runs waiting,
+/// refusals, the last failure). Without a server: `uri` null and the local pending count 0.
+async fn sync_status(State(state): State<AppState>) -> Json<super::mlflow::MirrorStatus> {
+    Json(state.mirror.as_ref().map(|m| m.status()).unwrap_or_default())
+}
+
+/// `POST /api/tracking/sync`: sync now instead of at the next pass; answers the status.
+async fn sync_now(State(state): State<AppState>) -> Result<Json<super::mlflow::MirrorStatus>, ApiError> {
+    let mirror = state.mirror.as_ref().ok_or_else(|| ApiError::Unavailable("no MLflow server is configured: start the studio with --tracking-uri http://HOST:PORT".into()))?;
+    mirror.wake();
+    Ok(Json(mirror.status()))
 }
 
 /// Runs `work` on the studio's store, off the async runtime.

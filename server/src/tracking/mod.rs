@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub mod http;
+pub mod mlflow;
 pub mod search;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -53,6 +54,28 @@ CREATE TABLE IF NOT EXISTS tags (
     value    TEXT NOT NULL,
     PRIMARY KEY (run_uuid, key)
 );
+-- A counter per run, raised by every change to it (the triggers below, and artifact
+-- copies), so that a mirror to an MLflow server knows which runs have something new.
+CREATE TABLE IF NOT EXISTS run_versions (
+    run_uuid TEXT PRIMARY KEY,
+    version  INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS runs_changed AFTER UPDATE ON runs BEGIN
+    INSERT INTO run_versions (run_uuid, version) VALUES (NEW.run_uuid, 1)
+    ON CONFLICT (run_uuid) DO UPDATE SET version = version + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS params_changed AFTER INSERT ON params BEGIN
+    INSERT INTO run_versions (run_uuid, version) VALUES (NEW.run_uuid, 1)
+    ON CONFLICT (run_uuid) DO UPDATE SET version = version + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS metrics_changed AFTER INSERT ON metrics BEGIN
+    INSERT INTO run_versions (run_uuid, version) VALUES (NEW.run_uuid, 1)
+    ON CONFLICT (run_uuid) DO UPDATE SET version = version + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS tags_changed AFTER INSERT ON tags BEGIN
+    INSERT INTO run_versions (run_uuid, version) VALUES (NEW.run_uuid, 1)
+    ON CONFLICT (run_uuid) DO UPDATE SET version = version + 1;
+END;
 ";
 
 /// Why the experiment store could not do something.
@@ -184,7 +207,7 @@ impl Tracker {
         Ok(())
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -267,7 +290,41 @@ impl Tracker {
         std::fs::create_dir_all(&dest).map_err(creating(&dest))?;
         let dest = dest.join(file.file_name().ok_or_else(|| TrackingError::NoFileName(file.to_path_buf()))?);
         std::fs::copy(file, &dest).map_err(|source| TrackingError::Artifact { path: file.to_path_buf(), source })?;
+        self.touch(run)?;
         Ok(dest)
+    }
+
+    /// Copies an image into the run as MLflow's `log_image(key=, step=)` names it,
+    /// `images/KEY+step+STEP+timestamp+MS+UUID.png`, and sets the tag
+    /// `mlflow.loggedImages=True`, so MLflow's UI shows it in the run's image gallery
+    /// with a step slider (naming checked against MLflow 3.x; see
+    /// `shared/notes/mlflow-dvc.md`). `key` may not hold `+` or `/` (they are replaced).
+    pub fn log_image(&self, run: &str, file: &Path, key: &str, step: i64) -> Result<PathBuf> {
+        let info = self.run(run)?.ok_or_else(|| TrackingError::NoRun(run.to_string()))?;
+        let dir = PathBuf::from(info.artifact_uri).join("images");
+        std::fs::create_dir_all(&dir).map_err(creating(&dir))?;
+        let key: String = key.chars().map(|c| if matches!(c, '+' | '/' | '\\') { '_' } else { c }).collect();
+        let name = format!("{key}+step+{step}+timestamp+{}+{}.png", now_ms(), uuid::Uuid::new_v4().simple());
+        let dest = dir.join(name);
+        std::fs::copy(file, &dest).map_err(|source| TrackingError::Artifact { path: file.to_path_buf(), source })?;
+        self.set_tag(run, "mlflow.loggedImages", "True")?;
+        self.touch(run)?;
+        Ok(dest)
+    }
+
+    /// Raises the run's change counter (see `run_versions`).
+    fn touch(&self, run: &str) -> Result<()> {
+        self.db().execute(
+            "INSERT INTO run_versions (run_uuid, version) VALUES (?1, 1) ON CONFLICT (run_uuid) DO UPDATE SET version = version + 1",
+            [run],
+        )?;
+        Ok(())
+    }
+
+    /// The run's change counter: it grows with every param, metric, tag, artifact and
+    /// status change.
+    pub fn version(&self, run: &str) -> Result<i64> {
+        Ok(self.db().query_row("SELECT version FROM run_versions WHERE run_uuid = ?1", [run], |r| r.get(0)).optional()?.unwrap_or(0))
     }
 
     pub fn run(&self, run: &str) -> Result<Option<RunInfo>> {
