@@ -39,6 +39,10 @@ enum RunsCommand {
     Sync {
         #[command(flatten)]
         uri: super::TrackingUri,
+        /// Forget what was sent and send every run again (after the server's database was
+        /// reset); runs still on the server are matched by tag and updated, not duplicated.
+        #[arg(long)]
+        resend: bool,
     },
 }
 
@@ -50,14 +54,17 @@ pub fn run(args: RunsArgs) -> Result<()> {
     match args.command {
         RunsCommand::List { experiment, filter } => list(&tracker, experiment.as_deref(), &filter),
         RunsCommand::Show { run } => show(&tracker, &run),
-        RunsCommand::Sync { uri } => sync(&tracker, &uri),
+        RunsCommand::Sync { uri, resend } => sync(&tracker, &uri, resend),
     }
 }
 
-fn sync(tracker: &Tracker, uri: &super::TrackingUri) -> Result<()> {
+fn sync(tracker: &Tracker, uri: &super::TrackingUri, resend: bool) -> Result<()> {
     use atelier_server::tracking::mlflow::{Client, Mirror};
     let server = uri.server()?.context("no MLflow server: pass --tracking-uri http://HOST:PORT or set MLFLOW_TRACKING_URI")?;
     let client = Client::new(server);
+    if resend {
+        tracker.forget_sync(client.uri())?;
+    }
     let pending = tracker.pending_runs(client.uri())?.len();
     if pending == 0 {
         println!("nothing to sync: every run is on {}", client.uri());

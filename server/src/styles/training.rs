@@ -150,6 +150,9 @@ pub fn run_training(
         ("base_model_hash", sd.model_hash()),
         ("base_model", &model_dir.display().to_string()),
         ("dataset_dir", &images.display().to_string()),
+        ("dataset_images", &data.images.len().to_string()),
+        ("device", &crate::tracking::device_tag(sd.device())),
+        ("dtype", "f32"),
     ])?;
 
     let started = Instant::now();
@@ -159,8 +162,8 @@ pub fn run_training(
                 let _ = tracker.log_metric(&tracked, "loss", *loss, *step as i64);
                 let _ = tracker.log_metric(&tracked, "lr", *lr, *step as i64);
             }
-            StyleEvent::Samples { path, .. } => {
-                let _ = tracker.log_artifact(&tracked, path, Some("samples"));
+            StyleEvent::Samples { path, step } => {
+                let _ = tracker.log_image(&tracked, path, "samples", *step as i64);
             }
             _ => {}
         }
@@ -228,14 +231,8 @@ fn tracked_run(tracker: &Tracker, run_dir: &Path, cfg: &StyleTrainConfig, tags: 
     let exp = tracker.experiment("styles")?;
     let id = tracker.start_run(exp, &cfg.name)?;
     std::fs::write(&run_file, &id).map_err(|source| RunError::RunFile { path: run_file.clone(), source })?;
-    if let serde_json::Value::Object(fields) = serde_json::to_value(cfg).map_err(RunError::Settings)? {
-        for (k, v) in fields {
-            let text = match v {
-                serde_json::Value::String(s) => s,
-                other => other.to_string(),
-            };
-            tracker.log_param(&id, &k, &text)?;
-        }
+    for (k, v) in crate::tracking::flatten_params(&serde_json::to_value(cfg).map_err(RunError::Settings)?) {
+        tracker.log_param(&id, &k, &v)?;
     }
     for (k, v) in tags {
         tracker.set_tag(&id, k, v)?;

@@ -407,6 +407,17 @@ impl Tracker {
         Ok(rows)
     }
 
+    /// Forgets what was sent to `server`, so the next sync sends every run again (after
+    /// the server's database was reset). Runs still on the server are found by their
+    /// `atelier.run_id` tag and updated, not duplicated.
+    pub fn forget_sync(&self, server: &str) -> Result<(), TrackingError> {
+        self.ensure_sync_schema()?;
+        let db = self.db();
+        db.execute("DELETE FROM mlflow_runs WHERE server = ?1", [server])?;
+        db.execute("DELETE FROM mlflow_refusals WHERE server = ?1", [server])?;
+        Ok(())
+    }
+
     /// Runs refused by `server` as they are now, with the server's message.
     pub fn refused_runs(&self, server: &str) -> Result<Vec<(String, String)>, TrackingError> {
         self.ensure_sync_schema()?;

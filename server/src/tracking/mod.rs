@@ -145,6 +145,50 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Tags every run gets: the Atelier version and git commit that ran it, and the user
+/// (MLflow's `mlflow.user`). Device and dtype are tagged by the code that knows them.
+pub fn standard_tags() -> Vec<(&'static str, String)> {
+    let mut tags = vec![("atelier.version", env!("CARGO_PKG_VERSION").to_string())];
+    let commit = env!("ATELIER_COMMIT");
+    if !commit.is_empty() {
+        tags.push(("atelier.commit", commit.to_string()));
+    }
+    if let Some(user) = std::env::var("USER").ok().or_else(|| std::env::var("USERNAME").ok()).filter(|u| !u.is_empty()) {
+        tags.push(("mlflow.user", user));
+    }
+    tags
+}
+
+/// The device name as tagged on runs: `cpu`, `cuda:N`, `metal:N`.
+pub fn device_tag(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Flattens a JSON object of settings into params: nested objects as dotted keys
+/// (`optim.lr`), strings as they are, everything else as JSON text.
+pub fn flatten_params(value: &serde_json::Value) -> Vec<(String, String)> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(fields) => {
+                for (k, v) in fields {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&key, v, out);
+                }
+            }
+            serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+            serde_json::Value::Null => {}
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", value, &mut out);
+    out
+}
+
 /// Run states, as MLflow names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum RunStatus {
@@ -181,6 +225,9 @@ impl Tracker {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(creating(dir))?;
+        // Absolute, so the artifact locations recorded in runs stay valid from any working
+        // folder (the CLI and the studio are often started from different ones).
+        let dir = &std::fs::canonicalize(dir).map_err(creating(dir))?;
         let db = Connection::open(dir.join("tracking.sqlite"))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.execute_batch(SCHEMA)?;
@@ -237,6 +284,9 @@ impl Tracker {
             params![id, experiment, name, now_ms(), artifacts.display().to_string()],
         )?;
         self.set_tag(&id, PID_TAG, &std::process::id().to_string())?;
+        for (k, v) in standard_tags() {
+            self.set_tag(&id, k, &v)?;
+        }
         Ok(id)
     }
 

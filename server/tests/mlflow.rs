@@ -1,0 +1,222 @@
+//! The mirror to a real MLflow server (from PyPI; `cargo run -p xtask -- test` installs it
+//! and passes `ATELIER_MLFLOW_BIN`): styles trained with `--tracking-uri` are read back
+//! with MLflow's own Python client (run, params, full metric histories, tags, artifacts
+//! with the image gallery); a crash between creating the server's run and recording it
+//! does not duplicate the run; a server that is down during a training loses nothing and
+//! gets the run once it is back (`atelier runs sync`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use atelier_engine::starter::styles::{write_dataset, PictureStyle};
+use atelier_server::tracking::Tracker;
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `mlflow` executable, or `None` (the test is skipped) outside `xtask test`.
+fn mlflow_bin() -> Option<PathBuf> {
+    match std::env::var_os("ATELIER_MLFLOW_BIN") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if std::env::var_os("ATELIER_REQUIRE_SERVICES").is_some() => panic!("ATELIER_MLFLOW_BIN is not set"),
+        None => {
+            eprintln!("skipped: set ATELIER_MLFLOW_BIN to an `mlflow` executable (cargo run -p xtask -- test does)");
+            None
+        }
+    }
+}
+
+/// A real `mlflow server` (sqlite backend, local artifact root behind its proxy).
+struct MlflowServer {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl MlflowServer {
+    fn start(bin: &Path, dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut s = Self { bin: bin.to_path_buf(), dir: dir.to_path_buf(), port, child: None };
+        s.restart();
+        s
+    }
+
+    fn uri(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn restart(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let log = std::fs::File::create(self.dir.join(format!("server-{}.log", Instant::now().elapsed().as_nanos()))).unwrap();
+        let child = Command::new(&self.bin)
+            .args(["server", "--host", "127.0.0.1", "--port", &self.port.to_string(), "--workers", "1"])
+            .arg("--backend-store-uri")
+            .arg(format!("sqlite:///{}", self.dir.join("mlflow.db").display()))
+            .arg("--artifacts-destination")
+            .arg(self.dir.join("artifacts"))
+            .env("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting mlflow server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let health = format!("{}/health", self.uri());
+        while Instant::now() < deadline {
+            if ureq::get(&health).call().is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("mlflow server not ready at {health} after 120 s (log in {})", self.dir.display());
+    }
+
+    /// Stops the server and every process it started (gunicorn/uvicorn workers).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain signal to a child we started.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// What MLflow's Python client reads back for the given local runs.
+    fn read_back(&self, runs: &[&str]) -> Value {
+        let python = self.bin.with_file_name("python");
+        let out = Command::new(python).arg(repo().join("server/tests/mlflow/readback.py")).arg(self.uri()).args(runs).output().unwrap();
+        assert!(out.status.success(), "readback.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for MlflowServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn atelier(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_atelier")).args(args).current_dir(dir).env_remove("MLFLOW_TRACKING_URI").output().unwrap()
+}
+
+fn train(tmp: &Path, name: &str, style: PictureStyle, uri: &str) -> Output {
+    let images = tmp.join(format!("{name}-images"));
+    write_dataset(style, &images, 6, 3).unwrap();
+    let model = repo().join("models/starter");
+    let args = [
+        "train-style", "--name", name, "--images", images.to_str().unwrap(), "--trigger", name, "--steps", "6", "--rank", "2", "--batch", "2",
+        "--sample-every", "3", "--library", "styles", "--model", model.to_str().unwrap(), "--tracking", "tracking", "--tracking-uri", uri,
+    ];
+    atelier(&args, tmp)
+}
+
+fn text(o: &Output) -> String {
+    format!("{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn only_run(tracker: &Tracker, name: &str) -> String {
+    let exp = tracker.find_experiment("styles").unwrap().unwrap();
+    let runs: Vec<_> = tracker.runs(exp).unwrap().into_iter().filter(|r| r.name == name).collect();
+    assert_eq!(runs.len(), 1, "{name}");
+    runs[0].run_id.clone()
+}
+
+/// Checks the server's copy of `run` against the local store, field by field.
+fn assert_same(tracker: &Tracker, run: &str, remote: &Value) {
+    assert_eq!(remote["copies"], 1, "exactly one copy of {run} on the server: {remote}");
+    let local = tracker.run(run).unwrap().unwrap();
+    assert_eq!(remote["status"], local.status.as_str());
+    assert_eq!(remote["name"], local.name.as_str());
+    assert_eq!(remote["experiment"], "styles");
+    assert_eq!(remote["start_time"], local.start_time);
+    assert_eq!(remote["end_time"], local.end_time.unwrap());
+    let params: BTreeMap<String, String> = tracker.params(run).unwrap().into_iter().collect();
+    let remote_params: BTreeMap<String, String> = serde_json::from_value(remote["params"].clone()).unwrap();
+    assert_eq!(remote_params, params);
+    assert!(params.len() > 20 && params["rank"] == "2" && params["optim.lr"] == "0.001", "{params:?}");
+    for (k, v) in tracker.tags(run).unwrap() {
+        assert_eq!(remote["tags"][&k], v.as_str(), "tag {k}");
+    }
+    assert_eq!(remote["tags"]["atelier.version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(remote["tags"]["device"], "cpu");
+    assert_eq!(remote["tags"]["mlflow.loggedImages"], "True");
+    let local_summary = tracker.summary(run).unwrap().unwrap();
+    assert!(local_summary.metrics.len() >= 10, "{:?}", local_summary.metrics);
+    assert_eq!(remote["histories"].as_object().unwrap().len(), local_summary.metrics.len());
+    for key in local_summary.metrics.keys() {
+        let mine: Vec<(i64, f64, i64)> = tracker.metric_history(run, key).unwrap().iter().map(|p| (p.step, p.value, p.timestamp)).collect();
+        let theirs: Vec<(i64, f64, i64)> = serde_json::from_value(remote["histories"][key].clone()).unwrap();
+        // Steps and timestamps exactly; values to the last bits (MLflow's server stores a
+        // double and may round its last binary digit differently).
+        assert_eq!(theirs.len(), mine.len(), "history of {key}: {theirs:?} vs {mine:?}");
+        for (t, m) in theirs.iter().zip(&mine) {
+            assert!(t.0 == m.0 && t.2 == m.2 && (t.1 - m.1).abs() <= 1e-12 * m.1.abs().max(1.0), "history of {key}: {theirs:?} vs {mine:?}");
+        }
+    }
+    assert_eq!(tracker.metric_history(run, "loss").unwrap().len(), 6, "one loss per step");
+    // Artifacts: the same files, with the same sizes; samples in the image gallery.
+    let root = PathBuf::from(&local.artifact_uri);
+    let mine: BTreeMap<String, u64> = tracker.artifacts(run).unwrap().into_iter().map(|a| (a.clone(), std::fs::metadata(root.join(&a)).unwrap().len())).collect();
+    let theirs: BTreeMap<String, u64> = serde_json::from_value::<Vec<(String, u64)>>(remote["artifacts"].clone()).unwrap().into_iter().collect();
+    assert_eq!(theirs, mine);
+    assert!(mine.keys().any(|a| a.ends_with(".safetensors")), "{mine:?}");
+    let gallery: Vec<&String> = mine.keys().filter(|a| a.starts_with("images/samples+step+")).collect();
+    assert_eq!(gallery.len(), 3, "samples at steps 0, 3 and 6: {mine:?}");
+    assert!(gallery.iter().any(|a| a.starts_with("images/samples+step+3+timestamp+") && a.ends_with(".png")));
+}
+
+#[test]
+fn styles_are_mirrored_to_a_real_mlflow_server_without_duplicates_or_losses() {
+    let Some(bin) = mlflow_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = MlflowServer::start(&bin, &tmp.path().join("mlflow"));
+    let uri = server.uri();
+
+    // 1. A training with the URI set: mirrored when it ends.
+    let out = train(tmp.path(), "ink", PictureStyle::Inkline, &uri);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("mirrored 1 run(s)"), "{}", text(&out));
+    let tracker = Tracker::open(&tmp.path().join("tracking")).unwrap();
+    let ink = only_run(&tracker, "ink");
+    assert!(tracker.pending_runs(&uri).unwrap().is_empty());
+    let back = server.read_back(&[&ink]);
+    assert_same(&tracker, &ink, &back[&ink]);
+
+    // 2. Everything sent again, as after a crash between creating the server's run and
+    //    recording its id: the sync finds the run by its `atelier.run_id` tag instead of
+    //    making a second one, and no metric point is doubled.
+    let out = atelier(&["runs", "sync", "--resend", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("1 run(s) sent"), "{}", text(&out));
+    assert_same(&tracker, &ink, &server.read_back(&[&ink])[&ink]);
+    let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
+    assert!(text(&out).contains("nothing to sync"), "{}", text(&out));
+
+    // 3. The server is down for a whole training: the training succeeds, the run waits,
+    //    and `runs sync` sends it once the server is back.
+    server.stop();
+    let out = train(tmp.path(), "pastel", PictureStyle::Pastel, &uri);
+    assert!(out.status.success(), "a training does not need the server: {}", text(&out));
+    assert!(text(&out).contains("1 run(s) waiting to sync"), "{}", text(&out));
+    let pastel = only_run(&tracker, "pastel");
+    assert_eq!(tracker.pending_runs(&uri).unwrap(), vec![pastel.clone()]);
+    let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
+    assert!(!out.status.success(), "a sync to a stopped server fails");
+    assert!(text(&out).contains("cannot reach the MLflow server") && text(&out).contains("1 run(s) still waiting"), "{}", text(&out));
+    server.restart();
+    let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("pastel") && text(&out).contains("1 run(s) sent"), "{}", text(&out));
+    let back = server.read_back(&[&ink, &pastel]);
+    assert_same(&tracker, &pastel, &back[&pastel]);
+    assert_same(&tracker, &ink, &back[&ink]);
+}
