@@ -676,3 +676,38 @@ pub struct MetricPoint {
     pub timestamp: i64,
     pub step: i64,
 }
+
+// The model registry (`GET /api/registry…`): a registered model per style, a version per
+// finished training, aliases pointing at versions (MLflow's registry data model).
+
+/// One version of a registered model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelVersion {
+    pub name: String,
+    /// 1, 2, … in the order they were registered.
+    pub version: i64,
+    /// ms since the epoch.
+    pub creation_time: i64,
+    /// `style` (a trained LoRA) or `blend` (a baked blend).
+    pub kind: String,
+    /// The tracked run that made it.
+    pub run_id: Option<String>,
+    /// The folder holding the version's own copy of its files.
+    pub source: String,
+    /// Its metadata: trigger, base model and hash, dataset hash, rank, alpha, steps,
+    /// before/after metrics.
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Aliases pointing at it.
+    pub aliases: Vec<String>,
+}
+
+/// A registered model (a style), its versions newest first and its aliases.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegisteredModel {
+    pub name: String,
+    pub creation_time: i64,
+    pub last_updated_time: i64,
+    /// Alias → version.
+    pub aliases: std::collections::BTreeMap<String, i64>,
+    pub versions: Vec<ModelVersion>,
+}

@@ -40,8 +40,10 @@ enum Command {
     OptimizeNegative(cli::optimize_negative::OptimizeNegativeArgs),
     /// Measure negative-prompt optimisation on held-out starter prompts (table).
     EvalNegatives(cli::eval_negatives::EvalNegativesArgs),
-    /// Tracked runs (trainings, optimisations, evaluations): list with an MLflow filter, show one.
+    /// Tracked runs (trainings, optimisations, evaluations): list with an MLflow filter, show, sync to MLflow.
     Runs(cli::runs::RunsArgs),
+    /// The model registry: registered styles, their versions and aliases (production, staging, …).
+    Registry(cli::registry::RegistryArgs),
 }
 
 fn main() -> Result<()> {
@@ -68,5 +70,6 @@ fn main() -> Result<()> {
         Command::OptimizeNegative(args) => cli::optimize_negative::run(args),
         Command::EvalNegatives(args) => cli::eval_negatives::run(args),
         Command::Runs(args) => cli::runs::run(args),
+        Command::Registry(args) => cli::registry::run(args),
     }
 }

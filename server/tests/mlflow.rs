@@ -189,7 +189,37 @@ fn styles_are_mirrored_to_a_real_mlflow_server_without_duplicates_or_losses() {
     let ink = only_run(&tracker, "ink");
     assert!(tracker.pending_runs(&uri).unwrap().is_empty());
     let back = server.read_back(&[&ink]);
-    assert_same(&tracker, &ink, &back[&ink]);
+    assert_same(&tracker, &ink, &back["runs"][&ink]);
+    // Registered as version 1 of the model "ink", with its metadata, in MLflow's registry.
+    let v1 = &back["registry"]["ink"]["versions"]["1"];
+    assert_eq!(v1["run_id"], back["runs"][&ink]["run_id"], "{back}");
+    assert!(v1["source"].as_str().unwrap().starts_with("mlflow-artifacts:/"), "{v1}");
+    assert_eq!(v1["tags"]["trigger"], "ink");
+    assert_eq!(v1["tags"]["rank"], "2");
+    assert_eq!(v1["tags"]["atelier.version"], "1");
+    let local = tracker.resolve_version("ink", "1").unwrap();
+    assert_eq!(v1["tags"]["dataset_hash"], local.tags["dataset_hash"].as_str());
+    assert_eq!(v1["tags"]["similarity_gain"], local.tags["similarity_gain"].as_str());
+    let gain: f64 = local.tags["similarity_gain"].parse().unwrap();
+    let logged = tracker.metric_history(&ink, "similarity_gain").unwrap();
+    assert!((logged[0].value - gain).abs() < 1e-6, "the run's metric and the version's tag agree");
+
+    // An alias set from the CLI reaches the server at once, and prompts can use it.
+    let out = atelier(&["registry", "alias", "ink", "production", "1", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
+    assert!(out.status.success() && text(&out).contains("1 alias change(s)"), "{}", text(&out));
+    assert_eq!(server.read_back(&[])["registry"]["ink"]["aliases"]["production"], "1");
+    let model = repo().join("models/starter");
+    let png = tmp.path().join("production.png");
+    let out = atelier(
+        &["generate", "--prompt", "a red circle, ink style <lora:ink@production:0.8>", "--steps", "4", "--model", model.to_str().unwrap(), "--library", "styles", "--out", png.to_str().unwrap()],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = atelier(
+        &["generate", "--prompt", "<lora:ink@staging>", "--steps", "4", "--model", model.to_str().unwrap(), "--library", "styles", "--out", png.to_str().unwrap()],
+        tmp.path(),
+    );
+    assert!(!out.status.success() && text(&out).contains("ink has no version staging (known: 1, production)"), "{}", text(&out));
 
     // 2. Everything sent again, as after a crash between creating the server's run and
     //    recording its id: the sync finds the run by its `atelier.run_id` tag instead of
@@ -197,7 +227,7 @@ fn styles_are_mirrored_to_a_real_mlflow_server_without_duplicates_or_losses() {
     let out = atelier(&["runs", "sync", "--resend", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("1 run(s) sent"), "{}", text(&out));
-    assert_same(&tracker, &ink, &server.read_back(&[&ink])[&ink]);
+    assert_same(&tracker, &ink, &server.read_back(&[&ink])["runs"][&ink]);
     let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
     assert!(text(&out).contains("nothing to sync"), "{}", text(&out));
 
@@ -217,6 +247,13 @@ fn styles_are_mirrored_to_a_real_mlflow_server_without_duplicates_or_losses() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("pastel") && text(&out).contains("1 run(s) sent"), "{}", text(&out));
     let back = server.read_back(&[&ink, &pastel]);
-    assert_same(&tracker, &pastel, &back[&pastel]);
-    assert_same(&tracker, &ink, &back[&ink]);
+    assert_same(&tracker, &pastel, &back["runs"][&pastel]);
+    assert_same(&tracker, &ink, &back["runs"][&ink]);
+    assert_eq!(back["registry"]["pastel"]["versions"].as_object().unwrap().len(), 1, "{back}");
+    assert_eq!(back["registry"]["ink"]["versions"].as_object().unwrap().len(), 1, "no duplicate versions after --resend");
+
+    // Removing the alias removes it on the server.
+    let out = atelier(&["registry", "alias", "ink", "production", "--delete", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(server.read_back(&[])["registry"]["ink"]["aliases"], serde_json::json!({}));
 }

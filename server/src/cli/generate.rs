@@ -126,10 +126,7 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
     if !tags.is_empty() {
         let library = atelier_server::styles::StyleLibrary::new(args.library.clone()).with_shipped(PathBuf::from(crate::cli::train_style::SHIPPED_STYLES));
         for tag in tags {
-            let entry = library.find(&tag.name).with_context(|| {
-                let known: Vec<String> = library.list().into_iter().map(|s| s.name).collect();
-                format!("<lora:{}> names no style in the library (known: {})", tag.name, if known.is_empty() { "none".into() } else { known.join(", ") })
-            })?;
+            let entry = library.resolve(&tag.name).map_err(anyhow::Error::msg)?;
             let blocks = tag.blocks.map_or_else(Default::default, |[down, mid, up]| atelier_engine::lora::BlockWeights { down, mid, up });
             specs.push((entry.adapter(), tag.weight, blocks));
         }

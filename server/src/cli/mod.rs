@@ -8,6 +8,7 @@ pub mod eval_styles;
 pub mod generate;
 pub mod optimize_negative;
 pub mod reference;
+pub mod registry;
 pub mod runs;
 pub mod style_data;
 pub mod train_base;
@@ -80,7 +81,13 @@ impl TrackingUri {
         match outcome {
             Ok(report) => {
                 let sent: usize = report.synced.iter().map(|r| r.metrics).sum();
-                println!("mirrored {} run(s) ({sent} metric points) to MLflow at {}", report.synced.len(), client.uri());
+                println!(
+                    "mirrored {} run(s) ({sent} metric points), {} model version(s) and {} alias change(s) to MLflow at {}",
+                    report.synced.len(),
+                    report.versions,
+                    report.aliases,
+                    client.uri()
+                );
                 for (_, name, message) in &report.refused {
                     eprintln!("warning: MLflow refused run {name}: {message}");
                 }

@@ -67,7 +67,11 @@ fn sync(tracker: &Tracker, uri: &super::TrackingUri, resend: bool) -> Result<()>
     }
     let pending = tracker.pending_runs(client.uri())?.len();
     if pending == 0 {
+        let (versions, aliases) = Mirror::new(tracker, &client).sync_registry()?;
         println!("nothing to sync: every run is on {}", client.uri());
+        if versions + aliases > 0 {
+            println!("registry: {versions} model version(s) created, {aliases} alias change(s)");
+        }
         return Ok(());
     }
     let bar = indicatif::ProgressBar::new(pending as u64).with_style(
@@ -96,6 +100,9 @@ fn sync(tracker: &Tracker, uri: &super::TrackingUri, resend: bool) -> Result<()>
     }
     print!("{}", columns(rows));
     println!("{} run(s) sent to {}", report.synced.len(), client.uri());
+    if report.versions + report.aliases > 0 {
+        println!("registry: {} model version(s) created, {} alias change(s)", report.versions, report.aliases);
+    }
     for (run, name, message) in &report.refused {
         println!("refused: {} ({name}): {message}", &run[..run.len().min(8)]);
     }
@@ -110,7 +117,7 @@ fn sync(tracker: &Tracker, uri: &super::TrackingUri, resend: bool) -> Result<()>
 }
 
 /// Rows as left-aligned columns two spaces apart.
-fn columns(rows: Vec<Vec<String>>) -> String {
+pub(crate) fn columns(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len)).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for row in rows {

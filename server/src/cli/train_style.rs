@@ -214,6 +214,9 @@ pub fn run(args: TrainStyleArgs) -> Result<()> {
             );
             println!("adapter (kohya): {}\nadapter (diffusers): {}", out.kohya.display(), out.diffusers.display());
             println!("use it in a prompt as <lora:{}:1> {}", args.name, req.trigger_word());
+            if let Some(v) = done.version {
+                println!("registered as {} version {v} (this exact adapter: <lora:{}@{v}:1>; `atelier registry alias {} production {v}` promotes it)", args.name, args.name, args.name);
+            }
             Ok(())
         }
         Err(RunError::Stopped) => {

@@ -143,13 +143,7 @@ impl LoadedModel {
         let mut out = params.clone();
         out.prompt = text;
         for tag in tags {
-            let entry = library.find(&tag.name).ok_or_else(|| {
-                let known: Vec<String> = library.list().into_iter().map(|s| s.name).collect();
-                atelier_engine::Error::invalid(
-                    "prompt",
-                    format!("<lora:{}> names no style in the library (known: {})", tag.name, if known.is_empty() { "none".into() } else { known.join(", ") }),
-                )
-            })?;
+            let entry = library.resolve(&tag.name).map_err(|m| atelier_engine::Error::invalid("prompt", m))?;
             let blocks = tag.blocks.map_or_else(Default::default, |[down, mid, up]| atelier_engine::lora::BlockWeights { down, mid, up });
             out.loras.push(atelier_engine::lora::ActiveLora { lora: self.bind(&entry.adapter())?, weight: tag.weight, blocks });
         }

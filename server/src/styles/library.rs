@@ -151,6 +151,8 @@ impl StyleEntry {
 pub struct StyleLibrary {
     root: PathBuf,
     shipped: Vec<PathBuf>,
+    /// The experiment store whose model registry `NAME@VERSION` names resolve in.
+    registry: Option<PathBuf>,
 }
 
 /// Checks a style name: 1–64 of letters, digits, `-`, `_`, starting with a letter or digit.
@@ -166,8 +168,43 @@ pub fn check_name(name: &str) -> Result<(), LibraryError> {
 }
 
 impl StyleLibrary {
+    /// The library in `root`. Registered versions (`NAME@ALIAS`) are looked up in the
+    /// experiment store beside it (`ROOT/../tracking`, the studio's layout) unless
+    /// [`StyleLibrary::with_registry`] says otherwise.
     pub fn new(root: PathBuf) -> Self {
-        Self { root, shipped: Vec::new() }
+        let registry = root.parent().map(|p| p.join("tracking"));
+        Self { root, shipped: Vec::new(), registry }
+    }
+
+    /// Resolves `NAME@VERSION` names in the experiment store in `tracking`.
+    pub fn with_registry(mut self, tracking: PathBuf) -> Self {
+        self.registry = Some(tracking);
+        self
+    }
+
+    /// A registered version of a style, named `NAME@ALIAS`, `NAME@3` or `NAME@latest` (its
+    /// own frozen copy of the adapter, which later trainings of the style do not change).
+    ///
+    /// # Errors
+    /// A message naming what is missing (the model, or the version with the known ones).
+    pub fn find_version(&self, name: &str) -> Result<StyleEntry, String> {
+        let (base, selector) = name.split_once('@').ok_or_else(|| format!("{name} names no version (write NAME@ALIAS or NAME@NUMBER)"))?;
+        let store = self.registry.as_ref().filter(|d| d.join("tracking.sqlite").is_file()).ok_or_else(|| {
+            format!("{name}: there is no model registry yet (every finished style training registers a version)")
+        })?;
+        let tracker = crate::tracking::Tracker::open(store).map_err(|e| crate::error::report(&e))?;
+        let version = tracker.resolve_version(base, selector).map_err(|e| e.to_string())?;
+        let dir = PathBuf::from(&version.source);
+        let entry = StyleEntry {
+            card: std::fs::read(dir.join("card.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()),
+            name: version.name.clone(),
+            dir,
+            builtin: true,
+        };
+        if !entry.adapter().is_file() {
+            return Err(format!("{name} (version {}) has no adapter file in {}", version.version, entry.dir.display()));
+        }
+        Ok(entry)
     }
 
     /// The folder of user styles.
@@ -229,9 +266,26 @@ impl StyleLibrary {
     }
 
     /// The style called `name` (exact, else case-insensitive).
+    ///
+    /// `NAME@ALIAS` and `NAME@NUMBER` name a registered version ([`StyleLibrary::find_version`]).
     pub fn find(&self, name: &str) -> Option<StyleEntry> {
+        if name.contains('@') {
+            return self.find_version(name).ok();
+        }
         let all = self.list();
         all.iter().find(|s| s.name == name).cloned().or_else(|| all.into_iter().find(|s| s.name.eq_ignore_ascii_case(name)))
+    }
+
+    /// The style a `<lora:NAME>` tag names ([`StyleLibrary::find`]), or a message saying
+    /// what is missing: the known styles, or the registered versions and aliases.
+    pub fn resolve(&self, name: &str) -> Result<StyleEntry, String> {
+        if name.contains('@') {
+            return self.find_version(name).map_err(|m| format!("<lora:{name}>: {m}"));
+        }
+        self.find(name).ok_or_else(|| {
+            let known: Vec<String> = self.list().into_iter().map(|s| s.name).collect();
+            format!("<lora:{name}> names no style in the library (known: {})", if known.is_empty() { "none".into() } else { known.join(", ") })
+        })
     }
 
     fn user_style(&self, name: &str) -> Result<StyleEntry, LibraryError> {

@@ -86,6 +86,9 @@ pub struct Finished {
     pub output: StyleOutput,
     pub dir: PathBuf,
     pub seconds: f64,
+    /// The model-registry version this training registered (`None` when registering
+    /// failed; the style itself is complete then, and the failure is logged).
+    pub version: Option<i64>,
 }
 
 /// The engine's configuration for `req`, on the model `sd` and the prepared dataset.
@@ -200,6 +203,9 @@ pub fn run_training(
     let step = req.steps as i64;
     tracker.log_metric(&tracked, "fit_loss_base", output.fit_before, step)?;
     tracker.log_metric(&tracked, "fit_loss_adapter", output.fit_after, step)?;
+    if let (Some(b), Some(s)) = (card.metrics["base"]["style_similarity"].as_f64(), card.metrics["style"]["style_similarity"].as_f64()) {
+        tracker.log_metric(&tracked, "similarity_gain", s - b, step)?;
+    }
     for who in ["base", "style"] {
         if let Some(serde_json::Value::Object(m)) = card.metrics.get(who) {
             for (k, v) in m {
@@ -215,7 +221,55 @@ pub fn run_training(
         }
     }
     tracker.end_run(&tracked, RunStatus::Finished)?;
-    Ok(Finished { card, output, dir: run_dir, seconds })
+    let version = match register(&tracker, &cfg, &card, &output, &run_dir, &tracked, &model_dir.display().to_string(), data.images.len()) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(style = %req.name, error = %crate::error::report(&e), "the style is trained but could not be registered");
+            None
+        }
+    };
+    Ok(Finished { card, output, dir: run_dir, seconds, version })
+}
+
+/// Registers the trained style as a new version of its registered model, with its
+/// metadata as version tags; returns the version number.
+#[allow(clippy::too_many_arguments)]
+fn register(
+    tracker: &Tracker,
+    cfg: &StyleTrainConfig,
+    card: &StyleCard,
+    output: &StyleOutput,
+    run_dir: &Path,
+    run: &str,
+    base_model: &str,
+    images: usize,
+) -> Result<i64, crate::tracking::TrackingError> {
+    let mut tags: Vec<(String, String)> = vec![
+        ("trigger".into(), cfg.trigger.clone()),
+        ("base_model".into(), base_model.to_string()),
+        ("base_model_hash".into(), cfg.base_model_hash.clone()),
+        ("dataset_hash".into(), cfg.dataset_hash.clone()),
+        ("dataset_images".into(), images.to_string()),
+        ("rank".into(), cfg.rank.to_string()),
+        ("alpha".into(), cfg.alpha.to_string()),
+        ("targets".into(), format!("unet attention{}{}", if cfg.convs { " + convs" } else { "" }, if cfg.text_encoder { " + text encoder" } else { "" })),
+        ("steps".into(), cfg.steps.to_string()),
+        ("run_id".into(), run.to_string()),
+    ];
+    for who in ["base", "style"] {
+        if let Some(serde_json::Value::Object(m)) = card.metrics.get(who) {
+            for (k, v) in m {
+                if let Some(v) = v.as_f64() {
+                    tags.push((format!("{who}_{k}"), format!("{v:.6}")));
+                }
+            }
+        }
+    }
+    if let (Some(b), Some(s)) = (card.metrics["base"]["style_similarity"].as_f64(), card.metrics["style"]["style_similarity"].as_f64()) {
+        tags.push(("similarity_gain".into(), format!("{:.6}", s - b)));
+    }
+    let files: Vec<PathBuf> = [output.kohya.clone(), output.diffusers.clone(), run_dir.join("card.json")].into_iter().filter(|f| f.is_file()).collect();
+    Ok(tracker.register_version(&cfg.name, "style", &files, Some(run), &tags)?.version)
 }
 
 /// The tracked run of the style in `run_dir`: the one a stopped training started

@@ -49,6 +49,21 @@ CREATE TABLE IF NOT EXISTS mlflow_runs (
     error                TEXT,
     PRIMARY KEY (server, run_uuid)
 );
+-- Registry versions and aliases as the server has them.
+CREATE TABLE IF NOT EXISTS mlflow_model_versions (
+    server         TEXT NOT NULL,
+    name           TEXT NOT NULL,
+    version        INTEGER NOT NULL,
+    remote_version TEXT NOT NULL,
+    PRIMARY KEY (server, name, version)
+);
+CREATE TABLE IF NOT EXISTS mlflow_aliases (
+    server  TEXT NOT NULL,
+    name    TEXT NOT NULL,
+    alias   TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (server, name, alias)
+);
 -- Refusals of runs that never reached the server (no remote run yet).
 CREATE TABLE IF NOT EXISTS mlflow_refusals (
     server          TEXT NOT NULL,
@@ -268,6 +283,17 @@ impl Client {
         Ok(v.get("runs").and_then(Value::as_array).cloned().unwrap_or_default())
     }
 
+    /// `DELETE /api/2.0/mlflow/ENDPOINT` with a JSON body (MLflow's server reads DELETE
+    /// parameters from the body); a target already gone counts as deleted.
+    fn delete(&self, endpoint: &str, body: &Value) -> Result<(), SyncError> {
+        let url = format!("{}/api/2.0/mlflow/{endpoint}", self.config.uri);
+        let result = self.retrying(endpoint, || self.answer(endpoint, self.with_auth(self.agent.delete(&url)).force_send_body().send_json(body)));
+        match result {
+            Err(SyncError::Refused { code, .. }) if code == "RESOURCE_DOES_NOT_EXIST" => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
     fn log_batch(&self, run: &str, metrics: &[Value], params: &[Value], tags: &[Value]) -> Result<(), SyncError> {
         self.call("runs/log-batch", Some(&json!({ "run_id": run, "metrics": metrics, "params": params, "tags": tags })), &[]).map(drop)
     }
@@ -359,6 +385,9 @@ pub struct SyncReport {
     pub interrupted: Option<String>,
     /// Runs still waiting after this sync.
     pub pending: usize,
+    /// Registry model versions and alias changes sent.
+    pub versions: usize,
+    pub aliases: usize,
 }
 
 /// The sync state of one run towards one server.
@@ -415,6 +444,8 @@ impl Tracker {
         let db = self.db();
         db.execute("DELETE FROM mlflow_runs WHERE server = ?1", [server])?;
         db.execute("DELETE FROM mlflow_refusals WHERE server = ?1", [server])?;
+        db.execute("DELETE FROM mlflow_model_versions WHERE server = ?1", [server])?;
+        db.execute("DELETE FROM mlflow_aliases WHERE server = ?1", [server])?;
         Ok(())
     }
 
@@ -513,6 +544,40 @@ impl Tracker {
         Ok(())
     }
 
+    fn remote_versions(&self, server: &str, name: &str) -> Result<HashMap<i64, String>, TrackingError> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT version, remote_version FROM mlflow_model_versions WHERE server = ?1 AND name = ?2")?;
+        let rows = st.query_map([server, name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    fn save_remote_version(&self, server: &str, name: &str, version: i64, remote: &str) -> Result<(), TrackingError> {
+        self.db().execute(
+            "INSERT OR REPLACE INTO mlflow_model_versions (server, name, version, remote_version) VALUES (?1, ?2, ?3, ?4)",
+            params![server, name, version, remote],
+        )?;
+        Ok(())
+    }
+
+    fn remote_aliases(&self, server: &str, name: &str) -> Result<BTreeMap<String, i64>, TrackingError> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT alias, version FROM mlflow_aliases WHERE server = ?1 AND name = ?2")?;
+        let rows = st.query_map([server, name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    fn save_remote_alias(&self, server: &str, name: &str, alias: &str, version: Option<i64>) -> Result<(), TrackingError> {
+        let db = self.db();
+        match version {
+            Some(v) => db.execute(
+                "INSERT OR REPLACE INTO mlflow_aliases (server, name, alias, version) VALUES (?1, ?2, ?3, ?4)",
+                params![server, name, alias, v],
+            )?,
+            None => db.execute("DELETE FROM mlflow_aliases WHERE server = ?1 AND name = ?2 AND alias = ?3", params![server, name, alias])?,
+        };
+        Ok(())
+    }
+
     fn experiment_name(&self, id: i64) -> Result<String, TrackingError> {
         Ok(self.db().query_row("SELECT name FROM experiments WHERE experiment_id = ?1", [id], |r| r.get(0))?)
     }
@@ -569,8 +634,84 @@ impl<'a> Mirror<'a> {
                 }
             }
         }
+        if report.interrupted.is_none() {
+            match self.sync_registry() {
+                Ok((versions, aliases)) => (report.versions, report.aliases) = (versions, aliases),
+                Err(e) if e.is_transient() => report.interrupted = Some(e.to_string()),
+                Err(SyncError::Store(e)) => return Err(e),
+                Err(e) => {
+                    let message = crate::error::report(&e);
+                    tracing::warn!(error = %message, "the MLflow server refused a registry change");
+                    report.refused.push((String::new(), "model registry".into(), message));
+                }
+            }
+        }
         report.pending = self.tracker.pending_runs(self.server())?.len();
         Ok(report)
+    }
+
+    /// Mirrors the model registry: registered models, versions whose run is on the server
+    /// (`source` = that run's artifact URI, the version's tags, and `atelier.version`),
+    /// and aliases (set, moved, removed). Returns (versions created, alias changes).
+    pub fn sync_registry(&mut self) -> Result<(usize, usize), SyncError> {
+        let server = self.server().to_string();
+        let (mut versions, mut aliases) = (0, 0);
+        for model in self.tracker.registered_models()? {
+            let mut remote: HashMap<i64, String> = self.tracker.remote_versions(&server, &model.name)?;
+            for v in model.versions.iter().rev() {
+                if remote.contains_key(&v.version) {
+                    continue;
+                }
+                // A version follows its run: once the run is on the server.
+                let Some(run) = &v.run_id else { continue };
+                let Some(state) = self.tracker.load_state(&server, run)? else { continue };
+                match self.client.call("registered-models/create", Some(&json!({ "name": model.name })), &[]) {
+                    Ok(_) => {}
+                    Err(SyncError::Refused { code, .. }) if code == "RESOURCE_ALREADY_EXISTS" => {}
+                    Err(e) => return Err(e),
+                }
+                // The same version created before a crash: found by run and tag.
+                let filter = format!("name = '{}' and run_id = '{}'", model.name.replace('\'', "''"), state.remote_run_id);
+                let found = self.client.call("model-versions/search", None, &[("filter", &filter)])?;
+                let existing = found["model_versions"].as_array().into_iter().flatten().find(|mv| {
+                    mv["tags"].as_array().into_iter().flatten().any(|t| t["key"] == "atelier.version" && t["value"] == v.version.to_string())
+                });
+                let number = match existing {
+                    Some(mv) => str_at(mv, &["version"]),
+                    None => {
+                        let mut tags: Vec<Value> = v.tags.iter().map(|(k, val)| json!({ "key": k, "value": val })).collect();
+                        tags.push(json!({ "key": "atelier.version", "value": v.version.to_string() }));
+                        tags.push(json!({ "key": "atelier.kind", "value": v.kind }));
+                        let created = self.client.call(
+                            "model-versions/create",
+                            Some(&json!({ "name": model.name, "source": state.artifact_uri, "run_id": state.remote_run_id, "tags": tags })),
+                            &[],
+                        )?;
+                        versions += 1;
+                        str_at(&created, &["model_version", "version"])
+                    }
+                };
+                self.tracker.save_remote_version(&server, &model.name, v.version, &number)?;
+                remote.insert(v.version, number);
+            }
+            // Aliases: set or moved where the server differs, removed where gone locally.
+            let sent = self.tracker.remote_aliases(&server, &model.name)?;
+            for (alias, version) in &model.aliases {
+                let Some(number) = remote.get(version) else { continue };
+                if sent.get(alias) == Some(version) {
+                    continue;
+                }
+                self.client.call("registered-models/alias", Some(&json!({ "name": model.name, "alias": alias, "version": number })), &[])?;
+                self.tracker.save_remote_alias(&server, &model.name, alias, Some(*version))?;
+                aliases += 1;
+            }
+            for alias in sent.keys().filter(|a| !model.aliases.contains_key(*a)) {
+                self.client.delete("registered-models/alias", &json!({ "name": model.name, "alias": alias }))?;
+                self.tracker.save_remote_alias(&server, &model.name, alias, None)?;
+                aliases += 1;
+            }
+        }
+        Ok((versions, aliases))
     }
 
     fn remote_experiment(&mut self, local: i64) -> Result<String, SyncError> {

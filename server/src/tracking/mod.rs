@@ -11,6 +11,8 @@ use std::sync::Mutex;
 
 pub mod http;
 pub mod mlflow;
+pub mod registry;
+pub mod registry_http;
 pub mod search;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -103,6 +105,12 @@ pub enum TrackingError {
     NoFileName(PathBuf),
     #[error("no run {0}")]
     NoRun(String),
+    #[error("no registered model {0:?}; train the style first (every finished training registers a version)")]
+    NoModel(String),
+    #[error("{name} has no version {version}")]
+    NoVersion { name: String, version: String },
+    #[error("{0:?} is not an alias: use letters, digits, '-', '_' or '.', and not 'latest', a number or vN")]
+    BadAlias(String),
     /// Params are set once.
     #[error("param {key} of run {run} is {old:?} already; params cannot change")]
     ParamChanged { run: String, key: String, old: String },
@@ -114,6 +122,9 @@ impl From<TrackingError> for crate::ApiError {
         use crate::ApiError;
         match e {
             TrackingError::NoRun(id) => ApiError::NotFound { what: "run", id },
+            TrackingError::NoModel(id) => ApiError::NotFound { what: "registered model", id },
+            TrackingError::NoVersion { name, version } => ApiError::NotFound { what: "model version", id: format!("{name}@{version}") },
+            TrackingError::BadAlias(_) => ApiError::Invalid { field: "alias".into(), message: e.to_string() },
             TrackingError::Io { ref source, .. } | TrackingError::Artifact { ref source, .. } => ApiError::storage(&e, source),
             other => ApiError::Internal(crate::error::report(&other)),
         }

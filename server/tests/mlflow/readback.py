@@ -46,7 +46,17 @@ def main():
             "histories": histories,
             "artifacts": artifacts(client, run.info.run_id),
         }
-    print(json.dumps(found))
+    registry = {}
+    for model in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{model.name}'")
+        registry[model.name] = {
+            "aliases": dict(model.aliases),
+            "versions": {
+                v.version: {"run_id": v.run_id, "source": v.source, "tags": v.tags, "aliases": list(v.aliases)}
+                for v in versions
+            },
+        }
+    print(json.dumps({"runs": found, "registry": registry}))
 
 
 if __name__ == "__main__":
