@@ -577,8 +577,11 @@ mod tests {
         assert_eq!((runs[0].run_id.as_str(), runs[0].status.as_str()), (run.as_str(), "FINISHED"));
         assert!(runs[0].end_time.unwrap() >= runs[0].start_time);
         assert_eq!(t.params(&run).unwrap(), vec![("rank".to_string(), "8".to_string())]);
-        let pid = (PID_TAG.to_string(), std::process::id().to_string());
-        assert_eq!(t.tags(&run).unwrap(), vec![pid, ("dataset_hash".to_string(), "def".to_string())], "with the process that ran it");
+        let tags: BTreeMap<String, String> = t.tags(&run).unwrap().into_iter().collect();
+        assert_eq!(tags["dataset_hash"], "def", "the latest value");
+        assert_eq!(tags[PID_TAG], std::process::id().to_string(), "with the process that ran it");
+        assert_eq!(tags["atelier.version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(tags.get("atelier.commit").map(String::as_str), Some(env!("ATELIER_COMMIT")).filter(|c| !c.is_empty()));
         let h: Vec<(i64, f64)> = t.metric_history(&run, "loss").unwrap().iter().map(|p| (p.step, p.value)).collect();
         assert_eq!(h, vec![(1, 0.5), (2, 0.25), (3, 0.125)]);
     }
