@@ -406,3 +406,78 @@ async fn experiments_and_runs_with_mlflow_filters() {
     assert_eq!(history.len(), 50);
     assert_eq!((history[0]["step"].as_i64(), history[49]["value"].as_f64()), (Some(1), Some(0.02)));
 }
+
+/// The model registry over HTTP: versions newest first, aliases set, moved and removed,
+/// selectors (alias, number, latest), and the errors for what does not exist.
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_versions_and_aliases_over_the_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let t = atelier_server::tracking::Tracker::open(&tmp.path().join("tracking")).unwrap();
+        let f = tmp.path().join("ink.safetensors");
+        for (body, rank) in [(&b"one"[..], "4"), (&b"two"[..], "8")] {
+            std::fs::write(&f, body).unwrap();
+            t.register_version("ink", "style", std::slice::from_ref(&f), None, &[("rank".into(), rank.into())]).unwrap();
+        }
+    }
+    let app = app(state(tmp.path(), FakeGenerator::new(Duration::ZERO)));
+    let all: Vec<Value> = get_json(&app, "/api/registry").await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0]["versions"].as_array().unwrap().iter().map(|v| v["version"].as_i64().unwrap()).collect::<Vec<_>>(), [2, 1]);
+
+    let r = send(&app, Method::PUT, "/api/registry/ink/aliases/production", Some(json!({ "version": 1 }))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json::<Value>()["aliases"], json!({ "production": 1 }));
+    let v: Value = get_json(&app, "/api/registry/ink/versions/production").await;
+    assert_eq!((v["version"].as_i64(), v["tags"]["rank"].as_str()), (Some(1), Some("4")));
+    assert_eq!(std::fs::read(Path::new(v["source"].as_str().unwrap()).join("ink.safetensors")).unwrap(), b"one", "the version's own files");
+    // Moved by setting it again.
+    send(&app, Method::PUT, "/api/registry/ink/aliases/production", Some(json!({ "version": 2 }))).await;
+    let m: Value = get_json(&app, "/api/registry/INK").await;
+    assert_eq!(m["aliases"], json!({ "production": 2 }));
+    assert_eq!(m["versions"][0]["aliases"], json!(["production"]));
+    let latest: Value = get_json(&app, "/api/registry/ink/versions/latest").await;
+    assert_eq!(latest["version"], 2);
+
+    expect_error(&app, Method::PUT, "/api/registry/ink/aliases/v2", Some(json!({ "version": 1 })), StatusCode::BAD_REQUEST, "is not an alias").await;
+    expect_error(&app, Method::PUT, "/api/registry/ink/aliases/staging", Some(json!({ "version": 9 })), StatusCode::NOT_FOUND, "no model version").await;
+    expect_error(&app, Method::PUT, "/api/registry/ink/aliases/staging", Some(json!({ "v": 1 })), StatusCode::BAD_REQUEST, "version").await;
+    expect_error(&app, Method::GET, "/api/registry/nope", None, StatusCode::NOT_FOUND, "no registered model").await;
+    expect_error(&app, Method::GET, "/api/registry/ink/versions/staging", None, StatusCode::NOT_FOUND, "known: 2, 1, production").await;
+    let r = send(&app, Method::DELETE, "/api/registry/ink/aliases/production", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json::<Value>()["aliases"], json!({}));
+    expect_error(&app, Method::DELETE, "/api/registry/ink/aliases/production", None, StatusCode::NOT_FOUND, "no alias").await;
+
+    // Without --tracking-uri there is no mirror.
+    let s: Value = get_json(&app, "/api/tracking/sync").await;
+    assert_eq!((s["uri"].clone(), s["pending"].as_u64()), (Value::Null, Some(0)));
+    expect_error(&app, Method::POST, "/api/tracking/sync", None, StatusCode::SERVICE_UNAVAILABLE, "--tracking-uri").await;
+}
+
+/// `--tracking-uri` pointing at nothing: runs stay recorded and waiting, the sync status
+/// says why, and the studio works on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_mlflow_server_leaves_runs_waiting_and_the_studio_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    seed_runs(tmp.path(), 5);
+    // Port 1: nothing listens there, connections are refused at once.
+    let server = atelier_server::tracking::mlflow::ServerConfig::new("http://127.0.0.1:1").unwrap();
+    let app = app(state(tmp.path(), FakeGenerator::new(Duration::ZERO)).with_mirror(server));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s: Value = get_json(&app, "/api/tracking/sync").await;
+        if s["last_error"].is_string() || std::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status["uri"], "http://127.0.0.1:1");
+    assert_eq!(status["pending"], 3, "{status}");
+    assert!(status["last_error"].as_str().unwrap().contains("cannot reach the MLflow server at http://127.0.0.1:1"), "{status}");
+    // The studio goes on: runs are listed and generations run.
+    let runs: Vec<Value> = get_json(&app, "/api/experiments/styles/runs").await;
+    assert_eq!(runs.len(), 3);
+    let job = submit(&app, json!({ "prompt": "a red circle", "steps": 2 })).await;
+    wait_finished(&app, &job.job_id).await;
+}
