@@ -148,3 +148,46 @@ fn runs_list_and_show() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("pastel-r8") && text.contains("rank") && text.contains("(1 points)"), "{text}");
 }
+
+/// `bench` and `eval-starter` record runs: bench a parent with a child per case and
+/// attention (`mlflow.parentRunId`), both with the commit and device tags and their
+/// numbers as metrics; `--no-track` records nothing.
+#[test]
+fn benchmarks_and_evaluations_are_tracked_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("tracking");
+    let atelier = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_atelier")).args(args).arg("--tracking").arg(&store).current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")).env_remove("MLFLOW_TRACKING_URI").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    atelier(&["bench", "--case", "starter-unet", "--steps", "1"]);
+    atelier(&["eval-starter", "--limit", "2", "--steps", "4"]);
+    atelier(&["bench", "--case", "starter-unet", "--steps", "1", "--attention", "original", "--no-track"]);
+
+    let t = atelier_server::tracking::Tracker::open(&store).unwrap();
+    let bench = t.find_experiment("bench").unwrap().expect("experiment bench");
+    let runs = t.search(bench, &Default::default()).unwrap();
+    assert_eq!(runs.len(), 3, "a parent and two children (original, split-einsum); --no-track added none");
+    let parent = runs.iter().find(|r| !r.tags.contains_key("mlflow.parentRunId")).unwrap();
+    let children: Vec<_> = runs.iter().filter(|r| r.tags.get("mlflow.parentRunId") == Some(&parent.info.run_id)).collect();
+    assert_eq!(children.len(), 2);
+    for c in &children {
+        assert_eq!(c.info.status, "FINISHED");
+        assert_eq!(c.params["case"], "starter-unet");
+        assert!(c.metrics["seconds_per_step"] > 0.0 && c.metrics["peak_rss_mib"] > 1.0, "{:?}", c.metrics);
+        assert_eq!(c.tags["device"], "cpu");
+        assert_eq!(c.tags["atelier.version"], env!("CARGO_PKG_VERSION"));
+    }
+    let eval = t.find_experiment("eval-starter").unwrap().expect("experiment eval-starter");
+    let runs = t.search(eval, &Default::default()).unwrap();
+    assert_eq!(runs.len(), 1);
+    let r = &runs[0];
+    assert_eq!((r.params["prompts"].as_str(), r.params["steps"].as_str()), ("2", "4"));
+    for k in ["plain_colour", "negative_colour", "plain_sharpness", "sharper_fraction", "seconds_per_image"] {
+        assert!(r.metrics.contains_key(k), "{k}: {:?}", r.metrics);
+    }
+    assert!((0.0..=1.0).contains(&r.metrics["plain_colour"]));
+    let images: Vec<String> = t.artifacts(&r.info.run_id).unwrap().into_iter().filter(|a| a.starts_with("images/")).collect();
+    assert_eq!(images.len(), 2, "contact sheets in the image gallery: {images:?}");
+}

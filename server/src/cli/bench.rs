@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Recorded in experiment "bench": a run per invocation, a child run per case and
+    /// attention (so results can be compared over commits).
+    #[command(flatten)]
+    pub track: super::Tracking,
 }
 
 struct Row {
@@ -168,6 +172,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             rows.push(row);
         }
+    }
+    if let Some(t) = args.track.open() {
+        let parent = t.record(
+            "bench",
+            &format!("bench {}", args.case.as_deref().unwrap_or("all")),
+            &serde_json::json!({ "cases": rows.iter().map(|r| r.case.clone()).collect::<Vec<_>>(), "steps": args.steps, "model": args.model, "latent_size": args.latent_size, "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default() }),
+            &super::run_tags(&Device::Cpu),
+        )?;
+        for r in &rows {
+            let child = parent.child(
+                &format!("{} {}", r.case, r.attention.id()),
+                &serde_json::json!({ "case": r.case, "attention": r.attention.id(), "unit": r.unit }),
+                &super::run_tags(&Device::Cpu),
+            )?;
+            let key = if r.unit == "s/step" { "seconds_per_step" } else { "seconds_per_image" };
+            child.metrics(&[(key, r.seconds), ("peak_rss_mib", r.peak_bytes as f64 / 1048576.0)], 0)?;
+            child.finish()?;
+        }
+        parent.finish()?;
+        args.track.finish();
     }
     if !args.json {
         println!("| case | attention | seconds | unit | peak RSS |");

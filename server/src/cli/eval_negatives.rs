@@ -27,6 +27,9 @@ pub struct EvalNegativesArgs {
     pub holdout_seeds: usize,
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: PathBuf,
+    /// Recorded as a run in experiment "eval-negatives", a child run per prompt.
+    #[command(flatten)]
+    pub track: super::Tracking,
 }
 
 pub fn run(args: EvalNegativesArgs) -> Result<()> {
@@ -35,6 +38,16 @@ pub fn run(args: EvalNegativesArgs) -> Result<()> {
     let generator: Arc<dyn Generator> = Arc::new(model);
     let cases = atelier_engine::starter::eval::held_out_cases(0);
     let step = (cases.len() / args.prompts.max(1)).max(1);
+    let tracker = args.track.open();
+    let parent = match &tracker {
+        Some(t) => Some(t.record(
+            "eval-negatives",
+            "eval-negatives",
+            &serde_json::json!({ "prompts": args.prompts, "candidates": args.candidates, "seeds": args.seeds, "holdout_seeds": args.holdout_seeds, "model": args.model }),
+            &[("model_hash", generator.model_hash())],
+        )?),
+        None => None,
+    };
     println!("| prompt | winner | Δ search seeds | Δ new seeds | new seeds better | verdict |");
     println!("|---|---|---|---|---|---|");
     let (mut adopted_sum, mut helped, mut n) = (0.0, 0, 0);
@@ -69,11 +82,25 @@ pub fn run(args: EvalNegativesArgs) -> Result<()> {
             None => ("none".into(), "".into(), "".into(), "".into()),
         };
         let verdict = if r.helped { "helped" } else if r.winner.is_some() { "did not hold" } else { "nothing helped" };
+        if let Some(p) = &parent {
+            let winner_text = r.winner.map(|w| r.candidates[w].negative.clone()).unwrap_or_default();
+            let child = p.child(&case.prompt, &serde_json::json!({ "prompt": case.prompt }), &[("winner", winner_text), ("verdict", verdict.to_string())])?;
+            child.metrics(&[("baseline_mean_score", r.baseline.mean), ("helped", f64::from(u8::from(r.helped)))], 0)?;
+            if let Some(w) = r.winner {
+                child.metrics(&[("search_mean_delta", r.candidates[w].mean_delta), ("holdout_mean_delta", r.holdout_mean_delta.unwrap_or(0.0))], 0)?;
+            }
+            child.finish()?;
+        }
         println!("| {} | {winner} | {search} | {new} | {better} | {verdict} |", case.prompt);
     }
     println!(
         "\n{helped} of {n} prompts got a negative prompt that beat the empty one on new seeds; mean change of the combined score on new seeds over all {n} prompts (keeping the empty negative where nothing helped): {:+.4}",
         adopted_sum / n.max(1) as f64
     );
+    if let Some(p) = parent {
+        p.metrics(&[("helped_fraction", helped as f64 / n.max(1) as f64), ("mean_adopted_delta", adopted_sum / n.max(1) as f64)], 0)?;
+        p.finish()?;
+        args.track.finish();
+    }
     Ok(())
 }

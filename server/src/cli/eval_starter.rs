@@ -36,6 +36,9 @@ pub struct EvalStarterArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Recorded as a run in experiment "eval-starter".
+    #[command(flatten)]
+    pub track: super::Tracking,
 }
 
 fn row(name: &str, a: &Adherence) -> String {
@@ -80,6 +83,39 @@ pub fn run(args: EvalStarterArgs) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
+    if let Some(t) = args.track.open() {
+        let mut tags = super::run_tags(&device);
+        tags.push(("model_hash", sd.model_hash().to_string()));
+        let run = t.record(
+            "eval-starter",
+            &format!("eval-starter {}", args.model.display()),
+            &serde_json::json!({ "model": args.model, "prompts": cases.len(), "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt, "scheduler": settings.scheduler.id() }),
+            &tags,
+        )?;
+        for (prefix, a) in [("plain", &report.plain), ("negative", &report.with_negative)] {
+            run.metrics(
+                &[
+                    (&format!("{prefix}_colour"), a.colour),
+                    (&format!("{prefix}_background"), a.background),
+                    (&format!("{prefix}_both"), a.both),
+                    (&format!("{prefix}_shape"), a.shape),
+                    (&format!("{prefix}_sharpness"), a.mean_sharpness),
+                ],
+                0,
+            )?;
+        }
+        run.metrics(&[("sharper_fraction", report.sharper_fraction), ("seconds_per_image", report.seconds_per_image)], 0)?;
+        if !plain.is_empty() {
+            let sheets = tempfile::tempdir()?;
+            for (key, images) in [("plain", &plain), ("negative", &negative)] {
+                let path = sheets.path().join(format!("{key}.png"));
+                contact_sheet(images, 12).save(&path).with_context(|| format!("writing {}", path.display()))?;
+                run.image(&path, key, 0)?;
+            }
+        }
+        run.finish()?;
+        args.track.finish();
+    }
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         contact_sheet(&plain, 12).save(dir.join("plain.png")).context("writing plain.png")?;

@@ -32,6 +32,9 @@ pub struct EvalStylesArgs {
     /// One JSON object per style instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Recorded as a run in experiment "eval-styles", a child run per style.
+    #[command(flatten)]
+    pub track: super::Tracking,
 }
 
 pub fn run(args: EvalStylesArgs) -> Result<()> {
@@ -49,6 +52,15 @@ pub fn run(args: EvalStylesArgs) -> Result<()> {
     if entries.is_empty() {
         anyhow::bail!("no measured styles in {} or {}; train one with `atelier train-style`", args.library.display(), args.shipped.display());
     }
+    let tracker = args.track.open();
+    let mut tags = super::run_tags(sd.device());
+    tags.push(("base_model_hash", sd.model_hash().to_string()));
+    let names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
+    let parent = match &tracker {
+        Some(t) => Some(t.record("eval-styles", "eval-styles", &serde_json::json!({ "weights": args.weights, "model": args.model, "styles": names }), &tags)?),
+        None => None,
+    };
+    let (mut base_sum, mut gain_sum, mut monotonic_count) = (0.0, 0.0, 0);
     if !args.json {
         let ws: Vec<String> = args.weights.iter().map(|w| format!("w={w}")).collect();
         println!("| style | base model | {} | rises monotonically |", ws.join(" | "));
@@ -66,6 +78,17 @@ pub fn run(args: EvalStylesArgs) -> Result<()> {
         let base = sim(None)?;
         let sweep: Vec<f64> = args.weights.iter().map(|&w| sim(Some(w))).collect::<Result<_>>()?;
         let monotonic = sweep.windows(2).all(|p| p[1] >= p[0]);
+        let gain = sweep.last().copied().unwrap_or(base) - base;
+        (base_sum, gain_sum, monotonic_count) = (base_sum + base, gain_sum + gain, monotonic_count + usize::from(monotonic));
+        if let Some(p) = &parent {
+            let child = p.child(&entry.name, &serde_json::json!({ "style": entry.name, "trigger": trigger }), &[("style_hash", entry.short_hash().unwrap_or_default())])?;
+            // The sweep as a curve: step i is weight i of --weights.
+            for (i, s) in sweep.iter().enumerate() {
+                child.metric("similarity", *s, i as i64)?;
+            }
+            child.metrics(&[("base_similarity", base), ("similarity_gain", gain), ("monotonic", f64::from(u8::from(monotonic)))], 0)?;
+            child.finish()?;
+        }
         if args.json {
             println!("{}", serde_json::json!({"style": entry.name, "base": base, "weights": args.weights, "similarity": sweep, "monotonic": monotonic}));
         } else {
@@ -73,5 +96,11 @@ pub fn run(args: EvalStylesArgs) -> Result<()> {
             println!("| {} | {base:.4} | {} | {} |", entry.name, cells.join(" | "), if monotonic { "yes" } else { "no" });
         }
     }
+    if let Some(p) = parent {
+        let n = names.len().max(1) as f64;
+        p.metrics(&[("mean_base_similarity", base_sum / n), ("mean_similarity_gain", gain_sum / n), ("monotonic_fraction", monotonic_count as f64 / n)], 0)?;
+        p.finish()?;
+    }
+    args.track.finish();
     Ok(())
 }

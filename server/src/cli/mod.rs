@@ -104,3 +104,46 @@ impl TrackingUri {
         }
     }
 }
+
+/// Where a command records its run: the embedded store, and the MLflow server it is
+/// mirrored to when one is configured.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Tracking {
+    /// The embedded experiment store (the studio keeps it in DATA/tracking).
+    #[arg(long, env = "ATELIER_TRACKING", default_value = "data/tracking")]
+    pub tracking: std::path::PathBuf,
+    #[command(flatten)]
+    pub uri: TrackingUri,
+    /// Do not record this command as a run.
+    #[arg(long)]
+    pub no_track: bool,
+}
+
+impl Tracking {
+    /// The store, unless `--no-track`; an unusable store is a warning (the command's own
+    /// work matters more than its record).
+    pub fn open(&self) -> Option<atelier_server::tracking::Tracker> {
+        if self.no_track {
+            return None;
+        }
+        match atelier_server::tracking::Tracker::open(&self.tracking) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("warning: not recording this run: {}", atelier_server::error::report(&e));
+                None
+            }
+        }
+    }
+
+    /// After the command: mirrors its runs to MLflow when a server is configured.
+    pub fn finish(&self) {
+        if !self.no_track {
+            self.uri.mirror(&self.tracking);
+        }
+    }
+}
+
+/// Tags of a command run on `device`: device and dtype (the engine computes in f32).
+pub fn run_tags(device: &candle_core::Device) -> Vec<(&'static str, String)> {
+    vec![("device", atelier_server::tracking::device_tag(device)), ("dtype", "f32".to_string())]
+}

@@ -16,6 +16,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Arguments of `atelier optimize-negative`.
 #[derive(Debug, clap::Args)]
 pub struct OptimizeNegativeArgs {
+    #[command(flatten)]
+    pub tracking_uri: super::TrackingUri,
     #[arg(long)]
     pub prompt: String,
     /// The baseline negative prompt (default: none).
@@ -157,6 +159,7 @@ pub fn run(args: OptimizeNegativeArgs) -> Result<()> {
             println!("experiment store run: {run}");
         }
     }
+    args.tracking_uri.mirror(&args.data_dir.join("tracking"));
     Ok(())
 }
 

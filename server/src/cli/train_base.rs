@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use atelier_server::tracking::record::Recorded;
+use atelier_server::tracking::{RunStatus, Tracker};
 use anyhow::{Context, Result};
 use atelier_engine::starter::train::{train_base, Stage, TrainBaseConfig, TrainEvent};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -15,6 +17,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Arguments of `atelier train-base`.
 #[derive(Debug, clap::Args)]
 pub struct TrainBaseArgs {
+    /// Recorded as a run in experiment "train-base" (a resumed training continues its run).
+    #[command(flatten)]
+    pub track: super::Tracking,
     /// Output folder (diffusers layout); an unfinished run there is resumed.
     #[arg(long)]
     pub out: PathBuf,
@@ -70,6 +75,25 @@ fn bar_style() -> ProgressStyle {
         .progress_chars("=> ")
 }
 
+/// The run of the training into `args.out`: the one a stopped training started (its id in
+/// `OUT/training/tracking_run`), else a new one with the config as params.
+fn base_run<'a>(t: &'a Tracker, args: &TrainBaseArgs, config: &TrainBaseConfig, device: &candle_core::Device) -> Result<Recorded<'a>> {
+    let file = args.out.join("training").join("tracking_run");
+    if let Some(id) = std::fs::read_to_string(&file).ok().map(|s| s.trim().to_string()) {
+        if t.run(&id)?.is_some() {
+            return Ok(t.reopen(&id)?);
+        }
+    }
+    let mut params = serde_json::to_value(config)?;
+    if let Some(o) = params.as_object_mut() {
+        o.insert("out".into(), serde_json::json!(args.out));
+    }
+    let r = t.record("train-base", &format!("train-base {}", args.out.display()), &params, &super::run_tags(device))?;
+    std::fs::create_dir_all(file.parent().unwrap_or(&args.out)).with_context(|| format!("creating {}", args.out.display()))?;
+    atelier_engine::files::write_atomic(&file, r.run.as_bytes()).with_context(|| format!("writing {}", file.display()))?;
+    Ok(r)
+}
+
 pub fn run(args: TrainBaseArgs) -> Result<()> {
     let mut config = TrainBaseConfig::recipe(args.seed, args.steps);
     if let Some(v) = args.vae_steps {
@@ -108,6 +132,11 @@ pub fn run(args: TrainBaseArgs) -> Result<()> {
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     }
+    let tracker = args.track.open();
+    let recorded = match &tracker {
+        Some(t) => Some(base_run(t, &args, &config, &device)?),
+        None => None,
+    };
     let bar = ProgressBar::new(1);
     bar.set_style(bar_style());
     let mut window: Option<(Instant, u64)> = None;
@@ -127,6 +156,10 @@ pub fn run(args: TrainBaseArgs) -> Result<()> {
                 }
             }
             TrainEvent::Step { stage, step, total, loss, lr, .. } => {
+                if let Some(r) = &recorded {
+                    let name = stage.name();
+                    let _ = r.metrics(&[(&format!("{name}_loss"), *loss), (&format!("{name}_lr"), *lr)], *step as i64);
+                }
                 let s = smoothed.map_or(*loss, |m| 0.95 * m + 0.05 * loss);
                 smoothed = Some(s);
                 let rate = window.map_or(0.0, |(t, s0)| (*step - s0) as f64 / t.elapsed().as_secs_f64().max(1e-9));
@@ -141,6 +174,18 @@ pub fn run(args: TrainBaseArgs) -> Result<()> {
         !stop.load(Ordering::SeqCst)
     });
     bar.finish_and_clear();
+    if let Some(r) = recorded {
+        match &result {
+            Ok(summary) => {
+                r.metric("scaling_factor", summary.scaling_factor, 0)?;
+                r.metric("minutes", started.elapsed().as_secs_f64() / 60.0, 0)?;
+                r.finish()?;
+            }
+            Err(atelier_engine::Error::Cancelled) => r.end(RunStatus::Killed)?,
+            Err(_) => r.end(RunStatus::Failed)?,
+        }
+        args.track.finish();
+    }
     match result {
         Ok(summary) => {
             println!(

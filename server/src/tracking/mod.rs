@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 pub mod http;
 pub mod mlflow;
+pub mod record;
 pub mod registry;
 pub mod registry_http;
 pub mod search;
