@@ -3,7 +3,7 @@
 //! with MLflow's own Python client (run, params, full metric histories, tags, artifacts
 //! with the image gallery); a crash between creating the server's run and recording it
 //! does not duplicate the run; a server that is down during a training loses nothing and
-//! gets the run once it is back (`atelier runs sync`).
+//! gets the run once it is back (from the studio's background mirror).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use atelier_engine::starter::styles::{write_dataset, PictureStyle};
+use atelier_server::tracking::mlflow::{Background, ServerConfig};
 use atelier_server::tracking::Tracker;
 use serde_json::Value;
 
@@ -117,6 +118,18 @@ fn train(tmp: &Path, name: &str, style: PictureStyle, uri: &str) -> Output {
         "--sample-every", "3", "--library", "styles", "--model", model.to_str().unwrap(), "--tracking", "tracking", "--tracking-uri", uri,
     ];
     atelier(&args, tmp)
+}
+
+/// Polls `check` every 200 ms until it gives a value; panics after `limit`.
+fn wait_until<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn text(o: &Output) -> String {
@@ -242,10 +255,19 @@ fn styles_are_mirrored_to_a_real_mlflow_server_without_duplicates_or_losses() {
     let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
     assert!(!out.status.success(), "a sync to a stopped server fails");
     assert!(text(&out).contains("cannot reach the MLflow server") && text(&out).contains("1 run(s) still waiting"), "{}", text(&out));
+    // The studio's background mirror (serve --tracking-uri) waits with the reason, then
+    // sends the run by itself once the server is back.
+    let mirror = Background::start(tmp.path().join("tracking"), ServerConfig::new(&uri).unwrap());
+    let waiting = wait_until(Duration::from_secs(60), || Some(mirror.status()).filter(|s| s.last_error.is_some()));
+    assert_eq!(waiting.pending, 1, "{waiting:?}");
+    assert!(waiting.last_error.unwrap().contains("cannot reach the MLflow server"));
     server.restart();
+    mirror.wake();
+    let done = wait_until(Duration::from_secs(120), || Some(mirror.status()).filter(|s| s.pending == 0 && s.last_error.is_none()));
+    assert!(done.last_sync.is_some(), "{done:?}");
+    drop(mirror);
     let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("pastel") && text(&out).contains("1 run(s) sent"), "{}", text(&out));
+    assert!(out.status.success() && text(&out).contains("nothing to sync"), "{}", text(&out));
     let back = server.read_back(&[&ink, &pastel]);
     assert_same(&tracker, &pastel, &back["runs"][&pastel]);
     assert_same(&tracker, &ink, &back["runs"][&ink]);
