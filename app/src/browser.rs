@@ -170,6 +170,11 @@ mod imp {
         reply(gloo_net::http::Request::put(url).json(body).map_err(|e| e.to_string())?.send().await).await
     }
 
+    /// DELETEs `url` and reads the JSON reply, or the server's error message.
+    pub async fn delete_json<R: DeserializeOwned>(url: &str) -> Result<R, String> {
+        reply(gloo_net::http::Request::delete(url).send().await).await
+    }
+
     /// GETs the JSON at `url`, or the server's error message.
     pub async fn get_json<R: DeserializeOwned>(url: &str) -> Result<R, String> {
         reply(gloo_net::http::Request::get(url).send().await).await

@@ -711,3 +711,19 @@ pub struct RegisteredModel {
     pub aliases: std::collections::BTreeMap<String, i64>,
     pub versions: Vec<ModelVersion>,
 }
+
+/// How the mirror of the experiment store to an MLflow server stands
+/// (`GET /api/tracking/sync`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MirrorStatus {
+    /// The server's URI; `None` when runs are kept locally only.
+    pub uri: Option<String>,
+    /// Runs with something not yet on the server.
+    pub pending: usize,
+    /// Runs the server refused: (run id, the server's message).
+    pub refused: Vec<(String, String)>,
+    /// The last transient failure, while it lasts.
+    pub last_error: Option<String>,
+    /// When the last sync pass completed (ms since the epoch).
+    pub last_sync: Option<i64>,
+}

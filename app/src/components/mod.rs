@@ -4,3 +4,5 @@ pub mod bake;
 pub mod errors;
 pub mod gallery;
 pub mod progress;
+pub mod registry;
+pub mod sync_status;

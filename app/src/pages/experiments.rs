@@ -57,6 +57,7 @@ pub fn ExperimentsPage() -> impl IntoView {
         <section class="experiments" data-ready=move || ready.get().to_string()>
             <h1>"Experiments"</h1>
             <p class="muted">"Every style training and negative-prompt run is tracked here, with its settings (params) and measurements (metrics)."</p>
+            <crate::components::sync_status::SyncStatus />
             <div class="exp-list">
                 <For each=move || experiments.get() key=|e| e.experiment_id let:e>
                     {

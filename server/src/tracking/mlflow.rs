@@ -859,21 +859,7 @@ impl<'a> Mirror<'a> {
     }
 }
 
-/// How the studio's background mirror stands, for `GET /api/tracking/sync` and the
-/// Experiments page.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct MirrorStatus {
-    /// The server's URI; `None` when runs are kept locally only.
-    pub uri: Option<String>,
-    /// Runs with something not yet on the server.
-    pub pending: usize,
-    /// Runs the server refused, with its message.
-    pub refused: Vec<(String, String)>,
-    /// The last transient failure, while it lasts.
-    pub last_error: Option<String>,
-    /// When the last sync pass completed (ms since the epoch).
-    pub last_sync: Option<i64>,
-}
+pub use app::dto::MirrorStatus;
 
 /// The studio's background mirror: a thread that syncs pending runs every few seconds,
 /// backing off (up to a minute) while the server is unreachable, so runs recorded while
