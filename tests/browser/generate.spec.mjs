@@ -490,6 +490,34 @@ test('the experiments page lists tracked runs and narrows them with an MLflow fi
   await page.screenshot({ path: screenshot.replace(/\.png$/, '-experiments.png'), fullPage: true });
 });
 
+test('the styles page promotes a registered version with an alias that prompts can use', async () => {
+  await page.goto(`${baseUrl}/styles`);
+  const panel = '.registry[data-style="browserpastel"]';
+  await page.waitForSelector(`${panel} .version-row[data-version="1"]`, { timeout: 60_000 });
+  assert.match(await page.textContent(`${panel} summary`), /1 version$/);
+  assert.equal(await page.inputValue(`${panel} .alias-name`), 'production');
+  await page.click(`${panel} .set-alias button[type=submit]`);
+  await page.waitForSelector(`${panel} .version-row[data-version="1"] .badge.alias[data-alias="production"]`, { timeout: 10_000 });
+  const model = await (await page.request.get(`${baseUrl}/api/registry/browserpastel`)).json();
+  assert.deepEqual(model.aliases, { production: 1 });
+  // A prompt names the version through its alias.
+  const res = await page.request.post(`${baseUrl}/api/generate`, { data: { prompt: 'a red circle <lora:browserpastel@production:0.8>', steps: 2 } });
+  assert.equal(res.status(), 202, await res.text());
+  const bad = await page.request.post(`${baseUrl}/api/generate`, { data: { prompt: 'a red circle <lora:browserpastel@staging>', steps: 2 } });
+  assert.equal(bad.status(), 400);
+  assert.match((await bad.json()).error, /browserpastel has no version staging \(known: 1, production\)/);
+  // A bad alias is refused with the rule; the alias survives a reload; × removes it.
+  await page.fill(`${panel} .alias-name`, 'v2');
+  await page.click(`${panel} .set-alias button[type=submit]`);
+  await page.waitForSelector(`${panel} p.error`, { timeout: 10_000 });
+  assert.match(await page.textContent(`${panel} p.error`), /not an alias/);
+  await page.reload();
+  await page.waitForSelector(`${panel} .badge.alias[data-alias="production"]`, { timeout: 60_000 });
+  await page.click(`${panel} .badge.alias[data-alias="production"] button.remove-alias`);
+  await page.waitForFunction((sel) => !document.querySelector(sel), `${panel} .badge.alias`, { timeout: 10_000 });
+  assert.deepEqual((await (await page.request.get(`${baseUrl}/api/registry/browserpastel`)).json()).aliases, {});
+});
+
 test('no errors in the browser console', () => {
   // The deliberate 400 above is logged by Chromium as a failed resource load; ignore those.
   const real = pageErrors.filter((e) => !/Failed to load resource/.test(e));
