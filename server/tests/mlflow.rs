@@ -90,6 +90,12 @@ impl MlflowServer {
         }
     }
 
+    /// Runs Python code with MLflow's client (the venv's interpreter).
+    fn python(&self, code: &str) {
+        let out = Command::new(self.bin.with_file_name("python")).args(["-c", code]).output().unwrap();
+        assert!(out.status.success(), "{code}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// What MLflow's Python client reads back for the given local runs.
     fn read_back(&self, runs: &[&str]) -> Value {
         let python = self.bin.with_file_name("python");
@@ -273,6 +279,19 @@ fn styles_are_mirrored_to_a_real_mlflow_server_without_duplicates_or_losses() {
     assert_same(&tracker, &ink, &back["runs"][&ink]);
     assert_eq!(back["registry"]["pastel"]["versions"].as_object().unwrap().len(), 1, "{back}");
     assert_eq!(back["registry"]["ink"]["versions"].as_object().unwrap().len(), 1, "no duplicate versions after --resend");
+
+    // A refusal: someone logged param `reviewer` into the server's copy of ink, and the
+    // studio logs another value for it; the sync is refused with the server's message, and
+    // not retried until ink changes again.
+    let remote_ink = back["runs"][&ink]["run_id"].as_str().unwrap().to_string();
+    server.python(&format!("from mlflow import MlflowClient; MlflowClient('{uri}').log_param('{remote_ink}', 'reviewer', 'server')"));
+    tracker.log_param(&ink, "reviewer", "studio").unwrap();
+    let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("refused") && text(&out).contains("reviewer"), "the server's message: {}", text(&out));
+    assert_eq!(tracker.refused_runs(&uri).unwrap().len(), 1);
+    let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
+    assert!(out.status.success() && text(&out).contains("nothing to sync"), "not retried: {}", text(&out));
 
     // Removing the alias removes it on the server.
     let out = atelier(&["registry", "alias", "ink", "production", "--delete", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
