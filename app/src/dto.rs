@@ -676,3 +676,12 @@ pub struct MetricPoint {
     pub timestamp: i64,
     pub step: i64,
 }
+
+/// One event of `GET /api/runs/{id}/metrics/{key}/stream`: the points logged since the
+/// previous event (the whole history so far in the first) and the run's status; the
+/// stream ends after the first event whose status is not `RUNNING`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MetricStreamEvent {
+    pub points: Vec<MetricPoint>,
+    pub status: String,
+}
