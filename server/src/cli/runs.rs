@@ -229,6 +229,7 @@ fn seed_params(rng: &mut SplitMix, index: usize) -> Vec<(String, String)> {
 
 fn seed_runs(tracker: &Tracker, spec: &SeedSpec) -> Result<()> {
     let started = std::time::Instant::now();
+    tracker.prepare_bulk()?;
     let experiment = tracker.experiment(&spec.experiment)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     let mut rng = SplitMix(spec.seed);
