@@ -75,7 +75,7 @@ try {
   server = spawn(bin, ['serve', '--addr', `127.0.0.1:${port}`, '--data-dir', dataDir, '--model', path.join(root, 'models/starter'), '--site-root', path.join(root, 'target/site')], { cwd: root, stdio: 'ignore' });
   await waitForHealth(base, server, 120_000);
 
-  // The API alone: the first search builds the latest-metrics table from every point.
+  // The API alone (the search behind the table), from Node.
   const api = [];
   for (let i = 0; i < REPEATS + 1; i++) {
     t = performance.now();
@@ -120,7 +120,7 @@ try {
   console.log('| measure | median | all |');
   console.log('|---|---|---|');
   console.log(`| seed (atelier runs seed) | ${fmt(seedMs)} | |`);
-  console.log(`| GET /api/experiments/bench/runs, first (builds latest_metrics) | ${fmt(api[0])} | |`);
+  console.log(`| GET /api/experiments/bench/runs, first | ${fmt(api[0])} | |`);
   console.log(`| GET /api/experiments/bench/runs, after | ${fmt(median(api.slice(1)))} | ${api.slice(1).map(fmt).join(', ')} |`);
   console.log(`| page load to the runs table drawn | ${fmt(median(table))} | ${table.map(fmt).join(', ')} |`);
   console.log(`| tick ${COMPARED} runs to ${COMPARED} curves drawn (${Math.min(STEPS, 1000)} points each, LTTB) | ${fmt(median(compare))} | ${compare.map(fmt).join(', ')} |`);

@@ -477,7 +477,7 @@ test('the experiments page lists tracked runs and narrows them with an MLflow fi
   await page.waitForSelector('.experiments[data-ready="true"]', { timeout: 60_000 });
   await page.click('.exp-list button[data-experiment="styles"]');
   await page.waitForSelector('table.runs tbody tr', { timeout: 30_000 });
-  const names = await page.$$eval('table.runs tbody tr td:first-child', (tds) => tds.map((t) => t.textContent));
+  const names = await page.$$eval('table.runs tbody tr td:nth-child(2)', (tds) => tds.map((t) => t.textContent));
   assert.ok(names.includes('browserpastel'), `the style trained above is a run: ${names.join(', ')}`);
   assert.ok(await page.$('table.runs th.param'), 'a column per param');
   await page.fill('#run-filter', "params.rank = 'no-such-rank'");

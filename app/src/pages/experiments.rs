@@ -311,9 +311,14 @@ pub fn ExperimentsPage() -> impl IntoView {
             {table}
             <div class="compare">
                 {comparison}
-                {move || (!dash.selected.with(Vec::is_empty)).then(|| view! { <MetricCurves dash=dash /> }.into_any())}
+                // Kept (with its hover and memos) while runs are ticked, not rebuilt per tick.
+                <Show when=move || !dash.selected.with(Vec::is_empty)>
+                    <MetricCurves dash=dash />
+                </Show>
             </div>
-            {move || runs.with(|r| r.as_ref().is_some_and(|r| !r.is_empty())).then(|| view! { <Scatter dash=dash /> }.into_any())}
+            <Show when=move || runs.with(|r| r.as_ref().is_some_and(|r| !r.is_empty()))>
+                <Scatter dash=dash />
+            </Show>
         </section>
     }
 }
