@@ -317,6 +317,7 @@ pub fn MetricCurves(dash: Dashboard) -> impl IntoView {
             <ul class="legend">{legend}</ul>
         </div>
     }
+    .into_any()
 }
 
 /// A metric value, short: 4 significant digits.
@@ -437,6 +438,7 @@ pub fn Scatter(dash: Dashboard) -> impl IntoView {
             {chart}
         </div>
     }
+    .into_any()
 }
 
 #[cfg(test)]

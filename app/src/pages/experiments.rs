@@ -313,11 +313,11 @@ pub fn ExperimentsPage() -> impl IntoView {
                 {comparison}
                 // Kept (with its hover and memos) while runs are ticked, not rebuilt per tick.
                 <Show when=move || !dash.selected.with(Vec::is_empty)>
-                    <MetricCurves dash=dash />
+                    {view! { <MetricCurves dash=dash /> }.into_any()}
                 </Show>
             </div>
             <Show when=move || runs.with(|r| r.as_ref().is_some_and(|r| !r.is_empty()))>
-                <Scatter dash=dash />
+                {view! { <Scatter dash=dash /> }.into_any()}
             </Show>
         </section>
     }
