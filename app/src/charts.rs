@@ -166,21 +166,22 @@ impl Scale {
     }
 }
 
-/// The round step (1, 2 or 5 × 10ⁿ) nearest above `raw`.
+/// The round step (1, 2 or 5 × 10ⁿ) nearest `raw` (the same cut points as d3's `tickStep`:
+/// √50, √10, √2 between the steps), so that about the asked number of ticks appears.
 pub fn nice_step(raw: f64) -> f64 {
     if !(raw.is_finite() && raw > 0.0) {
         return 1.0;
     }
     let mag = 10f64.powf(raw.log10().floor());
     let f = raw / mag;
-    let m = if f <= 1.0 {
-        1.0
-    } else if f <= 2.0 {
-        2.0
-    } else if f <= 5.0 {
-        5.0
-    } else {
+    let m = if f >= 50f64.sqrt() {
         10.0
+    } else if f >= 10f64.sqrt() {
+        5.0
+    } else if f >= 2f64.sqrt() {
+        2.0
+    } else {
+        1.0
     };
     m * mag
 }
@@ -317,8 +318,11 @@ mod tests {
         assert!(flat.d0 < 3.0 && flat.d1 > 3.0);
         assert!(Scale::new(0.0, 10.0, 0.0, 1.0, true).d0 > 0.0);
         assert_eq!(nice_step(0.37), 0.5);
-        assert_eq!(nice_step(1.2), 2.0);
-        assert_eq!(nice_step(700.0), 1000.0);
+        assert_eq!(nice_step(1.2), 1.0);
+        assert_eq!(nice_step(1.5), 2.0);
+        assert_eq!(nice_step(0.514), 0.5, "0.08..2.65 in 5 ticks: every 0.5, not every 1");
+        assert_eq!((nice_step(700.0), nice_step(800.0)), (500.0, 1000.0));
+        assert_eq!(Scale::new(0.08, 2.65, 0.0, 1.0, false).ticks(5), vec![0.5, 1.0, 1.5, 2.0, 2.5]);
         assert_eq!((format_tick(0.30000000000000004), format_tick(2000.0), format_tick(1e-5)), ("0.3".into(), "2000".into(), "1e-5".into()));
     }
 
