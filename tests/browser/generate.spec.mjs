@@ -606,6 +606,12 @@ test('the dashboard compares ticked runs: curves, params diff, CSV, live growth,
     } finally {
       await other.close();
     }
+
+    // When the live run ends, its status in the table follows, and its curve holds every
+    // point it logged, each once.
+    await page.waitForSelector(`tr[data-run="${ids['seed-live']}"] td.status.finished`, { timeout: 60_000 });
+    const logged = await page.evaluate(async (u) => (await fetch(u)).text(), `/api/runs/${ids['seed-live']}/metrics/loss.csv`);
+    assert.equal(Number(await page.getAttribute(live, 'data-points')), logged.split('\r\n').filter((l) => l !== '').length - 1);
   } finally {
     if (seeded.child.exitCode === null) seeded.child.kill('SIGTERM');
   }

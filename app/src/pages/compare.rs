@@ -64,8 +64,9 @@ pub fn param_keys(runs: &[RunSummary]) -> Vec<String> {
 }
 
 /// Loads the history of `key` for `run` into `histories` once: a plain GET for an ended
-/// run, the live stream (history, then each new point) for a RUNNING one.
-pub fn load_history(run: &str, key: &str, running: bool, histories: RwSignal<Histories>) {
+/// run, the live stream (history, then each new point) for a RUNNING one, whose end sets the
+/// run's new status in `runs`.
+pub fn load_history(run: &str, key: &str, running: bool, histories: RwSignal<Histories>, runs: RwSignal<Option<Vec<RunSummary>>>) {
     #[cfg(feature = "hydrate")]
     {
         use std::cell::RefCell;
@@ -85,6 +86,13 @@ pub fn load_history(run: &str, key: &str, running: bool, histories: RwSignal<His
                 &format!("{path}/stream"),
                 |e: &crate::dto::MetricStreamEvent| e.status != "RUNNING",
                 move |e: crate::dto::MetricStreamEvent| {
+                    if e.status != "RUNNING" {
+                        runs.update(|list| {
+                            for r in list.iter_mut().flatten().filter(|r| r.info.run_id == add.0) {
+                                r.info.status = e.status.clone();
+                            }
+                        });
+                    }
                     histories.update(|h| h.entry(add.clone()).or_default().extend(e.points));
                 },
                 // Lost for good: allow a later selection to ask again.
@@ -106,7 +114,7 @@ pub fn load_history(run: &str, key: &str, running: bool, histories: RwSignal<His
         }
     }
     #[cfg(not(feature = "hydrate"))]
-    let _ = (run, key, running, histories);
+    let _ = (run, key, running, histories, runs);
 }
 
 /// One drawn curve.

@@ -234,7 +234,7 @@ pub fn ExperimentsPage() -> impl IntoView {
         let selected = dash.selected.get();
         runs.with(|r| {
             for run in r.as_deref().unwrap_or_default().iter().filter(|r| selected.contains(&r.info.run_id)) {
-                compare::load_history(&run.info.run_id, &key, run.info.status == "RUNNING", dash.histories);
+                compare::load_history(&run.info.run_id, &key, run.info.status == "RUNNING", dash.histories, runs);
             }
         });
     });
