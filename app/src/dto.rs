@@ -727,3 +727,12 @@ pub struct MirrorStatus {
     /// When the last sync pass completed (ms since the epoch).
     pub last_sync: Option<i64>,
 }
+
+/// One event of `GET /api/runs/{id}/metrics/{key}/stream`: the points logged since the
+/// previous event (the whole history so far in the first) and the run's status; the
+/// stream ends after the first event whose status is not `RUNNING`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MetricStreamEvent {
+    pub points: Vec<MetricPoint>,
+    pub status: String,
+}

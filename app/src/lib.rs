@@ -4,6 +4,7 @@
 //! enters this crate, so the WASM build stays small.
 
 pub mod browser;
+pub mod charts;
 pub mod components;
 pub mod dto;
 pub mod error;

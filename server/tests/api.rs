@@ -481,3 +481,129 @@ async fn an_unreachable_mlflow_server_leaves_runs_waiting_and_the_studio_working
     let job = submit(&app, json!({ "prompt": "a red circle", "steps": 2 })).await;
     wait_finished(&app, &job.job_id).await;
 }
+
+/// CSV downloads (issue 14 §4): the runs table under a filter, with a column per param and
+/// metric and RFC 4180 quoting, and a metric's history; both `text/csv` attachments.
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_and_metrics_download_as_csv() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = seed_runs(tmp.path(), 50);
+    {
+        let t = atelier_server::tracking::Tracker::open(&tmp.path().join("tracking")).unwrap();
+        t.log_param(&ids[0], "note", "says \"hi\", twice").unwrap();
+    }
+    let app = app(state(tmp.path(), FakeGenerator::new(Duration::ZERO)));
+    let r = send(&app, Method::GET, "/api/experiments/styles/runs.csv", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(r.header(header::CONTENT_TYPE).unwrap().starts_with("text/csv"));
+    assert_eq!(r.header(header::CONTENT_DISPOSITION).unwrap(), "attachment; filename=\"styles-runs.csv\"");
+    let text = r.text();
+    let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+    assert_eq!(lines.len(), 4, "a header and a row per run: {text}");
+    assert_eq!(lines[0], "run_id,name,status,start_time,params.note,params.rank,metrics.loss,metrics.similarity_gain");
+    assert!(lines[3].starts_with(&format!("{},ink-r4,FINISHED,", ids[0])), "{}", lines[3]);
+    assert!(lines[3].ends_with(",\"says \"\"hi\"\", twice\",4,0.02,0.2"), "quoted as RFC 4180: {}", lines[3]);
+    assert!(lines[1].ends_with(",,8,0.02,0.3"), "an empty cell for a missing param: {}", lines[1]);
+
+    let filtered = send(&app, Method::GET, &format!("/api/experiments/1/runs.csv?filter={}", query("params.rank = '8'")), None).await;
+    assert_eq!(filtered.text().split_terminator("\r\n").count(), 3);
+    let bad = send(&app, Method::GET, &format!("/api/experiments/styles/runs.csv?filter={}", query("metrics.loss >")), None).await;
+    common::assert_json_error(&bad, StatusCode::BAD_REQUEST, "at character 15");
+
+    let m = send(&app, Method::GET, &format!("/api/runs/{}/metrics/loss.csv", ids[1]), None).await;
+    assert_eq!(m.status, StatusCode::OK, "{}", m.text());
+    assert!(m.header(header::CONTENT_TYPE).unwrap().starts_with("text/csv"));
+    assert_eq!(m.header(header::CONTENT_DISPOSITION).unwrap(), format!("attachment; filename=\"{}-loss.csv\"", &ids[1][..8]));
+    let text = m.text();
+    let rows: Vec<&str> = text.split_terminator("\r\n").collect();
+    assert_eq!(rows.len(), 51);
+    assert_eq!(rows[0], "step,value,timestamp");
+    assert!(rows[1].starts_with("1,1,") && rows[50].starts_with("50,0.02,"), "{} / {}", rows[1], rows[50]);
+    expect_error(&app, Method::GET, &format!("/api/runs/{}/metrics/nope.csv", ids[1]), None, StatusCode::NOT_FOUND, "no metric").await;
+}
+
+/// Reads an SSE body to its end, returning the JSON of every `data:` line.
+async fn sse_events(app: &Router, uri: &str, limit: Duration) -> Vec<Value> {
+    let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let body = tokio::time::timeout(limit, res.into_body().collect()).await.expect("the stream should end with the run").unwrap().to_bytes();
+    String::from_utf8_lossy(&body).lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
+/// `GET /api/runs/{id}/metrics/{key}/stream`: the history so far, then each point as a
+/// RUNNING run logs it, ending once the run has finished; every point exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_metric_streams_until_its_run_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tracking");
+    let t = atelier_server::tracking::Tracker::open(&dir).unwrap();
+    let exp = t.experiment("live").unwrap();
+    let run = t.start_run(exp, "going").unwrap();
+    for step in 1..=3 {
+        t.log_metric(&run, "loss", 1.0 / step as f64, step).unwrap();
+    }
+    let app = app(state(tmp.path(), FakeGenerator::new(Duration::ZERO)));
+    let writer = {
+        let run = run.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            for step in 4..=10 {
+                t.log_metric(&run, "loss", 1.0 / step as f64, step).unwrap();
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            t.end_run(&run, atelier_server::tracking::RunStatus::Finished).unwrap();
+        })
+    };
+    let events = sse_events(&app, &format!("/api/runs/{run}/metrics/loss/stream"), Duration::from_secs(30)).await;
+    writer.join().unwrap();
+    let steps: Vec<i64> = events.iter().flat_map(|e| e["points"].as_array().unwrap().iter().map(|p| p["step"].as_i64().unwrap())).collect();
+    assert_eq!(steps, (1..=10).collect::<Vec<_>>(), "every point once, in order");
+    assert_eq!(events[0]["points"].as_array().unwrap().len(), 3, "the history first");
+    assert_eq!(events[0]["status"], "RUNNING");
+    assert_eq!(events.last().unwrap()["status"], "FINISHED");
+    assert!(events.len() >= 3, "new points came as they were logged: {events:?}");
+    // A finished run: one event with everything, then the end.
+    let again = sse_events(&app, &format!("/api/runs/{run}/metrics/loss/stream"), Duration::from_secs(10)).await;
+    assert_eq!((again.len(), again[0]["points"].as_array().unwrap().len()), (1, 10));
+    expect_error(&app, Method::GET, "/api/runs/nope/metrics/loss/stream", None, StatusCode::NOT_FOUND, "no run").await;
+}
+
+/// `atelier runs seed`: N runs with params and M metrics × S steps, the same curves for the
+/// same seed, readable by the API (and its CSV) right away.
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_runs_are_deterministic_and_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seed = |dir: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_atelier"))
+            .args(["runs", "seed", "--experiment", "bench", "--runs", "4", "--metrics", "2", "--steps", "30", "--seed", "7", "--tracking"])
+            .arg(dir.join("tracking"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("seeded 4 run(s) × 2 metric(s) × 30 step(s)"));
+    };
+    seed(tmp.path());
+    let other = tempfile::tempdir().unwrap();
+    seed(other.path());
+    let app = app(state(tmp.path(), FakeGenerator::new(Duration::ZERO)));
+    let runs: Vec<Value> = get_json(&app, "/api/experiments/bench/runs").await;
+    assert_eq!(runs.len(), 4);
+    let names: Vec<&str> = runs.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["seed-0003", "seed-0002", "seed-0001", "seed-0000"], "newest first");
+    for r in &runs {
+        assert!(["4", "8", "16"].contains(&r["params"]["rank"].as_str().unwrap()), "{r}");
+        assert!(r["params"]["optimizer"].is_string() && r["params"]["lr"].is_string());
+        assert_eq!(r["metrics"].as_object().unwrap().keys().collect::<Vec<_>>(), ["loss", "val_loss"]);
+    }
+    let loss: Vec<Value> = get_json(&app, &format!("/api/runs/{}/metrics/loss", runs[0]["run_id"].as_str().unwrap())).await;
+    assert_eq!(loss.len(), 30);
+    assert!(loss[29]["value"].as_f64() < loss[0]["value"].as_f64(), "decaying");
+    let app2 = crate::app(state(other.path(), FakeGenerator::new(Duration::ZERO)));
+    let runs2: Vec<Value> = get_json(&app2, "/api/experiments/bench/runs").await;
+    let pick = |v: &[Value]| v.iter().map(|r| (r["params"].clone(), r["metrics"].clone())).collect::<Vec<_>>();
+    assert_eq!(pick(&runs), pick(&runs2), "same seed, same runs");
+    let csv = send(&app, Method::GET, "/api/experiments/bench/runs.csv", None).await.text();
+    assert_eq!(csv.split_terminator("\r\n").count(), 5);
+}

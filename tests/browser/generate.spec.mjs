@@ -477,7 +477,7 @@ test('the experiments page lists tracked runs and narrows them with an MLflow fi
   await page.waitForSelector('.experiments[data-ready="true"]', { timeout: 60_000 });
   await page.click('.exp-list button[data-experiment="styles"]');
   await page.waitForSelector('table.runs tbody tr', { timeout: 30_000 });
-  const names = await page.$$eval('table.runs tbody tr td:first-child', (tds) => tds.map((t) => t.textContent));
+  const names = await page.$$eval('table.runs tbody tr td:nth-child(2)', (tds) => tds.map((t) => t.textContent));
   assert.ok(names.includes('browserpastel'), `the style trained above is a run: ${names.join(', ')}`);
   assert.ok(await page.$('table.runs th.param'), 'a column per param');
   await page.fill('#run-filter', "params.rank = 'no-such-rank'");
@@ -516,6 +516,133 @@ test('the styles page promotes a registered version with an alias that prompts c
   await page.click(`${panel} .badge.alias[data-alias="production"] button.remove-alias`);
   await page.waitForFunction((sel) => !document.querySelector(sel), `${panel} .badge.alias`, { timeout: 10_000 });
   assert.deepEqual((await (await page.request.get(`${baseUrl}/api/registry/browserpastel`)).json()).aliases, {});
+});
+
+// Seeds runs with `atelier runs seed` into the studio's store while it runs (SQLite WAL:
+// another process may write). Resolves once the finished runs are written (and, with
+// `live`, the live run has started); the child keeps logging the live run.
+function seedRuns(args) {
+  const child = spawn(serverBinary(), ['runs', 'seed', '--tracking', path.join(dataDir, 'tracking'), ...args], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  const ready = new Promise((resolve, reject) => {
+    const wanted = args.includes('--live') ? /live run [0-9a-f]+:/ : /seeded \d+ run/;
+    child.stdout.on('data', (d) => {
+      out += d;
+      if (wanted.test(out)) resolve(out);
+    });
+    child.stderr.on('data', (d) => (out += d));
+    child.on('exit', (code) => (code === 0 && wanted.test(out) ? resolve(out) : reject(new Error(`atelier runs seed failed (${code}): ${out}`))));
+  });
+  return { child, ready };
+}
+
+// The run ids of the table's rows by run name.
+async function runIdsByName(p) {
+  return Object.fromEntries(await p.$$eval('table.runs tbody tr', (trs) => trs.map((tr) => [tr.children[1].textContent, tr.dataset.run])));
+}
+
+async function curvePoints(p) {
+  return Object.fromEntries(await p.$$eval('svg.metric-chart path.curve', (ps) => ps.map((e) => [e.dataset.run, Number(e.dataset.points)])));
+}
+
+test('the dashboard compares ticked runs: curves, params diff, CSV, live growth, a link that restores it', async () => {
+  const seeded = seedRuns(['--experiment', 'dash', '--runs', '3', '--metrics', '2', '--steps', '60', '--seed', '3', '--live', '30']);
+  try {
+    await seeded.ready;
+    await page.goto(`${baseUrl}/experiments?experiment=dash`);
+    await page.waitForSelector('.experiments[data-ready="true"]', { timeout: 60_000 });
+    await page.waitForFunction(() => document.querySelector('.run-count')?.textContent === '4 runs', null, { timeout: 30_000 });
+    const ids = await runIdsByName(page);
+    assert.deepEqual(Object.keys(ids).sort(), ['seed-0000', 'seed-0001', 'seed-0002', 'seed-live']);
+
+    // The filter narrows the table, and an empty one shows every run again.
+    await page.fill('#run-filter', "params.seed = '1'");
+    await page.press('#run-filter', 'Enter');
+    await page.waitForFunction(() => document.querySelector('.run-count')?.textContent === '1 run', null, { timeout: 10_000 });
+    assert.deepEqual(Object.keys(await runIdsByName(page)), ['seed-0001']);
+    await page.fill('#run-filter', '');
+    await page.press('#run-filter', 'Enter');
+    await page.waitForFunction(() => document.querySelector('.run-count')?.textContent === '4 runs', null, { timeout: 10_000 });
+
+    // Columns sort by their header, numbers numerically.
+    await page.click('table.runs th[data-col="params.seed"]');
+    await page.waitForFunction(() => document.querySelector('table.runs tbody tr td:nth-child(2)')?.textContent === 'seed-0000', null, { timeout: 10_000 });
+    await page.click('table.runs th[data-col="params.seed"]');
+    await page.waitForFunction(() => document.querySelector('table.runs tbody tr td:nth-child(2)')?.textContent === 'seed-live', null, { timeout: 10_000 });
+
+    // Two ticked runs: two curves of 60 points each, and their params side by side.
+    await page.check(`tr[data-run="${ids['seed-0000']}"] input.pick-run`);
+    await page.check(`tr[data-run="${ids['seed-0001']}"] input.pick-run`);
+    await page.waitForFunction(() => document.querySelectorAll('svg.metric-chart path.curve').length === 2, null, { timeout: 20_000 });
+    assert.deepEqual(await curvePoints(page), { [ids['seed-0000']]: 60, [ids['seed-0001']]: 60 });
+    assert.equal(await page.$eval('#metric-pick', (s) => s.value), 'loss');
+    assert.ok(await page.$('table.params-diff tr.differs[data-param="seed"]'), 'the seed param differs');
+    const same = await page.$$eval('table.params-diff tr:not(.differs)', (trs) => trs.map((t) => t.dataset.param));
+    for (const p of same) assert.notEqual(p, 'seed');
+
+    // Hovering shows the step and each run's value.
+    const box = await page.$eval('svg.metric-chart', (e) => { const r = e.getBoundingClientRect(); return { x: r.x, y: r.y, w: r.width, h: r.height }; });
+    await page.mouse.move(box.x + box.w * 0.5, box.y + box.h * 0.5);
+    await page.waitForSelector('svg.metric-chart .hover .hover-step', { timeout: 5_000 });
+    assert.match(await page.textContent('svg.metric-chart .hover .hover-step'), /^step \d+$/);
+    assert.equal(await page.$$eval('svg.metric-chart .hover text', (t) => t.length), 3, 'the step and a value per run');
+
+    // Smoothing and the log scale redraw the same number of points.
+    await page.$eval('#smoothing', (e) => { e.value = '0.9'; e.dispatchEvent(new Event('input', { bubbles: true })); });
+    await page.check('#log-scale');
+    await page.waitForFunction(() => document.querySelector('.smoothing-value')?.textContent === '0.90', null, { timeout: 5_000 });
+    assert.deepEqual(Object.values(await curvePoints(page)), [60, 60]);
+
+    // The address holds the comparison.
+    await page.waitForFunction((want) => location.search.includes(want), `runs=${ids['seed-0000']},${ids['seed-0001']}`, { timeout: 5_000 });
+    const link = page.url();
+    assert.match(link, /experiment=dash/);
+    assert.match(link, /metric=loss/);
+
+    // The CSV downloads: the runs table (a header and a row per run) and a curve.
+    const csvHref = await page.$eval('a.csv-runs', (a) => a.href);
+    const csv = await page.evaluate(async (u) => { const r = await fetch(u); return { type: r.headers.get('content-type'), text: await r.text() }; }, csvHref);
+    assert.match(csv.type, /^text\/csv/);
+    const rows = csv.text.split('\r\n').filter((l) => l !== '');
+    assert.equal(rows.length, 1 + 4, csv.text.slice(0, 300));
+    assert.match(rows[0], /^run_id,name,status,start_time,params\.lr,params\.optimizer,params\.rank,params\.seed,metrics\.loss,metrics\.val_loss$/);
+    const metricHref = await page.$eval(`ul.legend li[data-run="${ids['seed-0000']}"] a.csv-metric`, (a) => a.href);
+    const metricCsv = await page.evaluate(async (u) => (await fetch(u)).text(), metricHref);
+    assert.equal(metricCsv.split('\r\n').filter((l) => l !== '').length, 61);
+
+    // The live run's curve grows as points are logged.
+    await page.check(`tr[data-run="${ids['seed-live']}"] input.pick-run`);
+    const live = `svg.metric-chart path.curve[data-run="${ids['seed-live']}"]`;
+    await page.waitForSelector(live, { timeout: 20_000 });
+    const before = Number(await page.getAttribute(live, 'data-points'));
+    await page.waitForFunction(
+      ([sel, n]) => Number(document.querySelector(sel)?.dataset.points) >= n + 5,
+      [live, before],
+      { timeout: 15_000 },
+    );
+    await page.screenshot({ path: screenshot.replace(/\.png$/, '-dashboard.png'), fullPage: true });
+
+    // Opening the link elsewhere restores the comparison.
+    const other = await browser.newPage({ viewport: { width: 1200, height: 1100 } });
+    try {
+      await other.goto(link);
+      await other.waitForFunction(() => document.querySelectorAll('svg.metric-chart path.curve').length === 2, null, { timeout: 30_000 });
+      assert.deepEqual(await curvePoints(other), { [ids['seed-0000']]: 60, [ids['seed-0001']]: 60 });
+      const checked = await other.$$eval('input.pick-run:checked', (cs) => cs.map((c) => c.dataset.run).sort());
+      assert.deepEqual(checked, [ids['seed-0000'], ids['seed-0001']].sort());
+      assert.equal(await other.$eval('#metric-pick', (s) => s.value), 'loss');
+    } finally {
+      await other.close();
+    }
+
+    // When the live run ends, its status in the table follows, and its curve holds every
+    // point it logged, each once.
+    await page.waitForSelector(`tr[data-run="${ids['seed-live']}"] td.status.finished`, { timeout: 60_000 });
+    const logged = await page.evaluate(async (u) => (await fetch(u)).text(), `/api/runs/${ids['seed-live']}/metrics/loss.csv`);
+    assert.equal(Number(await page.getAttribute(live, 'data-points')), logged.split('\r\n').filter((l) => l !== '').length - 1);
+  } finally {
+    if (seeded.child.exitCode === null) seeded.child.kill('SIGTERM');
+  }
 });
 
 test('no errors in the browser console', () => {

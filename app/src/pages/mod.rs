@@ -1,6 +1,7 @@
 //! One module per page.
 
 pub mod blend;
+pub mod compare;
 pub mod experiments;
 pub mod generate;
 pub mod negatives;

@@ -1,12 +1,14 @@
 //! `atelier runs`: the experiment store from the command line: `list` (a table per
 //! experiment, narrowed by an MLflow filter) and `show` (one run: params, tags, latest
-//! metrics with their point counts, artifacts).
+//! metrics with their point counts, artifacts) and `seed` (synthetic runs for demos,
+//! tests and benchmarks).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use atelier_server::tracking::queries::BulkRun;
 use atelier_server::tracking::search;
-use atelier_server::tracking::{RunSummary, Tracker};
+use atelier_server::tracking::{RunStatus, RunSummary, Tracker};
 
 /// Arguments of `atelier runs`.
 #[derive(Debug, clap::Args)]
@@ -44,9 +46,37 @@ enum RunsCommand {
         #[arg(long)]
         resend: bool,
     },
+    /// Writes synthetic runs (for demos, tests and benchmarks): params `rank` (4, 8, 16),
+    /// `lr`, `optimizer` and `seed`, and decaying pseudo-random metric curves, the same for
+    /// the same --seed. Not real trainings: keep them out of a studio's real experiments.
+    Seed {
+        /// Experiment to add the runs to (created when missing).
+        #[arg(long, default_value = "seeded")]
+        experiment: String,
+        /// Number of finished runs.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Metrics per run (loss, val_loss, accuracy, similarity_gain, grad_norm, then metric_5…).
+        #[arg(long, default_value_t = 3)]
+        metrics: usize,
+        /// Points per metric (steps 1..=S).
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        /// Seed of the pseudo-random curves and params.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Then add one RUNNING run that logs a point of every metric every 200 ms for this
+        /// many seconds, then ends FINISHED (live-view tests and demos).
+        #[arg(long)]
+        live: Option<f64>,
+    },
 }
 
 pub fn run(args: RunsArgs) -> Result<()> {
+    if let RunsCommand::Seed { experiment, runs, metrics, steps, seed, live } = &args.command {
+        let tracker = Tracker::open(&args.tracking).with_context(|| format!("opening {}", args.tracking.display()))?;
+        return seed_runs(&tracker, &SeedSpec { experiment: experiment.clone(), runs: *runs, metrics: *metrics, steps: *steps, seed: *seed, live: *live });
+    }
     if !args.tracking.join("tracking.sqlite").is_file() {
         bail!("no experiment store at {}: train a style or run an optimisation first, or pass --tracking DIR", args.tracking.display());
     }
@@ -55,6 +85,7 @@ pub fn run(args: RunsArgs) -> Result<()> {
         RunsCommand::List { experiment, filter } => list(&tracker, experiment.as_deref(), &filter),
         RunsCommand::Show { run } => show(&tracker, &run),
         RunsCommand::Sync { uri, resend } => sync(&tracker, &uri, resend),
+        RunsCommand::Seed { .. } => unreachable!("handled above"),
     }
 }
 
@@ -195,4 +226,139 @@ fn show(tracker: &Tracker, run: &str) -> Result<()> {
     section("metrics (latest)", metrics);
     section("artifacts", tracker.artifacts(&r.info.run_id)?.into_iter().map(|a| (a, String::new())).collect());
     Ok(())
+}
+
+/// What `atelier runs seed` writes.
+struct SeedSpec {
+    experiment: String,
+    runs: usize,
+    metrics: usize,
+    steps: usize,
+    seed: u64,
+    live: Option<f64>,
+}
+
+/// SplitMix64 (Steele, Lea & Flood, "Fast splittable pseudorandom number generators",
+/// OOPSLA 2014): small, and the same numbers on every platform and version.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        from[(self.next() % from.len() as u64) as usize]
+    }
+}
+
+/// The name of seeded metric `i`.
+fn metric_name(i: usize) -> String {
+    const NAMES: [&str; 5] = ["loss", "val_loss", "accuracy", "similarity_gain", "grad_norm"];
+    NAMES.get(i).map_or_else(|| format!("metric_{i}"), |n| n.to_string())
+}
+
+/// One seeded curve's shape: value at `step` (1-based) is `start·e^(−step/tau) + floor`
+/// plus noise of relative size `noise`; "accuracy" rises instead (1 minus that).
+struct Curve {
+    start: f64,
+    tau: f64,
+    floor: f64,
+    noise: f64,
+    rising: bool,
+}
+
+impl Curve {
+    fn new(rng: &mut SplitMix, metric: usize, steps: usize) -> Self {
+        let rising = metric == 2;
+        let start = if rising { 0.9 } else { 0.5 + rng.unit() * 2.0 };
+        Curve { start, tau: steps.max(1) as f64 * (0.1 + rng.unit() * 0.3), floor: if rising { 0.02 } else { 0.05 + rng.unit() * 0.2 }, noise: 0.02 + rng.unit() * 0.05, rising }
+    }
+
+    fn value(&self, rng: &mut SplitMix, step: usize) -> f64 {
+        let clean = self.start * (-(step as f64) / self.tau).exp() + self.floor;
+        let v = clean * (1.0 + self.noise * (rng.unit() * 2.0 - 1.0));
+        if self.rising { 1.0 - v } else { v }
+    }
+}
+
+/// Random params of a seeded run.
+fn seed_params(rng: &mut SplitMix, index: usize) -> Vec<(String, String)> {
+    vec![
+        ("rank".to_string(), rng.pick(&["4", "8", "16"]).to_string()),
+        ("lr".to_string(), rng.pick(&["0.0001", "0.0003", "0.001"]).to_string()),
+        ("optimizer".to_string(), rng.pick(&["adamw", "lion", "sgd"]).to_string()),
+        ("seed".to_string(), index.to_string()),
+    ]
+}
+
+fn seed_runs(tracker: &Tracker, spec: &SeedSpec) -> Result<()> {
+    let started = std::time::Instant::now();
+    tracker.prepare_bulk()?;
+    let experiment = tracker.experiment(&spec.experiment)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let mut rng = SplitMix(spec.seed);
+    for i in 0..spec.runs {
+        let params = seed_params(&mut rng, i);
+        let metrics: Vec<(String, Vec<f64>)> = (0..spec.metrics)
+            .map(|m| {
+                let curve = Curve::new(&mut rng, m, spec.steps);
+                (metric_name(m), (1..=spec.steps).map(|s| curve.value(&mut rng, s)).collect())
+            })
+            .collect();
+        let name = format!("seed-{i:04}");
+        // A second apart, oldest first, all before now.
+        let start = now - (spec.runs - i) as i64 * 1000 - spec.steps as i64;
+        tracker.insert_run_bulk(experiment, &BulkRun { name: &name, params: &params, metrics: &metrics, status: "FINISHED" }, start)?;
+    }
+    println!(
+        "seeded {} run(s) × {} metric(s) × {} step(s) into experiment {:?} (id {experiment}) in {:.2} s",
+        spec.runs,
+        spec.metrics,
+        spec.steps,
+        spec.experiment,
+        started.elapsed().as_secs_f64()
+    );
+    let Some(seconds) = spec.live else { return Ok(()) };
+    if !(seconds.is_finite() && seconds >= 0.0) {
+        bail!("--live must be a number of seconds ≥ 0, not {seconds}");
+    }
+    let run = tracker.start_run(experiment, "seed-live")?;
+    for (k, v) in seed_params(&mut rng, spec.runs) {
+        tracker.log_param(&run, &k, &v)?;
+    }
+    let curves: Vec<Curve> = (0..spec.metrics).map(|m| Curve::new(&mut rng, m, spec.steps)).collect();
+    println!("live run {run}: a point of every metric every 200 ms for {seconds} s");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds);
+    let mut step = 1;
+    while std::time::Instant::now() < end {
+        for (m, c) in curves.iter().enumerate() {
+            tracker.log_metric(&run, &metric_name(m), c.value(&mut rng, step), step as i64)?;
+        }
+        step += 1;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    tracker.end_run(&run, RunStatus::Finished)?;
+    println!("live run {run} finished after {} step(s)", step - 1);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn seeded_numbers_are_splitmix64() {
+        // Reference values of SplitMix64 from seed 0 (the first two outputs).
+        let mut r = super::SplitMix(0);
+        assert_eq!(r.next(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(r.next(), 0x6E78_9E6A_A1B9_65F4);
+    }
 }

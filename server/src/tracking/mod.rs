@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 pub mod http;
 pub mod mlflow;
+pub mod queries;
 pub mod record;
 pub mod registry;
 pub mod registry_http;
@@ -489,13 +490,11 @@ impl Tracker {
                     s.tags.insert(k, v);
                 }
             }
-            // Ordered so that the last row of each (run, key) is its latest value.
-            let mut st = db.prepare(&format!("SELECT x.run_uuid, x.key, x.value FROM metrics x {join} ORDER BY x.step, x.timestamp, x.rowid"))?;
-            for row in st.query_map([experiment], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, f64>(2)?)))? {
-                let (run, k, v) = row?;
-                if let Some(s) = by_id.get_mut(&run) {
-                    s.metrics.insert(k, v);
-                }
+        }
+        // One row per (run, metric), not every point (queries.rs).
+        for (run, metrics) in self.latest_metrics(experiment)? {
+            if let Some(s) = by_id.get_mut(&run) {
+                s.metrics = metrics;
             }
         }
         Ok(runs.iter().filter_map(|info| by_id.remove(&info.run_id)).filter(|s| filter.matches(&search::facts(s))).collect())
