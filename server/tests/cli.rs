@@ -120,17 +120,19 @@ fn optimize_negative_picks_the_known_good_candidate_and_keeps_the_run() {
 fn runs_list_and_show() {
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("tracking");
-    let run = {
+    let (first, run) = {
         let t = atelier_server::tracking::Tracker::open(&store).unwrap();
         let exp = t.experiment("styles").unwrap();
-        let mut last = String::new();
+        let mut ids = Vec::new();
         for (name, rank, gain) in [("ink-r4", "4", 0.2), ("pastel-r8", "8", 0.3)] {
-            last = t.start_run(exp, name).unwrap();
-            t.log_param(&last, "rank", rank).unwrap();
-            t.log_metric(&last, "similarity_gain", gain, 10).unwrap();
-            t.end_run(&last, atelier_server::tracking::RunStatus::Finished).unwrap();
+            let id = t.start_run(exp, name).unwrap();
+            t.log_param(&id, "rank", rank).unwrap();
+            t.log_param(&id, "lr", "0.001").unwrap();
+            t.log_metric(&id, "similarity_gain", gain, 10).unwrap();
+            t.end_run(&id, atelier_server::tracking::RunStatus::Finished).unwrap();
+            ids.push(id);
         }
-        last
+        (ids[0].clone(), ids[1].clone())
     };
     let atelier = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_atelier")).args(args).arg("--tracking").arg(&store).output().unwrap();
     let out = atelier(&["runs", "list", "--filter", "params.rank = '8'"]);
@@ -147,6 +149,22 @@ fn runs_list_and_show() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("pastel-r8") && text.contains("rank") && text.contains("(1 points)"), "{text}");
+
+    // compare: side by side, differing rows marked; CSV with a differs column.
+    let out = atelier(&["runs", "compare", &first[..8], &run[..8]]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |key: &str| text.lines().find(|l| l.trim_start_matches(['*', ' ']).starts_with(key)).unwrap_or_else(|| panic!("{key}: {text}")).to_string();
+    assert!(line("params.rank").starts_with("* ") && line("params.rank").contains('4') && line("params.rank").contains('8'), "{text}");
+    assert!(line("params.lr").starts_with("  "), "same value, not marked: {text}");
+    assert!(line("metrics.similarity_gain").contains("0.200000") && line("metrics.similarity_gain").contains("0.300000"), "{text}");
+    let out = atelier(&["runs", "compare", &first, &run, "--csv"]);
+    let csv = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(rows[0], format!("key,differs,{first},{run}"));
+    assert!(rows.contains(&"params.rank,true,4,8") && rows.contains(&"params.lr,false,0.001,0.001") && rows.contains(&"metrics.similarity_gain,true,0.2,0.3"), "{csv}");
+    let out = atelier(&["runs", "compare", &first, "nope"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no run \"nope\""));
 }
 
 /// `bench` and `eval-starter` record runs: bench a parent with a child per case and

@@ -36,6 +36,16 @@ enum RunsCommand {
         /// The run id (or its first characters, as `list` shows them).
         run: String,
     },
+    /// Runs side by side: status, every param (rows that differ marked `*`) and the latest
+    /// value of every metric; `--csv` writes the same as CSV.
+    Compare {
+        /// Two or more run ids (or their first characters).
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<String>,
+        /// CSV (RFC 4180) on stdout: key, differs, then a column per run.
+        #[arg(long)]
+        csv: bool,
+    },
     /// Sends every run with something new to the MLflow server (idempotent: runs already
     /// there are updated, never duplicated) and prints a table of what went.
     Sync {
@@ -84,6 +94,7 @@ pub fn run(args: RunsArgs) -> Result<()> {
     match args.command {
         RunsCommand::List { experiment, filter } => list(&tracker, experiment.as_deref(), &filter),
         RunsCommand::Show { run } => show(&tracker, &run),
+        RunsCommand::Compare { runs, csv } => compare(&tracker, &runs, csv),
         RunsCommand::Sync { uri, resend } => sync(&tracker, &uri, resend),
         RunsCommand::Seed { .. } => unreachable!("handled above"),
     }
@@ -197,16 +208,54 @@ fn table(runs: &[RunSummary]) -> String {
     columns(rows)
 }
 
-fn show(tracker: &Tracker, run: &str) -> Result<()> {
+/// The one run whose id starts with `prefix`.
+fn find_run(tracker: &Tracker, prefix: &str) -> Result<RunSummary> {
     let mut found = Vec::new();
     for e in tracker.experiments()? {
-        found.extend(tracker.search(e.experiment_id, &search::Filter::default())?.into_iter().filter(|r| r.info.run_id.starts_with(run)));
+        found.extend(tracker.search(e.experiment_id, &search::Filter::default())?.into_iter().filter(|r| r.info.run_id.starts_with(prefix)));
     }
-    let r = match found.len() {
-        0 => bail!("no run {run:?}; `atelier runs list` shows them"),
-        1 => found.remove(0),
-        n => bail!("{n} runs start with {run:?}; give more of the id"),
-    };
+    match found.len() {
+        0 => bail!("no run {prefix:?}; `atelier runs list` shows them"),
+        1 => Ok(found.remove(0)),
+        n => bail!("{n} runs start with {prefix:?}; give more of the id"),
+    }
+}
+
+fn compare(tracker: &Tracker, ids: &[String], csv: bool) -> Result<()> {
+    use std::collections::BTreeSet;
+    let runs: Vec<RunSummary> = ids.iter().map(|id| find_run(tracker, id)).collect::<Result<_>>()?;
+    let params: BTreeSet<&String> = runs.iter().flat_map(|r| r.params.keys()).collect();
+    let metrics: BTreeSet<&String> = runs.iter().flat_map(|r| r.metrics.keys()).collect();
+    // (key, values per run)
+    let mut rows: Vec<(String, Vec<String>)> = vec![
+        ("name".into(), runs.iter().map(|r| r.info.name.clone()).collect()),
+        ("status".into(), runs.iter().map(|r| r.info.status.clone()).collect()),
+    ];
+    rows.extend(params.iter().map(|k| (format!("params.{k}"), runs.iter().map(|r| r.params.get(*k).cloned().unwrap_or_default()).collect())));
+    rows.extend(metrics.iter().map(|k| {
+        (format!("metrics.{k}"), runs.iter().map(|r| r.metrics.get(*k).map_or_else(String::new, |v| if csv { format!("{v}") } else { format!("{v:.6}") })).collect())
+    }));
+    let differs = |values: &[String]| values.iter().any(|v| v != &values[0]);
+    if csv {
+        use atelier_server::tracking::queries::csv_record;
+        print!("{}", csv_record(["key".to_string(), "differs".to_string()].into_iter().chain(runs.iter().map(|r| r.info.run_id.clone()))));
+        for (key, values) in &rows {
+            print!("{}", csv_record([key.clone(), differs(values).to_string()].into_iter().chain(values.iter().cloned())));
+        }
+        return Ok(());
+    }
+    let mut table = vec![std::iter::once(String::new()).chain(runs.iter().map(|r| r.info.run_id.chars().take(8).collect())).collect::<Vec<String>>()];
+    for (key, values) in rows {
+        let mark = if differs(&values) { "* " } else { "  " };
+        table.push(std::iter::once(format!("{mark}{key}")).chain(values.into_iter().map(|v| if v.is_empty() { "-".into() } else { v })).collect());
+    }
+    print!("{}", columns(table));
+    println!("(* differs between the runs)");
+    Ok(())
+}
+
+fn show(tracker: &Tracker, run: &str) -> Result<()> {
+    let r = find_run(tracker, run)?;
     println!("run {} ({}): {}", r.info.run_id, r.info.name, r.info.status);
     println!("experiment id {}, artifacts in {}", r.info.experiment_id, r.info.artifact_uri);
     let section = |title: &str, pairs: Vec<(String, String)>| {

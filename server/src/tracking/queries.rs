@@ -167,7 +167,7 @@ pub fn csv_field(text: &str) -> String {
 }
 
 /// One CSV record: the fields, comma-separated, ended by CRLF (RFC 4180 §2).
-fn csv_record<S: AsRef<str>>(fields: impl IntoIterator<Item = S>) -> String {
+pub fn csv_record<S: AsRef<str>>(fields: impl IntoIterator<Item = S>) -> String {
     let mut line = fields.into_iter().map(|f| csv_field(f.as_ref())).collect::<Vec<_>>().join(",");
     line.push_str("\r\n");
     line
