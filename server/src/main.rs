@@ -47,6 +47,13 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    // Piped into `head` or `less`, stop quietly when the reader goes away (as other unix
+    // tools do) instead of panicking on the next print.
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Candle sizes its thread pools from RAYON_NUM_THREADS; when it is unset it reads
     // /proc/cpuinfo on every parallel operation, which costs several percent.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {

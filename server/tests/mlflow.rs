@@ -293,6 +293,24 @@ fn styles_are_mirrored_to_a_real_mlflow_server_without_duplicates_or_losses() {
     let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
     assert!(out.status.success() && text(&out).contains("nothing to sync"), "not retried: {}", text(&out));
 
+    // Runs longer than one log-batch call (MLflow takes 1000 metrics, params and tags
+    // together per call): every point arrives once, in order.
+    let out = atelier(&["runs", "seed", "--tracking", "tracking", "--experiment", "long", "--runs", "2", "--metrics", "3", "--steps", "700"], tmp.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
+    assert!(out.status.success() && text(&out).contains("2 run(s) sent"), "{}", text(&out));
+    let long = tracker.find_experiment("long").unwrap().unwrap();
+    let ids: Vec<String> = tracker.runs(long).unwrap().into_iter().map(|r| r.run_id).collect();
+    let back = server.read_back(&ids.iter().map(String::as_str).collect::<Vec<_>>());
+    for id in &ids {
+        let histories = back["runs"][id]["histories"].as_object().unwrap();
+        assert_eq!(histories.len(), 3);
+        for (key, points) in histories {
+            let steps: Vec<i64> = points.as_array().unwrap().iter().map(|p| p[0].as_i64().unwrap()).collect();
+            assert_eq!(steps, (1..=700).collect::<Vec<i64>>(), "{key}");
+        }
+    }
+
     // Removing the alias removes it on the server.
     let out = atelier(&["registry", "alias", "ink", "production", "--delete", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
     assert!(out.status.success(), "{}", text(&out));

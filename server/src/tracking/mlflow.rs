@@ -11,8 +11,9 @@
 //! second copy on the server: before creating one, the sync looks for a server run
 //! tagged `atelier.run_id` = the local id.
 //!
-//! - Params and tags go in `runs/log-batch` calls of at most 100 together, metrics in
-//!   calls of at most 1000, each with its original timestamp and step (MLflow's limits).
+//! - Params, tags and metrics go in `runs/log-batch` calls of at most 1000 entries, of
+//!   which at most 100 params and tags (MLflow's limits), metrics with their original
+//!   timestamps and steps.
 //! - Artifacts go through the server's artifact proxy (`mlflow server
 //!   --artifacts-destination …`): `PUT /api/2.0/mlflow-artifacts/artifacts/<path>`.
 //! - `mlflow.parentRunId` is rewritten to the parent's server run id (the parent is
@@ -74,7 +75,8 @@ CREATE TABLE IF NOT EXISTS mlflow_refusals (
 );
 ";
 
-/// Largest `runs/log-batch` call MLflow accepts: metrics, and params + tags together.
+/// Largest `runs/log-batch` call MLflow accepts: 1000 metrics, params and tags together, of
+/// which at most 100 params and tags.
 pub const MAX_BATCH_METRICS: usize = 1000;
 pub const MAX_BATCH_PARAMS_TAGS: usize = 100;
 
@@ -777,7 +779,8 @@ impl<'a> Mirror<'a> {
         };
         done.remote_run_id = state.remote_run_id.clone();
 
-        // Params and tags, at most 100 a call.
+        // Params and tags (at most 100 a call) and metrics (at most 1000 a call, in the
+        // order they were logged) share `log-batch` calls: a small run goes in one.
         let params: Vec<(String, String)> = self.tracker.params(run)?.into_iter().filter(|(k, _)| !state.params.contains(k)).collect();
         let mut tags: Vec<(String, String)> = Vec::new();
         for (k, v) in self.tracker.tags(run)? {
@@ -788,12 +791,21 @@ impl<'a> Mirror<'a> {
         }
         let mut pending: Vec<(bool, String, String)> =
             params.into_iter().map(|(k, v)| (true, k, v)).chain(tags.into_iter().map(|(k, v)| (false, k, v))).collect();
-        while !pending.is_empty() {
+        loop {
             let chunk: Vec<_> = pending.drain(..pending.len().min(MAX_BATCH_PARAMS_TAGS)).collect();
+            // The limit is on metrics, params and tags together.
+            let rows = self.tracker.metric_rows(run, state.metrics_rowid, MAX_BATCH_METRICS - chunk.len())?;
+            if chunk.is_empty() && rows.is_empty() {
+                break;
+            }
             let kv = |want: bool| -> Vec<Value> {
                 chunk.iter().filter(|(p, ..)| *p == want).map(|(_, k, v)| json!({ "key": k, "value": v })).collect()
             };
-            self.client.log_batch(&state.remote_run_id, &[], &kv(true), &kv(false))?;
+            let metrics: Vec<Value> = rows
+                .iter()
+                .map(|(_, k, v, ts, step)| json!({ "key": k, "value": metric_value(*v), "timestamp": ts, "step": step }))
+                .collect();
+            self.client.log_batch(&state.remote_run_id, &metrics, &kv(true), &kv(false))?;
             for (is_param, k, v) in chunk {
                 if is_param {
                     state.params.push(k);
@@ -803,20 +815,10 @@ impl<'a> Mirror<'a> {
                     done.tags += 1;
                 }
             }
-            self.tracker.save_state(&server, run, &state)?;
-        }
-
-        // Metrics, in the order they were logged, at most 1000 a call.
-        loop {
-            let rows = self.tracker.metric_rows(run, state.metrics_rowid, MAX_BATCH_METRICS)?;
-            let Some(last) = rows.last().map(|r| r.0) else { break };
-            let metrics: Vec<Value> = rows
-                .iter()
-                .map(|(_, k, v, ts, step)| json!({ "key": k, "value": metric_value(*v), "timestamp": ts, "step": step }))
-                .collect();
-            self.client.log_batch(&state.remote_run_id, &metrics, &[], &[])?;
-            done.metrics += rows.len();
-            state.metrics_rowid = last;
+            if let Some(last) = rows.last() {
+                state.metrics_rowid = last.0;
+                done.metrics += rows.len();
+            }
             self.tracker.save_state(&server, run, &state)?;
         }
 
