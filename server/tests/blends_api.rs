@@ -164,6 +164,24 @@ async fn bakes_are_queued_tasks_with_progress() {
     assert_eq!(lora.modules.len() as u64, total, "one module per baked layer");
     let listed: Vec<Value> = get_json(&app, "/api/blends/bakes").await;
     assert_eq!(listed[0]["id"], id.as_str());
+
+    // Registered as a version of its own model (kind blend, components as tags); prompts
+    // then name it <lora:NAME@VERSION>, painting what the file itself paints.
+    let r = send(&app, Method::POST, "/api/registry/two-baked/versions", Some(json!({"bake": id}))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let v: Value = r.json();
+    assert_eq!((v["version"].as_i64(), v["kind"].as_str()), (Some(1), Some("blend")));
+    assert_eq!(v["tags"]["components"], "inkline:0.7, pastel:0.4");
+    assert_eq!(v["tags"]["rank"], "2");
+    assert!((v["tags"]["relative_error"].as_str().unwrap().parse::<f64>().unwrap() - error).abs() < 1e-5);
+    assert_eq!(std::fs::read(Path::new(v["source"].as_str().unwrap()).join("two-baked.safetensors")).unwrap(), file.body, "the bake's own bytes");
+    std::fs::create_dir_all(tmp.path().join("styles/baked2")).unwrap();
+    std::fs::write(tmp.path().join("styles/baked2/baked2.safetensors"), &file.body).unwrap();
+    let pixels = |png: Vec<u8>| image::load_from_memory(&png).unwrap().to_rgb8().into_raw();
+    let (by_version, by_file) = (render(&app, "a red circle <lora:two-baked@1:1>").await, render(&app, "a red circle <lora:baked2:1>").await);
+    assert!(pixels(by_version) == pixels(by_file), "the registered version paints what the baked file paints");
+    assert_json_error(&send(&app, Method::POST, "/api/registry/two-baked/versions", Some(json!({"bake": "nope"}))).await, StatusCode::NOT_FOUND, "no bake");
+    assert_json_error(&send(&app, Method::POST, "/api/registry/bad%20name/versions", Some(json!({"bake": id}))).await, StatusCode::BAD_REQUEST, "not valid");
     // Cancelling a finished bake changes nothing; unknown bakes are 404.
     assert_eq!(send(&app, Method::POST, &format!("/api/blends/bakes/{id}/cancel"), None).await.json::<Value>()["state"], "done");
     assert_json_error(&send(&app, Method::GET, "/api/blends/bakes/nope", None).await, StatusCode::NOT_FOUND, "no bake");

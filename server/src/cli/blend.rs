@@ -62,6 +62,10 @@ pub enum BlendAction {
         /// Compress to this rank per layer (reports the relative error); exact when omitted.
         #[arg(long)]
         rank: Option<usize>,
+        /// Also register the baked file in the model registry as a new version of NAME
+        /// (kind blend; prompts then use <lora:NAME@VERSION>), in DATA/tracking.
+        #[arg(long, value_name = "NAME")]
+        register: Option<String>,
     },
     /// Write a copy of the model with the blend merged into its weights (diffusers layout).
     Merge {
@@ -128,7 +132,7 @@ pub fn run(args: BlendArgs) -> Result<()> {
                 println!("missing style {} (hash {})", m.name, m.hash);
             }
         }
-        BlendAction::Bake { blend, out, rank } => {
+        BlendAction::Bake { blend, out, rank, register } => {
             let sd = StableDiffusion::load(&model_dir, &device)?;
             let r = resolve(&blend, &args.data_dir, &library, sd.model_hash())?;
             warn_other_model(&r, sd.model_hash());
@@ -151,6 +155,11 @@ pub fn run(args: BlendArgs) -> Result<()> {
                     baked.relative_error,
                     baked.worst_layer_error
                 ),
+            }
+            if let Some(name) = register {
+                let tracker = atelier_server::tracking::Tracker::open(&args.data_dir.join("tracking"))?;
+                let v = tracker.register_blend(&name, &out, &r.blend, rank, baked.relative_error)?;
+                println!("registered as {name} version {} (use it as <lora:{name}@{}:1>)", v.version, v.version);
             }
         }
         BlendAction::Merge { blend, out } => {

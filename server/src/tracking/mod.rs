@@ -107,6 +107,9 @@ pub enum TrackingError {
     NoFileName(PathBuf),
     #[error("no run {0}")]
     NoRun(String),
+    /// A registered model name that is not a valid style name (the message says the rule).
+    #[error("{0}")]
+    BadName(String),
     #[error("no registered model {0:?}; train the style first (every finished training registers a version)")]
     NoModel(String),
     #[error("{name} has no version {version}")]
@@ -127,6 +130,7 @@ impl From<TrackingError> for crate::ApiError {
             TrackingError::NoModel(id) => ApiError::NotFound { what: "registered model", id },
             TrackingError::NoVersion { name, version } => ApiError::NotFound { what: "model version", id: format!("{name}@{version}") },
             TrackingError::BadAlias(_) => ApiError::Invalid { field: "alias".into(), message: e.to_string() },
+            TrackingError::BadName(message) => ApiError::Invalid { field: "name".into(), message },
             TrackingError::Io { ref source, .. } | TrackingError::Artifact { ref source, .. } => ApiError::storage(&e, source),
             other => ApiError::Internal(crate::error::report(&other)),
         }

@@ -231,6 +231,31 @@ impl Tracker {
         self.model_version(&model.name, version)?.ok_or_else(missing)
     }
 
+    /// Registers a baked blend (a kohya LoRA file, `atelier blend bake` or the Blend page's
+    /// bake) as a new version of `name`, kind `blend`, with its components as tags
+    /// (`components` "NAME:WEIGHT, …", `component_hashes`, `base_model_hash`, `rank`
+    /// ("exact" or R), `relative_error`, and the blend's share `link`). The file is stored
+    /// as `NAME.safetensors`, so prompts use it as `<lora:NAME@VERSION>`.
+    ///
+    /// # Errors
+    /// A name that is not a valid style name, an unreadable file, or the database.
+    pub fn register_blend(&self, name: &str, file: &Path, blend: &atelier_blend::Blend, rank: Option<usize>, relative_error: f64) -> Result<ModelVersion, TrackingError> {
+        crate::styles::check_name(name).map_err(|e| TrackingError::BadName(e.to_string()))?;
+        let staging = tempfile::tempdir_in(&self.root).map_err(|source| TrackingError::Io { path: self.root.clone(), source })?;
+        let named = staging.path().join(format!("{name}.safetensors"));
+        std::fs::copy(file, &named).map_err(|source| TrackingError::Artifact { path: file.to_path_buf(), source })?;
+        let join = |f: &dyn Fn(&atelier_blend::BlendStyle) -> String| blend.styles.iter().map(f).collect::<Vec<_>>().join(", ");
+        let tags: Vec<(String, String)> = vec![
+            ("components".into(), join(&|s| format!("{}:{}", s.name, s.weight))),
+            ("component_hashes".into(), join(&|s| format!("{}={}", s.name, s.hash))),
+            ("base_model_hash".into(), blend.model_hash.clone()),
+            ("rank".into(), rank.map_or_else(|| "exact".to_string(), |r| r.to_string())),
+            ("relative_error".into(), format!("{relative_error:.6}")),
+            ("link".into(), atelier_blend::encode(blend).unwrap_or_default()),
+        ];
+        self.register_version(name, "blend", &[named], None, &tags)
+    }
+
     /// The store's folder.
     pub fn root(&self) -> &Path {
         &self.root

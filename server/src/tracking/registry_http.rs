@@ -2,7 +2,8 @@
 //! style with its versions and aliases), `GET /registry/{name}`,
 //! `GET /registry/{name}/versions/{version|alias|latest}`, and
 //! `PUT|DELETE /registry/{name}/aliases/{alias}` (`{"version": N}`) to set, move or
-//! remove an alias. Unknown names, versions and aliases are 404s; a malformed alias a 400.
+//! remove an alias, and `POST /registry/{name}/versions` (`{"bake": ID}`) to register a
+//! finished blend bake. Unknown names, versions and aliases are 404s; a malformed alias a 400.
 
 use axum::extract::{Path, State};
 use axum::routing::{get, put};
@@ -18,6 +19,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/registry", get(list))
         .route("/registry/{name}", get(show))
+        .route("/registry/{name}/versions", axum::routing::post(register))
         .route("/registry/{name}/versions/{selector}", get(version))
         .route("/registry/{name}/aliases/{alias}", put(set_alias).delete(delete_alias))
 }
@@ -42,6 +44,29 @@ async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Result
 
 async fn version(State(state): State<AppState>, Path((name, selector)): Path<(String, String)>) -> Result<Json<ModelVersion>, ApiError> {
     Ok(Json(with_tracker(&state, move |t| Ok(t.resolve_version(&name, &selector)?)).await?))
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    /// A finished bake of the Blend page (`POST /api/blends/bakes`).
+    bake: String,
+}
+
+/// `POST /api/registry/{name}/versions` `{"bake": ID}`: registers a finished bake as a new
+/// version of `name` (kind `blend`, its components as tags); 201 with the version.
+async fn register(State(state): State<AppState>, Path(name): Path<String>, AppJson(body): AppJson<RegisterBody>) -> Result<(axum::http::StatusCode, Json<ModelVersion>), ApiError> {
+    let status = state.bakes.status(&body.bake)?;
+    let app::dto::BakeState::Done { relative_error, .. } = status.state else {
+        return Err(ApiError::Invalid { field: "bake".into(), message: format!("bake {} has not finished; register it once it is done", body.bake) });
+    };
+    let file = state.bakes.file(&body.bake)?;
+    let blend = atelier_blend::decode(&status.request.link).map_err(|e| ApiError::Invalid { field: "bake".into(), message: e.to_string() })?;
+    let rank = status.request.rank;
+    let version = with_tracker(&state, move |t| Ok(t.register_blend(&name, &file, &blend, rank, relative_error)?)).await?;
+    if let Some(m) = &state.mirror {
+        m.wake();
+    }
+    Ok((axum::http::StatusCode::CREATED, Json(version)))
 }
 
 #[derive(Deserialize)]
