@@ -508,3 +508,11 @@ mod tests {
         assert!(check("x", u64::MAX).is_ok());
     }
 }
+
+/// The process's peak resident memory so far (Linux `VmHWM` in `/proc/self/status`), in
+/// bytes; `None` where the system does not say.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}

@@ -56,18 +56,9 @@ struct Row {
 
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
 fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok())
-            })
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+    atelier_engine::memory::peak_rss().unwrap_or(0)
 }
 
-/// Resets the peak RSS counter so each case reports its own peak (Linux only).
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }

@@ -159,11 +159,26 @@ pub fn run_training(
     ])?;
 
     let started = Instant::now();
+    let (mut smoothed, mut last_step) = (None::<f64>, Instant::now());
     let result = train_style(sd, &data, &cfg, &run_dir, &mut |ev| {
         match ev {
+            StyleEvent::Start { .. } => last_step = Instant::now(),
             StyleEvent::Step { step, loss, lr, .. } => {
-                let _ = tracker.log_metric(&tracked, "loss", *loss, *step as i64);
-                let _ = tracker.log_metric(&tracked, "lr", *lr, *step as i64);
+                // Smoothed as the CLI's progress bar and the Train page show it (EMA, 0.95).
+                let s = smoothed.map_or(*loss, |m| 0.95 * m + 0.05 * loss);
+                smoothed = Some(s);
+                let seconds = last_step.elapsed().as_secs_f64();
+                last_step = Instant::now();
+                let step = *step as i64;
+                let _ = tracker.log_metric(&tracked, "loss", *loss, step);
+                let _ = tracker.log_metric(&tracked, "smoothed_loss", s, step);
+                let _ = tracker.log_metric(&tracked, "lr", *lr, step);
+                let _ = tracker.log_metric(&tracked, "seconds_per_step", seconds, step);
+                if step % 10 == 0 || step as u64 == cfg.steps {
+                    if let Some(peak) = atelier_engine::memory::peak_rss() {
+                        let _ = tracker.log_metric(&tracked, "peak_rss_mib", peak as f64 / 1_048_576.0, step);
+                    }
+                }
             }
             StyleEvent::Samples { path, step } => {
                 let _ = tracker.log_image(&tracked, path, "samples", *step as i64);
@@ -215,7 +230,14 @@ pub fn run_training(
             }
         }
     }
-    for f in [output.kohya.clone(), output.diffusers.clone(), run_dir.join(COMPARE_PNG), run_dir.join("loss.png"), run_dir.join("card.json")] {
+    if let Ok(json) = serde_json::to_vec_pretty(&report) {
+        let path = run_dir.join("dataset_report.json");
+        if atelier_engine::files::write_atomic(&path, &json).is_ok() {
+            tracker.log_artifact(&tracked, &path, None)?;
+        }
+    }
+    let files = ["loss.png", "loss.csv", "card.json", "training_config.json", "fit.json"].map(|f| run_dir.join(f));
+    for f in [output.kohya.clone(), output.diffusers.clone(), run_dir.join(COMPARE_PNG)].into_iter().chain(files) {
         if f.is_file() {
             tracker.log_artifact(&tracked, &f, None)?;
         }
