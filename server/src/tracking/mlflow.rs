@@ -106,7 +106,12 @@ impl ServerConfig {
     /// # Errors
     /// Any other scheme (`file:`, `databricks`, a bare path), with what to write instead.
     pub fn new(uri: &str) -> Result<Self, String> {
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self::from_env(uri, |k| std::env::var(k).ok())
+    }
+
+    /// [`ServerConfig::new`] with the environment read through `var`.
+    fn from_env(uri: &str, var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let env = |k: &str| var(k).filter(|v| !v.is_empty());
         let auth = if let Some(token) = env("MLFLOW_TRACKING_TOKEN") {
             Some(format!("Bearer {token}"))
         } else if let Some(user) = env("MLFLOW_TRACKING_USERNAME") {
@@ -953,6 +958,17 @@ mod tests {
             let e = ServerConfig::with_auth(bad, None).unwrap_err();
             assert!(e.contains("http://HOST:PORT"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn credentials_come_from_mlflows_environment_variables() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        let token = ServerConfig::from_env("http://h:5000", env(&[("MLFLOW_TRACKING_TOKEN", "abc"), ("MLFLOW_TRACKING_USERNAME", "u")])).unwrap();
+        assert_eq!(token.auth.as_deref(), Some("Bearer abc"), "a token wins");
+        let basic = ServerConfig::from_env("http://h:5000", env(&[("MLFLOW_TRACKING_USERNAME", "ann"), ("MLFLOW_TRACKING_PASSWORD", "s3cret")])).unwrap();
+        assert_eq!(basic.auth.as_deref(), Some("Basic YW5uOnMzY3JldA=="), "base64 of ann:s3cret");
+        assert_eq!(ServerConfig::from_env("http://h:5000", env(&[("MLFLOW_TRACKING_TOKEN", "")])).unwrap().auth, None);
+        assert!(!format!("{basic:?}").contains("YW5u"), "credentials stay out of logs");
     }
 
     #[test]
