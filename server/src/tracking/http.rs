@@ -49,7 +49,7 @@ async fn sync_now(State(state): State<AppState>) -> Result<Json<super::mlflow::M
 }
 
 /// Runs `work` on the studio's store, off the async runtime.
-async fn with_tracker<T: Send + 'static>(state: &AppState, work: impl FnOnce(&Tracker) -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+pub(super) async fn with_tracker<T: Send + 'static>(state: &AppState, work: impl FnOnce(&Tracker) -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     let dir = state.data_dir.join("tracking");
     tokio::task::spawn_blocking(move || work(&Tracker::open(&dir)?)).await.map_err(|e| ApiError::Internal(e.to_string()))?
 }

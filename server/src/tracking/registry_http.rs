@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::registry::{ModelVersion, RegisteredModel};
+use super::http::with_tracker;
 use super::Tracker;
 use crate::http::extract::AppJson;
 use crate::{ApiError, AppState};
@@ -22,12 +23,6 @@ pub fn routes() -> Router<AppState> {
         .route("/registry/{name}/versions", axum::routing::post(register))
         .route("/registry/{name}/versions/{selector}", get(version))
         .route("/registry/{name}/aliases/{alias}", put(set_alias).delete(delete_alias))
-}
-
-/// Runs `work` on the studio's store, off the async runtime.
-async fn with_tracker<T: Send + 'static>(state: &AppState, work: impl FnOnce(&Tracker) -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    let dir = state.data_dir.join("tracking");
-    tokio::task::spawn_blocking(move || work(&Tracker::open(&dir)?)).await.map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<RegisteredModel>>, ApiError> {
