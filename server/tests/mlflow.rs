@@ -1,9 +1,11 @@
 //! The mirror to a real MLflow server (from PyPI; `cargo run -p xtask -- test` installs it
-//! and passes `ATELIER_MLFLOW_BIN`): styles trained with `--tracking-uri` are read back
+//! and passes `ATELIER_MLFLOW_BIN`): a style trained with `--tracking-uri` is read back
 //! with MLflow's own Python client (run, params, full metric histories, tags, artifacts
-//! with the image gallery); a crash between creating the server's run and recording it
-//! does not duplicate the run; a server that is down during a training loses nothing and
-//! gets the run once it is back (from the studio's background mirror).
+//! with the image gallery, the registered version and its alias); everything sent again
+//! finds the same runs instead of duplicating them; the server stopped in the middle of a
+//! training (followed by the studio's background mirror) loses nothing and gets the rest
+//! when it is back; a refusal is shown and not retried; runs longer than one `log-batch`
+//! call arrive whole.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -115,15 +117,25 @@ fn atelier(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_atelier")).args(args).current_dir(dir).env_remove("MLFLOW_TRACKING_URI").output().unwrap()
 }
 
-fn train(tmp: &Path, name: &str, style: PictureStyle, uri: &str) -> Output {
+/// `atelier train-style` of a small dataset of `style`: `steps` steps, sample sheets every
+/// `sample_every`; mirrored at its end when `uri` is given.
+fn train_command(tmp: &Path, name: &str, style: PictureStyle, steps: u32, sample_every: u32, uri: Option<&str>) -> Command {
     let images = tmp.join(format!("{name}-images"));
     write_dataset(style, &images, 6, 3).unwrap();
     let model = repo().join("models/starter");
-    let args = [
-        "train-style", "--name", name, "--images", images.to_str().unwrap(), "--trigger", name, "--steps", "6", "--rank", "2", "--batch", "2",
-        "--sample-every", "3", "--library", "styles", "--model", model.to_str().unwrap(), "--tracking", "tracking", "--tracking-uri", uri,
-    ];
-    atelier(&args, tmp)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_atelier"));
+    cmd.args(["train-style", "--name", name, "--trigger", name, "--rank", "2", "--batch", "2", "--library", "styles", "--tracking", "tracking"])
+        .arg("--images")
+        .arg(&images)
+        .arg("--model")
+        .arg(&model)
+        .args(["--steps", &steps.to_string(), "--sample-every", &sample_every.to_string()])
+        .current_dir(tmp)
+        .env_remove("MLFLOW_TRACKING_URI");
+    if let Some(uri) = uri {
+        cmd.args(["--tracking-uri", uri]);
+    }
+    cmd
 }
 
 /// Polls `check` every 200 ms until it gives a value; panics after `limit`.
@@ -181,7 +193,9 @@ fn assert_same(tracker: &Tracker, run: &str, remote: &Value) {
             assert!(t.0 == m.0 && t.2 == m.2 && (t.1 - m.1).abs() <= 1e-12 * m.1.abs().max(1.0), "history of {key}: {theirs:?} vs {mine:?}");
         }
     }
-    assert_eq!(tracker.metric_history(run, "loss").unwrap().len(), 6, "one loss per step");
+    let steps: usize = params["steps"].parse().unwrap();
+    let sample_every: usize = params["sample_every"].parse().unwrap();
+    assert_eq!(tracker.metric_history(run, "loss").unwrap().len(), steps, "one loss per step");
     // Artifacts: the same files, with the same sizes; samples in the image gallery.
     let root = PathBuf::from(&local.artifact_uri);
     let mine: BTreeMap<String, u64> = tracker.artifacts(run).unwrap().into_iter().map(|a| (a.clone(), std::fs::metadata(root.join(&a)).unwrap().len())).collect();
@@ -189,8 +203,8 @@ fn assert_same(tracker: &Tracker, run: &str, remote: &Value) {
     assert_eq!(theirs, mine);
     assert!(mine.keys().any(|a| a.ends_with(".safetensors")), "{mine:?}");
     let gallery: Vec<&String> = mine.keys().filter(|a| a.starts_with("images/samples+step+")).collect();
-    assert_eq!(gallery.len(), 3, "samples at steps 0, 3 and 6: {mine:?}");
-    assert!(gallery.iter().any(|a| a.starts_with("images/samples+step+3+timestamp+") && a.ends_with(".png")));
+    assert_eq!(gallery.len(), steps / sample_every + 1, "samples at step 0 and every {sample_every}: {mine:?}");
+    assert!(gallery.iter().any(|a| a.starts_with(&format!("images/samples+step+{sample_every}+timestamp+")) && a.ends_with(".png")));
 }
 
 #[test]
@@ -201,7 +215,7 @@ fn styles_are_mirrored_to_a_real_mlflow_server_without_duplicates_or_losses() {
     let uri = server.uri();
 
     // 1. A training with the URI set: mirrored when it ends.
-    let out = train(tmp.path(), "ink", PictureStyle::Inkline, &uri);
+    let out = train_command(tmp.path(), "ink", PictureStyle::Inkline, 6, 3, Some(&uri)).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("mirrored 1 run(s)"), "{}", text(&out));
     let tracker = Tracker::open(&tmp.path().join("tracking")).unwrap();
@@ -250,23 +264,25 @@ fn styles_are_mirrored_to_a_real_mlflow_server_without_duplicates_or_losses() {
     let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
     assert!(text(&out).contains("nothing to sync"), "{}", text(&out));
 
-    // 3. The server is down for a whole training: the training succeeds, the run waits,
-    //    and `runs sync` sends it once the server is back.
+    // 3. The studio's background mirror (serve --tracking-uri) follows a training as it
+    //    runs; the server stops in the middle of it: the training finishes, the mirror waits
+    //    with the reason, and once the server is back it sends the rest, so the server's
+    //    copy is complete and nothing is doubled.
+    let mirror = Background::start(tmp.path().join("tracking"), ServerConfig::new(&uri).unwrap());
+    let mut training = train_command(tmp.path(), "pastel", PictureStyle::Pastel, 60, 30, None).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let exp = tracker.find_experiment("styles").unwrap().unwrap();
+    let pastel = wait_until(Duration::from_secs(120), || tracker.runs(exp).unwrap().into_iter().find(|r| r.name == "pastel").map(|r| r.run_id));
+    wait_until(Duration::from_secs(60), || tracker.remote_run_id(&uri, &pastel).unwrap());
     server.stop();
-    let out = train(tmp.path(), "pastel", PictureStyle::Pastel, &uri);
+    assert_eq!(tracker.run(&pastel).unwrap().unwrap().status, "RUNNING", "the server stopped in the middle of the training");
+    let waiting = wait_until(Duration::from_secs(60), || Some(mirror.status()).filter(|s| s.last_error.is_some()));
+    assert!(waiting.last_error.unwrap().contains("cannot reach the MLflow server"));
+    let out = training.wait_with_output().unwrap();
     assert!(out.status.success(), "a training does not need the server: {}", text(&out));
-    assert!(text(&out).contains("1 run(s) waiting to sync"), "{}", text(&out));
-    let pastel = only_run(&tracker, "pastel");
     assert_eq!(tracker.pending_runs(&uri).unwrap(), vec![pastel.clone()]);
     let out = atelier(&["runs", "sync", "--tracking", "tracking", "--tracking-uri", &uri], tmp.path());
     assert!(!out.status.success(), "a sync to a stopped server fails");
     assert!(text(&out).contains("cannot reach the MLflow server") && text(&out).contains("1 run(s) still waiting"), "{}", text(&out));
-    // The studio's background mirror (serve --tracking-uri) waits with the reason, then
-    // sends the run by itself once the server is back.
-    let mirror = Background::start(tmp.path().join("tracking"), ServerConfig::new(&uri).unwrap());
-    let waiting = wait_until(Duration::from_secs(60), || Some(mirror.status()).filter(|s| s.last_error.is_some()));
-    assert_eq!(waiting.pending, 1, "{waiting:?}");
-    assert!(waiting.last_error.unwrap().contains("cannot reach the MLflow server"));
     server.restart();
     mirror.wake();
     let done = wait_until(Duration::from_secs(120), || Some(mirror.status()).filter(|s| s.pending == 0 && s.last_error.is_none()));
