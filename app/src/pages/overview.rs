@@ -152,11 +152,13 @@ fn x_label(px: f64, text: &str) -> AnyView {
 }
 
 /// A bar per item (`(run id, name, value)`) from 0, labelled with its value; `class`
-/// names the chart for styling and tests (`svg.CLASS rect.bar[data-name][data-value]`).
+/// names the chart for styling and tests (`svg.CLASS rect.gain-bar[data-name][data-value]`).
 fn bar_chart(class: &'static str, label: &'static str, items: &[(String, String, f64)]) -> AnyView {
     let lo = items.iter().map(|i| i.2).fold(0.0f64, f64::min);
     let hi = items.iter().map(|i| i.2).fold(0.0f64, f64::max);
-    let y = Scale::new(lo, hi, VIEW_H - M_BOTTOM, M_TOP, false);
+    // A tenth of the range above (and below) for the value labels.
+    let pad = (hi - lo) * 0.1;
+    let y = Scale::new(if lo < 0.0 { lo - pad } else { lo }, hi + pad, VIEW_H - M_BOTTOM, M_TOP, false);
     let (x0, x1) = (M_LEFT, VIEW_W - M_RIGHT);
     let width = ((x1 - x0) / items.len().max(1) as f64 * 0.6).min(60.0);
     let bars = items
@@ -166,9 +168,10 @@ fn bar_chart(class: &'static str, label: &'static str, items: &[(String, String,
             let cx = charts::band_centre(i, items.len(), x0, x1);
             let (top, bottom) = (y.map(v.max(0.0)), y.map(v.min(0.0)));
             let negative = *v < 0.0;
+            let height = (bottom - top).max(0.5);
             view! {
-                <rect class="bar" class:negative=negative data-run=run.clone() data-name=name.clone() data-value=v.to_string()
-                    x=cx - width / 2.0 y=top width=width height=(bottom - top).max(0.5) fill=charts::colour(0)>
+                <rect class="gain-bar" class:negative=negative data-run=run.clone() data-name=name.clone() data-value=v.to_string()
+                    x=cx - width / 2.0 y=top width=width height=height fill=charts::colour(0)>
                     <title>{format!("{name}: {label} {}", short(*v))}</title>
                 </rect>
                 <text class="value" x=cx y=top - 3.0 text-anchor="middle">{short(*v)}</text>
