@@ -662,13 +662,19 @@ test('the overview shows styles, negative prompts and bench over commits; sample
   await page.waitForSelector('.experiments[data-ready="true"]', { timeout: 60_000 });
   await page.waitForSelector('.overview[data-ready="true"]', { timeout: 30_000 });
   // (a) The style trained above, with its similarity gain (the run's latest value).
-  const bars = await page.$$eval('svg.style-gains rect.bar', (rs) => rs.map((r) => [r.dataset.name, Number(r.dataset.value)]));
+  const bars = await page.$$eval('svg.style-gains rect.gain-bar', (rs) => rs.map((r) => [r.dataset.name, Number(r.dataset.value)]));
   for (const r of trained) assert.ok(bars.some(([n, v]) => n === 'browserpastel' && v === r.metrics.similarity_gain), `${r.metrics.similarity_gain} in ${JSON.stringify(bars)}`);
   assert.equal(bars.length, styleRuns.filter((r) => r.metrics.similarity_gain !== undefined).length);
+  // Drawn at the height the chart gives it (no page style overrides the SVG geometry).
+  const drawn = await page.$eval('svg.style-gains rect.gain-bar[data-name="browserpastel"]', (r) => {
+    const svg = r.ownerSVGElement.getBoundingClientRect();
+    return { px: r.getBoundingClientRect().height, want: r.height.baseVal.value * svg.width / 800 };
+  });
+  assert.ok(drawn.want > 1 && Math.abs(drawn.px / drawn.want - 1) < 0.05, JSON.stringify(drawn));
   // (b) A bar per negative-prompt run with a held-out gain (or the hint when there is none).
   const negRuns = await (await page.request.get(`${baseUrl}/api/experiments/negative-prompts/runs`)).json();
   const withDelta = negRuns.filter((r) => r.metrics.holdout_mean_delta !== undefined);
-  const negBars = await page.$$eval('svg.negative-gains rect.bar', (rs) => rs.map((r) => Number(r.dataset.value)));
+  const negBars = await page.$$eval('svg.negative-gains rect.gain-bar', (rs) => rs.map((r) => Number(r.dataset.value)));
   assert.deepEqual(negBars.sort(), withDelta.map((r) => r.metrics.holdout_mean_delta).sort());
   if (withDelta.length === 0) assert.match(await page.textContent('.negatives-part'), /No negative-prompt runs yet/);
   // (c) A bench line per attention with a point per invocation, labelled with the commit.
@@ -696,6 +702,7 @@ test('the overview shows styles, negative prompts and bench over commits; sample
   await page.$eval('#sheet-step', (e) => { e.value = '1'; e.dispatchEvent(new Event('input', { bubbles: true })); });
   await page.waitForFunction(([sel, s]) => document.querySelector(sel)?.dataset.step === String(s), [img, steps[1]], { timeout: 5_000 });
   await page.waitForFunction((sel) => { const i = document.querySelector(sel); return i && i.complete && i.naturalWidth > 0; }, img, { timeout: 10_000 });
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-sheets.png'), fullPage: true });
 
   // The artifact URL serves the PNG itself.
   const src = await page.$eval(img, (i) => i.src);
