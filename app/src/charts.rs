@@ -257,6 +257,62 @@ pub fn colour(i: usize) -> &'static str {
     PALETTE[i % PALETTE.len()]
 }
 
+/// An image of a run's gallery, named as MLflow's `log_image(key=, step=)` names it:
+/// `images/KEY+step+STEP+timestamp+MS+UUID.png` (relative to the run's artifacts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GalleryImage {
+    /// The artifact path, as `GET /api/runs/{id}` lists it.
+    pub path: String,
+    pub key: String,
+    pub step: i64,
+    /// When it was logged, ms since the epoch.
+    pub timestamp: i64,
+}
+
+/// Reads a gallery image's name (see [`GalleryImage`]); `None` for any other artifact. The
+/// key is what precedes `+step+` (it may itself hold `+`); the parts after it are read from
+/// the right.
+pub fn parse_gallery_name(path: &str) -> Option<GalleryImage> {
+    let name = path.strip_prefix("images/")?;
+    let stem = name.strip_suffix(".png")?;
+    if stem.contains('/') {
+        return None;
+    }
+    let mut parts = stem.rsplitn(6, '+');
+    let (_uuid, ms, ts, step, step_word, key) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if ts != "timestamp" || step_word != "step" || key.is_empty() {
+        return None;
+    }
+    Some(GalleryImage { path: path.to_string(), key: key.to_string(), step: step.parse().ok()?, timestamp: ms.parse().ok()? })
+}
+
+/// The images of key `key` among `artifacts`, by step (then logging time): a run's sample
+/// sheets for the step slider.
+pub fn gallery(artifacts: &[String], key: &str) -> Vec<GalleryImage> {
+    let mut out: Vec<GalleryImage> = artifacts.iter().filter_map(|a| parse_gallery_name(a)).filter(|g| g.key == key).collect();
+    out.sort_by_key(|g| (g.step, g.timestamp));
+    out
+}
+
+/// The image shown at slider value `step`: the one at the highest step ≤ `step` (the last
+/// logged when a step has several), or `None` when every image comes later. `images` sorted
+/// as [`gallery`] returns them.
+pub fn image_at(images: &[GalleryImage], step: i64) -> Option<&GalleryImage> {
+    let i = images.partition_point(|g| g.step <= step);
+    i.checked_sub(1).map(|i| &images[i])
+}
+
+/// Every step of any of `galleries`, sorted, without repeats: the slider's stops.
+pub fn union_steps<'a>(galleries: impl IntoIterator<Item = &'a [GalleryImage]>) -> Vec<i64> {
+    galleries.into_iter().flatten().map(|g| g.step).collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+}
+
+/// The centre of band `i` of `n` equal bands splitting `[r0, r1]` (bar and dot charts over
+/// categories such as run names).
+pub fn band_centre(i: usize, n: usize, r0: f64, r1: f64) -> f64 {
+    r0 + (i as f64 + 0.5) * (r1 - r0) / n.max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,5 +395,38 @@ mod tests {
         let b = [(0.0, 5.0)];
         assert_eq!(y_extent([&a[..], &b[..]], false), Some((-1.0, 5.0)));
         assert_eq!(y_extent([&a[..], &b[..]], true), Some((2.0, 5.0)));
+    }
+
+    #[test]
+    fn gallery_names_parse_and_the_slider_picks_the_last_sheet_at_or_before() {
+        let names: Vec<String> = [
+            "images/samples+step+150+timestamp+1700000000300+ab12.png",
+            "images/samples+step+50+timestamp+1700000000100+cd34.png",
+            "images/other+step+50+timestamp+1700000000100+ef56.png",
+            "images/samples+step+100+timestamp+1700000000200+0a0b.png",
+            "images/samples+step+100+timestamp+1700000000250+0c0d.png",
+            "card.json",
+            "images/notes.png",
+            "images/samples+step+x+timestamp+1+u.png",
+            "images/sub/samples+step+1+timestamp+1+u.png",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let g = parse_gallery_name(&names[0]).unwrap();
+        assert_eq!((g.key.as_str(), g.step, g.timestamp), ("samples", 150, 1_700_000_000_300));
+        assert_eq!(parse_gallery_name("images/a+b+step+7+timestamp+9+u.png").map(|g| (g.key, g.step)), Some(("a+b".into(), 7)));
+        for bad in &names[5..] {
+            assert_eq!(parse_gallery_name(bad), None, "{bad}");
+        }
+        let sheets = gallery(&names, "samples");
+        assert_eq!(sheets.iter().map(|g| (g.step, g.timestamp % 1000)).collect::<Vec<_>>(), vec![(50, 100), (100, 200), (100, 250), (150, 300)]);
+        assert_eq!(image_at(&sheets, 49), None, "nothing logged yet");
+        assert_eq!(image_at(&sheets, 50).map(|g| g.step), Some(50));
+        assert_eq!(image_at(&sheets, 120).map(|g| (g.step, g.timestamp % 1000)), Some((100, 250)), "the last logged at that step");
+        assert_eq!(image_at(&sheets, 1000).map(|g| g.step), Some(150));
+        let other = gallery(&names, "other");
+        assert_eq!(union_steps([sheets.as_slice(), other.as_slice()]), vec![50, 100, 150]);
+        assert!(close(band_centre(0, 4, 0.0, 400.0), 50.0) && close(band_centre(3, 4, 0.0, 400.0), 350.0));
     }
 }

@@ -607,3 +607,47 @@ async fn seeded_runs_are_deterministic_and_served() {
     let csv = send(&app, Method::GET, "/api/experiments/bench/runs.csv", None).await.text();
     assert_eq!(csv.split_terminator("\r\n").count(), 5);
 }
+
+/// A run's artifact files over HTTP (issue 14 §4): a sample sheet logged as MLflow's image
+/// gallery names it comes back as the same PNG bytes, JSON and weights typed by extension;
+/// paths that climb out or are absolute are 400s, missing runs and files 404s.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_artifacts_are_served_inside_their_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = seed_runs(tmp.path(), 3);
+    let png = tmp.path().join("sheet.png");
+    image::RgbImage::from_pixel(3, 2, image::Rgb([200, 10, 10])).save(&png).unwrap();
+    let weights = tmp.path().join("pastel.safetensors");
+    std::fs::write(&weights, b"weights!").unwrap();
+    let sheet = {
+        let t = atelier_server::tracking::Tracker::open(&tmp.path().join("tracking")).unwrap();
+        let stored = t.log_image(&ids[2], &png, "samples", 40).unwrap();
+        t.log_artifact(&ids[2], &weights, Some("model")).unwrap();
+        format!("images/{}", stored.file_name().unwrap().to_str().unwrap())
+    };
+    // A file beside the run's folder that escapes must not reach.
+    std::fs::write(tmp.path().join("tracking").join("secret.txt"), b"no").unwrap();
+    let app = app(state(tmp.path(), FakeGenerator::new(Duration::ZERO)));
+
+    let listed: Value = get_json(&app, &format!("/api/runs/{}", ids[2])).await;
+    assert!(listed["artifacts"].as_array().unwrap().iter().any(|a| a == sheet.as_str()), "{listed}");
+    let r = send(&app, Method::GET, &format!("/api/runs/{}/artifacts/{}", ids[2], query(&sheet).replace("%2F", "/")), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header(header::CONTENT_TYPE).as_deref(), Some("image/png"));
+    assert_eq!(r.body, std::fs::read(&png).unwrap(), "the PNG's bytes");
+    let decoded = image::load_from_memory(&r.body).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (3, 2));
+
+    let card = send(&app, Method::GET, &format!("/api/runs/{}/artifacts/card.json", ids[2]), None).await;
+    assert_eq!((card.status, card.header(header::CONTENT_TYPE).as_deref(), card.text().as_str()), (StatusCode::OK, Some("application/json"), "{}"));
+    let w = send(&app, Method::GET, &format!("/api/runs/{}/artifacts/model/pastel.safetensors", ids[2]), None).await;
+    assert_eq!((w.status, w.header(header::CONTENT_TYPE).as_deref(), w.body.as_slice()), (StatusCode::OK, Some("application/octet-stream"), &b"weights!"[..]));
+
+    for bad in ["../../secret.txt", "..%2F..%2Fsecret.txt", "images/..%2F..%2F..%2Fsecret.txt", "%2Fetc%2Fpasswd", "a%5C..%5Cb"] {
+        let r = send(&app, Method::GET, &format!("/api/runs/{}/artifacts/{bad}", ids[2]), None).await;
+        common::assert_json_error(&r, StatusCode::BAD_REQUEST, "invalid artifact path");
+    }
+    expect_error(&app, Method::GET, &format!("/api/runs/{}/artifacts/images/none.png", ids[2]), None, StatusCode::NOT_FOUND, "no artifact").await;
+    expect_error(&app, Method::GET, &format!("/api/runs/{}/artifacts/images", ids[2]), None, StatusCode::NOT_FOUND, "no artifact").await;
+    expect_error(&app, Method::GET, "/api/runs/nope/artifacts/card.json", None, StatusCode::NOT_FOUND, "no run").await;
+}

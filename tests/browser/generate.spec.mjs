@@ -645,6 +645,77 @@ test('the dashboard compares ticked runs: curves, params diff, CSV, live growth,
   }
 });
 
+test('the overview shows styles, negative prompts and bench over commits; sample sheets follow a step slider; artifacts download', async () => {
+  // Two bench invocations recorded by the binary (a parent and a child per attention each).
+  for (let i = 0; i < 2; i++) {
+    execFileSync(serverBinary(), ['bench', '--case', 'starter-unet', '--steps', '1', '--tracking', path.join(dataDir, 'tracking')], { cwd: root, stdio: 'pipe' });
+  }
+  const styleRuns = await (await page.request.get(`${baseUrl}/api/experiments/styles/runs`)).json();
+  const trained = styleRuns.filter((r) => r.name === 'browserpastel' && r.metrics.similarity_gain !== undefined);
+  assert.ok(trained.length >= 1, `browserpastel has a similarity gain: ${JSON.stringify(styleRuns.map((r) => [r.name, r.metrics]))}`);
+  const benchRuns = await (await page.request.get(`${baseUrl}/api/experiments/bench/runs`)).json();
+  const children = benchRuns.filter((r) => r.params.case === 'starter-unet');
+  const attentions = [...new Set(children.map((r) => r.params.attention))].sort();
+  assert.ok(attentions.length >= 1 && children.length === 2 * attentions.length, `a child per attention per invocation: ${children.length}`);
+
+  await page.goto(`${baseUrl}/experiments`);
+  await page.waitForSelector('.experiments[data-ready="true"]', { timeout: 60_000 });
+  await page.waitForSelector('.overview[data-ready="true"]', { timeout: 30_000 });
+  // (a) The style trained above, with its similarity gain (the run's latest value).
+  const bars = await page.$$eval('svg.style-gains rect.gain-bar', (rs) => rs.map((r) => [r.dataset.name, Number(r.dataset.value)]));
+  for (const r of trained) assert.ok(bars.some(([n, v]) => n === 'browserpastel' && v === r.metrics.similarity_gain), `${r.metrics.similarity_gain} in ${JSON.stringify(bars)}`);
+  assert.equal(bars.length, styleRuns.filter((r) => r.metrics.similarity_gain !== undefined).length);
+  // Drawn at the height the chart gives it (no page style overrides the SVG geometry).
+  const drawn = await page.$eval('svg.style-gains rect.gain-bar[data-name="browserpastel"]', (r) => {
+    const svg = r.ownerSVGElement.getBoundingClientRect();
+    return { px: r.getBoundingClientRect().height, want: r.height.baseVal.value * svg.width / 800 };
+  });
+  assert.ok(drawn.want > 1 && Math.abs(drawn.px / drawn.want - 1) < 0.05, JSON.stringify(drawn));
+  // (b) A bar per negative-prompt run with a held-out gain (or the hint when there is none).
+  const negRuns = await (await page.request.get(`${baseUrl}/api/experiments/negative-prompts/runs`)).json();
+  const withDelta = negRuns.filter((r) => r.metrics.holdout_mean_delta !== undefined);
+  const negBars = await page.$$eval('svg.negative-gains rect.gain-bar', (rs) => rs.map((r) => Number(r.dataset.value)));
+  assert.deepEqual(negBars.sort(), withDelta.map((r) => r.metrics.holdout_mean_delta).sort());
+  if (withDelta.length === 0) assert.match(await page.textContent('.negatives-part'), /No negative-prompt runs yet/);
+  // (c) A bench line per attention with a point per invocation, labelled with the commit.
+  const lines = await page.$$eval('svg.bench-chart path.bench-line', (ps) => ps.map((p) => [p.dataset.series, Number(p.dataset.points)]));
+  assert.deepEqual(lines.sort(), attentions.map((a) => [`starter-unet ${a}`, 2]));
+  const commit = (children[0].tags['atelier.commit'] ?? '?').slice(0, 7);
+  const dots = await page.$$eval('svg.bench-chart circle[data-commit]', (cs) => cs.map((c) => c.dataset.commit));
+  assert.equal(dots.length, 2 * attentions.length);
+  assert.ok(dots.every((c) => c === commit), `${dots} labelled ${commit}`);
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-overview.png'), fullPage: true });
+
+  // Sample sheets: the trained style's run with the most sheets, ticked, under the slider.
+  const details = await Promise.all(trained.map(async (r) => (await page.request.get(`${baseUrl}/api/runs/${r.run_id}`)).json()));
+  const sheetSteps = (d) => [...new Set(d.artifacts.map((a) => a.match(/^images\/samples\+step\+(\d+)\+/)).filter(Boolean).map((m) => Number(m[1])))].sort((a, b) => a - b);
+  const run = details.reduce((a, b) => (sheetSteps(b).length > sheetSteps(a).length ? b : a));
+  const steps = sheetSteps(run);
+  assert.ok(steps.length >= 2, `sheets at several steps: ${steps}`);
+  await page.goto(`${baseUrl}/experiments?experiment=styles&runs=${run.run_id}`);
+  const img = `.sample-sheets img[data-run="${run.run_id}"]`;
+  await page.waitForSelector(img, { timeout: 30_000 });
+  assert.equal(Number(await page.getAttribute(img, 'data-step')), steps[steps.length - 1], 'the last sheet first');
+  await page.$eval('#sheet-step', (e) => { e.value = '0'; e.dispatchEvent(new Event('input', { bubbles: true })); });
+  await page.waitForFunction(([sel, s]) => document.querySelector(sel)?.dataset.step === String(s), [img, steps[0]], { timeout: 5_000 });
+  assert.equal(await page.getAttribute('.sample-sheets', 'data-step'), String(steps[0]));
+  await page.$eval('#sheet-step', (e) => { e.value = '1'; e.dispatchEvent(new Event('input', { bubbles: true })); });
+  await page.waitForFunction(([sel, s]) => document.querySelector(sel)?.dataset.step === String(s), [img, steps[1]], { timeout: 5_000 });
+  await page.waitForFunction((sel) => { const i = document.querySelector(sel); return i && i.complete && i.naturalWidth > 0; }, img, { timeout: 10_000 });
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-sheets.png'), fullPage: true });
+
+  // The artifact URL serves the PNG itself.
+  const src = await page.$eval(img, (i) => i.src);
+  const fetched = await page.evaluate(async (u) => {
+    const r = await fetch(u);
+    const b = new Uint8Array(await r.arrayBuffer());
+    return { status: r.status, type: r.headers.get('content-type'), magic: [...b.slice(0, 8)] };
+  }, src);
+  assert.deepEqual(fetched, { status: 200, type: 'image/png', magic: [137, 80, 78, 71, 13, 10, 26, 10] });
+  const refused = await page.request.get(`${baseUrl}/api/runs/${run.run_id}/artifacts/..%2F..%2Ftracking.sqlite`);
+  assert.equal(refused.status(), 400);
+});
+
 test('no errors in the browser console', () => {
   // The deliberate 400 above is logged by Chromium as a failed resource load; ignore those.
   const real = pageErrors.filter((e) => !/Failed to load resource/.test(e));

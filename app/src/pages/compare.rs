@@ -1,8 +1,9 @@
 //! The Experiments page's comparison views (issue 14 §4) for the runs ticked in the
 //! table: their curves of one metric overlaid (hand-made SVG: smoothing, log scale, values
 //! under the cursor, live growth of RUNNING runs over SSE), their params side by side with
-//! the differing ones marked, and a scatter of a param against a metric over every run of
-//! the table. The maths is in [`crate::charts`].
+//! the differing ones marked, a scatter of a param against a metric over every run of
+//! the table, and their sample sheets (MLflow image-gallery artifacts) side by side under
+//! one step slider. The maths is in [`crate::charts`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -449,6 +450,127 @@ pub fn Scatter(dash: Dashboard) -> impl IntoView {
     .into_any()
 }
 
+/// The URL of artifact `path` (relative, `/`-separated) of run `run`:
+/// `GET /api/runs/{id}/artifacts/{path}`, each folder name percent-encoded.
+pub fn artifact_url(run: &str, path: &str) -> String {
+    let parts: Vec<String> = path.split('/').map(super::encode_query).collect();
+    format!("/api/runs/{}/artifacts/{}", super::encode_query(run), parts.join("/"))
+}
+
+/// The gallery key the sheets show: `samples` (what style trainings log) when some run has
+/// it, else the first key any run has.
+fn sheet_key(artifacts: &BTreeMap<String, Vec<String>>) -> Option<String> {
+    let keys: BTreeSet<String> = artifacts.values().flatten().filter_map(|a| charts::parse_gallery_name(a)).map(|g| g.key).collect();
+    if keys.contains("samples") {
+        Some("samples".into())
+    } else {
+        keys.into_iter().next()
+    }
+}
+
+/// The ticked runs' sample sheets side by side (one labelled image per run that logged
+/// any), under a slider over every step any of them logged a sheet at; each run shows its
+/// sheet at the highest step ≤ the slider's (see [`charts::image_at`]). The artifact lists
+/// come from `GET /api/runs/{id}`, once per run.
+#[component]
+pub fn SampleSheets(dash: Dashboard) -> impl IntoView {
+    let chosen = Memo::new(move |_| dash.chosen_runs());
+    // Run id → its artifact paths (fetched once per run).
+    let artifacts: RwSignal<BTreeMap<String, Vec<String>>> = RwSignal::new(BTreeMap::new());
+    // The slider's value, a step; `None` follows the last step.
+    let at: RwSignal<Option<i64>> = RwSignal::new(None);
+    Effect::new(move |_| {
+        for r in chosen.get() {
+            let id = r.info.run_id.clone();
+            if artifacts.with_untracked(|a| a.contains_key(&id)) {
+                continue;
+            }
+            artifacts.update(|a| {
+                a.insert(id.clone(), Vec::new());
+            });
+            #[cfg(feature = "hydrate")]
+            leptos::task::spawn_local(async move {
+                #[derive(serde::Deserialize)]
+                struct Listed {
+                    artifacts: Vec<String>,
+                }
+                let url = format!("/api/runs/{}", super::encode_query(&id));
+                if let Ok(l) = crate::browser::get_json::<Listed>(&url).await {
+                    artifacts.update(|a| {
+                        a.insert(id, l.artifacts);
+                    });
+                }
+            });
+        }
+    });
+    // (run id, label, its sheets by step) for the ticked runs with sheets, in ticking order.
+    let sheets = Memo::new(move |_| {
+        artifacts.with(|a| {
+            let Some(key) = sheet_key(a) else { return Vec::new() };
+            chosen
+                .get()
+                .into_iter()
+                .filter_map(|r| {
+                    let g = charts::gallery(a.get(&r.info.run_id)?, &key);
+                    (!g.is_empty()).then(|| (r.info.run_id.clone(), r.info.name.clone(), g))
+                })
+                .collect::<Vec<_>>()
+        })
+    });
+    let steps = Memo::new(move |_| sheets.with(|s| charts::union_steps(s.iter().map(|(_, _, g)| g.as_slice()))));
+    // The slider's step: the chosen one when it is a stop, else the last.
+    let current = move || {
+        let stops = steps.get();
+        at.get().filter(|s| stops.contains(s)).or_else(|| stops.last().copied())
+    };
+    move || {
+        let stops = steps.get();
+        if stops.is_empty() {
+            return None;
+        }
+        let step = current().unwrap_or_default();
+        let index = stops.iter().position(|s| *s == step).unwrap_or(stops.len() - 1);
+        let max = stops.len() - 1;
+        let images = sheets.with(|list| {
+            list.iter()
+                .map(|(run, label, g)| match charts::image_at(g, step) {
+                    Some(img) => view! {
+                        <figure class="sheet">
+                            <img data-run=run.clone() data-step=img.step.to_string() src=artifact_url(run, &img.path)
+                                alt=format!("{label}: samples at step {}", img.step) />
+                            <figcaption>{format!("{label} (step {})", img.step)}</figcaption>
+                        </figure>
+                    }
+                    .into_any(),
+                    None => view! {
+                        <figure class="sheet empty" data-run=run.clone()>
+                            <figcaption>{format!("{label}: no sheet by step {step}")}</figcaption>
+                        </figure>
+                    }
+                    .into_any(),
+                })
+                .collect_view()
+        });
+        Some(
+            view! {
+                <div class="sample-sheets" data-step=step.to_string()>
+                    <h2>"Sample sheets"</h2>
+                    <label>"step "
+                        <input id="sheet-step" type="range" min="0" max=max.to_string() step="1" prop:value=index.to_string()
+                            on:input=move |ev| {
+                                let i = event_target_value(&ev).parse::<usize>().unwrap_or(0);
+                                at.set(steps.with_untracked(|s| s.get(i).copied()));
+                            } />
+                        <span class="sheet-step-value">{step.to_string()}</span>
+                    </label>
+                    <div class="sheet-row">{images}</div>
+                </div>
+            }
+            .into_any(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,5 +601,16 @@ mod tests {
         assert_eq!(d.curves[1].points, vec![(1.0, 2.0), (2.0, 2.5 / 0.75)], "EMA 0.5 of 2, 4");
         assert_eq!((d.x.d0, d.x.d1), (1.0, 3000.0));
         assert_eq!(d.y.d1, 2.5 / 0.75, "the smoothed maximum");
+    }
+
+    #[test]
+    fn sheets_use_samples_first_and_urls_encode_each_part() {
+        let mut a = BTreeMap::new();
+        a.insert("r1".to_string(), vec!["images/aaa+step+1+timestamp+1+u.png".to_string(), "card.json".into()]);
+        assert_eq!(sheet_key(&a), Some("aaa".into()));
+        a.insert("r2".to_string(), vec!["images/samples+step+5+timestamp+1+u.png".to_string()]);
+        assert_eq!(sheet_key(&a), Some("samples".into()));
+        assert_eq!(sheet_key(&BTreeMap::new()), None);
+        assert_eq!(artifact_url("ab12", "images/samples+step+5+timestamp+1+u.png"), "/api/runs/ab12/artifacts/images/samples%2Bstep%2B5%2Btimestamp%2B1%2Bu.png");
     }
 }

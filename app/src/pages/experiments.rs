@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 
 use leptos::prelude::*;
 
-use super::compare::{self, Dashboard, Histories, MetricCurves, ParamsDiff, Scatter};
+use super::compare::{self, Dashboard, Histories, MetricCurves, ParamsDiff, SampleSheets, Scatter};
 use crate::dto::{ExperimentInfo, RunSummary};
 
 /// What the page's address holds (its query string).
@@ -276,7 +276,8 @@ pub fn ExperimentsPage() -> impl IntoView {
     view! {
         <section class="experiments" data-ready=move || ready.get().to_string()>
             <h1>"Experiments"</h1>
-            <p class="muted">"Every style training and negative-prompt run is tracked here, with its settings (params) and measurements (metrics)."</p>
+            <p class="muted">"Every style training and negative-prompt run is tracked here, with its settings (params) and measurements (metrics). "
+                <a href="#overview" class="to-overview">"Overview across experiments ↓"</a></p>
             <crate::components::sync_status::SyncStatus />
             <div class="exp-list">
                 <For each=move || experiments.get() key=|e| e.experiment_id let:e>
@@ -315,11 +316,13 @@ pub fn ExperimentsPage() -> impl IntoView {
                 // Kept (with its hover and memos) while runs are ticked, not rebuilt per tick.
                 <Show when=move || !dash.selected.with(Vec::is_empty)>
                     {view! { <MetricCurves dash=dash /> }.into_any()}
+                    {view! { <SampleSheets dash=dash /> }.into_any()}
                 </Show>
             </div>
             <Show when=move || runs.with(|r| r.as_ref().is_some_and(|r| !r.is_empty()))>
                 {view! { <Scatter dash=dash /> }.into_any()}
             </Show>
+            {view! { <super::overview::Overview /> }.into_any()}
         </section>
     }
 }

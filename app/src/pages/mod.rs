@@ -5,6 +5,7 @@ pub mod compare;
 pub mod experiments;
 pub mod generate;
 pub mod negatives;
+pub mod overview;
 pub mod styles;
 pub mod train;
 

@@ -4,7 +4,8 @@
 //! artifacts), `GET /runs/{id}/metrics/{key}` (the whole history). For the dashboard:
 //! CSV downloads `GET /experiments/{id}/runs.csv?filter=F` and
 //! `GET /runs/{id}/metrics/{key}.csv`, and `GET /runs/{id}/metrics/{key}/stream`, the
-//! SSE stream of a metric as it is logged.
+//! SSE stream of a metric as it is logged; `GET /runs/{id}/artifacts/{*path}`, one file of a
+//! run's artifacts (sample sheets, model cards, weights).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         .route("/runs/{id}", get(run))
         .route("/runs/{id}/metrics/{key}", get(history))
         .route("/runs/{id}/metrics/{key}/stream", get(history_stream))
+        .route("/runs/{id}/artifacts/{*path}", get(artifact))
         .route("/tracking/sync", get(sync_status).post(sync_now))
 }
 
@@ -120,6 +122,28 @@ async fn run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Js
         })
         .await?,
     ))
+}
+
+/// `GET /api/runs/{id}/artifacts/{*path}`: the file at `path` (relative, `/`-separated,
+/// as `GET /api/runs/{id}` lists it) under the run's artifact folder, typed by its
+/// extension (see [`queries::artifact_content_type`]). A path that is absolute or climbs out
+/// (`..`) is a 400; a run or file that does not exist, a 404.
+async fn artifact(State(state): State<AppState>, Path((id, path)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let rel = queries::artifact_relative_path(&path).map_err(|message| ApiError::Invalid { field: "artifact path".into(), message })?;
+    let (file, body) = with_tracker(&state, move |t| {
+        let info = t.run(&id)?.ok_or_else(|| ApiError::NotFound { what: "run", id: id.clone() })?;
+        let root = std::path::PathBuf::from(&info.artifact_uri);
+        let missing = || ApiError::NotFound { what: "artifact", id: format!("{id}/{path}") };
+        // Resolved, so that a link inside the folder cannot lead out of it either.
+        let (Ok(root), Ok(full)) = (root.canonicalize(), root.join(&rel).canonicalize()) else { return Err(missing()) };
+        if !full.starts_with(&root) || !full.is_file() {
+            return Err(missing());
+        }
+        let body = std::fs::read(&full).map_err(|e| ApiError::Internal(format!("cannot read {}: {e}", full.display())))?;
+        Ok((path, body))
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, queries::artifact_content_type(&file))], body).into_response())
 }
 
 /// `GET /api/runs/{id}/metrics/{key}`: the whole history as JSON; with `.csv` after the

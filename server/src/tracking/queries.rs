@@ -211,10 +211,61 @@ pub fn history_csv(points: &[MetricPoint]) -> String {
     out
 }
 
+/// Checks an artifact path from a URL (`images/a.png`): relative, `/`-separated, with no
+/// `..`, `.` or empty part and no backslash, colon or NUL (so it cannot leave the run's
+/// folder or name a drive on Windows). Returns it as a path, or why it is refused.
+pub fn artifact_relative_path(path: &str) -> std::result::Result<std::path::PathBuf, String> {
+    if path.is_empty() {
+        return Err("empty: name a file under the run's artifacts, e.g. images/sample.png".into());
+    }
+    if path.starts_with('/') || path.contains(['\\', ':', '\0']) {
+        return Err(format!("{path:?} must be relative to the run's artifacts, with `/` between folders"));
+    }
+    let mut out = std::path::PathBuf::new();
+    for part in path.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return Err(format!("{path:?} may not hold `..`, `.` or an empty folder name"));
+        }
+        out.push(part);
+    }
+    Ok(out)
+}
+
+/// The `Content-Type` of an artifact by its extension: images, JSON, CSV, text, YAML;
+/// anything else (`.safetensors` weights included) is `application/octet-stream`.
+pub fn artifact_content_type(path: &str) -> &'static str {
+    let ext = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "svg" => "image/svg+xml",
+        "json" => "application/json",
+        "csv" => "text/csv; charset=utf-8",
+        "txt" | "md" | "log" => "text/plain; charset=utf-8",
+        "yaml" | "yml" => "application/yaml",
+        _ => "application/octet-stream",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tracking::{search, RunStatus};
+
+    #[test]
+    fn artifact_paths_stay_inside_and_are_typed() {
+        assert_eq!(artifact_relative_path("images/a+step+1.png").unwrap(), std::path::Path::new("images").join("a+step+1.png"));
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\\..\\b", "C:x"] {
+            assert!(artifact_relative_path(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(artifact_content_type("images/s.PNG"), "image/png");
+        assert_eq!(artifact_content_type("card.json"), "application/json");
+        assert_eq!(artifact_content_type("metrics.csv"), "text/csv; charset=utf-8");
+        assert_eq!(artifact_content_type("lora.safetensors"), "application/octet-stream");
+        assert_eq!(artifact_content_type("README"), "application/octet-stream");
+    }
 
     #[test]
     fn csv_quotes_as_rfc_4180() {
