@@ -11,48 +11,16 @@
 import { spawn, execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import net from 'node:net';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
+import { root, serverBinary, freePort, waitForHealth } from './support.mjs';
 
-const root = process.env.ATELIER_ROOT ?? path.resolve(import.meta.dirname, '../..');
 const RUNS = Number(process.env.RUNS ?? 500);
 const METRICS = Number(process.env.METRICS ?? 5);
 const STEPS = Number(process.env.STEPS ?? 2000);
 const REPEATS = Number(process.env.REPEATS ?? 3);
 const COMPARED = 10;
 
-function serverBinary() {
-  if (process.env.ATELIER_BIN) return process.env.ATELIER_BIN;
-  const meta = JSON.parse(execFileSync('cargo', ['metadata', '--format-version', '1', '--no-deps'], { cwd: root, encoding: 'utf8' }));
-  return path.join(meta.target_directory, 'debug', 'atelier');
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-async function waitForHealth(url, server, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (server.exitCode !== null) throw new Error(`atelier exited early with ${server.exitCode}`);
-    try {
-      if ((await fetch(`${url}/api/health`)).ok) return;
-    } catch {
-      // not listening yet
-    }
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  throw new Error(`server at ${url} did not become healthy in ${timeoutMs} ms`);
-}
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const fmt = (ms) => `${(ms / 1000).toFixed(2)} s`;

@@ -10,47 +10,12 @@ import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync, writeFileSync, readFileSync, copyFileSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import net from 'node:net';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
+import { root, serverBinary, freePort, waitForHealth } from './support.mjs';
 
-const root = process.env.ATELIER_ROOT ?? path.resolve(import.meta.dirname, '../..');
 const screenshot = process.env.SCREENSHOT ?? '/tmp/atelier-generate.png';
 
-function serverBinary() {
-  if (process.env.ATELIER_BIN) return process.env.ATELIER_BIN;
-  const meta = JSON.parse(
-    execFileSync('cargo', ['metadata', '--format-version', '1', '--no-deps'], { cwd: root, encoding: 'utf8' }),
-  );
-  return path.join(meta.target_directory, 'debug', 'atelier');
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-async function waitForHealth(url, server, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (server.exitCode !== null) throw new Error(`atelier exited early with ${server.exitCode}`);
-    try {
-      const res = await fetch(`${url}/api/health`);
-      if (res.ok) return;
-    } catch {
-      // not listening yet
-    }
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  throw new Error(`server at ${url} did not become healthy in ${timeoutMs} ms`);
-}
 
 let server;
 let serverLog = '';
