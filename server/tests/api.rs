@@ -634,6 +634,8 @@ async fn run_artifacts_are_served_inside_their_folder() {
     let r = send(&app, Method::GET, &format!("/api/runs/{}/artifacts/{}", ids[2], query(&sheet).replace("%2F", "/")), None).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.header(header::CONTENT_TYPE).as_deref(), Some("image/png"));
+    assert_eq!(r.header(header::CONTENT_SECURITY_POLICY).as_deref(), Some("sandbox"), "artifacts never run as studio pages");
+    assert_eq!(r.header(header::X_CONTENT_TYPE_OPTIONS).as_deref(), Some("nosniff"));
     assert_eq!(r.body, std::fs::read(&png).unwrap(), "the PNG's bytes");
     let decoded = image::load_from_memory(&r.body).unwrap();
     assert_eq!((decoded.width(), decoded.height()), (3, 2));

@@ -269,7 +269,7 @@ fn styles_are_mirrored_to_a_real_mlflow_server_without_duplicates_or_losses() {
     //    with the reason, and once the server is back it sends the rest, so the server's
     //    copy is complete and nothing is doubled.
     let mirror = Background::start(tmp.path().join("tracking"), ServerConfig::new(&uri).unwrap());
-    let mut training = train_command(tmp.path(), "pastel", PictureStyle::Pastel, 60, 30, None).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let training = train_command(tmp.path(), "pastel", PictureStyle::Pastel, 60, 30, None).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let exp = tracker.find_experiment("styles").unwrap().unwrap();
     let pastel = wait_until(Duration::from_secs(120), || tracker.runs(exp).unwrap().into_iter().find(|r| r.name == "pastel").map(|r| r.run_id));
     wait_until(Duration::from_secs(60), || tracker.remote_run_id(&uri, &pastel).unwrap());

@@ -143,7 +143,17 @@ async fn artifact(State(state): State<AppState>, Path((id, path)): Path<(String,
         Ok((path, body))
     })
     .await?;
-    Ok(([(header::CONTENT_TYPE, queries::artifact_content_type(&file))], body).into_response())
+    // Artifacts are data, never a page of the studio: no sniffing, and an SVG or any other
+    // document opened directly runs sandboxed (no scripts, no same-origin access).
+    Ok((
+        [
+            (header::CONTENT_TYPE, queries::artifact_content_type(&file)),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CONTENT_SECURITY_POLICY, "sandbox"),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 /// `GET /api/runs/{id}/metrics/{key}`: the whole history as JSON; with `.csv` after the
