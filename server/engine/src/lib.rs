@@ -41,6 +41,9 @@ pub mod quality; // no-reference quality of one image, and generic image measure
 pub mod reference; // reproducing diffusers' reference cases, to compare with them
 pub mod sheet; // contact sheets: a set of images tiled into one
 
+// Export.
+pub mod coreml; // Core ML ML Program packages (weight files so far)
+
 // Files: images and results in and out.
 pub mod files; // atomic writes (temporary file, then rename)
 pub mod image_input; // the one way an image enters (format by content, EXIF orientation)
