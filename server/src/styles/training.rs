@@ -218,17 +218,8 @@ pub fn run_training(
     let step = req.steps as i64;
     tracker.log_metric(&tracked, "fit_loss_base", output.fit_before, step)?;
     tracker.log_metric(&tracked, "fit_loss_adapter", output.fit_after, step)?;
-    if let (Some(b), Some(s)) = (card.metrics["base"]["style_similarity"].as_f64(), card.metrics["style"]["style_similarity"].as_f64()) {
-        tracker.log_metric(&tracked, "similarity_gain", s - b, step)?;
-    }
-    for who in ["base", "style"] {
-        if let Some(serde_json::Value::Object(m)) = card.metrics.get(who) {
-            for (k, v) in m {
-                if let Some(v) = v.as_f64() {
-                    tracker.log_metric(&tracked, &format!("{who}_{k}"), v, step)?;
-                }
-            }
-        }
+    for (k, v) in card_measures(&card) {
+        tracker.log_metric(&tracked, &k, v, step)?;
     }
     if let Ok(json) = serde_json::to_vec_pretty(&report) {
         let path = run_dir.join("dataset_report.json");
@@ -251,6 +242,22 @@ pub fn run_training(
         }
     };
     Ok(Finished { card, output, dir: run_dir, seconds, version })
+}
+
+/// The card's before/after measurements, as the run logs them and the registry tags them:
+/// `base_KEY` and `style_KEY` for every number measured, and `similarity_gain` (style
+/// similarity with the style minus without).
+fn card_measures(card: &StyleCard) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for who in ["base", "style"] {
+        if let Some(serde_json::Value::Object(m)) = card.metrics.get(who) {
+            out.extend(m.iter().filter_map(|(k, v)| Some((format!("{who}_{k}"), v.as_f64()?))));
+        }
+    }
+    if let (Some(b), Some(s)) = (card.metrics["base"]["style_similarity"].as_f64(), card.metrics["style"]["style_similarity"].as_f64()) {
+        out.push(("similarity_gain".into(), s - b));
+    }
+    out
 }
 
 /// Registers the trained style as a new version of its registered model, with its
@@ -278,18 +285,7 @@ fn register(
         ("steps".into(), cfg.steps.to_string()),
         ("run_id".into(), run.to_string()),
     ];
-    for who in ["base", "style"] {
-        if let Some(serde_json::Value::Object(m)) = card.metrics.get(who) {
-            for (k, v) in m {
-                if let Some(v) = v.as_f64() {
-                    tags.push((format!("{who}_{k}"), format!("{v:.6}")));
-                }
-            }
-        }
-    }
-    if let (Some(b), Some(s)) = (card.metrics["base"]["style_similarity"].as_f64(), card.metrics["style"]["style_similarity"].as_f64()) {
-        tags.push(("similarity_gain".into(), format!("{:.6}", s - b)));
-    }
+    tags.extend(card_measures(card).into_iter().map(|(k, v)| (k, format!("{v:.6}"))));
     let files: Vec<PathBuf> = [output.kohya.clone(), output.diffusers.clone(), run_dir.join("card.json")].into_iter().filter(|f| f.is_file()).collect();
     Ok(tracker.register_version(&cfg.name, "style", &files, Some(run), &tags)?.version)
 }
