@@ -33,7 +33,7 @@ use serde_json::{json, Value};
 
 use super::{Tracker, TrackingError};
 
-const SCHEMA: &str = "
+pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS mlflow_runs (
     server               TEXT NOT NULL,
     run_uuid             TEXT NOT NULL,
@@ -419,15 +419,9 @@ pub struct Mirror<'a> {
 }
 
 impl Tracker {
-    fn ensure_sync_schema(&self) -> Result<(), TrackingError> {
-        self.db().execute_batch(SCHEMA)?;
-        Ok(())
-    }
-
     /// Runs with something not yet on `server` (and not refused as they are now), oldest
     /// first.
     pub fn pending_runs(&self, server: &str) -> Result<Vec<String>, TrackingError> {
-        self.ensure_sync_schema()?;
         let db = self.db();
         let mut st = db.prepare(
             "SELECT r.run_uuid FROM runs r \
@@ -447,7 +441,6 @@ impl Tracker {
     /// the server's database was reset). Runs still on the server are found by their
     /// `atelier.run_id` tag and updated, not duplicated.
     pub fn forget_sync(&self, server: &str) -> Result<(), TrackingError> {
-        self.ensure_sync_schema()?;
         let db = self.db();
         db.execute("DELETE FROM mlflow_runs WHERE server = ?1", [server])?;
         db.execute("DELETE FROM mlflow_refusals WHERE server = ?1", [server])?;
@@ -458,7 +451,6 @@ impl Tracker {
 
     /// Runs refused by `server` as they are now, with the server's message.
     pub fn refused_runs(&self, server: &str) -> Result<Vec<(String, String)>, TrackingError> {
-        self.ensure_sync_schema()?;
         let db = self.db();
         let mut st = db.prepare(
             "SELECT run_uuid, error FROM mlflow_runs WHERE server = ?1 AND error IS NOT NULL \
@@ -470,7 +462,6 @@ impl Tracker {
 
     /// The server's run id of local `run` on `server`, once synced.
     pub fn remote_run_id(&self, server: &str, run: &str) -> Result<Option<String>, TrackingError> {
-        self.ensure_sync_schema()?;
         Ok(self
             .db()
             .query_row("SELECT remote_run_id FROM mlflow_runs WHERE server = ?1 AND run_uuid = ?2", [server, run], |r| r.get(0))
@@ -887,9 +878,16 @@ impl Background {
             .spawn(move || {
                 let client = Client::new(config);
                 let mut wait = Duration::from_secs(2);
+                // Opened once and kept (opening again until it succeeds).
+                let mut store: Option<Tracker> = None;
                 loop {
-                    let outcome = Tracker::open(&tracking).map_err(|e| crate::error::report(&e)).and_then(|t| {
-                        let mut mirror = Mirror::new(&t, &client);
+                    let opened = match store.take() {
+                        Some(t) => Ok(t),
+                        None => Tracker::open(&tracking).map_err(|e| crate::error::report(&e)),
+                    };
+                    let outcome = opened.and_then(|t| {
+                        let t = store.insert(t);
+                        let mut mirror = Mirror::new(t, &client);
                         let report = mirror.sync_pending(&mut |_| {}).map_err(|e| crate::error::report(&e))?;
                         let refused = t.refused_runs(client.uri()).map_err(|e| crate::error::report(&e))?;
                         Ok((report, refused))

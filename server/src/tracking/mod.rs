@@ -248,7 +248,11 @@ impl Tracker {
         let db = Connection::open(dir.join("tracking.sqlite"))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.execute_batch(SCHEMA)?;
+        // The model registry and the MLflow mirror's bookkeeping live in the same database.
+        db.execute_batch(registry::SCHEMA)?;
+        db.execute_batch(mlflow::SCHEMA)?;
         let tracker = Self { root: dir.to_path_buf(), db: Mutex::new(db) };
+        tracker.ensure_latest_metrics()?;
         tracker.end_orphaned_runs()?;
         Ok(tracker)
     }

@@ -44,9 +44,9 @@ pub struct BulkRun<'a> {
 const BULK_ROWS: usize = 200;
 
 impl Tracker {
-    /// Creates `latest_metrics` and its trigger when missing, filling it from the points
-    /// already stored (in one transaction, so no point logged meanwhile is missed).
-    fn ensure_latest_metrics(&self) -> Result<()> {
+    /// Creates `latest_metrics` and its trigger when missing (called by [`Tracker::open`]),
+    /// filling it from the points already stored (in one transaction, so no point logged meanwhile is missed).
+    pub(super) fn ensure_latest_metrics(&self) -> Result<()> {
         let mut db = self.db();
         let present: Option<i64> = db.query_row("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'metrics_latest'", [], |r| r.get(0)).optional()?;
         if present.is_some() {
@@ -70,7 +70,6 @@ impl Tracker {
     /// The latest value of every metric of every run of `experiment`: run id → key → value.
     /// Reads one row per (run, metric), not every point.
     pub fn latest_metrics(&self, experiment: i64) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
-        self.ensure_latest_metrics()?;
         let db = self.db();
         let mut st = db.prepare("SELECT x.run_uuid, x.key, x.value FROM latest_metrics x JOIN runs r ON r.run_uuid = x.run_uuid WHERE r.experiment_id = ?1")?;
         let mut out: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
@@ -112,7 +111,6 @@ impl Tracker {
         let artifacts = self.root.join("artifacts").join(experiment.to_string()).join(&id).join("artifacts");
         std::fs::create_dir_all(&artifacts).map_err(super::creating(&artifacts))?;
         // The trigger first, so that the new points keep `latest_metrics` up to date.
-        self.ensure_latest_metrics()?;
         let points = run.metrics.iter().map(|(_, v)| v.len() as i64).max().unwrap_or(0);
         let end_time = (run.status != "RUNNING").then_some(start_time + points + 1);
         let mut db = self.db();
@@ -280,12 +278,18 @@ mod tests {
     #[test]
     fn latest_metrics_follow_steps_even_for_points_logged_before_the_table() {
         let dir = tempfile::tempdir().unwrap();
+        let (exp, run) = {
+            let t = Tracker::open(dir.path()).unwrap();
+            let exp = t.experiment("styles").unwrap();
+            let run = t.start_run(exp, "a").unwrap();
+            t.log_metric(&run, "loss", 0.5, 1).unwrap();
+            t.log_metric(&run, "loss", 0.25, 3).unwrap();
+            // A store written before `latest_metrics` existed.
+            t.db().execute_batch("DROP TRIGGER metrics_latest; DROP TABLE latest_metrics;").unwrap();
+            (exp, run)
+        };
         let t = Tracker::open(dir.path()).unwrap();
-        let exp = t.experiment("styles").unwrap();
-        let run = t.start_run(exp, "a").unwrap();
-        t.log_metric(&run, "loss", 0.5, 1).unwrap();
-        t.log_metric(&run, "loss", 0.25, 3).unwrap();
-        // Backfilled from the points already there.
+        // Backfilled on opening from the points already there.
         assert_eq!(t.latest_metrics(exp).unwrap()[&run]["loss"], 0.25);
         // Then kept by the trigger: an older step does not replace it, a newer one does.
         t.log_metric(&run, "loss", 9.0, 2).unwrap();

@@ -19,7 +19,7 @@ use super::{now_ms, Tracker, TrackingError};
 
 pub use app::dto::{ModelVersion, RegisteredModel};
 
-const SCHEMA: &str = "
+pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS registered_models (
     name              TEXT PRIMARY KEY,
     creation_time     INTEGER NOT NULL,
@@ -67,11 +67,6 @@ pub fn check_alias(alias: &str) -> Result<(), TrackingError> {
 }
 
 impl Tracker {
-    pub(crate) fn ensure_registry_schema(&self) -> Result<(), TrackingError> {
-        self.db().execute_batch(SCHEMA)?;
-        Ok(())
-    }
-
     /// The folder of a version's files.
     pub fn version_dir(&self, name: &str, version: i64) -> PathBuf {
         self.root.join("registry").join(name).join(version.to_string())
@@ -84,7 +79,6 @@ impl Tracker {
     /// # Errors
     /// A file that cannot be copied (nothing is registered then), or the database.
     pub fn register_version(&self, name: &str, kind: &str, files: &[PathBuf], run: Option<&str>, tags: &[(String, String)]) -> Result<ModelVersion, TrackingError> {
-        self.ensure_registry_schema()?;
         let version: i64 = self.db().query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM model_versions WHERE name = ?1", [name], |r| r.get(0))?;
         // Files first, into a temporary folder renamed into place: a version is listed only
         // once its files are complete.
@@ -123,7 +117,6 @@ impl Tracker {
 
     /// One version with its tags and aliases.
     pub fn model_version(&self, name: &str, version: i64) -> Result<Option<ModelVersion>, TrackingError> {
-        self.ensure_registry_schema()?;
         let db = self.db();
         let row = db
             .query_row(
@@ -142,7 +135,6 @@ impl Tracker {
 
     /// Every registered model, by name, with its versions (newest first) and aliases.
     pub fn registered_models(&self) -> Result<Vec<RegisteredModel>, TrackingError> {
-        self.ensure_registry_schema()?;
         let names: Vec<String> = {
             let db = self.db();
             let mut st = db.prepare("SELECT name FROM registered_models ORDER BY name")?;
@@ -154,7 +146,6 @@ impl Tracker {
 
     /// One registered model (exact name, else case-insensitive).
     pub fn registered_model(&self, name: &str) -> Result<Option<RegisteredModel>, TrackingError> {
-        self.ensure_registry_schema()?;
         let row = {
             let db = self.db();
             db.query_row(
