@@ -25,8 +25,9 @@ pub use suggest::{DatasetFacts, Suggestion};
 /// The two scores of one image, each in [0, 1], higher is better.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
-    /// Style similarity to the reference version's training images.
-    pub style: f64,
+    /// Style similarity to the reference version's training images; `None` when that
+    /// version has no training Grams (a baked blend), and then style is not monitored.
+    pub style: Option<f64>,
     /// Combined no-reference quality ([`atelier_engine::quality::assess`], default weights).
     pub quality: f64,
 }
@@ -40,7 +41,8 @@ pub struct Sample {
     pub image_id: String,
     /// The version that painted it (`NAME@N`).
     pub version: String,
-    pub style: f64,
+    /// See [`Scores::style`].
+    pub style: Option<f64>,
     pub quality: f64,
 }
 
@@ -235,11 +237,13 @@ impl Monitor {
         while w.window.len() > w.rule.window {
             w.window.pop_front();
         }
-        let pick = |f: fn(&Sample) -> f64, xs: &mut dyn Iterator<Item = &Sample>| xs.map(f).collect::<Vec<f64>>();
-        let checks = vec![
-            w.rule.test("style", &pick(|s| s.style, &mut reference.samples.iter()), &pick(|s| s.style, &mut w.window.iter())),
-            w.rule.test("quality", &pick(|s| s.quality, &mut reference.samples.iter()), &pick(|s| s.quality, &mut w.window.iter())),
-        ];
+        let styles = |xs: &mut dyn Iterator<Item = &Sample>| xs.map(|s| s.style).collect::<Option<Vec<f64>>>();
+        let qualities = |xs: &mut dyn Iterator<Item = &Sample>| xs.map(|s| s.quality).collect::<Vec<f64>>();
+        let mut checks = Vec::with_capacity(2);
+        if let (Some(r), Some(win)) = (styles(&mut reference.samples.iter()), styles(&mut w.window.iter())) {
+            checks.push(w.rule.test("style", &r, &win));
+        }
+        checks.push(w.rule.test("quality", &qualities(&mut reference.samples.iter()), &qualities(&mut w.window.iter())));
         let drifted = checks.iter().any(|c| c.drifted);
         let reference_version = reference.version.clone();
         w.last_checks = checks.clone();
@@ -300,18 +304,23 @@ impl Monitor {
 }
 
 /// Scores one image: its style similarity to `grams` (the reference version's training
-/// Grams, [`atelier_engine::style::metrics::load_style_grams`]) through `generator`'s VAE
-/// encoder, and its combined quality score.
+/// Grams, [`atelier_engine::style::metrics::load_style_grams`]; `None` skips style) through
+/// `generator`'s VAE encoder, and its combined quality score.
 ///
 /// # Errors
 /// The generator cannot measure style (no VAE), or the tensors do not match.
-pub fn score(generator: &dyn crate::Generator, image: &image::RgbImage, grams: &[candle_core::Tensor]) -> atelier_engine::Result<Scores> {
-    let own = generator.encoder_grams(std::slice::from_ref(image))?;
-    let grams: Vec<candle_core::Tensor> = match own.first() {
-        Some(g) => grams.iter().map(|r| r.to_device(g.device())).collect::<candle_core::Result<_>>()?,
-        None => grams.to_vec(),
+pub fn score(generator: &dyn crate::Generator, image: &image::RgbImage, grams: Option<&[candle_core::Tensor]>) -> atelier_engine::Result<Scores> {
+    let style = match grams {
+        Some(grams) => {
+            let own = generator.encoder_grams(std::slice::from_ref(image))?;
+            let grams: Vec<candle_core::Tensor> = match own.first() {
+                Some(g) => grams.iter().map(|r| r.to_device(g.device())).collect::<candle_core::Result<_>>()?,
+                None => grams.to_vec(),
+            };
+            Some(atelier_engine::style::metrics::style_similarity(&own, &grams)?)
+        }
+        None => None,
     };
-    let style = atelier_engine::style::metrics::style_similarity(&own, &grams)?;
     let quality = atelier_engine::quality::assess(image, None, &atelier_engine::quality::Weights::default()).combined;
     Ok(Scores { style, quality })
 }
@@ -321,7 +330,7 @@ mod tests {
     use super::*;
 
     fn sample(i: usize, style: f64, quality: f64) -> Sample {
-        Sample { at: now_ms() + i as i64, image_id: format!("img{i}"), version: "ink@1".into(), style, quality }
+        Sample { at: now_ms() + i as i64, image_id: format!("img{i}"), version: "ink@1".into(), style: Some(style), quality }
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub fn suggest(
 ) -> Suggestion {
     let why = checks.iter().filter(|c| c.drifted).map(MeasureCheck::describe).collect::<Vec<_>>().join("; ");
     let mut worst: Vec<&Sample> = samples.iter().collect();
-    worst.sort_by(|a, b| (a.style + a.quality).total_cmp(&(b.style + b.quality)));
+    worst.sort_by(|a, b| (a.style.unwrap_or(0.0) + a.quality).total_cmp(&(b.style.unwrap_or(0.0) + b.quality)));
     let worst_images: Vec<String> = worst.iter().take(4).map(|s| s.image_id.clone()).collect();
 
     let newer = dataset.as_ref().and_then(|d| match (&d.trained_on, &d.latest) {
@@ -111,7 +111,7 @@ mod tests {
     }
 
     fn sample(id: &str, style: f64) -> Sample {
-        Sample { at: 0, image_id: id.into(), version: "ink@2".into(), style, quality: 0.5 }
+        Sample { at: 0, image_id: id.into(), version: "ink@2".into(), style: Some(style), quality: 0.5 }
     }
 
     #[test]
