@@ -7,7 +7,8 @@
 //! - [`negatives`]: the Negatives page: negative-prompt analysis and optimisation;
 //! - [`queue`]: the one work queue every heavy task runs on;
 //! - [`http`]: the router, the shared extractors and the server functions;
-//! - [`tracking`]: the embedded experiment store.
+//! - [`tracking`]: the embedded experiment store;
+//! - [`monitoring`]: Prometheus metrics at `GET /metrics`.
 //!
 //! [`app`] builds the whole router from an [`AppState`], so tests can drive it with
 //! `tower::ServiceExt::oneshot` and no socket. The `atelier` binary (`main.rs`, `cli/`,
@@ -18,6 +19,7 @@ pub mod drift;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod monitoring;
 pub mod negatives;
 pub mod queue;
 pub mod state;
