@@ -15,7 +15,6 @@
 //! `serve.rs`) uses this library.
 
 pub mod blends;
-pub mod drift;
 pub mod error;
 pub mod generation;
 pub mod http;

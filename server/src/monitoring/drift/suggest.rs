@@ -43,6 +43,31 @@ pub struct Suggestion {
     pub command: Option<String>,
 }
 
+/// The web training request that repeats `cfg` (a style's training settings, from its
+/// card): the dataset and name are the caller's to set.
+pub fn request_from_config(cfg: &atelier_engine::style::train::StyleTrainConfig) -> StyleTrainingRequest {
+    StyleTrainingRequest {
+        dataset_id: String::new(),
+        name: cfg.name.clone(),
+        trigger: cfg.trigger.clone(),
+        rank: cfg.rank,
+        alpha: Some(cfg.alpha),
+        steps: cfg.steps,
+        lr: cfg.optim.lr,
+        batch: cfg.batch,
+        seed: cfg.seed,
+        text_encoder: cfg.text_encoder,
+        convs: cfg.convs,
+        min_snr_gamma: cfg.min_snr_gamma,
+        noise_offset: cfg.noise_offset,
+        flip: cfg.flip,
+        checkpoint_every: cfg.checkpoint_every,
+        sample_every: cfg.sample_every,
+        sample_prompts: cfg.sample_prompts.clone(),
+        ..Default::default()
+    }
+}
+
 /// Builds the suggestion for `style` (served as `version`) from the failed `checks`, the
 /// window's `samples`, what is known of its dataset, and the served version's own training
 /// settings (`previous`, from its card) to start from.
