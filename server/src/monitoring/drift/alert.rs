@@ -4,39 +4,11 @@
 //! already takes Alertmanager's notifications (chat bridges, incident tools) takes the
 //! studio's too.
 
-use serde::{Deserialize, Serialize};
+pub use app::dto::monitoring::Alert;
 use serde_json::{json, Value};
 
 /// The `alertname` label of every quality-drift alert.
 pub const ALERT_NAME: &str = "AtelierQualityDrift";
-
-/// One alert as the studio keeps and shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Alert {
-    /// Stable per firing (the deployment name and start time).
-    pub fingerprint: String,
-    pub deployment: String,
-    /// The served version whose images drifted (`NAME@N`).
-    pub version: String,
-    /// The version the reference was measured with.
-    pub reference_version: String,
-    /// Milliseconds since the Unix epoch.
-    pub starts_at: i64,
-    /// Set when the alert resolved.
-    pub ends_at: Option<i64>,
-    /// One line: what drifted, by how much, with the p-value.
-    pub summary: String,
-    /// Every measure's figures at the moment it fired.
-    pub checks: Vec<super::rule::MeasureCheck>,
-    /// What to retrain, and on what (see [`super::suggest`]).
-    pub suggestion: Option<super::suggest::Suggestion>,
-}
-
-impl Alert {
-    pub fn is_firing(&self) -> bool {
-        self.ends_at.is_none()
-    }
-}
 
 /// RFC 3339 (UTC, milliseconds) of `ms` since the epoch.
 fn rfc3339(ms: i64) -> String {

@@ -12,12 +12,13 @@ pub mod alert;
 pub mod rule;
 pub mod suggest;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+pub use app::dto::monitoring::{Reference, ReferenceState, Sample, Watch, KEEP_ALERTS};
 pub use alert::Alert;
 pub use rule::{DriftRule, MeasureCheck};
 pub use suggest::{DatasetFacts, Suggestion};
@@ -30,89 +31,6 @@ pub struct Scores {
     pub style: Option<f64>,
     /// Combined no-reference quality ([`atelier_engine::quality::assess`], default weights).
     pub quality: f64,
-}
-
-/// One scored served image.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Sample {
-    /// Milliseconds since the Unix epoch.
-    pub at: i64,
-    /// Its gallery image id.
-    pub image_id: String,
-    /// The version that painted it (`NAME@N`).
-    pub version: String,
-    /// See [`Scores::style`].
-    pub style: Option<f64>,
-    pub quality: f64,
-}
-
-/// The reference a deployment is compared with: its version's images, scored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Reference {
-    /// The version measured (`NAME@N`); its training Grams score every later image.
-    pub version: String,
-    /// Milliseconds since the Unix epoch.
-    pub measured_at: i64,
-    pub samples: Vec<Sample>,
-}
-
-/// Where a deployment's reference stands.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum ReferenceState {
-    /// Not measured (monitoring off until it is).
-    Missing,
-    /// Being measured: `done` of `total` images.
-    Measuring { done: usize, total: usize },
-    /// Measuring failed.
-    Failed { message: String },
-    Ready(Reference),
-}
-
-/// Everything monitoring keeps about one deployment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Watch {
-    pub deployment: String,
-    pub rule: DriftRule,
-    pub reference: ReferenceState,
-    /// The latest scored images, oldest first (at most `rule.window`).
-    pub window: VecDeque<Sample>,
-    /// Images served since monitoring started.
-    pub served: u64,
-    /// Of those, how many were scored.
-    pub scored: u64,
-    /// The latest figures (after the last scored image).
-    pub last_checks: Vec<MeasureCheck>,
-    /// Alerts, newest first: at most one firing, then up to [`KEEP_ALERTS`] resolved ones.
-    pub alerts: Vec<Alert>,
-    /// `scored` at the latest check in which a measure drifted: a firing alert resolves once
-    /// a whole window of images has been scored since with no drift.
-    #[serde(default)]
-    pub scored_at_drift: u64,
-}
-
-/// Resolved alerts kept per deployment.
-pub const KEEP_ALERTS: usize = 20;
-
-impl Watch {
-    fn new(deployment: &str, rule: DriftRule) -> Self {
-        Self {
-            deployment: deployment.to_string(),
-            rule,
-            reference: ReferenceState::Missing,
-            window: VecDeque::new(),
-            served: 0,
-            scored: 0,
-            last_checks: Vec::new(),
-            alerts: Vec::new(),
-            scored_at_drift: 0,
-        }
-    }
-
-    /// The firing alert, if any.
-    pub fn firing(&self) -> Option<&Alert> {
-        self.alerts.first().filter(|a| a.is_firing())
-    }
 }
 
 /// What recording one scored image changed.
@@ -241,9 +159,9 @@ impl Monitor {
         let qualities = |xs: &mut dyn Iterator<Item = &Sample>| xs.map(|s| s.quality).collect::<Vec<f64>>();
         let mut checks = Vec::with_capacity(2);
         if let (Some(r), Some(win)) = (styles(&mut reference.samples.iter()), styles(&mut w.window.iter())) {
-            checks.push(w.rule.test("style", &r, &win));
+            checks.push(rule::test(&w.rule, "style", &r, &win));
         }
-        checks.push(w.rule.test("quality", &qualities(&mut reference.samples.iter()), &qualities(&mut w.window.iter())));
+        checks.push(rule::test(&w.rule, "quality", &qualities(&mut reference.samples.iter()), &qualities(&mut w.window.iter())));
         let drifted = checks.iter().any(|c| c.drifted);
         let reference_version = reference.version.clone();
         w.last_checks = checks.clone();

@@ -21,92 +21,45 @@
 //! [`DriftRule::min_drop`] of it (a tiny but significant change is no reason to retrain). No
 //! decision is made before the window holds [`DriftRule::min_samples`] images.
 
-use serde::{Deserialize, Serialize};
+pub use app::dto::monitoring::{DriftRule, MeasureCheck};
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
-/// The parameters of the drift rule (see the module documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DriftRule {
-    /// How many of the latest scored images the window holds.
-    pub window: usize,
-    /// No decision before the window holds this many images.
-    pub min_samples: usize,
-    /// Family-wise significance level over the two measures.
-    pub alpha: f64,
-    /// Smallest drop of the window mean, as a fraction of the reference mean, that counts.
-    pub min_drop: f64,
-    /// Fraction of served images that are scored, in (0, 1].
-    pub sample_fraction: f64,
-}
-
-impl Default for DriftRule {
-    fn default() -> Self {
-        Self { window: 8, min_samples: 4, alpha: 0.01, min_drop: 0.05, sample_fraction: 0.25 }
+/// Rule `rule`'s test of one measure: `reference` values against `window` values.
+pub fn test(rule: &DriftRule, measure: &str, reference: &[f64], window: &[f64]) -> MeasureCheck {
+    let (m_r, v_r) = mean_var(reference);
+    let (m_w, v_w) = mean_var(window);
+    let (n_r, n_w) = (reference.len() as f64, window.len() as f64);
+    let drop = if m_r > 0.0 { (m_r - m_w) / m_r } else { 0.0 };
+    let mut check = MeasureCheck {
+        measure: measure.to_string(),
+        reference_mean: m_r,
+        window_mean: m_w,
+        n_reference: reference.len(),
+        n_window: window.len(),
+        drop,
+        t: 0.0,
+        df: 0.0,
+        p: 1.0,
+        drifted: false,
+    };
+    if reference.len() < 2 || window.len() < rule.min_samples {
+        return check;
     }
-}
-
-impl DriftRule {
-    /// Checks the values.
-    ///
-    /// # Errors
-    /// A message naming the value out of range.
-    pub fn check(&self) -> Result<(), String> {
-        if self.window < 2 || self.window > 1000 {
-            return Err(format!("window must be 2..=1000 images, not {}", self.window));
-        }
-        if self.min_samples < 2 || self.min_samples > self.window {
-            return Err(format!("min_samples must be 2..=window ({}), not {}", self.window, self.min_samples));
-        }
-        if !(self.alpha > 0.0 && self.alpha < 0.5) {
-            return Err(format!("alpha must be in (0, 0.5), not {}", self.alpha));
-        }
-        if !(0.0..1.0).contains(&self.min_drop) {
-            return Err(format!("min_drop must be in [0, 1), not {}", self.min_drop));
-        }
-        if !(self.sample_fraction > 0.0 && self.sample_fraction <= 1.0) {
-            return Err(format!("sample_fraction must be in (0, 1], not {}", self.sample_fraction));
-        }
-        Ok(())
+    let se2 = v_w / n_w + v_r / n_r;
+    if se2 <= 0.0 {
+        // Both sets constant: a lower mean is certain, an equal one is not a drop.
+        check.p = if m_w < m_r { 0.0 } else { 1.0 };
+    } else {
+        let t = (m_w - m_r) / se2.sqrt();
+        // Welch–Satterthwaite; a zero-variance side contributes nothing.
+        let part = |v: f64, n: f64| if v > 0.0 { (v / n).powi(2) / (n - 1.0) } else { 0.0 };
+        let df = (se2 * se2 / (part(v_w, n_w) + part(v_r, n_r))).max(1.0);
+        check.t = t;
+        check.df = df;
+        check.p = StudentsT::new(0.0, 1.0, df).map(|d| d.cdf(t)).unwrap_or(1.0);
     }
-
-    /// The test of one measure: `reference` values against `window` values.
-    pub fn test(&self, measure: &str, reference: &[f64], window: &[f64]) -> MeasureCheck {
-        let (m_r, v_r) = mean_var(reference);
-        let (m_w, v_w) = mean_var(window);
-        let (n_r, n_w) = (reference.len() as f64, window.len() as f64);
-        let drop = if m_r > 0.0 { (m_r - m_w) / m_r } else { 0.0 };
-        let mut check = MeasureCheck {
-            measure: measure.to_string(),
-            reference_mean: m_r,
-            window_mean: m_w,
-            n_reference: reference.len(),
-            n_window: window.len(),
-            drop,
-            t: 0.0,
-            df: 0.0,
-            p: 1.0,
-            drifted: false,
-        };
-        if reference.len() < 2 || window.len() < self.min_samples {
-            return check;
-        }
-        let se2 = v_w / n_w + v_r / n_r;
-        if se2 <= 0.0 {
-            // Both sets constant: a lower mean is certain, an equal one is not a drop.
-            check.p = if m_w < m_r { 0.0 } else { 1.0 };
-        } else {
-            let t = (m_w - m_r) / se2.sqrt();
-            // Welch–Satterthwaite; a zero-variance side contributes nothing.
-            let part = |v: f64, n: f64| if v > 0.0 { (v / n).powi(2) / (n - 1.0) } else { 0.0 };
-            let df = (se2 * se2 / (part(v_w, n_w) + part(v_r, n_r))).max(1.0);
-            check.t = t;
-            check.df = df;
-            check.p = StudentsT::new(0.0, 1.0, df).map(|d| d.cdf(t)).unwrap_or(1.0);
-        }
-        check.drifted = check.p < self.alpha / 2.0 && drop >= self.min_drop;
-        check
-    }
+    check.drifted = check.p < rule.alpha / 2.0 && drop >= rule.min_drop;
+    check
 }
 
 /// Mean and unbiased sample variance (0 for fewer than two values).
@@ -120,45 +73,6 @@ fn mean_var(xs: &[f64]) -> (f64, f64) {
     (m, v)
 }
 
-/// One measure's test result.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MeasureCheck {
-    /// `style` or `quality`.
-    pub measure: String,
-    pub reference_mean: f64,
-    pub window_mean: f64,
-    pub n_reference: usize,
-    pub n_window: usize,
-    /// `(reference_mean − window_mean) / reference_mean`: 0.2 is a 20 % drop.
-    pub drop: f64,
-    /// Welch's t statistic (negative when the window is lower).
-    pub t: f64,
-    /// Welch–Satterthwaite degrees of freedom.
-    pub df: f64,
-    /// One-sided p-value of "the window is lower".
-    pub p: f64,
-    pub drifted: bool,
-}
-
-impl MeasureCheck {
-    /// "style similarity 0.412 → 0.301 (−27 %, p = 0.0004, n = 8)".
-    pub fn describe(&self) -> String {
-        let name = if self.measure == "style" { "style similarity" } else { "quality score" };
-        format!(
-            "{name} {:.3} → {:.3} ({:+.0} %, p = {}, n = {})",
-            self.reference_mean,
-            self.window_mean,
-            -self.drop * 100.0,
-            format_p(self.p),
-            self.n_window
-        )
-    }
-}
-
-fn format_p(p: f64) -> String {
-    if p < 1e-4 { format!("{p:.1e}") } else { format!("{p:.4}") }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,7 +84,7 @@ mod tests {
         let r = [0.52, 0.55, 0.49, 0.51, 0.53, 0.50, 0.54, 0.52];
         let w = [0.45, 0.47, 0.44, 0.49, 0.46, 0.50, 0.43, 0.48];
         let rule = DriftRule::default();
-        let c = rule.test("style", &r, &w);
+        let c = test(&rule, "style", &r, &w);
         assert!((c.t - -4.91935).abs() < 1e-4, "{c:?}");
         assert!((c.df - 13.46154).abs() < 1e-4, "{c:?}");
         assert!((c.p - 0.000126608).abs() < 1e-8, "{c:?}");
@@ -182,17 +96,17 @@ mod tests {
     fn the_same_distribution_does_not_drift_and_small_drops_do_not_count() {
         let r = [0.52, 0.55, 0.49, 0.51, 0.53, 0.50, 0.54, 0.52];
         let rule = DriftRule::default();
-        let same = rule.test("style", &r, &[0.53, 0.50, 0.52, 0.54, 0.51, 0.49, 0.55, 0.52]);
+        let same = test(&rule, "style", &r, &[0.53, 0.50, 0.52, 0.54, 0.51, 0.49, 0.55, 0.52]);
         assert!(!same.drifted && same.p > 0.3, "{same:?}");
         // Significant (p tiny) but a 2 % drop: below min_drop.
         let tight = [0.500, 0.5001, 0.4999, 0.5, 0.5002, 0.4998];
-        let small = rule.test("style", &tight, &[0.490, 0.4901, 0.4899, 0.49]);
+        let small = test(&rule, "style", &tight, &[0.490, 0.4901, 0.4899, 0.49]);
         assert!(small.p < 1e-4 && !small.drifted, "{small:?}");
         // Too few samples: no decision.
-        let few = rule.test("style", &r, &[0.1, 0.1, 0.1]);
+        let few = test(&rule, "style", &r, &[0.1, 0.1, 0.1]);
         assert!(!few.drifted && few.p == 1.0);
         // Higher is never drift.
-        assert!(!rule.test("quality", &r, &[0.9, 0.91, 0.92, 0.9]).drifted);
+        assert!(!test(&rule, "quality", &r, &[0.9, 0.91, 0.92, 0.9]).drifted);
     }
 
     #[test]

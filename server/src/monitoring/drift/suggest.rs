@@ -4,44 +4,10 @@
 //! look at), and the training request that one click starts.
 
 use app::dto::StyleTrainingRequest;
-use serde::{Deserialize, Serialize};
+pub use app::dto::monitoring::{DatasetFacts, Suggestion};
 
 use super::rule::MeasureCheck;
 use super::Sample;
-
-/// What is known of the dataset behind the served version.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DatasetFacts {
-    /// The studio dataset id (uploads), when the style was trained on one.
-    pub id: Option<String>,
-    /// The folder the dataset lives in.
-    pub path: Option<String>,
-    /// (version number, DVC `.dir` md5) the served version was trained on.
-    pub trained_on: Option<(u64, String)>,
-    /// The dataset's newest version.
-    pub latest: Option<(u64, String)>,
-    /// What changed between the two, one line each ("added a.png", "caption of b.png changed").
-    pub changes: Vec<String>,
-}
-
-/// A retraining suggestion.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Suggestion {
-    /// One sentence: what to do.
-    pub headline: String,
-    /// The drift figures that led to it.
-    pub why: String,
-    /// The style to retrain (its new version is registered under the same name).
-    pub style: String,
-    pub dataset: Option<DatasetFacts>,
-    /// Gallery image ids of the scored served images, worst first (at most 4).
-    pub worst_images: Vec<String>,
-    /// What "Start this training" posts to `POST /api/trainings`; `None` when the style
-    /// was not trained from a studio dataset (then [`Suggestion::command`] says what to run).
-    pub training: Option<StyleTrainingRequest>,
-    /// The same training from the command line.
-    pub command: Option<String>,
-}
 
 /// The web training request that repeats `cfg` (a style's training settings, from its
 /// card): the dataset and name are the caller's to set.
