@@ -306,6 +306,7 @@ fn DatasetReport(dataset: DatasetSummary, on_clear: impl Fn() + Send + Sync + 's
                     </tbody>
                 </table>
             })}
+            <super::dataset_versions::DatasetVersions id=dataset.id.clone() />
             <button type="button" class="secondary clear" on:click=move |_| on_clear()>"Start over with other images"</button>
         </div>
     }

@@ -144,9 +144,18 @@ pub fn run_training(
         return Err(RunError::Stopped);
     }
     let cfg = train_config(req, sd, &data.hash, &data.captions);
+    // The DVC version of the pictures (dataset.md5, .version, .id), so the style traces to them.
+    let dataset_tags = match crate::datasets::training_dataset(images) {
+        Ok(d) => d.tags(),
+        Err(e) => {
+            tracing::warn!(folder = %images.display(), error = %e, "the dataset version is not recorded");
+            Vec::new()
+        }
+    };
 
     let tracker = Tracker::open(tracking)?;
-    let tracked = tracked_run(&tracker, &run_dir, &cfg, &[
+    let mut tags: Vec<(&str, &str)> = dataset_tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    tags.extend_from_slice(&[
         ("style", req.name.as_str()),
         ("trigger", trigger.as_str()),
         ("dataset_hash", data.hash.as_str()),
@@ -156,7 +165,8 @@ pub fn run_training(
         ("dataset_images", &data.images.len().to_string()),
         ("device", &crate::tracking::device_tag(sd.device())),
         ("dtype", "f32"),
-    ])?;
+    ]);
+    let tracked = tracked_run(&tracker, &run_dir, &cfg, &tags)?;
 
     let started = Instant::now();
     let (mut smoothed, mut last_step) = (None::<f64>, Instant::now());
@@ -234,7 +244,7 @@ pub fn run_training(
         }
     }
     tracker.end_run(&tracked, RunStatus::Finished)?;
-    let version = match register(&tracker, &cfg, &card, &output, &run_dir, &tracked, &model_dir.display().to_string(), data.images.len()) {
+    let version = match register(&tracker, &cfg, &card, &output, &run_dir, &tracked, &model_dir.display().to_string(), data.images.len(), &dataset_tags) {
         Ok(v) => Some(v),
         Err(e) => {
             tracing::warn!(style = %req.name, error = %crate::error::report(&e), "the style is trained but could not be registered");
@@ -272,6 +282,7 @@ fn register(
     run: &str,
     base_model: &str,
     images: usize,
+    dataset_tags: &[(String, String)],
 ) -> Result<i64, crate::tracking::TrackingError> {
     let mut tags: Vec<(String, String)> = vec![
         ("trigger".into(), cfg.trigger.clone()),
@@ -285,6 +296,7 @@ fn register(
         ("steps".into(), cfg.steps.to_string()),
         ("run_id".into(), run.to_string()),
     ];
+    tags.extend(dataset_tags.iter().cloned());
     tags.extend(card_measures(card).into_iter().map(|(k, v)| (k, format!("{v:.6}"))));
     let files: Vec<PathBuf> = [output.kohya.clone(), output.diffusers.clone(), run_dir.join("card.json")].into_iter().filter(|f| f.is_file()).collect();
     Ok(tracker.register_version(&cfg.name, "style", &files, Some(run), &tags)?.version)
