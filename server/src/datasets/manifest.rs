@@ -114,9 +114,10 @@ pub fn is_md5(hash: &str) -> bool {
     hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Whether `relpath` stays inside its folder: relative, no `..`, `.` or empty parts.
+/// Whether `relpath` stays inside its folder: relative, no `..`, `.` or empty parts (and
+/// on Windows no `\\`, a separator there; elsewhere it is an ordinary character of a name).
 pub fn safe_relpath(relpath: &str) -> bool {
-    !relpath.is_empty() && !relpath.starts_with('/') && !relpath.contains('\\') && relpath.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+    !relpath.is_empty() && !relpath.starts_with('/') && !(cfg!(windows) && relpath.contains('\\')) && !relpath.contains('\0') && relpath.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
 }
 
 #[cfg(test)]

@@ -374,6 +374,15 @@ impl Project {
         }
     }
 
+    /// [`Project::check`] as an error, for a dataset that has a `.dvc` file: edits are
+    /// refused before they touch anything while the current version is damaged.
+    fn ensure_intact(&self, ds: &Dataset) -> Result<(), DatasetError> {
+        if ds.dvc_path.is_file() {
+            self.check(ds).map_err(|reason| DatasetError::Damaged { id: ds.id.clone(), reason })?;
+        }
+        Ok(())
+    }
+
     /// The versions of `ds`: its log, plus the `.dvc` file's version when the log lacks it
     /// (a folder `dvc add` tracked).
     ///
@@ -601,6 +610,7 @@ impl Project {
     /// # Errors
     /// A path that is not in the folder, or the commit fails.
     pub fn remove_files(&self, ds: &Dataset, files: &[String]) -> Result<Commit, DatasetError> {
+        self.ensure_intact(ds)?;
         for f in files {
             let p = ds.folder.join(f);
             if !manifest::safe_relpath(f) || !p.is_file() {
@@ -620,6 +630,7 @@ impl Project {
     /// # Errors
     /// `image` is not an image of the folder, or the commit fails.
     pub fn set_caption(&self, ds: &Dataset, image: &str, caption: &str) -> Result<Commit, DatasetError> {
+        self.ensure_intact(ds)?;
         let path = ds.folder.join(image);
         if !manifest::safe_relpath(image) || is_caption(image) || !path.is_file() {
             return Err(DatasetError::NotFound { id: format!("{}/{image}", ds.id), known: "the images of the dataset's folder".into() });

@@ -65,7 +65,7 @@ impl Project {
     }
 
     /// Makes `root` a DVC project without Git (what `dvc init --no-scm` makes: `.dvc/config`
-    /// with `[core] no_scm = True`, `.dvc/.gitignore`, `.dvcignore`), or opens the one there.
+    /// with `[core] no_scm = True`, `.dvc/tmp`, `.dvcignore`), or opens the one there.
     ///
     /// # Errors
     /// The files cannot be written.
@@ -78,10 +78,6 @@ impl Project {
             let mut ini = Ini::new();
             ini.with_section(Some("core")).set("no_scm", "True");
             project.write_config(&ini)?;
-        }
-        let gitignore = dvc.join(".gitignore");
-        if !gitignore.exists() {
-            atelier_engine::files::write_atomic(&gitignore, b"/config.local\n/tmp\n/cache\n").map_err(io(&gitignore))?;
         }
         let ignore = root.join(".dvcignore");
         if !ignore.exists() {

@@ -154,18 +154,20 @@ pub fn run_training(
     };
 
     let tracker = Tracker::open(tracking)?;
-    let mut tags: Vec<(&str, &str)> = dataset_tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    tags.extend_from_slice(&[
+    let (base_model, dataset_dir, dataset_images, device) =
+        (model_dir.display().to_string(), images.display().to_string(), data.images.len().to_string(), crate::tracking::device_tag(sd.device()));
+    let mut tags: Vec<(&str, &str)> = vec![
         ("style", req.name.as_str()),
         ("trigger", trigger.as_str()),
         ("dataset_hash", data.hash.as_str()),
         ("base_model_hash", sd.model_hash()),
-        ("base_model", &model_dir.display().to_string()),
-        ("dataset_dir", &images.display().to_string()),
-        ("dataset_images", &data.images.len().to_string()),
-        ("device", &crate::tracking::device_tag(sd.device())),
+        ("base_model", &base_model),
+        ("dataset_dir", &dataset_dir),
+        ("dataset_images", &dataset_images),
+        ("device", &device),
         ("dtype", "f32"),
-    ]);
+    ];
+    tags.extend(dataset_tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let tracked = tracked_run(&tracker, &run_dir, &cfg, &tags)?;
 
     let started = Instant::now();
