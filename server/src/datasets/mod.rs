@@ -734,6 +734,26 @@ mod tests {
     }
 
     #[test]
+    fn a_training_records_the_dataset_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let folder = tmp.path().join("data").join(STUDIO_DATASETS).join("5d1f0c3e-8a4b-4c2d-9e6f-7a8b9c0d1e2f");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join("a.png"), b"a").unwrap();
+        let t = training_dataset(&folder).unwrap();
+        assert_eq!((t.version, t.id.as_deref(), t.nfiles), (Some(1), Some("5d1f0c3e-8a4b-4c2d-9e6f-7a8b9c0d1e2f"), 1));
+        assert!(tmp.path().join("data/.dvc/config").is_file(), "the studio folder became a DVC project");
+        let tags = t.tags();
+        assert!(tags.contains(&("dataset.md5".into(), t.md5.clone())) && tags.contains(&("dataset.version".into(), "1".into())), "{tags:?}");
+        // A plain folder: its DVC hash only, nothing written.
+        let plain = tmp.path().join("plain");
+        std::fs::create_dir_all(&plain).unwrap();
+        std::fs::write(plain.join("a.png"), b"a").unwrap();
+        let p = training_dataset(&plain).unwrap();
+        assert_eq!((p.md5, p.version, p.id), (t.md5, None, None));
+        assert!(!tmp.path().join("plain.dvc").exists());
+    }
+
+    #[test]
     fn versions_follow_content() {
         let tmp = tempfile::tempdir().unwrap();
         let project = Project::studio(tmp.path()).unwrap();
