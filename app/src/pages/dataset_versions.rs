@@ -116,7 +116,7 @@ pub fn DatasetVersions(id: String) -> impl IntoView {
                         (!files.is_empty()).then(|| view! {
                             <div class=format!("diff-group {class}")>
                                 <h4>{format!("{label} ({})", files.len())}</h4>
-                                <ul class="thumbs">
+                                <ul class="version-thumbs">
                                     {files.into_iter().map(|f| view! {
                                         <li><img src=file_url(version.unwrap_or(to), &f) alt=f.clone() title=f.clone() /></li>
                                     }).collect_view()}

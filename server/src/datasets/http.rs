@@ -6,7 +6,8 @@
 //! - `GET /datasets/{id}/diff?from=N&to=M`: [`super::VersionDiff`] (defaults: the current
 //!   version against the one before it);
 //! - `GET /datasets/{id}/versions/{n}/files/{relpath}[?thumb=PX]`: a file of version `n`
-//!   from the cache (a PNG thumbnail at most PX pixels on its longer side with `thumb`);
+//!   from the cache (a PNG thumbnail at most PX pixels on its longer side with `thumb`, a
+//!   grey square for a file that is not a readable picture);
 //! - `DELETE /datasets/{id}/files/{relpath}`: removes a file and commits a version;
 //! - `PUT /datasets/{id}/captions/{image}` with `{"caption": "..."}`: writes the image's
 //!   caption (empty removes it) and commits a version. Both answer [`super::Commit`].
@@ -72,7 +73,10 @@ async fn file(State(state): State<AppState>, Path((id, n, relpath)): Path<(Strin
         let bytes = std::fs::read(&path).map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
         if let Some(side) = q.thumb {
             let side = side.clamp(16, 512);
-            let img = atelier_engine::image_input::decode(&bytes, &Default::default()).map_err(|e| ApiError::BadImage(e.to_string()))?;
+            // A file that is not a readable picture (the trainer skips it) gets a grey square.
+            let Ok(img) = atelier_engine::image_input::decode(&bytes, &Default::default()) else {
+                return Ok((atelier_engine::metadata::encode_plain_png(&image::RgbImage::from_pixel(side, side, image::Rgb([200, 200, 200])))?, "image/png"));
+            };
             let (w, h) = (img.width() as f64, img.height() as f64);
             let scale = (side as f64 / w.max(h)).min(1.0);
             let thumb = image::imageops::thumbnail(&img, ((w * scale).round() as u32).max(1), ((h * scale).round() as u32).max(1));
