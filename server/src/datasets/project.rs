@@ -52,7 +52,7 @@ impl Project {
     /// [`DatasetError::NoProject`] when `root/.dvc` is not a folder.
     pub fn open(root: &Path) -> Result<Self, DatasetError> {
         if root.join(".dvc").is_dir() {
-            Ok(Self { root: root.to_path_buf() })
+            Ok(Self { root: std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf()) })
         } else {
             Err(DatasetError::NoProject(root.to_path_buf()))
         }
@@ -72,7 +72,7 @@ impl Project {
     pub fn init(root: &Path) -> Result<Self, DatasetError> {
         let dvc = root.join(".dvc");
         std::fs::create_dir_all(dvc.join("tmp")).map_err(io(&dvc))?;
-        let project = Self { root: root.to_path_buf() };
+        let project = Self { root: std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf()) };
         let config = dvc.join("config");
         if !config.exists() {
             let mut ini = Ini::new();
@@ -86,7 +86,7 @@ impl Project {
         Ok(project)
     }
 
-    /// The project folder.
+    /// The project folder (absolute).
     pub fn root(&self) -> &Path {
         &self.root
     }
