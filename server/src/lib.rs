@@ -15,6 +15,7 @@
 //! `serve.rs`) uses this library.
 
 pub mod blends;
+pub mod datasets;
 pub mod error;
 pub mod generation;
 pub mod http;

@@ -44,6 +44,8 @@ enum Command {
     Runs(cli::runs::RunsArgs),
     /// The model registry: registered styles, their versions and aliases (production, staging, …).
     Registry(cli::registry::RegistryArgs),
+    /// Style datasets versioned in DVC's layout: list, show, diff, add, remove, checkout, push, pull, remotes.
+    Datasets(cli::datasets::DatasetsArgs),
 }
 
 fn main() -> Result<()> {
@@ -78,5 +80,6 @@ fn main() -> Result<()> {
         Command::EvalNegatives(args) => cli::eval_negatives::run(args),
         Command::Runs(args) => cli::runs::run(args),
         Command::Registry(args) => cli::registry::run(args),
+        Command::Datasets(args) => cli::datasets::run(args),
     }
 }

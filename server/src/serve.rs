@@ -97,6 +97,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("opening the gallery in {}", args.data_dir.display()))?
         .with_styles(styles)
         .with_budget(budget);
+    // The data folder is a DVC project: datasets are versioned in DVC's own layout.
+    atelier_server::datasets::Project::studio(&args.data_dir).with_context(|| format!("making {} a DVC project", args.data_dir.display()))?;
     let model_dir = atelier_engine::model::resolve(&args.model.to_string_lossy())?;
     let source = ModelSource { dir: model_dir, device, resolution: default_size.0 as u32, budget };
     let trainer = Arc::new(

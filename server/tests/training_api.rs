@@ -219,6 +219,14 @@ async fn upload_report_train_stop_resume_and_land_in_the_library() {
     let run = runs.iter().find(|r| r.name == "webpastel" && r.status == "FINISHED").expect("a finished run");
     let loss = tracker.metric_history(&run.run_id, "loss").unwrap();
     assert_eq!(loss.len(), 40, "one loss per step, none repeated after the resume");
+    // The run and the registry version name the DVC version of the pictures.
+    let project = atelier_server::datasets::Project::open(tmp.path()).unwrap();
+    let current = project.version(&project.dataset(&ds.id).unwrap(), None).unwrap();
+    let tags: std::collections::BTreeMap<String, String> = tracker.tags(&run.run_id).unwrap().into_iter().collect();
+    assert_eq!(tags.get("dataset.md5"), Some(&current.md5), "{tags:?}");
+    assert_eq!((tags.get("dataset.id"), tags.get("dataset.version")), (Some(&ds.id), Some(&current.number.to_string())));
+    let registered = tracker.resolve_version("webpastel", "latest").unwrap();
+    assert_eq!(registered.tags.get("dataset.md5"), Some(&current.md5));
 
     // A new trainer on the same folder lists the training as it ended.
     drop(app);

@@ -217,6 +217,14 @@ test('the train page uploads images, reports them, trains live, stops, resumes a
   const skipped = await page.textContent('.dataset-report .skipped');
   assert.match(skipped, /broken\.png.*cannot be decoded/s);
   assert.match(skipped, /again\.png.*near-duplicate of 000\.png/s);
+  // The upload is DVC version 1 with its files as added; a caption edit makes version 2.
+  await page.waitForSelector('.dataset-versions li[data-version="1"]', { timeout: 30_000 });
+  assert.equal(await page.$$eval('.version-diff .diff-group.added img', (i) => i.length), files.filter((f) => !f.endsWith('.txt')).length);
+  page.once('dialog', (d) => d.accept('pastel hills, edited on the page'));
+  await page.click('.dataset-report .thumbs li:first-child button.caption-edit');
+  await page.waitForSelector('.dataset-versions li[data-version="2"]', { timeout: 30_000 });
+  assert.match(await page.textContent('.dataset-versions li[data-version="2"] .summary'), /1 caption changed/);
+  assert.match(await page.textContent('.version-diff .captions-changed'), /pastel hills, edited on the page/);
 
   await page.fill('#style-name', 'browserpastel');
   await page.fill('#style-trigger', 'pastel');

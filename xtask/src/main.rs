@@ -194,12 +194,15 @@ impl Workspace {
 
     fn test(&self) -> Result<()> {
         let mlflow = self.mlflow()?;
+        let (dvc, s3s) = (self.dvc()?, self.s3s()?);
         run(Command::new(cargo())
             .args(["test", "-p", "atelier-blend", "-p", "atelier-engine", "-p", "app", "-p", "server"])
             .env_remove("LEPTOS_OUTPUT_NAME")
             // The tests that need real services fail instead of skipping when run from here.
             .env("ATELIER_REQUIRE_SERVICES", "1")
             .env("ATELIER_MLFLOW_BIN", &mlflow)
+            .env("ATELIER_DVC_BIN", &dvc)
+            .env("ATELIER_S3S_BIN", &s3s)
             .current_dir(&self.root))?;
         self.build(false)?;
         let browser = self.root.join("tests/browser");
@@ -234,6 +237,52 @@ impl Workspace {
         Ok(bin)
     }
 }
+
+impl Workspace {
+    /// The `dvc` executable the dataset tests run: `ATELIER_DVC_BIN`, else a venv in
+    /// TARGET/services/dvc-venv with DVC and its S3 support from PyPI, made when missing.
+    fn dvc(&self) -> Result<PathBuf> {
+        if let Some(bin) = std::env::var_os("ATELIER_DVC_BIN") {
+            return Ok(PathBuf::from(bin));
+        }
+        let venv = self.target_dir.join("services/dvc-venv");
+        let bin = venv.join("bin/dvc");
+        if !bin.is_file() {
+            let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+            run(Command::new(&python).args(["-m", "venv"]).arg(&venv))
+                .with_context(|| format!("making a Python venv for DVC with {python} (on Debian: apt-get install python3-venv)"))?;
+            run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", DVC_REQUIREMENT]))
+                .context("installing DVC from PyPI")?;
+        }
+        Ok(bin)
+    }
+
+    /// The S3-compatible server the S3 remote tests run against: `ATELIER_S3S_BIN`, else
+    /// `s3s-fs` (an S3 server over a folder) built from crates.io into TARGET/services/s3s
+    /// once (a few minutes).
+    fn s3s(&self) -> Result<PathBuf> {
+        if let Some(bin) = std::env::var_os("ATELIER_S3S_BIN") {
+            return Ok(PathBuf::from(bin));
+        }
+        let root = self.target_dir.join("services/s3s");
+        let bin = root.join("bin/s3s-fs");
+        if !bin.is_file() {
+            run(Command::new(cargo())
+                // 0.17 declares rust-version 1.96 but builds with 1.95.
+                .args(["install", "s3s-fs", "--version", S3S_VERSION, "--features", "binary", "--locked", "--ignore-rust-version", "--root"])
+                .arg(&root))
+            .context("building the s3s-fs S3 server from crates.io")?;
+        }
+        Ok(bin)
+    }
+}
+
+/// The DVC the dataset tests run (real `dvc`, from PyPI, with S3 support).
+const DVC_REQUIREMENT: &str = "dvc[s3]>=3.60,<4";
+/// The s3s-fs release the S3 remote tests run against (0.14.1 answers 500 to a HEAD of a
+/// key that is a folder, such as a remote's `files/md5`, which `dvc pull` asks for; 0.17
+/// answers 404 as S3 does).
+const S3S_VERSION: &str = "0.17.0";
 
 /// The MLflow the tests run against (a real server, from PyPI).
 const MLFLOW_REQUIREMENT: &str = "mlflow>=3.1,<4";

@@ -2,6 +2,7 @@
 
 pub mod blend;
 pub mod compare;
+pub mod dataset_versions;
 pub mod experiments;
 pub mod generate;
 pub mod negatives;

@@ -216,7 +216,7 @@ fn Trainer(initial: Vec<TrainingStatus>) -> impl IntoView {
                     </div>
                 })}
                 {move || upload_error.get().map(|e| view! { <p class="error upload-error">{e}</p> })}
-                {move || dataset.get().map(|d| view! { <DatasetReport dataset=d on_clear=move || dataset.set(None) /> })}
+                {move || dataset.get().map(|d| view! { <DatasetReport dataset=d on_clear=move || dataset.set(None) on_change=Callback::new(move |d| dataset.set(Some(d))) /> })}
             </div>
 
             <form class="train-step settings" on:submit=on_start>
@@ -263,7 +263,40 @@ fn Trainer(initial: Vec<TrainingStatus>) -> impl IntoView {
 }
 
 #[component]
-fn DatasetReport(dataset: DatasetSummary, on_clear: impl Fn() + Send + Sync + 'static) -> impl IntoView {
+fn DatasetReport(dataset: DatasetSummary, on_clear: impl Fn() + Send + Sync + 'static, on_change: Callback<DatasetSummary>) -> impl IntoView {
+    let edit_error = RwSignal::new(None::<String>);
+    // Removing an image or editing a caption commits a new DVC version, then the report is read again.
+    let edit = move |id: String, file: String, caption: Option<Option<String>>| {
+        #[cfg(feature = "hydrate")]
+        {
+            let file_path = super::encode_query(&file);
+            let (url, body) = match &caption {
+                Some(current) => {
+                    let Some(w) = web_sys::window() else { return };
+                    let message = format!("Caption of {file} (empty: the default caption)");
+                    let Ok(Some(text)) = w.prompt_with_message_and_default(&message, current.as_deref().unwrap_or("")) else { return };
+                    (format!("/api/datasets/{id}/captions/{file_path}"), Some(serde_json::json!({ "caption": text })))
+                }
+                None => (format!("/api/datasets/{id}/files/{file_path}"), None),
+            };
+            let back = format!("/api/style-datasets/{id}");
+            leptos::task::spawn_local(async move {
+                let done: Result<serde_json::Value, String> = match body {
+                    Some(b) => crate::browser::put_json(&url, &b).await,
+                    None => crate::browser::delete_json(&url).await,
+                };
+                match done {
+                    Ok(_) => match crate::browser::get_json::<DatasetSummary>(&back).await {
+                        Ok(d) => on_change.run(d),
+                        Err(e) => edit_error.set(Some(e)),
+                    },
+                    Err(e) => edit_error.set(Some(e)),
+                }
+            });
+        }
+        #[cfg(not(feature = "hydrate"))]
+        let _ = (id, file, caption, on_change);
+    };
     let captions = dataset.images.iter().filter(|i| i.caption.is_some()).count();
     let summary = format!(
         "{} usable image{} at {}×{} (at least {} needed) · {} with a caption file, the rest captioned “TRIGGER style”",
@@ -290,9 +323,14 @@ fn DatasetReport(dataset: DatasetSummary, on_clear: impl Fn() + Send + Sync + 's
                         None => format!("{}: {title}", i.file),
                     };
                     // Thumbnails come from the trainer's own reader: upright, transparency on white.
+                    let (id1, id2, f1, f2, current) = (dataset.id.clone(), dataset.id.clone(), i.file.clone(), i.file.clone(), i.caption.clone());
                     view! {
                         <li>
                             <img src=format!("{base}{}?thumb=160", i.file) alt=i.file.clone() title=title />
+                            <button type="button" class="thumb-action caption-edit" title="Edit the caption (a new dataset version)"
+                                on:click=move |_| edit(id1.clone(), f1.clone(), Some(current.clone()))>"✎"</button>
+                            <button type="button" class="thumb-action remove" title="Remove from the dataset (a new dataset version)"
+                                on:click=move |_| edit(id2.clone(), f2.clone(), None)>"×"</button>
                             {note.map(|n| { let t = n.clone(); view! { <span class="caption-note" title=t>{n}</span> } })}
                         </li>
                     }
@@ -306,6 +344,8 @@ fn DatasetReport(dataset: DatasetSummary, on_clear: impl Fn() + Send + Sync + 's
                     </tbody>
                 </table>
             })}
+            {move || edit_error.get().map(|e| view! { <p class="error edit-error">{e}</p> })}
+            <super::dataset_versions::DatasetVersions id=dataset.id.clone() />
             <button type="button" class="secondary clear" on:click=move |_| on_clear()>"Start over with other images"</button>
         </div>
     }

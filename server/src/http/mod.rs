@@ -65,6 +65,7 @@ pub fn api_routes() -> Router<AppState> {
         .merge(crate::negatives::http::routes())
         .merge(crate::tracking::http::routes())
         .merge(crate::tracking::registry_http::routes())
+        .merge(crate::datasets::http::routes())
         .fallback(|method: Method, OriginalUri(uri): OriginalUri| async move { ApiError::UnknownRoute(format!("{method} {}", uri.path())) })
         .method_not_allowed_fallback(|method: Method, OriginalUri(uri): OriginalUri| async move {
             ApiError::WrongMethod(format!("{method} {}", uri.path()))

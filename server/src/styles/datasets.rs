@@ -67,6 +67,8 @@ impl Datasets {
             let _ = std::fs::remove_file(tmp);
         }
         result?;
+        // A new DVC version of the dataset (none when the content did not change).
+        crate::datasets::training_dataset(&dir)?;
         self.dataset(&id)
     }
 

@@ -144,19 +144,31 @@ pub fn run_training(
         return Err(RunError::Stopped);
     }
     let cfg = train_config(req, sd, &data.hash, &data.captions);
+    // The DVC version of the pictures (dataset.md5, .version, .id), so the style traces to them.
+    let dataset_tags = match crate::datasets::training_dataset(images) {
+        Ok(d) => d.tags(),
+        Err(e) => {
+            tracing::warn!(folder = %images.display(), error = %e, "the dataset version is not recorded");
+            Vec::new()
+        }
+    };
 
     let tracker = Tracker::open(tracking)?;
-    let tracked = tracked_run(&tracker, &run_dir, &cfg, &[
+    let (base_model, dataset_dir, dataset_images, device) =
+        (model_dir.display().to_string(), images.display().to_string(), data.images.len().to_string(), crate::tracking::device_tag(sd.device()));
+    let mut tags: Vec<(&str, &str)> = vec![
         ("style", req.name.as_str()),
         ("trigger", trigger.as_str()),
         ("dataset_hash", data.hash.as_str()),
         ("base_model_hash", sd.model_hash()),
-        ("base_model", &model_dir.display().to_string()),
-        ("dataset_dir", &images.display().to_string()),
-        ("dataset_images", &data.images.len().to_string()),
-        ("device", &crate::tracking::device_tag(sd.device())),
+        ("base_model", &base_model),
+        ("dataset_dir", &dataset_dir),
+        ("dataset_images", &dataset_images),
+        ("device", &device),
         ("dtype", "f32"),
-    ])?;
+    ];
+    tags.extend(dataset_tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let tracked = tracked_run(&tracker, &run_dir, &cfg, &tags)?;
 
     let started = Instant::now();
     let (mut smoothed, mut last_step) = (None::<f64>, Instant::now());
@@ -234,7 +246,7 @@ pub fn run_training(
         }
     }
     tracker.end_run(&tracked, RunStatus::Finished)?;
-    let version = match register(&tracker, &cfg, &card, &output, &run_dir, &tracked, &model_dir.display().to_string(), data.images.len()) {
+    let version = match register(&tracker, &cfg, &card, &output, &run_dir, &tracked, &model_dir.display().to_string(), data.images.len(), &dataset_tags) {
         Ok(v) => Some(v),
         Err(e) => {
             tracing::warn!(style = %req.name, error = %crate::error::report(&e), "the style is trained but could not be registered");
@@ -272,6 +284,7 @@ fn register(
     run: &str,
     base_model: &str,
     images: usize,
+    dataset_tags: &[(String, String)],
 ) -> Result<i64, crate::tracking::TrackingError> {
     let mut tags: Vec<(String, String)> = vec![
         ("trigger".into(), cfg.trigger.clone()),
@@ -285,6 +298,7 @@ fn register(
         ("steps".into(), cfg.steps.to_string()),
         ("run_id".into(), run.to_string()),
     ];
+    tags.extend(dataset_tags.iter().cloned());
     tags.extend(card_measures(card).into_iter().map(|(k, v)| (k, format!("{v:.6}"))));
     let files: Vec<PathBuf> = [output.kohya.clone(), output.diffusers.clone(), run_dir.join("card.json")].into_iter().filter(|f| f.is_file()).collect();
     Ok(tracker.register_version(&cfg.name, "style", &files, Some(run), &tags)?.version)
