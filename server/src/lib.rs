@@ -7,13 +7,15 @@
 //! - [`negatives`]: the Negatives page: negative-prompt analysis and optimisation;
 //! - [`queue`]: the one work queue every heavy task runs on;
 //! - [`http`]: the router, the shared extractors and the server functions;
-//! - [`tracking`]: the embedded experiment store.
+//! - [`tracking`]: the embedded experiment store;
+//! - [`deployments`]: serving endpoints bound to registry versions, and the A1111 API.
 //!
 //! [`app`] builds the whole router from an [`AppState`], so tests can drive it with
 //! `tower::ServiceExt::oneshot` and no socket. The `atelier` binary (`main.rs`, `cli/`,
 //! `serve.rs`) uses this library.
 
 pub mod blends;
+pub mod deployments;
 pub mod error;
 pub mod generation;
 pub mod http;

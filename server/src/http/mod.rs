@@ -41,6 +41,7 @@ pub fn app(state: AppState) -> Router {
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES));
     pages
         .nest("/api", api_routes())
+        .merge(crate::deployments::a1111::routes())
         .fallback_service(static_files::service(state.clone()))
         // HTML and JSON compressed on the fly (site files come precompressed); never event
         // streams (the default predicate skips text/event-stream) nor opaque downloads.
@@ -62,6 +63,7 @@ pub fn api_routes() -> Router<AppState> {
         .merge(crate::negatives::http::routes())
         .merge(crate::tracking::http::routes())
         .merge(crate::tracking::registry_http::routes())
+        .merge(crate::deployments::http::routes())
         .fallback(|method: Method, OriginalUri(uri): OriginalUri| async move { ApiError::UnknownRoute(format!("{method} {}", uri.path())) })
         .method_not_allowed_fallback(|method: Method, OriginalUri(uri): OriginalUri| async move {
             ApiError::WrongMethod(format!("{method} {}", uri.path()))
