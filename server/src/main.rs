@@ -44,6 +44,8 @@ enum Command {
     Runs(cli::runs::RunsArgs),
     /// The model registry: registered styles, their versions and aliases (production, staging, …).
     Registry(cli::registry::RegistryArgs),
+    /// Deployments: serving endpoints bound to registry versions (create, list, show, delete).
+    Deploy(cli::deploy::DeployArgs),
 }
 
 fn main() -> Result<()> {
@@ -78,5 +80,6 @@ fn main() -> Result<()> {
         Command::EvalNegatives(args) => cli::eval_negatives::run(args),
         Command::Runs(args) => cli::runs::run(args),
         Command::Registry(args) => cli::registry::run(args),
+        Command::Deploy(args) => cli::deploy::run(args),
     }
 }
