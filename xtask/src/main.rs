@@ -194,12 +194,14 @@ impl Workspace {
 
     fn test(&self) -> Result<()> {
         let mlflow = self.mlflow()?;
+        let webuiapi = self.webuiapi()?;
         run(Command::new(cargo())
             .args(["test", "-p", "atelier-blend", "-p", "atelier-engine", "-p", "app", "-p", "server"])
             .env_remove("LEPTOS_OUTPUT_NAME")
             // The tests that need real services fail instead of skipping when run from here.
             .env("ATELIER_REQUIRE_SERVICES", "1")
             .env("ATELIER_MLFLOW_BIN", &mlflow)
+            .env("ATELIER_WEBUIAPI_PYTHON", &webuiapi)
             .current_dir(&self.root))?;
         self.build(false)?;
         let browser = self.root.join("tests/browser");
@@ -234,6 +236,31 @@ impl Workspace {
         Ok(bin)
     }
 }
+
+impl Workspace {
+    /// The Python with the `webuiapi` client (A1111 API) that `server/tests/a1111.rs`
+    /// drives a studio with: `ATELIER_WEBUIAPI_PYTHON`, else a venv in
+    /// TARGET/services/webuiapi-venv, made (webuiapi from PyPI, a few seconds) when missing.
+    fn webuiapi(&self) -> Result<PathBuf> {
+        if let Some(python) = std::env::var_os("ATELIER_WEBUIAPI_PYTHON") {
+            return Ok(PathBuf::from(python));
+        }
+        let venv = self.target_dir.join("services/webuiapi-venv");
+        let python = venv.join("bin/python");
+        if !venv.join(".installed").is_file() {
+            let base = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+            run(Command::new(&base).args(["-m", "venv"]).arg(&venv))
+                .with_context(|| format!("making a Python venv for webuiapi with {base} (on Debian: apt-get install python3-venv)"))?;
+            run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", WEBUIAPI_REQUIREMENT]))
+                .context("installing webuiapi from PyPI")?;
+            std::fs::write(venv.join(".installed"), WEBUIAPI_REQUIREMENT)?;
+        }
+        Ok(python)
+    }
+}
+
+/// The A1111 API client the tests use, unmodified (from PyPI).
+const WEBUIAPI_REQUIREMENT: &str = "webuiapi==0.9.17";
 
 /// The MLflow the tests run against (a real server, from PyPI).
 const MLFLOW_REQUIREMENT: &str = "mlflow>=3.1,<4";
