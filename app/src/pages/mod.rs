@@ -2,6 +2,7 @@
 
 pub mod blend;
 pub mod compare;
+pub mod deployments;
 pub mod experiments;
 pub mod generate;
 pub mod negatives;
