@@ -209,7 +209,7 @@ impl Workspace {
             bail!("tests/browser/node_modules is missing: run `npm ci` in tests/browser (or .ci/run)");
         }
         run(Command::new("node")
-            .args(["--test", "--test-reporter=spec", "generate.spec.mjs"])
+            .args(["--test", "--test-reporter=spec", "generate.spec.mjs", "deployments.spec.mjs"])
             .env("ATELIER_BIN", self.server_binary(false))
             .env("ATELIER_ROOT", &self.root)
             .current_dir(&browser))
