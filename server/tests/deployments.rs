@@ -157,8 +157,15 @@ async fn deployments_are_created_refused_served_and_hot_swapped() {
         let app = app.clone();
         tokio::spawn(async move { send(&app, Method::POST, "/api/v1/deployments/ink-prod/generate", Some(json!({"prompt": "a square", "seed": seed, "steps": 3}))).await })
     };
+    let before = get_json::<Value>(&app, "/api/gallery?limit=1").await["total"].as_u64().unwrap();
     let mut tasks: Vec<_> = (0..6).map(spawn).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once one of these has finished (so was accepted on version 2), move the alias while
+    // the rest are queued or running.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while get_json::<Value>(&app, "/api/gallery?limit=1").await["total"].as_u64().unwrap() == before {
+        assert!(std::time::Instant::now() < deadline, "no request of the first batch finished");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     promote(&app, 1).await;
     tasks.extend((6..12).map(spawn));
     tokio::time::sleep(Duration::from_millis(100)).await;
