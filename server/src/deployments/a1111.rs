@@ -351,7 +351,9 @@ async fn run(state: &AppState, body: &[u8], image: bool) -> Result<Response, A11
             match accept(state, name, o).await {
                 Ok(a) => (a.job, Some((a.deployment, a.version))),
                 Err(e) => {
-                    timer.done(name, "", e.status().as_u16());
+                    if !matches!(e, ApiError::NotFound { what: "deployment", .. }) {
+                        timer.done(name, "", e.status().as_u16());
+                    }
                     return Err(e.into());
                 }
             }

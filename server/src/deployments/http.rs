@@ -85,7 +85,11 @@ async fn generate(State(state): State<AppState>, Path(name): Path<String>, AppQu
     let accepted = match accept(&state, &name, o).await {
         Ok(a) => a,
         Err(e) => {
-            timer.done(&name, "", e.status().as_u16());
+            // Requests for deployments that do not exist are not counted (their names are
+            // whatever a client typed).
+            if !matches!(e, ApiError::NotFound { what: "deployment", .. }) {
+                timer.done(&name, "", e.status().as_u16());
+            }
             return e.into_response();
         }
     };
