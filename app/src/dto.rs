@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod monitoring;
+
 /// Scheduler ids the engine accepts, with the A1111 names shown in the UI, in UI order.
 /// Mirrors `atelier_engine::scheduler::SchedulerKind::ALL` (the server checks they agree).
 pub const SCHEDULERS: [(&str, &str); 5] = [

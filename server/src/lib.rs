@@ -8,6 +8,7 @@
 //! - [`queue`]: the one work queue every heavy task runs on;
 //! - [`http`]: the router, the shared extractors and the server functions;
 //! - [`tracking`]: the embedded experiment store;
+//! - [`monitoring`]: Prometheus metrics at `GET /metrics`;
 //! - [`deployments`]: serving endpoints bound to registry versions, and the A1111 API.
 //!
 //! [`app`] builds the whole router from an [`AppState`], so tests can drive it with
@@ -19,6 +20,7 @@ pub mod deployments;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod monitoring;
 pub mod negatives;
 pub mod queue;
 pub mod state;

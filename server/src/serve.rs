@@ -65,14 +65,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
         atelier_engine::image_input::set_background(rgb);
     }
     let budget = args.max_memory.unwrap_or_else(MemoryBudget::from_machine);
+    atelier_server::monitoring::metrics::set_memory_limit(budget.limit);
     tracing::info!(limit = %atelier_engine::memory::format_bytes(budget.limit), "memory budget (--max-memory)");
     let device = crate::cli::device().context("opening the compute device")?;
     tracing::info!(model = %args.model.display(), ?device, "loading model");
     let model_dir = args.model.clone();
     let load_device = device.clone();
+    let began = std::time::Instant::now();
     let model = tokio::task::spawn_blocking(move || LoadedModel::load(&model_dir, &load_device))
         .await?
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    atelier_server::monitoring::metrics::set_model_load_seconds("generation", began.elapsed());
     let styles = atelier_server::styles::StyleLibrary::new(args.data_dir.join("styles")).with_shipped(std::path::PathBuf::from("models/styles"));
     let model = model.with_styles(styles.clone());
     let default_size = model.default_size;

@@ -121,6 +121,11 @@ async fn deployments_are_created_refused_served_and_hot_swapped() {
     let direct = send(&app, Method::POST, "/api/generate", Some(json!({"prompt": "a red circle on a blue background <lora:ink@1:0.8>", "seed": 5, "steps": 4, "negative_prompt": "blurry"}))).await;
     let direct = image_of(&app, &direct.json::<JobAccepted>().job_id).await;
     assert!(pixels(&r.body) == pixels(&direct), "the deployment paints ink@1 at weight 0.8");
+    let metrics = send(&app, Method::GET, "/metrics", None).await.text();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("atelier_deployment_requests_total{") && ["deployment=\"ink-prod\"", "version=\"ink@1\"", "status=\"200\""].iter().all(|x| l.contains(x))),
+        "the served request is counted per deployment and version"
+    );
     assert_json_error(&send(&app, Method::POST, "/api/v1/deployments/nope/generate", Some(json!({"prompt": "x"}))).await, StatusCode::NOT_FOUND, "ink-prod");
     assert_json_error(&send(&app, Method::POST, "/api/v1/deployments/ink-prod/generate", Some(json!({"prompt": "x", "steps": 0}))).await, StatusCode::BAD_REQUEST, "steps");
     assert_json_error(&send(&app, Method::POST, "/api/v1/deployments/ink-prod/generate", Some(json!({"promt": "x"}))).await, StatusCode::BAD_REQUEST, "promt");

@@ -3,6 +3,7 @@
 pub mod bake;
 pub mod errors;
 pub mod gallery;
+pub mod monitoring;
 pub mod progress;
 pub mod registry;
 pub mod sync_status;

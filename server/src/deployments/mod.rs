@@ -83,10 +83,13 @@ impl DeploymentStore {
         atelier_engine::files::write_json_atomic(&self.path(&d.name), d).map_err(|e| ApiError::storage(&e, &e))
     }
 
-    /// Removes `name`; a 404 listing the deployments when there is none.
+    /// Removes `name` (and its metric series); a 404 listing the deployments when there is
+    /// none.
     pub fn delete(&self, name: &str) -> Result<(), ApiError> {
         self.get(name)?;
-        std::fs::remove_file(self.path(name)).map_err(|e| ApiError::storage(&e, &e))
+        std::fs::remove_file(self.path(name)).map_err(|e| ApiError::storage(&e, &e))?;
+        crate::monitoring::metrics::forget_deployment(name);
+        Ok(())
     }
 }
 
@@ -174,10 +177,13 @@ pub fn info(tracking: &Path, d: Deployment) -> DeploymentInfo {
 
 /// Called once for every request a deployment served or refused, with the deployment's
 /// name, the version it was pinned to (`STYLE@N`; empty when it never resolved), the HTTP
-/// status answered and the seconds from arrival to the answer. This is the hook for
-/// per-deployment monitoring: it only logs now, at debug level.
+/// status answered and the seconds from arrival to the answer: counted and timed in the
+/// Prometheus metrics (`atelier_deployment_requests_total`,
+/// `atelier_deployment_request_duration_seconds`).
 pub fn record_served(deployment: &str, version: &str, status: u16, seconds: f64) {
     tracing::debug!(deployment, version, status, seconds, "deployment request served");
+    crate::monitoring::metrics::deployment_request(deployment, version, status);
+    crate::monitoring::metrics::deployment_latency(deployment, seconds);
 }
 
 /// Per-server deployment state: the store, the import token and the A1111 API's options.

@@ -12,6 +12,7 @@ use atelier_engine::pipeline::{GenerateParams, StepProgress};
 
 use crate::generation::gallery::{Gallery, NewImage};
 use crate::generation::generator::{Admitted, Generator};
+use crate::monitoring::metrics;
 use crate::queue::{Ctx, Lane, Phase, Queue, Task};
 use crate::ApiError;
 
@@ -94,7 +95,10 @@ impl Task for Generation {
         };
         let started = std::time::Instant::now();
         let cancel = ctx.cancel_flag();
+        let mut last_step = started;
         let mut on_step = |p: &StepProgress| {
+            metrics::generation_step(last_step.elapsed());
+            last_step = std::time::Instant::now();
             if cancel.load(Ordering::SeqCst) {
                 return false;
             }
@@ -131,6 +135,11 @@ impl Task for Generation {
             let observed = started.elapsed().as_secs_f64() / work_units(&params);
             let mut rate = self.seconds_per_unit.lock().unwrap_or_else(|e| e.into_inner());
             *rate = Some(rate.map_or(observed, |r| 0.5 * r + 0.5 * observed));
+        }
+        match &state {
+            JobState::Done { image_ids, .. } => metrics::generation_ended("done", image_ids.len()),
+            JobState::Cancelled => metrics::generation_ended("cancelled", 0),
+            _ => metrics::generation_ended("failed", 0),
         }
         ctx.save(|s| s.state = state);
     }

@@ -1,7 +1,7 @@
 //! The HTTP side of the studio: [`app`] builds the whole router (the JSON API under `/api`,
 //! server functions, Leptos pages, static files); each feature folder (`generation`,
 //! `styles`, `blends`, `negatives`) brings its own handlers in its `http` module, and this
-//! module nests them. [`extract`] holds what every handler shares.
+//! module nests them; `GET /metrics` (Prometheus) is at the root. [`extract`] holds what every handler shares.
 
 pub mod extract;
 pub mod server_fns;
@@ -40,9 +40,12 @@ pub fn app(state: AppState) -> Router {
         // Server functions read their body without axum's extractor limit.
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES));
     pages
+        .route("/metrics", get(crate::monitoring::metrics::handler))
         .nest("/api", api_routes())
         .merge(crate::deployments::a1111::routes())
         .fallback_service(static_files::service(state.clone()))
+        // Counted per route template: after routing, so on every route and the fallback.
+        .layer(axum::middleware::from_fn(crate::monitoring::metrics::track_http))
         // HTML and JSON compressed on the fly (site files come precompressed); never event
         // streams (the default predicate skips text/event-stream) nor opaque downloads.
         .layer(CompressionLayer::new().compress_when(

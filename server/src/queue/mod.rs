@@ -36,12 +36,13 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::monitoring::metrics;
 pub use store::{JsonDir, Layout, Store, StoreError};
 
 /// Which worker runs a kind of task.
@@ -148,6 +149,8 @@ struct Entry<T: Task> {
     order: u64,
     /// Arrival order in the lane (set when queued or resumed).
     ticket: u64,
+    /// When it was queued or resumed (for `atelier_queue_wait_seconds`).
+    queued_at: Instant,
 }
 
 struct State<T: Task> {
@@ -182,6 +185,11 @@ impl<T: Task> Inner<T> {
 
     fn not_found(id: &str) -> QueueError {
         QueueError::NotFound { noun: T::NOUN, id: id.to_string() }
+    }
+
+    /// Publishes how many tasks wait (`atelier_queue_length`).
+    fn publish_length(state: &State<T>) {
+        metrics::set_queue_length(T::NOUN, state.waiting.len());
     }
 
     /// Tells every waiting task its place.
@@ -243,9 +251,10 @@ impl<T: Task> Queue<T> {
                 let id = T::id(&status).to_string();
                 let (tx, _) = watch::channel(status);
                 let order = workers.pool.next_ticket();
-                state.entries.insert(id.clone(), Entry { status: tx, cancel: Arc::new(AtomicBool::new(false)), input: None, order, ticket: order });
+                state.entries.insert(id.clone(), Entry { status: tx, cancel: Arc::new(AtomicBool::new(false)), input: None, order, ticket: order, queued_at: Instant::now() });
                 inner.ended(&mut state, &id);
             }
+            Inner::<T>::publish_length(&state);
         }
         workers.pool.register(inner.clone());
         Ok(Self { inner })
@@ -285,8 +294,9 @@ impl<T: Task> Queue<T> {
         self.inner.save(&status)?;
         let ticket = self.inner.pool.next_ticket();
         let (tx, _) = watch::channel(status.clone());
-        state.entries.insert(id.clone(), Entry { status: tx, cancel: Arc::new(AtomicBool::new(false)), input, order: ticket, ticket });
+        state.entries.insert(id.clone(), Entry { status: tx, cancel: Arc::new(AtomicBool::new(false)), input, order: ticket, ticket, queued_at: Instant::now() });
         state.waiting.push_back(id.clone());
+        Inner::<T>::publish_length(&state);
         drop(state);
         tracing::info!(kind = T::NOUN, id = %id, "queued");
         self.inner.pool.notify();
@@ -330,6 +340,7 @@ impl<T: Task> Queue<T> {
                 state.waiting.retain(|w| w != id);
                 self.inner.ended(&mut state, id);
                 Inner::<T>::renumber(&state);
+                Inner::<T>::publish_length(&state);
                 tracing::info!(kind = T::NOUN, id = %id, "cancelled while waiting");
                 true
             }
@@ -370,9 +381,11 @@ impl<T: Task> Queue<T> {
         self.inner.save(&status)?;
         entry.cancel.store(false, Ordering::SeqCst);
         entry.ticket = self.inner.pool.next_ticket();
+        entry.queued_at = Instant::now();
         entry.status.send_replace(status.clone());
         state.ended.retain(|e| e != id);
         state.waiting.push_back(id.to_string());
+        Inner::<T>::publish_length(&state);
         drop(state);
         self.inner.pool.notify();
         Ok(status)
@@ -493,12 +506,14 @@ impl<T: Task> Source for Inner<T> {
         }
         let id = state.waiting.pop_front()?;
         let entry = state.entries.get_mut(&id)?;
+        metrics::queue_waited(T::NOUN, entry.queued_at.elapsed());
         let input = entry.input.take();
         // Marked running under the lock, so a cancel never sees a picked task as waiting.
         entry.status.send_modify(|s| T::set_started(s, input.as_ref()));
         let (tx, cancel) = (entry.status.clone(), entry.cancel.clone());
         let started = tx.borrow().clone();
         Inner::<T>::renumber(&state);
+        Inner::<T>::publish_length(&state);
         drop(state);
         self.save_or_log(&started);
         let inner = self;
@@ -530,6 +545,7 @@ impl<T: Task> Source for Inner<T> {
         let mut state = self.lock();
         state.shutdown = true;
         let waiting: Vec<String> = state.waiting.drain(..).collect();
+        Self::publish_length(&state);
         let mut interrupted = Vec::new();
         for (id, entry) in &state.entries {
             entry.cancel.store(true, Ordering::SeqCst);

@@ -117,6 +117,7 @@ impl Task for StyleTraining {
         // fails the training with a message instead of aborting the process.
         let limit = self.model.budget.limit;
         let outcome = atelier_engine::memory::with_limit(Some(limit), || self.run_one(&request, ctx));
+        crate::monitoring::metrics::training_ended();
         let state = match outcome {
             Ok(style) => TrainingState::Done { style },
             Err(RunError::Stopped) => TrainingState::Stopped,
@@ -150,7 +151,9 @@ impl StyleTraining {
         if let Some(sd) = loaded.as_ref() {
             return Ok(sd.clone());
         }
+        let began = Instant::now();
         let sd = Arc::new(StableDiffusion::load(&self.model.dir, &self.model.device)?);
+        crate::monitoring::metrics::set_model_load_seconds("training", began.elapsed());
         *loaded = Some(sd.clone());
         Ok(sd)
     }
@@ -187,6 +190,7 @@ impl StyleTraining {
                 RunEvent::Train(StyleEvent::Step { step, total, loss, .. }) => {
                     let (step, total, loss) = (*step, *total, *loss);
                     let rate = window.map(|(t, s0)| (step - s0) as f64 / t.elapsed().as_secs_f64().max(1e-9));
+                    crate::monitoring::metrics::training_step(rate);
                     let save = last_save.elapsed() > PERSIST_EVERY || step == total;
                     if save {
                         last_save = Instant::now();
