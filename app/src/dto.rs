@@ -738,3 +738,78 @@ pub struct MetricStreamEvent {
     pub points: Vec<MetricPoint>,
     pub status: String,
 }
+
+/// A deployment (Deployments page, `/api/deployments`): a named serving endpoint bound to a
+/// registry reference, with the generation settings its requests start from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Deployment {
+    /// 1–64 of letters, digits, `-`, `_` (a style name's rule).
+    pub name: String,
+    /// `STYLE@ALIAS` (follows the alias as it moves), `STYLE@3` (one version), or a
+    /// registered baked blend `BLEND@VERSION`.
+    pub target: String,
+    /// The adapter's weight in every prompt (`<lora:STYLE@N:WEIGHT>`).
+    pub weight: f64,
+    pub defaults: DeploymentDefaults,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// Another Atelier server this deployment was pushed to (its base URL), if any.
+    #[serde(default)]
+    pub remote: Option<String>,
+}
+
+/// The generation settings a deployment's requests start from (each may be overridden per
+/// request).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DeploymentDefaults {
+    /// Pixels; `None` is the model's native size.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: usize,
+    /// Classifier-free guidance scale (A1111's CFG scale).
+    pub guidance: f64,
+    /// A scheduler id from [`SCHEDULERS`].
+    pub scheduler: String,
+    pub negative_prompt: String,
+}
+
+impl Default for DeploymentDefaults {
+    fn default() -> Self {
+        let g = GenerateRequest::default();
+        Self { width: None, height: None, steps: g.steps, guidance: g.guidance, scheduler: g.scheduler, negative_prompt: String::new() }
+    }
+}
+
+/// A deployment as listed: with the registry version its target names right now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeploymentInfo {
+    #[serde(flatten)]
+    pub deployment: Deployment,
+    /// The version number the target resolves to now; `None` with `problem` when it does
+    /// not resolve (the style or alias was removed since).
+    pub version: Option<i64>,
+    pub problem: Option<String>,
+}
+
+/// `POST /api/deployments`: what a new deployment needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NewDeployment {
+    pub name: String,
+    pub target: String,
+    #[serde(default = "one")]
+    pub weight: f64,
+    #[serde(default)]
+    pub defaults: DeploymentDefaults,
+    /// Push the version and create the deployment on this other Atelier server instead
+    /// (its base URL, e.g. `http://serving:3000`), authenticated with `token`.
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}

@@ -54,6 +54,7 @@ pub fn App() -> impl IntoView {
                 <a href="/blend">"Blend"</a>
                 <a href="/negatives">"Negatives"</a>
                 <a href="/experiments">"Experiments"</a>
+                <a href="/deployments">"Deployments"</a>
             </nav>
             <main>
                 <Routes fallback=|| view! { <p class="error">"Page not found."</p> }>
@@ -63,6 +64,7 @@ pub fn App() -> impl IntoView {
                     <Route path=StaticSegment("blend") view=pages::blend::BlendPage />
                     <Route path=StaticSegment("negatives") view=pages::negatives::NegativesPage />
                     <Route path=StaticSegment("experiments") view=pages::experiments::ExperimentsPage />
+                    <Route path=StaticSegment("deployments") view=pages::deployments::DeploymentsPage />
                 </Routes>
             </main>
         </Router>

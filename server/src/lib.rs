@@ -8,7 +8,8 @@
 //! - [`queue`]: the one work queue every heavy task runs on;
 //! - [`http`]: the router, the shared extractors and the server functions;
 //! - [`tracking`]: the embedded experiment store;
-//! - [`monitoring`]: Prometheus metrics at `GET /metrics`.
+//! - [`monitoring`]: Prometheus metrics at `GET /metrics`;
+//! - [`deployments`]: serving endpoints bound to registry versions, and the A1111 API.
 //!
 //! [`app`] builds the whole router from an [`AppState`], so tests can drive it with
 //! `tower::ServiceExt::oneshot` and no socket. The `atelier` binary (`main.rs`, `cli/`,
@@ -16,6 +17,7 @@
 
 pub mod blends;
 pub mod datasets;
+pub mod deployments;
 pub mod error;
 pub mod generation;
 pub mod http;

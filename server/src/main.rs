@@ -46,6 +46,8 @@ enum Command {
     Registry(cli::registry::RegistryArgs),
     /// Style datasets versioned in DVC's layout: list, show, diff, add, remove, checkout, push, pull, remotes.
     Datasets(cli::datasets::DatasetsArgs),
+    /// Deployments: serving endpoints bound to registry versions (create, list, show, delete).
+    Deploy(cli::deploy::DeployArgs),
 }
 
 fn main() -> Result<()> {
@@ -81,5 +83,6 @@ fn main() -> Result<()> {
         Command::Runs(args) => cli::runs::run(args),
         Command::Registry(args) => cli::registry::run(args),
         Command::Datasets(args) => cli::datasets::run(args),
+        Command::Deploy(args) => cli::deploy::run(args),
     }
 }

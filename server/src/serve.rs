@@ -39,6 +39,10 @@ pub struct ServeArgs {
     alpha_background: Option<[u8; 3]>,
     #[command(flatten)]
     tracking_uri: crate::cli::TrackingUri,
+    /// Token other Atelier servers must send to push deployments here
+    /// (`atelier deploy create … --to URL --token T`); without one, pushes are refused.
+    #[arg(long, env = "ATELIER_DEPLOY_TOKEN", hide_env_values = true)]
+    deploy_token: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -106,6 +110,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("opening the style trainer in {}", args.data_dir.join("trainings").display()))?,
     );
     let state = state.with_trainer(trainer);
+    state.deployments.set_token(args.deploy_token.clone());
     let negatives = Arc::new(
         atelier_server::negatives::NegativeService::start(
             atelier_server::negatives::Context::new(

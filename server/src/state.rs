@@ -44,6 +44,8 @@ pub struct AppState {
     /// The mirror of the experiment store to an MLflow server (`--tracking-uri`); `None`
     /// when runs are kept locally only.
     pub mirror: Option<Arc<crate::tracking::mlflow::Background>>,
+    /// Deployments (`DATA/deployments/`), the import token and the A1111 API's options.
+    pub deployments: Arc<crate::deployments::Deployments>,
 }
 
 impl AppState {
@@ -71,7 +73,7 @@ impl AppState {
         let blends = Arc::new(crate::blends::store_in(data_dir));
         let bakes = Arc::new(crate::blends::bake::Bakes::open(data_dir.join("bakes"), generator.clone(), styles.clone(), &workers)?);
         let budget = atelier_engine::memory::MemoryBudget::from_machine();
-        Ok(Self { leptos_options, workers, jobs, gallery, model, styles, blends, bakes, generator, data_dir: data_dir.to_path_buf(), trainer: None, negatives: None, budget, mirror: None })
+        Ok(Self { leptos_options, workers, jobs, gallery, model, styles, blends, bakes, generator, data_dir: data_dir.to_path_buf(), trainer: None, negatives: None, budget, mirror: None, deployments: Arc::new(crate::deployments::Deployments::open(data_dir)) })
     }
 
     /// Uses `library` as the style library.

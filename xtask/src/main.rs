@@ -195,6 +195,7 @@ impl Workspace {
     fn test(&self) -> Result<()> {
         let mlflow = self.mlflow()?;
         let (dvc, s3s) = (self.dvc()?, self.s3s()?);
+        let webuiapi = self.webuiapi()?;
         run(Command::new(cargo())
             .args(["test", "-p", "atelier-blend", "-p", "atelier-engine", "-p", "app", "-p", "server"])
             .env_remove("LEPTOS_OUTPUT_NAME")
@@ -203,6 +204,7 @@ impl Workspace {
             .env("ATELIER_MLFLOW_BIN", &mlflow)
             .env("ATELIER_DVC_BIN", &dvc)
             .env("ATELIER_S3S_BIN", &s3s)
+            .env("ATELIER_WEBUIAPI_PYTHON", &webuiapi)
             .current_dir(&self.root))?;
         self.build(false)?;
         let browser = self.root.join("tests/browser");
@@ -210,7 +212,7 @@ impl Workspace {
             bail!("tests/browser/node_modules is missing: run `npm ci` in tests/browser (or .ci/run)");
         }
         run(Command::new("node")
-            .args(["--test", "--test-reporter=spec", "generate.spec.mjs"])
+            .args(["--test", "--test-reporter=spec", "generate.spec.mjs", "deployments.spec.mjs"])
             .env("ATELIER_BIN", self.server_binary(false))
             .env("ATELIER_ROOT", &self.root)
             .current_dir(&browser))
@@ -275,6 +277,26 @@ impl Workspace {
         }
         Ok(bin)
     }
+
+    /// The Python with the `webuiapi` client (A1111 API) that `server/tests/a1111.rs`
+    /// drives a studio with: `ATELIER_WEBUIAPI_PYTHON`, else a venv in
+    /// TARGET/services/webuiapi-venv, made (webuiapi from PyPI, a few seconds) when missing.
+    fn webuiapi(&self) -> Result<PathBuf> {
+        if let Some(python) = std::env::var_os("ATELIER_WEBUIAPI_PYTHON") {
+            return Ok(PathBuf::from(python));
+        }
+        let venv = self.target_dir.join("services/webuiapi-venv");
+        let python = venv.join("bin/python");
+        if !venv.join(".installed").is_file() {
+            let base = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+            run(Command::new(&base).args(["-m", "venv"]).arg(&venv))
+                .with_context(|| format!("making a Python venv for webuiapi with {base} (on Debian: apt-get install python3-venv)"))?;
+            run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", WEBUIAPI_REQUIREMENT]))
+                .context("installing webuiapi from PyPI")?;
+            std::fs::write(venv.join(".installed"), WEBUIAPI_REQUIREMENT)?;
+        }
+        Ok(python)
+    }
 }
 
 /// The DVC the dataset tests run (real `dvc`, from PyPI, with S3 support).
@@ -283,6 +305,9 @@ const DVC_REQUIREMENT: &str = "dvc[s3]>=3.60,<4";
 /// key that is a folder, such as a remote's `files/md5`, which `dvc pull` asks for; 0.17
 /// answers 404 as S3 does).
 const S3S_VERSION: &str = "0.17.0";
+
+/// The A1111 API client the tests use, unmodified (from PyPI).
+const WEBUIAPI_REQUIREMENT: &str = "webuiapi==0.9.17";
 
 /// The MLflow the tests run against (a real server, from PyPI).
 const MLFLOW_REQUIREMENT: &str = "mlflow>=3.1,<4";

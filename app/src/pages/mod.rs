@@ -3,6 +3,7 @@
 pub mod blend;
 pub mod compare;
 pub mod dataset_versions;
+pub mod deployments;
 pub mod experiments;
 pub mod generate;
 pub mod negatives;

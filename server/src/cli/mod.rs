@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod blend;
 pub mod datasets;
+pub mod deploy;
 pub mod eval_negatives;
 pub mod eval_starter;
 pub mod eval_styles;

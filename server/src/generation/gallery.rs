@@ -49,6 +49,8 @@ pub struct NewImage<'a> {
     /// (name, short hash) of the LoRA adapters used, for A1111's `Lora hashes`.
     pub adapters: &'a [(String, String)],
     pub warnings: &'a [String],
+    /// More `Key: value` pairs for the `parameters` chunk, after the standard ones.
+    pub extra: &'a [(String, String)],
 }
 
 const SCHEMA: &str = "
@@ -103,7 +105,8 @@ impl Gallery {
     /// Writes the PNG (with its `parameters` chunk), then records it. Returns the new id.
     pub fn save(&self, img: &RgbImage, meta: &NewImage<'_>) -> Result<String, GalleryError> {
         let id = uuid::Uuid::new_v4().to_string();
-        let text = ImageMetadata::for_generation(meta.params, &meta.params.prompt, meta.seed, meta.model_hash, Some(meta.model_name), meta.adapters);
+        let mut text = ImageMetadata::for_generation(meta.params, &meta.params.prompt, meta.seed, meta.model_hash, Some(meta.model_name), meta.adapters);
+        text.extra.extend(meta.extra.iter().cloned());
         let bytes = encode_png(img, &text)?;
         let path = self.images_dir.join(format!("{id}.png"));
         write_atomic(&path, &bytes).map_err(|source| GalleryError::Io { path: path.clone(), source })?;
@@ -217,7 +220,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let params = GenerateParams { prompt: "a red fox".into(), seed: u64::MAX, ..Default::default() };
         let img = RgbImage::from_pixel(64, 64, image::Rgb([200, 40, 10]));
-        let meta = NewImage { params: &params, seed: u64::MAX, model_name: "m", model_hash: "abc", adapters: &[], warnings: &["w".into()] };
+        let meta = NewImage { params: &params, seed: u64::MAX, model_name: "m", model_hash: "abc", adapters: &[], warnings: &["w".into()], extra: &[] };
         let (a, b) = {
             let g = Gallery::open(dir.path()).unwrap();
             (g.save(&img, &meta).unwrap(), g.save(&img, &meta).unwrap())

@@ -34,6 +34,9 @@ pub struct Generation {
 pub struct GenerationInput {
     pub params: Box<GenerateParams>,
     pub admitted: Admitted,
+    /// Extra `Key: value` pairs for the images' `parameters` chunk (e.g. a deployment's
+    /// name and the style version it served).
+    pub extra: Vec<(String, String)>,
 }
 
 /// The queue of generations.
@@ -86,7 +89,7 @@ impl Task for Generation {
     }
 
     fn run(&self, input: Option<GenerationInput>, ctx: &mut Ctx<'_, Self>) {
-        let Some(GenerationInput { params, admitted }) = input else {
+        let Some(GenerationInput { params, admitted, extra }) = input else {
             ctx.save(|s| Self::set_interrupted(s));
             return;
         };
@@ -115,7 +118,7 @@ impl Task for Generation {
             Ok(generated) => {
                 let mut warnings = admitted.notes.clone();
                 warnings.extend(generated.warnings.iter().cloned());
-                save_images(self, &params, &generated, &warnings)
+                save_images(self, &params, &generated, &warnings, &extra)
             }
             Err(atelier_engine::Error::Cancelled) if ctx.is_shutting_down() => {
                 let mut s = ctx.status();
@@ -151,12 +154,18 @@ impl Queue<Generation> {
 
     /// Queues a validated, admitted generation.
     pub fn submit_generation(&self, params: GenerateParams, admitted: Admitted) -> Result<JobAccepted, ApiError> {
+        self.submit_generation_with(params, admitted, Vec::new())
+    }
+
+    /// Queues a validated, admitted generation whose images carry `extra` key/values in
+    /// their `parameters` chunk after the standard ones.
+    pub fn submit_generation_with(&self, params: GenerateParams, admitted: Admitted, extra: Vec<(String, String)>) -> Result<JobAccepted, ApiError> {
         let id = uuid::Uuid::new_v4().to_string();
         let seed = params.seed;
         let rate = *self.task().seconds_per_unit.lock().unwrap_or_else(|e| e.into_inner());
         let estimated_seconds = rate.map(|r| r * work_units(&params));
         let status = JobStatus { job_id: id.clone(), seed, state: JobState::Queued { position: 1 }, preview: None };
-        self.submit(status, Some(GenerationInput { params: Box::new(params), admitted }))?;
+        self.submit(status, Some(GenerationInput { params: Box::new(params), admitted, extra }))?;
         Ok(JobAccepted { job_id: id, seed, estimated_seconds })
     }
 }
@@ -178,7 +187,7 @@ fn work_units(p: &GenerateParams) -> f64 {
     (steps * cfg + 1.0) * p.batch_size as f64 * pixels
 }
 
-fn save_images(shared: &Generation, params: &GenerateParams, generated: &atelier_engine::pipeline::Generated, warnings: &[String]) -> JobState {
+fn save_images(shared: &Generation, params: &GenerateParams, generated: &atelier_engine::pipeline::Generated, warnings: &[String], extra: &[(String, String)]) -> JobState {
     let images = &generated.images;
     let model_name = shared.generator.model_name();
     let model_hash = shared.generator.model_hash();
@@ -191,6 +200,7 @@ fn save_images(shared: &Generation, params: &GenerateParams, generated: &atelier
             model_hash: &model_hash,
             adapters: &generated.adapters,
             warnings,
+            extra,
         };
         match shared.gallery.save(img, &meta) {
             Ok(id) => image_ids.push(id),

@@ -42,6 +42,7 @@ pub fn app(state: AppState) -> Router {
     pages
         .route("/metrics", get(crate::monitoring::metrics::handler))
         .nest("/api", api_routes())
+        .merge(crate::deployments::a1111::routes())
         .fallback_service(static_files::service(state.clone()))
         // Counted per route template: after routing, so on every route and the fallback.
         .layer(axum::middleware::from_fn(crate::monitoring::metrics::track_http))
@@ -66,6 +67,7 @@ pub fn api_routes() -> Router<AppState> {
         .merge(crate::tracking::http::routes())
         .merge(crate::tracking::registry_http::routes())
         .merge(crate::datasets::http::routes())
+        .merge(crate::deployments::http::routes())
         .fallback(|method: Method, OriginalUri(uri): OriginalUri| async move { ApiError::UnknownRoute(format!("{method} {}", uri.path())) })
         .method_not_allowed_fallback(|method: Method, OriginalUri(uri): OriginalUri| async move {
             ApiError::WrongMethod(format!("{method} {}", uri.path()))
