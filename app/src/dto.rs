@@ -756,6 +756,9 @@ pub struct Deployment {
     /// Another Atelier server this deployment was pushed to (its base URL), if any.
     #[serde(default)]
     pub remote: Option<String>,
+    /// Whether what it serves is scored for quality drift (see [`monitoring`]).
+    #[serde(default = "yes")]
+    pub monitor: bool,
 }
 
 /// The generation settings a deployment's requests start from (each may be overridden per
@@ -808,6 +811,17 @@ pub struct NewDeployment {
     pub to: Option<String>,
     #[serde(default)]
     pub token: Option<String>,
+    /// Score what the deployment serves and alert on drift (on unless `false`; see
+    /// [`monitoring`]). Not for deployments pushed to another server.
+    #[serde(default = "yes")]
+    pub monitor: bool,
+    /// The drift rule, when not the default one.
+    #[serde(default)]
+    pub monitoring: Option<monitoring::DriftRule>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> f64 {

@@ -43,6 +43,14 @@ pub struct ServeArgs {
     /// (`atelier deploy create … --to URL --token T`); without one, pushes are refused.
     #[arg(long, env = "ATELIER_DEPLOY_TOKEN", hide_env_values = true)]
     deploy_token: Option<String>,
+    /// Where quality-drift alerts of deployments are POSTed, in Alertmanager's webhook
+    /// payload shape (any Alertmanager webhook receiver takes them).
+    #[arg(long, env = "ATELIER_ALERT_WEBHOOK")]
+    alert_webhook: Option<String>,
+    /// The address people reach the studio at, for the links in alerts (default: the
+    /// address it listens on).
+    #[arg(long, env = "ATELIER_EXTERNAL_URL")]
+    external_url: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -135,6 +143,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     let local = listener.local_addr()?;
+    let external = args.external_url.clone().unwrap_or_else(|| format!("http://{local}"));
+    state.drift.set_webhook(args.alert_webhook.clone(), &external);
+    // Deployments made from the command line, or whose reference a restart cut off, get
+    // their reference measured now.
+    atelier_server::monitoring::drift::service::resume_all(&state);
     tracing::info!("Atelier is running: open http://{local}/");
     eprintln!("Atelier is running: open http://{local}/  (Ctrl-C to stop)");
     let workers = state.workers.clone();

@@ -46,6 +46,8 @@ pub struct AppState {
     pub mirror: Option<Arc<crate::tracking::mlflow::Background>>,
     /// Deployments (`DATA/deployments/`), the import token and the A1111 API's options.
     pub deployments: Arc<crate::deployments::Deployments>,
+    /// Quality monitoring of deployments (`DATA/monitoring/`): references, windows, alerts.
+    pub drift: Arc<crate::monitoring::drift::service::DriftService>,
 }
 
 impl AppState {
@@ -73,7 +75,10 @@ impl AppState {
         let blends = Arc::new(crate::blends::store_in(data_dir));
         let bakes = Arc::new(crate::blends::bake::Bakes::open(data_dir.join("bakes"), generator.clone(), styles.clone(), &workers)?);
         let budget = atelier_engine::memory::MemoryBudget::from_machine();
-        Ok(Self { leptos_options, workers, jobs, gallery, model, styles, blends, bakes, generator, data_dir: data_dir.to_path_buf(), trainer: None, negatives: None, budget, mirror: None, deployments: Arc::new(crate::deployments::Deployments::open(data_dir)) })
+        let drift = Arc::new(
+            crate::monitoring::drift::service::DriftService::open(data_dir).map_err(|e| crate::ApiError::Internal(format!("opening {}: {e}", data_dir.join("monitoring").display())))?,
+        );
+        Ok(Self { leptos_options, workers, jobs, gallery, model, styles, blends, bakes, generator, data_dir: data_dir.to_path_buf(), trainer: None, negatives: None, budget, mirror: None, deployments: Arc::new(crate::deployments::Deployments::open(data_dir)), drift })
     }
 
     /// Uses `library` as the style library.

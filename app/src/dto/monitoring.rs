@@ -23,11 +23,13 @@ pub struct DriftRule {
     pub min_drop: f64,
     /// Fraction of served images that are scored, in (0, 1].
     pub sample_fraction: f64,
+    /// Images rendered through the deployment for its reference (seeds 7000, 7001, …).
+    pub reference_images: usize,
 }
 
 impl Default for DriftRule {
     fn default() -> Self {
-        Self { window: 8, min_samples: 4, alpha: 0.01, min_drop: 0.05, sample_fraction: 0.25 }
+        Self { window: 8, min_samples: 4, alpha: 0.01, min_drop: 0.05, sample_fraction: 0.25, reference_images: 8 }
     }
 }
 
@@ -51,6 +53,9 @@ impl DriftRule {
         }
         if !(self.sample_fraction > 0.0 && self.sample_fraction <= 1.0) {
             return Err(format!("sample_fraction must be in (0, 1], not {}", self.sample_fraction));
+        }
+        if self.reference_images < 2 || self.reference_images > 64 {
+            return Err(format!("reference_images must be 2..=64, not {}", self.reference_images));
         }
         Ok(())
     }
@@ -150,7 +155,7 @@ pub struct Suggestion {
     pub dataset: Option<DatasetFacts>,
     /// Gallery image ids of the scored served images, worst first (at most 4).
     pub worst_images: Vec<String>,
-    /// What "Start this training" posts to `POST /api/trainings`; `None` when the style
+    /// What "Start this training" posts to `POST /api/style-trainings`; `None` when the style
     /// was not trained from a studio dataset (then [`Suggestion::command`] says what to run).
     pub training: Option<StyleTrainingRequest>,
     /// The same training from the command line.
@@ -241,3 +246,16 @@ impl Watch {
     }
 }
 
+
+/// `POST /api/deployments/{name}/monitoring`: measure the reference again (with the version
+/// the deployment serves now), optionally with another rule or prompts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringRequest {
+    /// The rule; the current one when absent.
+    #[serde(default)]
+    pub rule: Option<DriftRule>,
+    /// Prompts of the reference images (cycled); the version's sample prompts when empty.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+}

@@ -80,6 +80,8 @@ pub fn DeploymentsPage() -> impl IntoView {
                 },
                 to: Some(to.get_untracked().trim().to_string()).filter(|t| !t.is_empty()),
                 token: Some(token.get_untracked()).filter(|t| !t.is_empty()),
+                monitor: true,
+                monitoring: None,
             })
         })();
         match request {

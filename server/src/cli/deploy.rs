@@ -63,6 +63,10 @@ enum DeployCommand {
         /// The token the server given by --to was started with (--deploy-token).
         #[arg(long, env = "ATELIER_DEPLOY_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Do not score what it serves for quality drift (monitoring is on by default: a
+        /// reference is measured when the studio first serves it).
+        #[arg(long)]
+        no_monitor: bool,
         /// The model the studio serves (local mode: targets trained for another base model
         /// are refused).
         #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
@@ -108,7 +112,7 @@ fn print(list: &[DeploymentInfo]) {
 
 #[allow(clippy::too_many_arguments)]
 fn new_deployment(command: &DeployCommand) -> Option<NewDeployment> {
-    let DeployCommand::Create { name, target, weight, steps, cfg, sampler, width, height, negative_prompt, to, token, .. } = command else { return None };
+    let DeployCommand::Create { name, target, weight, steps, cfg, sampler, width, height, negative_prompt, to, token, no_monitor, .. } = command else { return None };
     Some(NewDeployment {
         name: name.clone(),
         target: target.clone(),
@@ -116,6 +120,8 @@ fn new_deployment(command: &DeployCommand) -> Option<NewDeployment> {
         defaults: DeploymentDefaults { width: *width, height: *height, steps: *steps, guidance: *cfg, scheduler: sampler.clone(), negative_prompt: negative_prompt.clone() },
         to: to.clone(),
         token: token.clone(),
+        monitor: !*no_monitor,
+        monitoring: None,
     })
 }
 

@@ -47,7 +47,9 @@ async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Result
 
 async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     let store = state.deployments.store.clone();
-    blocking(move || store.delete(&name)).await?;
+    let n = name.clone();
+    blocking(move || store.delete(&n)).await?;
+    state.drift.monitor.remove(&name);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -55,6 +57,10 @@ async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Resu
 /// `to`, pushes the version to that server and creates the deployment there as well.
 async fn create(State(state): State<AppState>, AppJson(new): AppJson<NewDeployment>) -> Result<(StatusCode, Json<DeploymentInfo>), ApiError> {
     let (store, tracking, hash) = (state.deployments.store.clone(), state.data_dir.join("tracking"), state.model.hash.clone());
+    if let Some(rule) = &new.monitoring {
+        rule.check().map_err(|m| ApiError::Invalid { field: "monitoring".into(), message: m })?;
+    }
+    let rule = new.monitoring;
     let created = blocking(move || {
         if store.list().iter().any(|d| d.name == new.name) {
             return Err(ApiError::Invalid { field: "name".into(), message: format!("a deployment called {} exists; delete it first or choose another name", new.name) });
@@ -69,6 +75,9 @@ async fn create(State(state): State<AppState>, AppJson(new): AppJson<NewDeployme
         Ok(info(&tracking, deployment))
     })
     .await?;
+    // The reference is measured through the new deployment, on the queue (see
+    // monitoring::drift::service).
+    crate::monitoring::drift::service::start_for(&state, &created.deployment, rule);
     Ok((StatusCode::CREATED, Json(created)))
 }
 

@@ -163,7 +163,7 @@ pub fn prepare(tracking: &Path, model_hash: &str, new: &NewDeployment) -> Result
     let version = resolve(tracking, &new.target)?;
     check_base(&version, model_hash)?;
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let deployment = Deployment { name: new.name.clone(), target: new.target.clone(), weight: new.weight, defaults: new.defaults.clone(), created, remote: None };
+    let deployment = Deployment { name: new.name.clone(), target: new.target.clone(), weight: new.weight, defaults: new.defaults.clone(), created, remote: None, monitor: new.monitor };
     Ok((deployment, version))
 }
 
@@ -270,6 +270,8 @@ pub async fn accept(state: &AppState, name: &str, o: Overrides) -> Result<Accept
     };
     let extra = vec![("Deployment".to_string(), deployment.name.clone()), ("Style version".to_string(), pinned.clone())];
     let job = submit_with(state, request, extra).await?;
+    // Its images are scored for quality drift when it ends (the sampled fraction).
+    crate::monitoring::drift::service::follow(state, &deployment.name, &pinned, &job.job_id);
     Ok(Accepted { job, deployment: deployment.name, version: pinned })
 }
 

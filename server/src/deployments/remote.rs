@@ -192,7 +192,7 @@ fn register(store: &super::DeploymentStore, tracking: &std::path::Path, model_ha
         None => format!("{}@{}", version.name, version.version),
     };
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let deployment = Deployment { name: body.deployment.name, target, weight: body.deployment.weight, defaults: body.deployment.defaults, created, remote: None };
+    let deployment = Deployment { name: body.deployment.name, target, weight: body.deployment.weight, defaults: body.deployment.defaults, created, remote: None, monitor: true };
     store.save(&deployment)?;
     tracing::info!(deployment = %deployment.name, version = %format!("{}@{}", version.name, version.version), from = %body.source, "deployment imported");
     Ok(info(tracking, deployment))

@@ -68,6 +68,7 @@ pub fn api_routes() -> Router<AppState> {
         .merge(crate::tracking::registry_http::routes())
         .merge(crate::datasets::http::routes())
         .merge(crate::deployments::http::routes())
+        .merge(crate::monitoring::drift::http::routes())
         .fallback(|method: Method, OriginalUri(uri): OriginalUri| async move { ApiError::UnknownRoute(format!("{method} {}", uri.path())) })
         .method_not_allowed_fallback(|method: Method, OriginalUri(uri): OriginalUri| async move {
             ApiError::WrongMethod(format!("{method} {}", uri.path()))

@@ -300,7 +300,9 @@ fn register(
     ];
     tags.extend(dataset_tags.iter().cloned());
     tags.extend(card_measures(card).into_iter().map(|(k, v)| (k, format!("{v:.6}"))));
-    let files: Vec<PathBuf> = [output.kohya.clone(), output.diffusers.clone(), run_dir.join("card.json")].into_iter().filter(|f| f.is_file()).collect();
+    // The training images' Grams go with the version: monitoring scores served images
+    // against them (monitoring::drift).
+    let files: Vec<PathBuf> = [output.kohya.clone(), output.diffusers.clone(), run_dir.join("card.json"), run_dir.join(STYLE_GRAMS)].into_iter().filter(|f| f.is_file()).collect();
     Ok(tracker.register_version(&cfg.name, "style", &files, Some(run), &tags)?.version)
 }
 

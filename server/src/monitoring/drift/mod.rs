@@ -9,7 +9,9 @@
 //! after every change, so a restart keeps the reference, the window and the alerts.
 
 pub mod alert;
+pub mod http;
 pub mod rule;
+pub mod service;
 pub mod suggest;
 
 use std::collections::HashMap;
@@ -50,7 +52,7 @@ pub struct Monitor {
     watches: Mutex<HashMap<String, Watch>>,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
