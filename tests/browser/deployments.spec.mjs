@@ -89,6 +89,18 @@ test('the Deployments page lists, creates and deletes deployments', async () => 
   const saved = await (await fetch(`${baseUrl}/api/deployments/from-web`)).json();
   assert.equal(saved.target, 'ink@production');
   assert.equal(saved.defaults.steps, 6);
+  // Its quality monitoring measures a reference through it (8 images), shown live, then
+  // the chart of scored images against the reference band.
+  await page.waitForFunction(
+    () => /Reference: 8 images of ink@1/.test(document.querySelector('tr.monitoring-row[data-name="from-web"] .reference-state')?.textContent ?? ''),
+    null,
+    { timeout: 120_000 },
+  );
+  // The pushed version carries no training Grams, so quality is charted and style is not.
+  assert.equal(await page.locator('tr.monitoring-row[data-name="from-web"] svg.drift-chart g.panel.quality').count(), 1);
+  const watch = await (await fetch(`${baseUrl}/api/deployments/from-web/monitoring`)).json();
+  assert.equal(watch.reference.state, 'ready');
+  assert.equal(watch.reference.samples.length, 8);
 
   // A refusal is shown, not swallowed.
   await page.fill('input[name="name"]', 'from-web');

@@ -75,6 +75,7 @@ pub fn DeploymentMonitoring(name: String) -> impl IntoView {
                     <ul class="past-alerts">{past}</ul>
                 </div>
             }
+            .into_any()
         })
     }
 }

@@ -7,6 +7,7 @@
 
 use leptos::prelude::*;
 
+use crate::components::monitoring::DeploymentMonitoring;
 use crate::dto::{DeploymentDefaults, DeploymentInfo, NewDeployment, RegisteredModel, SCHEDULERS};
 
 #[component]
@@ -144,6 +145,11 @@ pub fn DeploymentsPage() -> impl IntoView {
                                     (None, p) => format!("— {}", p.unwrap_or_default()),
                                 };
                                 let gone = d.name.clone();
+                                // Quality monitoring under each deployment served here.
+                                let monitored = (d.monitor && d.remote.is_none()).then(|| {
+                                    let name = d.name.clone();
+                                    view! { <tr class="monitoring-row" data-name=d.name.clone()><td colspan="9"><DeploymentMonitoring name=name /></td></tr> }.into_any()
+                                });
                                 view! {
                                     <tr data-name=d.name.clone()>
                                         <td>{d.name.clone()}</td>
@@ -156,7 +162,8 @@ pub fn DeploymentsPage() -> impl IntoView {
                                         <td>{d.remote.clone().unwrap_or_default()}</td>
                                         <td><button type="button" class="delete secondary" on:click=move |_| delete(gone.clone())>"Delete"</button></td>
                                     </tr>
-                                }
+                                    {monitored}
+                                }.into_any()
                             }).collect_view()}
                         </tbody>
                     </table>
