@@ -120,6 +120,12 @@ impl AppState {
     /// Validates a request (decoding any init image on a blocking thread), admits it
     /// (styles exist, memory fits the budget) and queues it.
     pub async fn submit(&self, request: GenerateRequest) -> Result<JobAccepted, ApiError> {
+        self.submit_with(request, Vec::new()).await
+    }
+
+    /// [`AppState::submit`] with `extra` `Key: value` pairs written into the images'
+    /// `parameters` chunk after the standard ones (deployments name themselves there).
+    pub async fn submit_with(&self, request: GenerateRequest, extra: Vec<(String, String)>) -> Result<JobAccepted, ApiError> {
         let size = self.default_size();
         let (jobs, budget) = (self.jobs.clone(), self.budget);
         let (params, admitted) = tokio::task::spawn_blocking(move || {
@@ -129,7 +135,7 @@ impl AppState {
         })
         .await
         .map_err(|e| ApiError::Internal(format!("request decoding task failed: {e}")))??;
-        self.jobs.submit_generation(params, admitted)
+        self.jobs.submit_generation_with(params, admitted, extra)
     }
 
     /// The style trainer, or why there is none.

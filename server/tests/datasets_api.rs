@@ -6,46 +6,24 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 use app::dto::DatasetSummary;
 use atelier_engine::starter::styles::{write_dataset, PictureStyle};
-use atelier_server::styles::trainer::{ModelSource, Trainer};
-use atelier_server::styles::StyleLibrary;
-use atelier_server::{app, AppState, LoadedModel};
+use atelier_server::app;
 use axum::http::{Method, StatusCode};
 use axum::Router;
-use leptos::config::LeptosOptions;
 use serde_json::{json, Value};
 
 use common::{assert_json_error, get_json, send, send_raw};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn setup(data: &Path) -> Router {
-    let library = StyleLibrary::new(data.join("styles")).with_shipped(repo().join("models/styles"));
-    let model = LoadedModel::load(&repo().join("models/starter"), &candle_core::Device::Cpu).unwrap().with_styles(library.clone());
-    let options = LeptosOptions::builder().output_name("atelier").site_root(data.join("site").to_string_lossy().as_ref()).build();
-    let state = AppState::new(options, Arc::new(model), data, (64, 64), None).unwrap().with_styles(library);
-    let source = ModelSource { dir: repo().join("models/starter"), device: candle_core::Device::Cpu, resolution: 64, budget: atelier_engine::memory::MemoryBudget::from_machine() };
-    let trainer = Arc::new(Trainer::open(&data.join("trainings"), state.styles.clone(), data.join("tracking"), source, &state.workers).unwrap());
-    app(state.with_trainer(trainer))
+    app(common::studio_with_trainer(data))
 }
 
 async fn upload(app: &Router, uri: &str, files: &[(&str, Vec<u8>)]) -> DatasetSummary {
-    let boundary = "atelier-test-boundary-dvc";
-    let mut body = Vec::new();
-    for (name, bytes) in files {
-        write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").unwrap();
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    write!(body, "--{boundary}--\r\n").unwrap();
-    let r = send_raw(app, Method::POST, uri, &format!("multipart/form-data; boundary={boundary}"), body).await;
+    let (ctype, body) = common::multipart(files);
+    let r = send_raw(app, Method::POST, uri, &ctype, body).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
     r.json()
 }

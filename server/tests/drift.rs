@@ -8,50 +8,23 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use app::dto::monitoring::{ReferenceState, Watch};
 use app::dto::TrainingStatus;
 use atelier_engine::starter::styles::{write_dataset, PictureStyle};
-use atelier_server::styles::trainer::{ModelSource, Trainer};
-use atelier_server::styles::StyleLibrary;
 use atelier_server::tracking::Tracker;
-use atelier_server::{app, AppState, LoadedModel};
+use atelier_server::app;
 use axum::http::{Method, StatusCode};
 use axum::Router;
-use leptos::config::LeptosOptions;
 use serde_json::{json, Value};
 
 use common::{get_json, send, send_raw};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn state(data: &Path) -> AppState {
-    let library = StyleLibrary::new(data.join("styles")).with_shipped(repo().join("models/styles"));
-    let model = LoadedModel::load(&repo().join("models/starter"), &candle_core::Device::Cpu).unwrap().with_styles(library.clone());
-    let options = LeptosOptions::builder().output_name("atelier").site_root(data.join("site").to_string_lossy().as_ref()).build();
-    let state = AppState::new(options, Arc::new(model), data, (64, 64), None).unwrap().with_styles(library);
-    let source = ModelSource { dir: repo().join("models/starter"), device: candle_core::Device::Cpu, resolution: 64, budget: atelier_engine::memory::MemoryBudget::from_machine() };
-    let trainer = Arc::new(Trainer::open(&data.join("trainings"), state.styles.clone(), data.join("tracking"), source, &state.workers).unwrap());
-    state.with_trainer(trainer)
-}
-
-/// A multipart/form-data body with each (file name, bytes) in a `files` field.
-fn multipart(files: &[(String, Vec<u8>)]) -> (String, Vec<u8>) {
-    use std::io::Write;
-    let boundary = "atelier-drift-boundary";
-    let mut body = Vec::new();
-    for (name, bytes) in files {
-        write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").unwrap();
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    write!(body, "--{boundary}--\r\n").unwrap();
-    (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
 /// Registers a style version `ink` from shipped style `style`'s files (adapter renamed,
@@ -115,7 +88,7 @@ async fn serve_one(app: &Router, prompt: &str, seed: u64) -> Watch {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drifting_deployment_raises_an_alert_with_a_retraining_suggestion() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = state(tmp.path());
+    let state = common::studio_with_trainer(tmp.path());
     let hash = state.model.hash.clone();
 
     // A webhook receiver, as a chat bridge behind Alertmanager would be.
@@ -142,14 +115,9 @@ async fn a_drifting_deployment_raises_an_alert_with_a_retraining_suggestion() {
     // The style's dataset, uploaded: DVC version 1.
     let src = tmp.path().join("src");
     write_dataset(PictureStyle::Pastel, &src, 8, 5).unwrap();
-    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    for i in 0..8 {
-        for ext in ["png", "txt"] {
-            let name = format!("{i:03}.{ext}");
-            files.push((name.clone(), std::fs::read(src.join(&name)).unwrap()));
-        }
-    }
-    let (ctype, body) = multipart(&files);
+    let names: Vec<String> = (0..8).flat_map(|i| ["png", "txt"].map(|ext| format!("{i:03}.{ext}"))).collect();
+    let files: Vec<(&str, Vec<u8>)> = names.iter().map(|n| (n.as_str(), std::fs::read(src.join(n)).unwrap())).collect();
+    let (ctype, body) = common::multipart(&files);
     let r = send_raw(&app, Method::POST, "/api/style-datasets", &ctype, body).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
     let dataset_id = r.json::<Value>()["id"].as_str().unwrap().to_string();
@@ -244,6 +212,14 @@ async fn a_drifting_deployment_raises_an_alert_with_a_retraining_suggestion() {
     assert_eq!(firing.len(), 1);
     let metrics = send(&app, Method::GET, "/metrics", None).await.text();
     assert!(metrics.contains("atelier_deployment_drift_alert{deployment=\"ink-live\"} 1"), "{metrics}");
+    let gauge: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("atelier_deployment_quality_score{deployment=\"ink-live\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no quality gauge: {metrics}"));
+    let w = watch(&app).await;
+    let mean = w.window.iter().map(|s| s.quality).sum::<f64>() / w.window.len() as f64;
+    assert!((gauge - mean).abs() < 1e-9, "the gauge is the window's mean quality: {gauge} vs {mean}");
 
     // One click: the suggested training starts.
     let r = send(&app, Method::POST, "/api/style-trainings", Some(serde_json::to_value(&request).unwrap())).await;

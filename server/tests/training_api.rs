@@ -42,19 +42,6 @@ fn setup(data: &Path) -> (Router, Arc<Workers>) {
     (app(state.with_trainer(trainer)), workers)
 }
 
-/// A multipart/form-data body with each (file name, bytes) in a `files` field.
-fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
-    let boundary = "atelier-test-boundary-7f3a";
-    let mut body = Vec::new();
-    for (name, bytes) in files {
-        write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").unwrap();
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    write!(body, "--{boundary}--\r\n").unwrap();
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
 fn zip_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
     let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     for (name, bytes) in files {
@@ -65,7 +52,7 @@ fn zip_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
 }
 
 async fn upload(app: &Router, uri: &str, files: &[(&str, Vec<u8>)]) -> Reply {
-    let (ctype, body) = multipart(files);
+    let (ctype, body) = common::multipart(files);
     send_raw(app, Method::POST, uri, &ctype, body).await
 }
 

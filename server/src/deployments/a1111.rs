@@ -50,7 +50,7 @@ use serde_json::{json, Map, Value};
 
 use app::dto::{GenerateRequest, JobState, SCHEDULERS};
 
-use super::{accept, image_bytes, submit_with, wait_images, Overrides, Timer};
+use super::{accept, image_bytes, wait_images, Overrides, Timer};
 use crate::{ApiError, AppState};
 
 /// The `/sdapi/v1` routes (merged at the top level, beside `/api`).
@@ -373,7 +373,7 @@ async fn run(state: &AppState, body: &[u8], image: bool) -> Result<Response, A11
                 strength,
                 init_image: init.clone(),
             };
-            (submit_with(state, request, Vec::new()).await?, None)
+            (state.submit(request).await?, None)
         }
     };
     let timestamp = job_timestamp();

@@ -269,24 +269,10 @@ pub async fn accept(state: &AppState, name: &str, o: Overrides) -> Result<Accept
         init_image: o.init_image,
     };
     let extra = vec![("Deployment".to_string(), deployment.name.clone()), ("Style version".to_string(), pinned.clone())];
-    let job = submit_with(state, request, extra).await?;
+    let job = state.submit_with(request, extra).await?;
     // Its images are scored for quality drift when it ends (the sampled fraction).
     crate::monitoring::drift::service::follow(state, &deployment.name, &pinned, &job.job_id);
     Ok(Accepted { job, deployment: deployment.name, version: pinned })
-}
-
-/// [`AppState::submit`] with extra `Key: value` pairs for the images' metadata.
-pub async fn submit_with(state: &AppState, request: GenerateRequest, extra: Vec<(String, String)>) -> Result<JobAccepted, ApiError> {
-    let size = state.default_size();
-    let (jobs, budget) = (state.jobs.clone(), state.budget);
-    let (params, admitted) = tokio::task::spawn_blocking(move || {
-        let mut params = crate::generation::request::to_params(request, size)?;
-        let admitted = jobs.admit(&mut params, &budget)?;
-        Ok::<_, ApiError>((params, admitted))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("request decoding task failed: {e}")))??;
-    state.jobs.submit_generation_with(params, admitted, extra)
 }
 
 /// Waits until job `id` ends; its image ids, or why it produced none (503).

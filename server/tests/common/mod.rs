@@ -88,3 +88,37 @@ pub fn assert_json_error(r: &Reply, status: StatusCode, needle: &str) {
     let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error field: {text}"));
     assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
 }
+
+/// A multipart/form-data body with each (file name, bytes) in a `files` field, as the
+/// Train page uploads them; returns (content type, body).
+pub fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
+    use std::io::Write;
+    let boundary = "atelier-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (name, bytes) in files {
+        write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").unwrap();
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    write!(body, "--{boundary}--\r\n").unwrap();
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A studio on the starter model (64×64) with the shipped styles and a style trainer, its
+/// data in `data`.
+pub fn studio_with_trainer(data: &std::path::Path) -> atelier_server::AppState {
+    use atelier_server::styles::trainer::{ModelSource, Trainer};
+    use atelier_server::styles::StyleLibrary;
+    let repo = repo_root();
+    let library = StyleLibrary::new(data.join("styles")).with_shipped(repo.join("models/styles"));
+    let model = atelier_server::LoadedModel::load(&repo.join("models/starter"), &candle_core::Device::Cpu).unwrap().with_styles(library.clone());
+    let options = leptos::config::LeptosOptions::builder().output_name("atelier").site_root(data.join("site").to_string_lossy().as_ref()).build();
+    let state = atelier_server::AppState::new(options, std::sync::Arc::new(model), data, (64, 64), None).unwrap().with_styles(library);
+    let source = ModelSource { dir: repo.join("models/starter"), device: candle_core::Device::Cpu, resolution: 64, budget: atelier_engine::memory::MemoryBudget::from_machine() };
+    let trainer = std::sync::Arc::new(Trainer::open(&data.join("trainings"), state.styles.clone(), data.join("tracking"), source, &state.workers).unwrap());
+    state.with_trainer(trainer)
+}

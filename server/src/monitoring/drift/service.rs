@@ -154,6 +154,10 @@ pub fn follow(state: &AppState, name: &str, version: &str, job_id: &str) {
             match score_against(&state, &reference.version, &version, &id).await {
                 Ok(sample) => {
                     let transition = state.drift.monitor.record(&name, sample);
+                    if let Some(w) = state.drift.monitor.watch(&name).filter(|w| !w.window.is_empty()) {
+                        let mean = w.window.iter().map(|s| s.quality).sum::<f64>() / w.window.len() as f64;
+                        crate::monitoring::metrics::set_quality_score(&name, mean);
+                    }
                     announce(&state, &name, transition).await;
                 }
                 Err(e) => tracing::warn!("deployment {name}: {e}"),
