@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod exports;
 pub mod monitoring;
 
 /// Scheduler ids the engine accepts, with the A1111 names shown in the UI, in UI order.

@@ -19,6 +19,7 @@ pub mod blends;
 pub mod datasets;
 pub mod deployments;
 pub mod error;
+pub mod exports;
 pub mod generation;
 pub mod http;
 pub mod monitoring;

@@ -48,6 +48,11 @@ enum Command {
     Datasets(cli::datasets::DatasetsArgs),
     /// Deployments: serving endpoints bound to registry versions (create, list, show, delete).
     Deploy(cli::deploy::DeployArgs),
+    /// Export for other platforms: `coreml` writes Core ML packages, `ios-app` a SwiftUI app around them.
+    Export {
+        #[command(subcommand)]
+        command: cli::ExportCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -84,5 +89,9 @@ fn main() -> Result<()> {
         Command::Registry(args) => cli::registry::run(args),
         Command::Datasets(args) => cli::datasets::run(args),
         Command::Deploy(args) => cli::deploy::run(args),
+        Command::Export { command } => match command {
+            cli::ExportCommand::IosApp(args) => cli::export_ios::run(args),
+            cli::ExportCommand::Coreml(args) => cli::export_coreml::run(args),
+        },
     }
 }

@@ -30,6 +30,8 @@ pub struct AppState {
     pub blends: Arc<crate::blends::BlendStore>,
     /// Blend bakes (`DATA/bakes/`).
     pub bakes: Arc<crate::blends::bake::Bakes>,
+    /// Core ML exports (`DATA/exports/`).
+    pub exports: Arc<crate::exports::Exports>,
     /// The generator the queues run (bakes read its model).
     pub generator: Arc<dyn Generator>,
     /// The studio's data folder.
@@ -74,17 +76,19 @@ impl AppState {
         let styles = Arc::new(crate::styles::StyleLibrary::new(data_dir.join("styles")));
         let blends = Arc::new(crate::blends::store_in(data_dir));
         let bakes = Arc::new(crate::blends::bake::Bakes::open(data_dir.join("bakes"), generator.clone(), styles.clone(), &workers)?);
+        let exports = Arc::new(crate::exports::Exports::open(data_dir.join("exports"), generator.clone(), styles.clone(), &workers)?);
         let budget = atelier_engine::memory::MemoryBudget::from_machine();
         let drift = Arc::new(
             crate::monitoring::drift::service::DriftService::open(data_dir).map_err(|e| crate::ApiError::Internal(format!("opening {}: {e}", data_dir.join("monitoring").display())))?,
         );
-        Ok(Self { leptos_options, workers, jobs, gallery, model, styles, blends, bakes, generator, data_dir: data_dir.to_path_buf(), trainer: None, negatives: None, budget, mirror: None, deployments: Arc::new(crate::deployments::Deployments::open(data_dir)), drift })
+        Ok(Self { leptos_options, workers, jobs, gallery, model, styles, blends, bakes, exports, generator, data_dir: data_dir.to_path_buf(), trainer: None, negatives: None, budget, mirror: None, deployments: Arc::new(crate::deployments::Deployments::open(data_dir)), drift })
     }
 
     /// Uses `library` as the style library.
     pub fn with_styles(mut self, library: crate::styles::StyleLibrary) -> Self {
         self.styles = Arc::new(library);
         self.bakes.set_styles(self.styles.clone());
+        self.exports.set_styles(self.styles.clone());
         self
     }
 

@@ -6,35 +6,20 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { root, serverBinary, freePort, waitForHealth } from './support.mjs';
+import { root, startStudio, openBrowser } from './support.mjs';
 
-let server;
-let serverLog = '';
+let studio;
 let dataDir;
 let browser;
 let page;
 let baseUrl;
-const pageErrors = [];
+let pageErrors = [];
 
 before(async () => {
-  const bin = serverBinary();
-  assert.ok(existsSync(bin), `${bin} is missing: run cargo run -p xtask -- build`);
-  dataDir = mkdtempSync(path.join(tmpdir(), 'atelier-deploy-browser-'));
-  const port = await freePort();
-  baseUrl = `http://127.0.0.1:${port}`;
-  server = spawn(
-    bin,
-    ['serve', '--addr', `127.0.0.1:${port}`, '--data-dir', dataDir, '--model', path.join(root, 'models/starter'), '--site-root', path.join(root, 'target/site'), '--deploy-token', 't0ken'],
-    { cwd: root, env: { ...process.env, RUST_LOG: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  server.stdout.on('data', (d) => (serverLog += d));
-  server.stderr.on('data', (d) => (serverLog += d));
-  await waitForHealth(baseUrl, server, 120_000);
+  studio = await startStudio('deploy-browser', ['--deploy-token', 't0ken']);
+  ({ baseUrl, dataDir } = studio);
 
   const model = await (await fetch(`${baseUrl}/api/model`)).json();
   const adapter = readFileSync(path.join(root, 'models/styles/inkline/inkline.safetensors')).toString('base64');
@@ -49,28 +34,12 @@ before(async () => {
   });
   assert.equal(pushed.status, 201, await pushed.text());
 
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-    headless: true,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-gpu'],
-  });
-  page = await browser.newPage({ viewport: { width: 1200, height: 1000 } });
-  page.on('pageerror', (e) => pageErrors.push(String(e)));
-  page.on('console', (m) => {
-    if (m.type() === 'error') pageErrors.push(m.text());
-  });
+  ({ browser, page, errors: pageErrors } = await openBrowser({ width: 1200, height: 1000 }));
 });
 
 after(async () => {
   await browser?.close();
-  if (server && server.exitCode === null) {
-    const exited = new Promise((r) => server.once('exit', r));
-    server.kill('SIGTERM');
-    await Promise.race([exited, new Promise((r) => setTimeout(r, 10_000))]);
-    if (server.exitCode === null) server.kill('SIGKILL');
-  }
-  if (dataDir) rmSync(dataDir, { recursive: true, force: true });
-  if (process.exitCode) console.error(serverLog);
+  await studio?.stop();
 });
 
 test('the Deployments page lists, creates and deletes deployments', async () => {

@@ -196,6 +196,9 @@ impl Workspace {
         let mlflow = self.mlflow()?;
         let (dvc, s3s) = (self.dvc()?, self.s3s()?);
         let webuiapi = self.webuiapi()?;
+        let coremltools = self.coremltools()?;
+        // The Core ML package checker and MIL evaluator the exporter tests run (tests/coreml).
+        run(Command::new(&coremltools).args(["-m", "unittest", "discover", "tests/coreml"]).current_dir(&self.root))?;
         run(Command::new(cargo())
             .args(["test", "-p", "atelier-blend", "-p", "atelier-engine", "-p", "app", "-p", "server"])
             .env_remove("LEPTOS_OUTPUT_NAME")
@@ -205,6 +208,7 @@ impl Workspace {
             .env("ATELIER_DVC_BIN", &dvc)
             .env("ATELIER_S3S_BIN", &s3s)
             .env("ATELIER_WEBUIAPI_PYTHON", &webuiapi)
+            .env("ATELIER_COREMLTOOLS_PYTHON", &coremltools)
             .current_dir(&self.root))?;
         self.build(false)?;
         let browser = self.root.join("tests/browser");
@@ -212,7 +216,7 @@ impl Workspace {
             bail!("tests/browser/node_modules is missing: run `npm ci` in tests/browser (or .ci/run)");
         }
         run(Command::new("node")
-            .args(["--test", "--test-reporter=spec", "generate.spec.mjs", "deployments.spec.mjs"])
+            .args(["--test", "--test-reporter=spec", "generate.spec.mjs", "deployments.spec.mjs", "export.spec.mjs"])
             .env("ATELIER_BIN", self.server_binary(false))
             .env("ATELIER_ROOT", &self.root)
             .current_dir(&browser))
@@ -298,6 +302,37 @@ impl Workspace {
         Ok(python)
     }
 }
+
+impl Workspace {
+    /// The Python with coremltools that validates and evaluates exported Core ML packages
+    /// (`tests/coreml/milcheck.py`): `ATELIER_COREMLTOOLS_PYTHON`, else a venv in
+    /// TARGET/services/coremltools-venv, made (pinned wheels from PyPI, ~1 min) when missing.
+    fn coremltools(&self) -> Result<PathBuf> {
+        if let Some(python) = std::env::var_os("ATELIER_COREMLTOOLS_PYTHON") {
+            return Ok(PathBuf::from(python));
+        }
+        let venv = self.target_dir.join("services/coremltools-venv");
+        let python = venv.join("bin/python");
+        let stamp = COREMLTOOLS_REQUIREMENTS.join(" ");
+        if std::fs::read_to_string(venv.join(".installed")).ok().as_deref() != Some(stamp.as_str()) {
+            let base = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+            run(Command::new(&base).args(["-m", "venv", "--clear"]).arg(&venv))
+                .with_context(|| format!("making a Python venv for coremltools with {base} (on Debian: apt-get install python3-venv)"))?;
+            run(Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check"])
+                .args(COREMLTOOLS_REQUIREMENTS))
+            .context("installing coremltools from PyPI")?;
+            std::fs::write(venv.join(".installed"), stamp)?;
+        }
+        Ok(python)
+    }
+}
+
+/// coremltools (MIL proto loader, Builder, weight compression; its Linux wheel cannot run
+/// models) and what `tests/coreml` uses: numpy, scipy (erf for gelu), safetensors (tensor
+/// files shared with the Rust tests), scikit-learn (k-means palettization in the tests).
+const COREMLTOOLS_REQUIREMENTS: &[&str] =
+    &["coremltools==9.0", "numpy==2.4.6", "scipy==1.17.1", "safetensors==0.8.0", "scikit-learn==1.9.1"];
 
 /// The DVC the dataset tests run (real `dvc`, from PyPI, with S3 support).
 const DVC_REQUIREMENT: &str = "dvc[s3]>=3.60,<4";

@@ -2,6 +2,7 @@
 
 pub mod bake;
 pub mod errors;
+pub mod export_coreml;
 pub mod gallery;
 pub mod monitoring;
 pub mod progress;

@@ -10,6 +10,7 @@ use leptos::prelude::*;
 use leptos_router::hooks::use_query_map;
 
 use crate::components::bake::BakeBlend;
+use crate::components::export_coreml::ExportCoreml;
 #[cfg(feature = "hydrate")]
 use crate::dto::JobState;
 use crate::dto::{GenerateRequest, ModelInfo, StyleSummary, DEFAULT_SCHEDULER};
@@ -483,7 +484,7 @@ fn Blender(info: ModelInfo, styles: Vec<StyleSummary>) -> impl IntoView {
                 })}
             </div>
             <div class="share export">
-                {move || link.get().filter(|_| chosen.with(|c| !c.is_empty())).map(|code| view! { <BakeBlend code=code /> })}
+                {move || link.get().filter(|_| chosen.with(|c| !c.is_empty())).map(|code| view! { <BakeBlend code=code.clone() /> <ExportCoreml blend=code /> })}
             </div>
             <div class="share">
                 <label>"Open a link from another studio " <input type="text" id="open-link" placeholder="http://…/blend?b=…"

@@ -91,6 +91,7 @@ fn StyleCard(style: StyleSummary, refresh: RwSignal<u32>, message: RwSignal<Opti
                     <a class="download" href=format!("{base}adapter.diffusers.safetensors") download="">"Download (diffusers)"</a>
                 })}
             </div>
+            <crate::components::export_coreml::ExportCoreml style=name.clone() />
             {(!style.builtin).then(|| view! { <crate::components::registry::RegistryVersions name=name.clone() /> })}
             {(!style.builtin).then(move || view! {
                 <div class="card-actions">

@@ -197,6 +197,30 @@ pub fn save_kohya(baked: &Baked, metadata: &HashMap<String, String>, path: &Path
     save_safetensors_with_metadata_atomic(&tensors, &md, path)
 }
 
+/// Merges the adapters of `active` that touch `component` into its weights (diffusers keys,
+/// as loaded from `source`): `W ← W + Σ up·down·scale`, computed in fp32 and stored back in
+/// the weight's own dtype. Returns how many tensors changed.
+///
+/// # Errors
+/// When an adapter points at a layer the weights lack (naming the key and `source`).
+pub fn merge_into(active: &[ActiveLora], slots: &ModelSlots, component: Component, weights: &mut HashMap<String, Tensor>, source: &Path) -> Result<usize> {
+    let deltas = stacked(active)?;
+    let mut changed = 0;
+    for (slot, (down, up)) in &deltas {
+        let (c, info) = slots.get(*slot).ok_or_else(|| Error::invalid("blend", "an adapter points at a layer the model lacks"))?;
+        if c != component {
+            continue;
+        }
+        let key = format!("{}.weight", info.name);
+        let w = weights.get(&key).ok_or_else(|| Error::invalid("model", format!("{} has no tensor {key}", source.display())))?;
+        let delta = up.matmul(down)?.reshape(w.dims())?;
+        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        weights.insert(key, merged);
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 /// Writes a copy of the diffusers folder `model_dir` into `out` with the blend merged into
 /// the UNet and text-encoder weights (W + ΔW, in the weights' own dtype).
 pub fn save_merged(active: &[ActiveLora], slots: &ModelSlots, model_dir: &Path, out: &Path) -> Result<()> {
@@ -209,24 +233,10 @@ pub fn save_merged(active: &[ActiveLora], slots: &ModelSlots, model_dir: &Path, 
     }
     copy_dir(model_dir, &tmp)?;
     let files = [(Component::Unet, "unet/diffusion_pytorch_model.safetensors"), (Component::TextEncoder, "text_encoder/model.safetensors")];
-    let deltas = stacked(active)?;
     for (component, file) in files {
         let path = tmp.join(file);
         let mut weights = load_safetensors(&model_dir.join(file), &Device::Cpu)?;
-        let mut changed = false;
-        for (slot, (down, up)) in &deltas {
-            let (c, info) = slots.get(*slot).ok_or_else(|| Error::invalid("blend", "an adapter points at a layer the model lacks"))?;
-            if c != component {
-                continue;
-            }
-            let key = format!("{}.weight", info.name);
-            let w = weights.get(&key).ok_or_else(|| Error::invalid("model", format!("{} has no tensor {key}", model_dir.join(file).display())))?;
-            let delta = up.matmul(down)?.reshape(w.dims())?;
-            let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
-            weights.insert(key, merged);
-            changed = true;
-        }
-        if changed {
+        if merge_into(active, slots, component, &mut weights, &model_dir.join(file))? > 0 {
             save_safetensors_atomic(&weights, &path)?;
         }
     }

@@ -36,6 +36,12 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
+    /// `DownEncoderBlock2D` per level (empty when the config does not say).
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    /// `UpDecoderBlock2D` per level (empty when the config does not say).
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
 }
 
 fn three() -> usize {

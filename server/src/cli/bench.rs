@@ -1,7 +1,8 @@
 //! `atelier bench`: seconds per UNet step and peak memory for the model's UNet and a
 //! full-size SD-1.5 UNet (random weights, batch 2 as with CFG, 64×64 latents) for each
 //! attention implementation, and end-to-end seconds per image for the built-in model.
-//! Prints a table, or one JSON object per case with `--json`.
+//! Prints a table, or one JSON object per case with `--json`. `--case coreml-e2e` and
+//! `atelier bench compare` are the mobile-vs-desktop benchmark ([`super::bench_coreml`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,17 +19,31 @@ use candle_core::{DType, Device, Tensor};
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// One case only: model-unet (the --model's UNet at its native size), starter-unet,
-    /// sd15-unet, e2e or blend (e2e with two shipped styles attached; default: model-unet,
-    /// sd15-unet and e2e).
+    /// sd15-unet, e2e, blend (e2e with two shipped styles attached) or coreml-e2e (the
+    /// workload of a Core ML export, --models, printed as the iOS app's Benchmark screen
+    /// writes it: one "atelier-bench-v1" JSON line per timed image); default: model-unet,
+    /// sd15-unet and e2e.
     #[arg(long)]
     pub case: Option<String>,
     /// One attention implementation only (default: original and split-einsum).
     #[arg(long)]
     pub attention: Option<String>,
-    /// Timed steps per case (the median is reported; one warm-up step is not timed).
+    /// Timed steps per case (the median is reported; one warm-up step is not timed);
+    /// default 3. For coreml-e2e: denoising steps per image, default 20.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// coreml-e2e: the export folder `atelier export coreml` wrote (atelier_export.json).
+    #[arg(long, value_name = "DIR")]
+    pub models: Option<PathBuf>,
+    /// coreml-e2e: timed images after one untimed warm-up (one JSON line each).
     #[arg(long, default_value_t = 3)]
-    pub steps: usize,
-    /// The model used by model-unet and e2e.
+    pub runs: usize,
+    /// coreml-e2e: the style library the export's style components are looked up in
+    /// (besides the styles shipped in models/styles).
+    #[arg(long, env = "ATELIER_STYLES", default_value = "data/styles")]
+    pub library: PathBuf,
+    /// The model used by model-unet and e2e (coreml-e2e: used when the export's base model
+    /// is not found by name and hash).
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: PathBuf,
     /// starter-unet: a UNet config.json to time instead of the starter model's.
@@ -44,6 +59,21 @@ pub struct BenchArgs {
     /// attention (so results can be compared over commits).
     #[command(flatten)]
     pub track: super::Tracking,
+    #[command(subcommand)]
+    pub mode: Option<BenchMode>,
+}
+
+/// `atelier bench compare …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchMode {
+    /// Side-by-side markdown table of benchmark files ("atelier-bench-v1" JSON lines from
+    /// `atelier bench --case coreml-e2e` and the iOS app's Benchmark screen), one column per
+    /// file and device: seconds per step and per image, peak memory, package size.
+    Compare {
+        /// The JSON-lines files, e.g. desktop.jsonl iphone.jsonl.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 struct Row {
@@ -86,6 +116,13 @@ fn unet_case(name: &str, cfg: &UNetConfig, vb: candle_nn::VarBuilder, attn: Atte
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(BenchMode::Compare { files }) = &args.mode {
+        return super::bench_coreml::compare(files);
+    }
+    if args.case.as_deref() == Some("coreml-e2e") {
+        return coreml_e2e(&args);
+    }
+    let steps = args.steps.unwrap_or(3);
     let attns: Vec<AttentionKind> = match &args.attention {
         Some(a) => vec![a.parse()?],
         None => vec![AttentionKind::Original, AttentionKind::SplitEinsum],
@@ -103,7 +140,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     let cfg: UNetConfig = read_config(&files.unet_config)?;
                     let vb = random_var_builder(DType::F32, &Device::Cpu);
                     let hw = cfg.sample_size.unwrap_or(64);
-                    unet_case(case, &cfg, vb, attn, hw, args.steps)?
+                    unet_case(case, &cfg, vb, attn, hw, steps)?
                 }
                 "starter-unet" => {
                     let vb = random_var_builder(DType::F32, &Device::Cpu);
@@ -111,11 +148,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         Some(p) => read_config(p)?,
                         None => atelier_engine::starter::model::unet_config(),
                     };
-                    unet_case(case, &cfg, vb, attn, args.latent_size, args.steps)?
+                    unet_case(case, &cfg, vb, attn, args.latent_size, steps)?
                 }
                 "sd15-unet" => {
                     let vb = random_var_builder(DType::F32, &Device::Cpu);
-                    unet_case(case, &UNetConfig::v1_5(), vb, attn, 64, args.steps)?
+                    unet_case(case, &UNetConfig::v1_5(), vb, attn, 64, steps)?
                 }
                 "e2e" | "blend" => {
                     reset_peak();
@@ -145,14 +182,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     };
                     sd.generate(&params, &mut |_| true)?; // warm-up
                     let mut times = Vec::new();
-                    for _ in 0..args.steps.max(1) {
+                    for _ in 0..steps.max(1) {
                         let t = Instant::now();
                         sd.generate(&params, &mut |_| true)?;
                         times.push(t.elapsed().as_secs_f64());
                     }
                     Row { case: case.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), unit: "s/image (20 steps, CFG)" }
                 }
-                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet, e2e or blend"),
+                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet, e2e, blend or coreml-e2e"),
             };
             if args.json {
                 let key = if row.unit == "s/step" { "seconds_per_step" } else { "seconds_per_image" };
@@ -168,7 +205,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let parent = t.record(
             "bench",
             &format!("bench {}", args.case.as_deref().unwrap_or("all")),
-            &serde_json::json!({ "cases": rows.iter().map(|r| r.case.clone()).collect::<Vec<_>>(), "steps": args.steps, "model": args.model, "latent_size": args.latent_size, "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default() }),
+            &serde_json::json!({ "cases": rows.iter().map(|r| r.case.clone()).collect::<Vec<_>>(), "steps": steps, "model": args.model, "latent_size": args.latent_size, "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default() }),
             &super::run_tags(&Device::Cpu),
         )?;
         for r in &rows {
@@ -190,6 +227,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for r in &rows {
             println!("| {} | {} | {:.4} | {} | {:.1} MiB |", r.case, r.attention, r.seconds, r.unit, r.peak_bytes as f64 / 1048576.0);
         }
+    }
+    Ok(())
+}
+
+/// `--case coreml-e2e`: one JSON line per timed image on stdout, recorded in experiment
+/// "bench" like the other cases.
+fn coreml_e2e(args: &BenchArgs) -> Result<()> {
+    let models = args.models.as_deref().context("--case coreml-e2e needs --models DIR (the folder `atelier export coreml` wrote)")?;
+    let attention: AttentionKind = match &args.attention {
+        Some(a) => a.parse()?,
+        None => AttentionKind::Original,
+    };
+    let opts = super::bench_coreml::E2eOptions { models, model: &args.model, library: &args.library, steps: args.steps, runs: args.runs, attention };
+    let records = super::bench_coreml::run_e2e(&opts, &mut |r| println!("{}", serde_json::to_string(r).expect("plain fields serialise")))?;
+    if let Some(t) = args.track.open() {
+        let run = t.record(
+            "bench",
+            "bench coreml-e2e",
+            &serde_json::json!({ "case": "coreml-e2e", "models": models, "steps": records[0].steps, "runs": records.len(), "style": records[0].style, "width": records[0].width, "height": records[0].height }),
+            &super::run_tags(&Device::Cpu),
+        )?;
+        for (i, r) in records.iter().enumerate() {
+            run.metrics(&[("seconds_per_step", r.seconds_per_step), ("seconds_per_image", r.seconds_per_image), ("peak_rss_mib", r.peak_memory_bytes as f64 / 1048576.0)], i as i64)?;
+        }
+        run.finish()?;
+        args.track.finish();
     }
     Ok(())
 }

@@ -175,7 +175,7 @@ pub fn run(args: BlendArgs) -> Result<()> {
 }
 
 /// The model's native image size, from its configs.
-fn model_size(model_dir: &std::path::Path) -> Result<u32> {
+pub fn model_size(model_dir: &std::path::Path) -> Result<u32> {
     let read = |f: &str| -> Result<serde_json::Value> {
         let p = model_dir.join(f);
         Ok(serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?)

@@ -194,7 +194,7 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
 }
 
 /// Splits `FILE[:WEIGHT[:lbw=D,M,U]]`; a suffix that is not a number belongs to the file name.
-fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64, atelier_engine::lora::BlockWeights)> {
+pub fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64, atelier_engine::lora::BlockWeights)> {
     let mut rest = spec;
     let mut blocks = atelier_engine::lora::BlockWeights::default();
     if let Some((head, last)) = spec.rsplit_once(':') {

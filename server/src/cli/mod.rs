@@ -1,12 +1,15 @@
 //! The command-line subcommands other than `serve`.
 
 pub mod bench;
+pub mod bench_coreml;
 pub mod blend;
 pub mod datasets;
 pub mod deploy;
 pub mod eval_negatives;
+pub mod export_coreml;
 pub mod eval_starter;
 pub mod eval_styles;
+pub mod export_ios;
 pub mod generate;
 pub mod optimize_negative;
 pub mod reference;
@@ -15,6 +18,16 @@ pub mod runs;
 pub mod style_data;
 pub mod train_base;
 pub mod train_style;
+
+/// `atelier export …`: packaging models and apps for other platforms.
+#[derive(Debug, clap::Subcommand)]
+pub enum ExportCommand {
+    /// A SwiftUI app (Xcode / Swift Playgrounds app package) around a Core ML export folder.
+    IosApp(export_ios::IosAppArgs),
+    /// Core ML packages (TextEncoder, Unet or UnetChunk1/2, VAEDecoder, VAEEncoder) with a
+    /// style, blend or LoRA merged in, as Apple's ml-stable-diffusion Swift package loads them.
+    Coreml(export_coreml::CoremlArgs),
+}
 
 /// The compute device: the first CUDA / Metal GPU in builds with those features, else the CPU.
 pub fn device() -> anyhow::Result<candle_core::Device> {

@@ -63,6 +63,7 @@ pub fn api_routes() -> Router<AppState> {
         .merge(crate::generation::http::routes())
         .merge(crate::styles::http::routes())
         .merge(crate::blends::http::routes())
+        .merge(crate::exports::http::routes())
         .merge(crate::negatives::http::routes())
         .merge(crate::tracking::http::routes())
         .merge(crate::tracking::registry_http::routes())

@@ -13,7 +13,12 @@
 //! A program's `const` op refers to a blob by the offset of its **metadata record** (the
 //! first blob's is 64, its data at 128).
 
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Cursor, Seek, SeekFrom, Write};
 use std::path::Path;
+
+use sha2::{Digest, Sha256};
 
 /// Blob data types, as `BlobDataType.hpp` numbers them (not the MIL proto's `DataType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,11 +71,15 @@ pub const VERSION: u32 = 2;
 pub const SENTINEL: u32 = 0xDEAD_BEEF;
 const ALIGN: usize = 64;
 
-/// Builds a `weight.bin` in memory.
-#[derive(Debug)]
-pub struct BlobWriter {
-    bytes: Vec<u8>,
+/// Writes a `weight.bin` blob by blob into any seekable sink: memory ([`BlobWriter::new`])
+/// or a file ([`BlobWriter::create`]), so an SD-1.5-size UNet streams to disk instead of
+/// being held twice. Identical blobs (same type, padding and bytes, compared by SHA-256)
+/// are stored once: the functions of a multifunction package share the base weights.
+pub struct BlobWriter<W: Write + Seek = Cursor<Vec<u8>>> {
+    sink: W,
+    len: u64,
     count: u32,
+    seen: HashMap<[u8; 32], u64>,
 }
 
 impl Default for BlobWriter {
@@ -80,16 +89,59 @@ impl Default for BlobWriter {
 }
 
 impl BlobWriter {
+    /// A writer into memory.
     pub fn new() -> Self {
-        Self { bytes: vec![0; ALIGN], count: 0 }
+        Self::on(Cursor::new(Vec::new())).expect("writing to memory cannot fail")
+    }
+
+    /// The file's bytes, header included.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.finish().expect("writing to memory cannot fail").into_inner()
+    }
+}
+
+impl BlobWriter<BufWriter<File>> {
+    /// A writer into a new file at `path` (truncated if present).
+    ///
+    /// # Errors
+    /// The I/O error of creating it.
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        Self::on(BufWriter::with_capacity(1 << 20, File::create(path)?))
+    }
+}
+
+impl<W: Write + Seek> BlobWriter<W> {
+    fn on(mut sink: W) -> std::io::Result<Self> {
+        sink.write_all(&[0; ALIGN])?;
+        Ok(Self { sink, len: ALIGN as u64, count: 0, seen: HashMap::new() })
+    }
+
+    /// Bytes written so far (header included).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Number of distinct blobs written so far.
+    pub fn count(&self) -> u32 {
+        self.count
     }
 
     /// Appends a blob of `dtype` holding `data` (`padding_bits`: bits of the last byte that
-    /// are not part of the tensor, for sub-byte types; 0 otherwise). Returns the offset of
-    /// its metadata record, which the program's `const` op names.
-    pub fn add(&mut self, dtype: BlobDType, data: &[u8], padding_bits: u8) -> u64 {
-        debug_assert_eq!(self.bytes.len() % ALIGN, 0);
-        let metadata = self.bytes.len() as u64;
+    /// are not part of the tensor, for sub-byte types; 0 otherwise), unless the same blob is
+    /// already stored. Returns the offset of its metadata record, which the program's
+    /// `const` op names.
+    ///
+    /// # Errors
+    /// The sink's I/O error (a full disk).
+    pub fn add(&mut self, dtype: BlobDType, data: &[u8], padding_bits: u8) -> std::io::Result<u64> {
+        let mut hasher = Sha256::new();
+        hasher.update([dtype as u8, padding_bits]);
+        hasher.update(data);
+        let key: [u8; 32] = hasher.finalize().into();
+        if let Some(&offset) = self.seen.get(&key) {
+            return Ok(offset);
+        }
+        let metadata = self.len;
         let data_offset = metadata + ALIGN as u64;
         let mut record = [0u8; ALIGN];
         record[0..4].copy_from_slice(&SENTINEL.to_le_bytes());
@@ -97,36 +149,46 @@ impl BlobWriter {
         record[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
         record[16..24].copy_from_slice(&data_offset.to_le_bytes());
         record[24..32].copy_from_slice(&u64::from(padding_bits).to_le_bytes());
-        self.bytes.extend_from_slice(&record);
-        self.bytes.extend_from_slice(data);
-        let padded = self.bytes.len().div_ceil(ALIGN) * ALIGN;
-        self.bytes.resize(padded, 0);
+        self.sink.write_all(&record)?;
+        self.sink.write_all(data)?;
+        let end = data_offset + data.len() as u64;
+        let padded = end.div_ceil(ALIGN as u64) * ALIGN as u64;
+        self.sink.write_all(&vec![0; (padded - end) as usize])?;
+        self.len = padded;
         self.count += 1;
-        metadata
+        self.seen.insert(key, metadata);
+        Ok(metadata)
     }
 
     /// Appends fp16 values (IEEE half, little-endian).
-    pub fn add_f16(&mut self, values: &[half::f16]) -> u64 {
+    ///
+    /// # Errors
+    /// As [`BlobWriter::add`].
+    pub fn add_f16(&mut self, values: &[half::f16]) -> std::io::Result<u64> {
         let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.add(BlobDType::Float16, &data, 0)
     }
 
     /// Appends fp32 values.
-    pub fn add_f32(&mut self, values: &[f32]) -> u64 {
+    ///
+    /// # Errors
+    /// As [`BlobWriter::add`].
+    pub fn add_f32(&mut self, values: &[f32]) -> std::io::Result<u64> {
         let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.add(BlobDType::Float32, &data, 0)
     }
 
-    /// The file's bytes, header included.
-    pub fn finish(mut self) -> Vec<u8> {
-        self.bytes[0..4].copy_from_slice(&self.count.to_le_bytes());
-        self.bytes[4..8].copy_from_slice(&VERSION.to_le_bytes());
-        self.bytes
-    }
-
-    /// Writes the file atomically (temporary file, then rename).
-    pub fn write(self, path: &Path) -> std::io::Result<()> {
-        crate::files::write_atomic(path, &self.finish())
+    /// Writes the header (blob count, version) and flushes; returns the sink.
+    ///
+    /// # Errors
+    /// The sink's I/O error.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        self.sink.seek(SeekFrom::Start(0))?;
+        self.sink.write_all(&self.count.to_le_bytes())?;
+        self.sink.write_all(&VERSION.to_le_bytes())?;
+        self.sink.seek(SeekFrom::End(0))?;
+        self.sink.flush()?;
+        Ok(self.sink)
     }
 }
 
@@ -194,10 +256,11 @@ mod tests {
     #[test]
     fn layout_matches_coremltools() {
         let mut w = BlobWriter::new();
-        let first = w.add_f16(&[half::f16::from_f32(1.0), half::f16::from_f32(-2.0), half::f16::from_f32(0.5)]);
-        let second = w.add_f32(&[1.5; 20]);
-        let third = w.add(BlobDType::UInt4, &[0x21, 0x03], 4);
-        let bytes = w.finish();
+        let first = w.add_f16(&[half::f16::from_f32(1.0), half::f16::from_f32(-2.0), half::f16::from_f32(0.5)]).unwrap();
+        let second = w.add_f32(&[1.5; 20]).unwrap();
+        let third = w.add(BlobDType::UInt4, &[0x21, 0x03], 4).unwrap();
+        assert_eq!(w.add_f32(&[1.5; 20]).unwrap(), second, "an identical blob is stored once");
+        let bytes = w.into_bytes();
         // The first record at 64 and its data at 128, as in a file coremltools wrote.
         assert_eq!((first, second, third), (64, 192, 384), "6 bytes of data pad to 64; 80 bytes to 128");
         assert_eq!(bytes.len(), 512);
@@ -223,9 +286,9 @@ mod tests {
     #[test]
     fn damaged_files_are_refused_naming_the_blob() {
         let mut w = BlobWriter::new();
-        w.add_f32(&[1.0; 4]);
-        w.add_f32(&[2.0; 4]);
-        let good = w.finish();
+        w.add_f32(&[1.0; 4]).unwrap();
+        w.add_f32(&[2.0; 4]).unwrap();
+        let good = w.into_bytes();
         assert_eq!(read(&good[..10]), Err(BlobError::Short(10)));
         let mut v = good.clone();
         v[4] = 1;

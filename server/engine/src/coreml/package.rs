@@ -12,6 +12,8 @@
 //! `com.apple.CoreML`, a description, the name, and the path relative to `Data/`), and
 //! `rootModelIdentifier`, the UUID of the model entry.
 
+use std::fs::File;
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
@@ -37,34 +39,76 @@ pub fn manifest(model_id: &str, weights_id: &str) -> String {
     serde_json::to_string_pretty(&value).expect("a JSON value always serializes")
 }
 
-/// Writes the package at `dir` (replacing any package there) from the serialized model
-/// specification and its weights. Built beside it and renamed into place, so a failed
-/// write (a full disk) leaves the old package, or none, never half of one.
-///
-/// # Errors
-/// The I/O error, with nothing left at `dir` but what was there before.
-pub fn write_package(dir: &Path, model_spec: &[u8], weights: BlobWriter) -> std::io::Result<()> {
-    let name = dir.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a package path needs a folder name"))?;
-    let parent = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    std::fs::create_dir_all(&parent)?;
-    let staging = parent.join(format!(".{}.partial", name.to_string_lossy()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let result = (|| {
-        let data = staging.join("Data");
-        std::fs::create_dir_all(data.join(WEIGHTS_PATH))?;
-        std::fs::write(data.join(MODEL_PATH), model_spec)?;
-        std::fs::write(data.join(WEIGHTS_PATH).join("weight.bin"), weights.finish())?;
-        let (model_id, weights_id) = (new_id(), new_id());
-        std::fs::write(staging.join("Manifest.json"), manifest(&model_id, &weights_id))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir)?;
-        }
-        std::fs::rename(&staging, dir)
-    })();
-    if result.is_err() {
+/// A package being written: built in a hidden staging folder beside `dir`, its weight file
+/// streamed blob by blob ([`PackageWriter::weights`]), then renamed into place by
+/// [`PackageWriter::finish`]. Dropped unfinished (an error, a full disk, a cancelled export),
+/// it removes the staging folder, so the output folder never holds half a package.
+pub struct PackageWriter {
+    dir: PathBuf,
+    staging: PathBuf,
+    weights: Option<BlobWriter<BufWriter<File>>>,
+}
+
+impl PackageWriter {
+    /// Starts the package that will be `dir` (e.g. `out/Unet.mlpackage`).
+    ///
+    /// # Errors
+    /// The I/O error of making the staging folder or the weight file.
+    pub fn create(dir: &Path) -> std::io::Result<Self> {
+        let name = dir.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a package path needs a folder name"))?;
+        let parent = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        std::fs::create_dir_all(&parent)?;
+        let staging = parent.join(format!(".{}.partial", name.to_string_lossy()));
         let _ = std::fs::remove_dir_all(&staging);
+        let mut writer = Self { dir: dir.to_path_buf(), staging: staging.clone(), weights: None };
+        let weights_dir = staging.join("Data").join(WEIGHTS_PATH);
+        std::fs::create_dir_all(&weights_dir)?;
+        writer.weights = Some(BlobWriter::create(&weights_dir.join("weight.bin"))?);
+        Ok(writer)
     }
-    result
+
+    /// The weight file being written.
+    pub fn weights(&mut self) -> &mut BlobWriter<BufWriter<File>> {
+        self.weights.as_mut().expect("weights are present until finish")
+    }
+
+    /// Writes the model specification and the manifest, syncs, and moves the package into
+    /// place (replacing any package at `dir`). Returns the package's size in bytes.
+    ///
+    /// # Errors
+    /// The I/O error; the staging folder is removed and `dir` keeps what it held.
+    pub fn finish(mut self, model_spec: &[u8]) -> std::io::Result<u64> {
+        let weights = self.weights.take().expect("weights are present until finish");
+        let file = weights.finish()?.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        let data = self.staging.join("Data");
+        crate::files::write_atomic(&data.join(MODEL_PATH), model_spec)?;
+        let (model_id, weights_id) = (new_id(), new_id());
+        crate::files::write_atomic(&self.staging.join("Manifest.json"), manifest(&model_id, &weights_id).as_bytes())?;
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir)?;
+        }
+        std::fs::rename(&self.staging, &self.dir)?;
+        Ok(dir_size(&self.dir))
+    }
+}
+
+impl Drop for PackageWriter {
+    fn drop(&mut self) {
+        if self.staging.exists() {
+            self.weights = None;
+            let _ = std::fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+/// Total size of the files under `path`, in bytes.
+pub fn dir_size(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path).map(|it| it.flatten().map(|e| dir_size(&e.path())).sum()).unwrap_or(0)
 }
 
 /// A random (v4) UUID in the upper-case form Apple's package writer uses.
@@ -80,9 +124,10 @@ mod tests {
     fn packages_are_laid_out_as_coremltools_writes_them() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("Unet.mlpackage");
-        let mut w = BlobWriter::new();
-        w.add_f32(&[0.25; 16]);
-        write_package(&dir, b"spec-bytes", w).unwrap();
+        let mut w = PackageWriter::create(&dir).unwrap();
+        w.weights().add_f32(&[0.25; 16]).unwrap();
+        let size = w.finish(b"spec-bytes").unwrap();
+        assert!(size > 128 + 64, "{size}");
         assert_eq!(std::fs::read(dir.join("Data/com.apple.CoreML/model.mlmodel")).unwrap(), b"spec-bytes");
         let blobs = std::fs::read(dir.join("Data/com.apple.CoreML/weights/weight.bin")).unwrap();
         assert_eq!(super::super::blob::read(&blobs).unwrap().len(), 1);
@@ -99,8 +144,15 @@ mod tests {
         assert_eq!((weights["name"].as_str(), weights["path"].as_str()), (Some("weights"), Some("com.apple.CoreML/weights")));
 
         // Written again: replaced whole, no staging folder left.
-        write_package(&dir, b"second", BlobWriter::new()).unwrap();
+        PackageWriter::create(&dir).unwrap().finish(b"second").unwrap();
         assert_eq!(std::fs::read(dir.join("Data/com.apple.CoreML/model.mlmodel")).unwrap(), b"second");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+
+        // Dropped unfinished (an error mid-export): nothing half-written is left.
+        let other = tmp.path().join("VAEDecoder.mlpackage");
+        let mut w = PackageWriter::create(&other).unwrap();
+        w.weights().add_f32(&[1.0; 16]).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1, "only Unet.mlpackage");
     }
 }
