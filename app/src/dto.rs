@@ -160,6 +160,12 @@ pub struct ModelInfo {
     /// Set for the built-in test model, whose images are coloured noise.
     pub note: Option<String>,
     pub schedulers: Vec<String>,
+    /// The device the model computes on: `cpu`, `cuda:N` or `metal:N`.
+    #[serde(default)]
+    pub device: String,
+    /// The dtype the networks compute in: `f32` on the CPU, `f16` on GPUs.
+    #[serde(default)]
+    pub dtype: String,
 }
 
 /// Error body of every failed JSON API call.

@@ -67,6 +67,27 @@ pub fn App() -> impl IntoView {
                     <Route path=StaticSegment("deployments") view=pages::deployments::DeploymentsPage />
                 </Routes>
             </main>
+            <StudioFooter />
         </Router>
+    }
+}
+
+/// The footer on every page: the model being served and where it computes.
+#[component]
+fn StudioFooter() -> impl IntoView {
+    let model = Resource::new(|| (), |_| server_fns::get_model_info());
+    view! {
+        <footer class="studio-footer">
+            <Suspense fallback=|| ()>
+                {move || Suspend::new(async move {
+                    model.await.ok().map(|m| {
+                        let compute = if m.device.is_empty() { String::new() } else { format!(" · {} · {}", m.device, m.dtype) };
+                        view! {
+                            <span data-test="compute">{format!("{}{compute}", m.name)}</span>
+                        }
+                    })
+                })}
+            </Suspense>
+        </footer>
     }
 }

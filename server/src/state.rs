@@ -62,7 +62,10 @@ impl AppState {
         note: Option<String>,
     ) -> Result<Self, crate::ApiError> {
         let gallery = Arc::new(Gallery::open(data_dir)?);
+        let (device, dtype) = generator.compute();
         let model = Arc::new(ModelInfo {
+            device,
+            dtype,
             name: generator.model_name(),
             hash: generator.model_hash(),
             default_width: default_size.0,

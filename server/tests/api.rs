@@ -295,12 +295,14 @@ async fn health_model_and_server_rendered_page() {
     assert_eq!((model.name.as_str(), model.default_width), ("fake-model", 64));
     assert!(model.note.unwrap().contains("noise"));
     assert!(model.schedulers.contains(&"dpmpp-2m-karras".to_string()));
+    assert_eq!((model.device.as_str(), model.dtype.as_str()), ("cpu", "f32"));
 
     let Reply { status, body, .. } = send(&app, Method::GET, "/", None).await;
     let html = String::from_utf8_lossy(&body);
     assert_eq!(status, StatusCode::OK, "{html}");
     assert!(html.contains("/pkg/atelier.js"), "hydration script missing: {html}");
     assert!(html.contains("test note: coloured noise"), "model note missing: {html}");
+    assert!(html.contains("fake-model · cpu · f32"), "the footer says where the model computes: {html}");
     assert!(html.contains("Reuse settings") || html.contains("No images yet"), "{html}");
 }
 

@@ -44,6 +44,8 @@ async fn save_list_resolve_and_render_blends() {
     let tmp = tempfile::tempdir().unwrap();
     let app = setup(tmp.path());
     let model: Value = get_json(&app, "/api/model").await;
+    // The real model says where it computes (tests load it on the CPU, in f32).
+    assert_eq!((model["device"].as_str(), model["dtype"].as_str()), (Some("cpu"), Some("f32")));
     let styles: Vec<Value> = get_json(&app, "/api/styles").await;
     let hash = |n: &str| styles.iter().find(|s| s["name"] == n).unwrap()["hash"].as_str().unwrap().to_string();
     assert_eq!(hash("inkline").len(), 10);

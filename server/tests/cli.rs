@@ -170,6 +170,34 @@ fn runs_list_and_show() {
 /// `bench` and `eval-starter` record runs: bench a parent with a child per case and
 /// attention (`mlflow.parentRunId`), both with the commit and device tags and their
 /// numbers as metrics; `--no-track` records nothing.
+/// One `--device` for every command (and `ATELIER_DEVICE`): the CPU works everywhere; a GPU
+/// this build lacks is refused before anything runs, naming the build that has it.
+#[test]
+fn device_choice_is_global_and_refuses_what_the_build_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let generate = |device_args: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_atelier"));
+        cmd.args(device_args).args(["generate", "--prompt", "a red circle", "--steps", "2", "--model"]).arg(fixtures().join("pipeline"));
+        cmd.arg("--out").arg(dir.path().join("x.png")).env_remove("ATELIER_DEVICE");
+        if let Some(v) = env {
+            cmd.env("ATELIER_DEVICE", v);
+        }
+        cmd.output().unwrap()
+    };
+    assert!(generate(&["--device", "cpu"], None).status.success());
+    assert!(generate(&[], Some("cpu")).status.success());
+    if cfg!(not(any(feature = "cuda", feature = "metal"))) {
+        for (args, env, needs) in [(&["--device", "cuda:1"][..], None, "--features cuda"), (&[][..], Some("metal"), "--features metal")] {
+            let out = generate(args, env);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && err.contains(needs), "{args:?} {env:?}: {err}");
+        }
+    }
+    let out = generate(&["--device", "tpu"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("use auto, cpu, cuda, cuda:N, metal or metal:N"), "{err}");
+}
+
 #[test]
 fn benchmarks_and_evaluations_are_tracked_runs() {
     let tmp = tempfile::tempdir().unwrap();

@@ -2,9 +2,10 @@
 //! cargo-leptos (which would download sass, tailwind and binaryen, impossible offline).
 //!
 //! ```text
-//! cargo run -p xtask -- build [--release] [--site-only]  # target/site/ + the `atelier` binary
-//! cargo run -p xtask -- serve [--release] [-- serve args]
+//! cargo run -p xtask -- build [--release] [--site-only] [--features metal|cuda]  # target/site/ + the `atelier` binary
+//! cargo run -p xtask -- serve [--release] [--features metal|cuda] [-- serve args]
 //! cargo run -p xtask -- test                   # cargo tests, then the browser test
+//! cargo run -p xtask -- check-apple            # type-check the Mac (Metal) build
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ use clap::{Parser, Subcommand};
 /// The name Leptos' `HydrationScripts` loads: `/pkg/atelier.js` and `/pkg/atelier_bg.wasm`.
 const OUTPUT_NAME: &str = "atelier";
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
+/// The Mac target `check-apple` type-checks (Apple silicon).
+const APPLE_TARGET: &str = "aarch64-apple-darwin";
 
 #[derive(Parser)]
 #[command(about = "Build, serve and test Atelier")]
@@ -34,28 +37,37 @@ enum Cmd {
         /// Only the site folder (WASM, JS, CSS, public/), not the server binary.
         #[arg(long)]
         site_only: bool,
+        /// Cargo features of the server: `metal` (Mac GPU), `cuda`, `flash-attn`.
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
     },
     /// Build, then run `atelier serve` from the repository root.
     Serve {
         /// Optimised build.
         #[arg(long)]
         release: bool,
+        /// Cargo features of the server: `metal` (Mac GPU), `cuda`, `flash-attn`.
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
         /// Arguments passed on to `atelier serve` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run the Rust tests, build the site, then run the headless-browser test.
+    /// Run the Rust tests, build the site, run the headless-browser test, then check-apple.
     Test,
+    /// Type-check the crates of a Mac build (aarch64-apple-darwin, Metal) from any OS: the
+    /// engine, the app and the blend maths. Needs `rustup target add aarch64-apple-darwin`.
+    CheckApple,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let ws = Workspace::locate()?;
     match cli.command {
-        Cmd::Build { release, site_only: true } => ws.build_site(release),
-        Cmd::Build { release, site_only: false } => ws.build(release),
-        Cmd::Serve { release, args } => {
-            ws.build(release)?;
+        Cmd::Build { release, site_only: true, .. } => ws.build_site(release),
+        Cmd::Build { release, site_only: false, features } => ws.build(release, &features),
+        Cmd::Serve { release, features, args } => {
+            ws.build(release, &features)?;
             let bin = ws.server_binary(release);
             eprintln!("xtask: running {} serve {}", bin.display(), args.join(" "));
             let status = Command::new(&bin)
@@ -70,6 +82,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Test => ws.test(),
+        Cmd::CheckApple => ws.check_apple(),
     }
 }
 
@@ -114,9 +127,9 @@ impl Workspace {
             .join(format!("atelier{}", std::env::consts::EXE_SUFFIX))
     }
 
-    fn build(&self, release: bool) -> Result<()> {
+    fn build(&self, release: bool, features: &[String]) -> Result<()> {
         self.build_site(release)?;
-        self.build_server(release)
+        self.build_server(release, features)
     }
 
     /// `target/site/`: the WASM bundle and its JS, the CSS and `public/`, each precompressed.
@@ -172,12 +185,15 @@ impl Workspace {
         Ok(())
     }
 
-    fn build_server(&self, release: bool) -> Result<()> {
+    fn build_server(&self, release: bool, features: &[String]) -> Result<()> {
         eprintln!("xtask: building the server");
         let mut cmd = Command::new(cargo());
         cmd.args(["build", "-p", "server", "--bin", "atelier"]);
         if release {
             cmd.arg("--release");
+        }
+        if !features.is_empty() {
+            cmd.args(["--features", &features.join(",")]);
         }
         // The server's leptos must be compiled WITHOUT LEPTOS_OUTPUT_NAME: then
         // HydrationScripts loads `<name>_bg.wasm`, the file wasm-bindgen writes.
@@ -210,7 +226,7 @@ impl Workspace {
             .env("ATELIER_WEBUIAPI_PYTHON", &webuiapi)
             .env("ATELIER_COREMLTOOLS_PYTHON", &coremltools)
             .current_dir(&self.root))?;
-        self.build(false)?;
+        self.build(false, &[])?;
         let browser = self.root.join("tests/browser");
         if !browser.join("node_modules").is_dir() {
             bail!("tests/browser/node_modules is missing: run `npm ci` in tests/browser (or .ci/run)");
@@ -219,7 +235,22 @@ impl Workspace {
             .args(["--test", "--test-reporter=spec", "generate.spec.mjs", "deployments.spec.mjs", "export.spec.mjs"])
             .env("ATELIER_BIN", self.server_binary(false))
             .env("ATELIER_ROOT", &self.root)
-            .current_dir(&browser))
+            .current_dir(&browser))?;
+        self.check_apple()
+    }
+
+    /// `cargo check` of the Mac build's crates for aarch64-apple-darwin with Metal.
+    ///
+    /// The server crate itself is left out: two of its dependencies compile C for the target
+    /// in their build scripts, which needs Apple's SDK (ring includes `TargetConditionals.h`;
+    /// rusqlite's bundled SQLite includes the C library's headers), so it only checks on a
+    /// Mac. Everything else of a `--features metal` build, Candle's Metal backend included,
+    /// is Rust and is checked here.
+    fn check_apple(&self) -> Result<()> {
+        run(Command::new(cargo())
+            .args(["check", "--target", APPLE_TARGET, "-p", "atelier-engine", "-p", "atelier-blend", "-p", "app", "--features", "atelier-engine/metal"])
+            .current_dir(&self.root))
+        .with_context(|| format!("the Mac build does not type-check (if the target is missing: rustup target add {APPLE_TARGET})"))
     }
 }
 

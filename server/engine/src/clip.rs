@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::attention::{scaled_dot_product, AttentionKind};
+use crate::attention::{multi_head, AttentionKind};
 use crate::layers::{layer_norm, LayerNorm, Activation, Linear};
 
 /// The fields of a transformers `CLIPTextConfig` that shape the model.
@@ -75,14 +75,12 @@ impl ClipAttention {
     }
 
     fn forward(&self, xs: &Tensor, mask: &Tensor, attn: AttentionKind) -> Result<Tensor> {
-        let (b, t, c) = xs.dims3()?;
-        let split = |x: Tensor| x.reshape((b, t, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q_proj.forward(xs)?)?;
-        let k = split(self.k_proj.forward(xs)?)?;
-        let v = split(self.v_proj.forward(xs)?)?;
+        let q = self.q_proj.forward(xs)?;
+        let k = self.k_proj.forward(xs)?;
+        let v = self.v_proj.forward(xs)?;
         let kind = if attn == AttentionKind::Flash { AttentionKind::Original } else { attn };
-        let o = scaled_dot_product(kind, &q, &k, &v, Some(mask), (self.head_dim as f64).powf(-0.5))?;
-        self.out_proj.forward(&o.transpose(1, 2)?.reshape((b, t, c))?)
+        let o = multi_head(kind, &q, &k, &v, self.heads, Some(mask), (self.head_dim as f64).powf(-0.5))?;
+        self.out_proj.forward(&o)
     }
 }
 

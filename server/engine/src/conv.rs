@@ -67,24 +67,13 @@ struct Col2Im {
     w: usize,
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d,
-        _ => candle_core::bail!("{op}: only f32 is supported"),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
         "im2col"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = f32_slice(storage, layout, "im2col")?;
+        let src = crate::cpu::contiguous_f32(storage, layout, "im2col")?;
         let (n, c, h, w) = layout.shape().dims4()?;
         let g = self.0;
         let (ho, wo) = (g.out_len(h), g.out_len(w));
@@ -108,7 +97,7 @@ impl CustomOp1 for Col2Im {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = f32_slice(storage, layout, "col2im")?;
+        let src = crate::cpu::contiguous_f32(storage, layout, "col2im")?;
         let (n, l, row) = layout.shape().dims3()?;
         let (g, c, h, w) = (self.g, self.c, self.h, self.w);
         let (ho, wo) = (g.out_len(h), g.out_len(w));

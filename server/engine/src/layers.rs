@@ -173,7 +173,8 @@ impl Module for Linear {
     }
 }
 
-/// A 2-D convolution with bias and a square kernel. Inference uses Candle's kernel;
+/// A 2-D convolution with bias and a square kernel. Inference on the CPU in f32 uses
+/// [`crate::cpu::conv`] for 3×3 and 1×1 stride-1 kernels and Candle's kernel otherwise;
 /// training on the CPU uses [`crate::conv::conv2d_im2col`], whose backward pass is
 /// much faster than Candle's.
 #[derive(Debug, Clone)]
@@ -233,8 +234,14 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let g = self.geometry;
         let mut ys = if grad_enabled() {
-            self.conv(xs, self.inner.weight(), self.inner.bias(), self.geometry)?
+            self.conv(xs, self.inner.weight(), self.inner.bias(), g)?
+        } else if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 && crate::cpu::conv::supported(g.kernel, g.stride, g.padding) {
+            match self.inner.bias() {
+                Some(b) => crate::cpu::conv::conv2d(xs, self.inner.weight(), b)?,
+                None => crate::cpu::conv::conv2d(xs, self.inner.weight(), &Tensor::zeros(self.inner.weight().dim(0)?, xs.dtype(), xs.device())?)?,
+            }
         } else {
             self.inner.forward(xs)?
         };
@@ -249,9 +256,49 @@ impl Module for Conv2d {
     }
 }
 
-/// GroupNorm with affine weight and bias.
-pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<candle_nn::GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+/// GroupNorm with affine `weight` and `bias` [channels] (PyTorch's `nn.GroupNorm`).
+///
+/// Inference on the CPU in f32 runs the fused kernel [`crate::cpu::norm`] (one pass to
+/// write, SiLU folded in by [`GroupNorm::forward_act`]); training and other devices use
+/// Candle's composite operations.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+/// Loads a [`GroupNorm`] of `channels` in `groups`.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm { inner, weight, bias, groups, eps })
+}
+
+impl GroupNorm {
+    fn fused(&self, xs: &Tensor) -> bool {
+        !grad_enabled() && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32
+    }
+
+    /// `act(norm(xs))`, in one pass when `act` is SiLU and the fused kernel applies.
+    pub fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
+        if act == Activation::Silu && self.fused(xs) {
+            return crate::cpu::norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, true);
+        }
+        act.forward(&self.forward(xs)?)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.fused(xs) {
+            return crate::cpu::norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, false);
+        }
+        self.inner.forward(xs)
+    }
 }
 
 /// LayerNorm over the last dimension with affine `weight` and `bias`.

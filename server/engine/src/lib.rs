@@ -12,10 +12,12 @@ pub mod error;
 pub use error::{Error, Result};
 
 // Model: loading a model folder and the networks it holds.
+pub mod device; // which compute device (--device), resolved against the compiled features
 pub mod model; // a diffusers folder: its files, configs, weights, the hub cache
 pub mod layers; // linear, convolution and normalisation layers under checkpoint names
 pub mod conv; // 2-D convolution as im2col + matmul, for training on the CPU
 pub mod attention; // how attention is computed, selectable per run
+pub mod cpu; // CPU kernels: blocked attention, vectorised exp
 pub mod tokenizer; // CLIP byte-level BPE tokenizer
 pub mod clip; // CLIP text encoder
 pub mod unet_blocks; // ResNet, sampler and transformer blocks of the UNet and VAE

@@ -516,3 +516,31 @@ pub fn peak_rss() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
+
+/// Tells the C allocator to keep freed memory for reuse instead of returning it to the
+/// system; call once at start-up, before other threads start.
+///
+/// glibc serves every block over its mmap threshold (up to 32 MiB, adaptive) with a fresh
+/// `mmap` and unmaps it on `free`, and trims the heap top past 128 KiB. Inference
+/// allocates and frees feature maps of 10–100 MiB hundreds of times per UNet step, so
+/// every one of them was faulted in page by page: ~1 GB/s on the machines measured, against
+/// ~20 GB/s for reused memory (BENCHMARKS.md, "allocator"). With `M_MMAP_MAX = 0` large
+/// blocks come from the heap and with `M_TRIM_THRESHOLD` at its maximum (2 GiB) freed
+/// blocks stay there, so the next step reuses pages that are already mapped. The cost:
+/// the process keeps up to its peak working set between generations. Setting
+/// `GLIBC_TUNABLES` (glibc.malloc.*) in the environment overrides this. Returns whether the
+/// settings were applied (glibc on Linux only).
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        if std::env::var_os("GLIBC_TUNABLES").is_some_and(|t| t.to_string_lossy().contains("glibc.malloc.")) {
+            return false;
+        }
+        // SAFETY: mallopt only changes allocator parameters; called before threads exist.
+        unsafe { libc::mallopt(libc::M_MMAP_MAX, 0) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}

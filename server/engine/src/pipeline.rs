@@ -183,7 +183,10 @@ impl StableDiffusion {
             collect_slots(|| build_from_file(&files.unet_weights, dtype, device, |vb| UNet2DConditionModel::new(&unet_cfg, vb)));
         let unet = unet?;
         let vae_cfg: VaeConfig = read_config(&files.vae_config)?;
-        let vae = build_from_file(&files.vae_weights, dtype, device, |vb| AutoencoderKL::new(&vae_cfg, vb))?;
+        // diffusers runs a half-precision pipeline's VAE in f32 unless the config says it
+        // need not (`force_upcast`).
+        let vae_dtype = if dtype != DType::F32 && vae_cfg.force_upcast { DType::F32 } else { dtype };
+        let vae = build_from_file(&files.vae_weights, vae_dtype, device, |vb| AutoencoderKL::new(&vae_cfg, vb))?;
         if vae_cfg.latent_channels != unet_cfg.in_channels {
             return Err(Error::Config {
                 path: files.vae_config.clone(),
@@ -251,6 +254,11 @@ impl StableDiffusion {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype the networks compute in ([`compute_dtype`] unless loaded with another).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn tokenizer(&self) -> &ClipTokenizer {
@@ -425,7 +433,7 @@ impl StableDiffusion {
     /// Decodes latents (as the denoiser leaves them) to images in roughly [-1, 1].
     pub fn decode(&self, latents: &Tensor, attn: AttentionKind) -> Result<Tensor> {
         let cfg = self.vae.config();
-        let mut z = (latents / cfg.scaling_factor)?;
+        let mut z = (latents.to_dtype(self.vae.dtype())? / cfg.scaling_factor)?;
         if let Some(shift) = cfg.shift_factor {
             z = (z + shift)?;
         }
@@ -528,14 +536,14 @@ impl StableDiffusion {
                     ));
                 }
                 let start = steps - init_steps;
-                let pixels = image_to_tensor(img, params.width, params.height, &self.device)?.to_dtype(self.dtype)?;
+                let pixels = image_to_tensor(img, params.width, params.height, &self.device)?.to_dtype(self.vae.dtype())?;
                 let dist = self.vae.encode(&pixels, attn)?;
-                let sample_noise = noise.randn(dist.mean.dims(), &self.device)?.to_dtype(self.dtype)?;
+                let sample_noise = noise.randn(dist.mean.dims(), &self.device)?.to_dtype(self.vae.dtype())?;
                 let mut x0 = dist.sample(&sample_noise)?;
                 if let Some(shift) = self.vae.config().shift_factor {
                     x0 = (x0 - shift)?;
                 }
-                let x0 = (x0 * self.vae.config().scaling_factor)?.repeat((n, 1, 1, 1))?;
+                let x0 = (x0 * self.vae.config().scaling_factor)?.to_dtype(self.dtype)?.repeat((n, 1, 1, 1))?;
                 (scheduler.add_noise(&x0, &init_noise, start)?, start)
             }
         };

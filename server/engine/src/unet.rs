@@ -1,11 +1,11 @@
 //! `UNet2DConditionModel` for SD 1.x / 2.x, driven by the diffusers `unet/config.json`.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::attention::AttentionKind;
-use crate::layers::{conv2d, Conv2d, group_norm, Activation, Linear};
+use crate::layers::{conv2d, Conv2d, group_norm, Activation, GroupNorm, Linear};
 use crate::unet_blocks::{Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, TransformerConfig, Upsample2D};
 
 /// A value given either once for all blocks or per block.
@@ -401,7 +401,7 @@ impl UNet2DConditionModel {
                 xs = u.forward(&xs, size)?;
             }
         }
-        self.conv_out.forward(&self.act.forward(&self.conv_norm_out.forward(&xs)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_act(&xs, self.act)?)
     }
 }
 

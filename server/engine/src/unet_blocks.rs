@@ -3,10 +3,10 @@
 //! VAE's single-head mid-block attention. Tensor names follow diffusers exactly.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
-use crate::attention::{scaled_dot_product, AttentionKind};
-use crate::layers::{conv2d, Conv2d, group_norm, layer_norm, LayerNorm, Activation, Linear};
+use crate::attention::{multi_head, AttentionKind};
+use crate::layers::{conv2d, Conv2d, group_norm, layer_norm, Activation, GroupNorm, LayerNorm, Linear};
 
 /// diffusers `ResnetBlock2D` (time-embedding scale-shift "default" only).
 pub struct ResnetBlock2D {
@@ -55,7 +55,7 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.act.forward(&self.norm1.forward(xs)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_act(xs, self.act)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = proj.forward(&self.act.forward(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -63,7 +63,7 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.act.forward(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_act(&h, self.act)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
@@ -144,21 +144,10 @@ impl CrossAttention {
     /// `xs`: (batch, tokens, dim); `context`: (batch, ctx_tokens, ctx_dim), or `None` for self-attention.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, attn: AttentionKind) -> Result<Tensor> {
         let ctx = context.unwrap_or(xs);
-        let (b, t, _) = xs.dims3()?;
-        let tk = ctx.dim(1)?;
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let split = |x: Tensor, n: usize| x.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous();
-        let o = scaled_dot_product(
-            attn,
-            &split(q, t)?,
-            &split(k, tk)?,
-            &split(v, tk)?,
-            None,
-            (self.head_dim as f64).powf(-0.5),
-        )?;
-        let o = o.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        let o = multi_head(attn, &q, &k, &v, self.heads, None, (self.head_dim as f64).powf(-0.5))?;
         self.to_out.forward(&o)
     }
 }
@@ -314,13 +303,11 @@ impl VaeAttention {
         let t = h * w;
         let hs = self.group_norm.forward(xs)?.reshape((b, c, t))?.transpose(1, 2)?;
         let d = c / self.heads;
-        let split = |x: Tensor| x.reshape((b, t, self.heads, d))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q.forward(&hs)?)?;
-        let k = split(self.k.forward(&hs)?)?;
-        let v = split(self.v.forward(&hs)?)?;
+        let q = self.q.forward(&hs)?;
+        let k = self.k.forward(&hs)?;
+        let v = self.v.forward(&hs)?;
         let kind = if attn == AttentionKind::Flash { AttentionKind::Original } else { attn };
-        let o = scaled_dot_product(kind, &q, &k, &v, None, (d as f64).powf(-0.5))?;
-        let o = self.out.forward(&o.transpose(1, 2)?.reshape((b, t, c))?)?;
+        let o = self.out.forward(&multi_head(kind, &q, &k, &v, self.heads, None, (d as f64).powf(-0.5))?)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + xs
     }

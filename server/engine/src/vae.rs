@@ -3,11 +3,11 @@
 //! the tiny test pipeline.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::attention::AttentionKind;
-use crate::layers::{conv2d, Conv2d, group_norm, Activation};
+use crate::layers::{conv2d, Conv2d, group_norm, Activation, GroupNorm};
 use crate::unet_blocks::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D, VaeAttention};
 
 /// The fields of a diffusers `AutoencoderKL` config.
@@ -42,6 +42,10 @@ pub struct VaeConfig {
     /// `UpDecoderBlock2D` per level (empty when the config does not say).
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// diffusers' `force_upcast` (default true): in a half-precision pipeline the VAE keeps
+    /// f32 weights and runs in f32, as diffusers upcasts it to avoid overflow in decoding.
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
 }
 
 fn three() -> usize {
@@ -274,7 +278,7 @@ impl AutoencoderKL {
             }
         }
         xs = self.enc_mid.forward(&xs, attn)?;
-        xs = self.enc_conv_out.forward(&self.act.forward(&self.enc_norm_out.forward(&xs)?)?)?;
+        xs = self.enc_conv_out.forward(&self.enc_norm_out.forward_act(&xs, self.act)?)?;
         if let Some(q) = &self.quant_conv {
             xs = q.forward(&xs)?;
         }
@@ -300,6 +304,6 @@ impl AutoencoderKL {
                 xs = u.forward(&xs, None)?;
             }
         }
-        self.dec_conv_out.forward(&self.act.forward(&self.dec_norm_out.forward(&xs)?)?)
+        self.dec_conv_out.forward(&self.dec_norm_out.forward_act(&xs, self.act)?)
     }
 }

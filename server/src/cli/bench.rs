@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// One case only: model-unet (the --model's UNet at its native size), starter-unet,
-    /// sd15-unet, e2e, blend (e2e with two shipped styles attached) or coreml-e2e (the
+    /// sd15-unet, sd15-vae (SD-1.5's VAE decoding a 64×64 latent to 512×512), e2e, blend (e2e with two shipped styles attached) or coreml-e2e (the
     /// workload of a Core ML export, --models, printed as the iOS app's Benchmark screen
     /// writes it: one "atelier-bench-v1" JSON line per timed image); default: model-unet,
     /// sd15-unet and e2e.
@@ -55,6 +55,12 @@ pub struct BenchArgs {
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also time sd15-unet and sd15-vae on PyTorch + diffusers (same configs, random weights,
+    /// as many threads as this run), back to back, and print both with the ratio. Uses the
+    /// Python in ATELIER_TORCH_PYTHON, else a venv under the user cache folder, installing
+    /// torch and diffusers from PyPI into it on first use (a few GB).
+    #[arg(long)]
+    pub against_torch: bool,
     /// Recorded in experiment "bench": a run per invocation, a child run per case and
     /// attention (so results can be compared over commits).
     #[command(flatten)]
@@ -84,6 +90,17 @@ struct Row {
     unit: &'static str,
 }
 
+impl Row {
+    /// The JSON key of the timing: seconds_per_step, seconds_per_decode or seconds_per_image.
+    fn json_key(&self) -> &'static str {
+        match self.unit {
+            "s/step" => "seconds_per_step",
+            "s/decode" => "seconds_per_decode",
+            _ => "seconds_per_image",
+        }
+    }
+}
+
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
 fn peak_rss() -> u64 {
     atelier_engine::memory::peak_rss().unwrap_or(0)
@@ -98,21 +115,41 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn unet_case(name: &str, cfg: &UNetConfig, vb: candle_nn::VarBuilder, attn: AttentionKind, hw: usize, steps: usize) -> Result<Row> {
-    let dev = Device::Cpu;
+fn unet_case(name: &str, cfg: &UNetConfig, vb: candle_nn::VarBuilder, attn: AttentionKind, hw: usize, steps: usize, dev: &Device) -> Result<Row> {
     reset_peak();
     let unet = UNet2DConditionModel::new(cfg, vb)?;
-    let x = Tensor::randn(0f32, 1., (2, cfg.in_channels, hw, hw), &dev)?;
-    let ctx = Tensor::randn(0f32, 1., (2, 77, cfg.cross_attention_dim), &dev)?;
-    unet.forward(&x, 500.0, &ctx, attn)?; // warm-up
+    let x = Tensor::randn(0f32, 1., (2, cfg.in_channels, hw, hw), dev)?;
+    let ctx = Tensor::randn(0f32, 1., (2, 77, cfg.cross_attention_dim), dev)?;
+    let seconds = time_median(steps, || {
+        let y = unet.forward(&x, 500.0, &ctx, attn)?;
+        y.flatten_all()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    Ok(Row { case: name.into(), attention: attn, seconds, peak_bytes: peak_rss(), unit: "s/step" })
+}
+
+/// SD-1.5's VAE (random weights) decoding one 4×64×64 latent into a 512×512 image.
+fn vae_case(attn: AttentionKind, steps: usize, dev: &Device) -> Result<Row> {
+    reset_peak();
+    let vae = atelier_engine::vae::AutoencoderKL::new(&atelier_engine::vae::VaeConfig::sd(), random_var_builder(DType::F32, dev))?;
+    let z = Tensor::randn(0f32, 1., (1, 4, 64, 64), dev)?;
+    let seconds = time_median(steps, || {
+        vae.decode(&z, attn)?.flatten_all()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    Ok(Row { case: "sd15-vae".into(), attention: attn, seconds, peak_bytes: peak_rss(), unit: "s/decode" })
+}
+
+/// Runs `f` once untimed, then `steps` timed times; the median in seconds.
+fn time_median(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
     let mut times = Vec::new();
     for _ in 0..steps.max(1) {
         let t = Instant::now();
-        let y = unet.forward(&x, 500.0, &ctx, attn)?;
-        y.flatten_all()?.sum_all()?.to_scalar::<f32>()?;
+        f()?;
         times.push(t.elapsed().as_secs_f64());
     }
-    Ok(Row { case: name.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), unit: "s/step" })
+    Ok(median(times))
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -131,32 +168,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(c) => vec![c.as_str()],
         None => vec!["model-unet", "sd15-unet", "e2e"],
     };
+    let dev = crate::cli::device()?;
     let mut rows = Vec::new();
-    for case in cases {
+    for case in cases.iter().copied() {
         for &attn in &attns {
             let row = match case {
                 "model-unet" => {
                     let files = ModelFiles::locate(&args.model)?;
                     let cfg: UNetConfig = read_config(&files.unet_config)?;
-                    let vb = random_var_builder(DType::F32, &Device::Cpu);
+                    let vb = random_var_builder(DType::F32, &dev);
                     let hw = cfg.sample_size.unwrap_or(64);
-                    unet_case(case, &cfg, vb, attn, hw, steps)?
+                    unet_case(case, &cfg, vb, attn, hw, steps, &dev)?
                 }
                 "starter-unet" => {
-                    let vb = random_var_builder(DType::F32, &Device::Cpu);
+                    let vb = random_var_builder(DType::F32, &dev);
                     let cfg = match &args.unet_config {
                         Some(p) => read_config(p)?,
                         None => atelier_engine::starter::model::unet_config(),
                     };
-                    unet_case(case, &cfg, vb, attn, args.latent_size, steps)?
+                    unet_case(case, &cfg, vb, attn, args.latent_size, steps, &dev)?
                 }
                 "sd15-unet" => {
-                    let vb = random_var_builder(DType::F32, &Device::Cpu);
-                    unet_case(case, &UNetConfig::v1_5(), vb, attn, 64, steps)?
+                    let vb = random_var_builder(DType::F32, &dev);
+                    unet_case(case, &UNetConfig::v1_5(), vb, attn, 64, steps, &dev)?
                 }
+                "sd15-vae" => vae_case(attn, steps, &dev)?,
                 "e2e" | "blend" => {
                     reset_peak();
-                    let sd = StableDiffusion::load(&args.model, &Device::Cpu)
+                    let sd = StableDiffusion::load(&args.model, &dev)
                         .with_context(|| format!("loading {}", args.model.display()))?;
                     // "blend": two shipped styles attached unmerged (0.6 / 0.4), as the Blend
                     // page's exact render uses them.
@@ -189,10 +228,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     }
                     Row { case: case.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), unit: "s/image (20 steps, CFG)" }
                 }
-                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet, e2e, blend or coreml-e2e"),
+                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet, sd15-vae, e2e, blend or coreml-e2e"),
             };
             if args.json {
-                let key = if row.unit == "s/step" { "seconds_per_step" } else { "seconds_per_image" };
+                let key = row.json_key();
                 println!(
                     "{}",
                     serde_json::json!({"case": row.case, "attention": row.attention.id(), key: row.seconds, "peak_bytes": row.peak_bytes})
@@ -206,15 +245,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "bench",
             &format!("bench {}", args.case.as_deref().unwrap_or("all")),
             &serde_json::json!({ "cases": rows.iter().map(|r| r.case.clone()).collect::<Vec<_>>(), "steps": steps, "model": args.model, "latent_size": args.latent_size, "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default() }),
-            &super::run_tags(&Device::Cpu),
+            &super::run_tags(&dev),
         )?;
         for r in &rows {
             let child = parent.child(
                 &format!("{} {}", r.case, r.attention.id()),
                 &serde_json::json!({ "case": r.case, "attention": r.attention.id(), "unit": r.unit }),
-                &super::run_tags(&Device::Cpu),
+                &super::run_tags(&dev),
             )?;
-            let key = if r.unit == "s/step" { "seconds_per_step" } else { "seconds_per_image" };
+            let key = r.json_key();
             child.metrics(&[(key, r.seconds), ("peak_rss_mib", r.peak_bytes as f64 / 1048576.0)], 0)?;
             child.finish()?;
         }
@@ -227,6 +266,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for r in &rows {
             println!("| {} | {} | {:.4} | {} | {:.1} MiB |", r.case, r.attention, r.seconds, r.unit, r.peak_bytes as f64 / 1048576.0);
         }
+    }
+    if args.against_torch {
+        let torch_cases: Vec<&str> = cases.iter().copied().filter(|c| super::bench_torch::CASES.contains(c)).collect();
+        if torch_cases.is_empty() {
+            anyhow::bail!("--against-torch compares {}; add --case with one of them", super::bench_torch::CASES.join(" or "));
+        }
+        let ours: Vec<super::bench_torch::Ours> =
+            rows.iter().map(|r| super::bench_torch::Ours { case: r.case.clone(), attention: r.attention.id(), seconds: r.seconds, peak_bytes: r.peak_bytes }).collect();
+        super::bench_torch::compare(&torch_cases, steps, &ours, args.json)?;
     }
     Ok(())
 }
@@ -246,7 +294,7 @@ fn coreml_e2e(args: &BenchArgs) -> Result<()> {
             "bench",
             "bench coreml-e2e",
             &serde_json::json!({ "case": "coreml-e2e", "models": models, "steps": records[0].steps, "runs": records.len(), "style": records[0].style, "width": records[0].width, "height": records[0].height }),
-            &super::run_tags(&Device::Cpu),
+            &super::run_tags(&crate::cli::device()?),
         )?;
         for (i, r) in records.iter().enumerate() {
             run.metrics(&[("seconds_per_step", r.seconds_per_step), ("seconds_per_image", r.seconds_per_image), ("peak_rss_mib", r.peak_memory_bytes as f64 / 1048576.0)], i as i64)?;

@@ -11,7 +11,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use atelier_engine::pipeline::{GenerateParams, StableDiffusion};
 use atelier_engine::scheduler::SchedulerKind;
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::export_ios::{workload, ExportManifest};
@@ -153,7 +152,7 @@ pub fn run_e2e(opts: &E2eOptions, emit: &mut dyn FnMut(&BenchRecord)) -> Result<
     let manifest = ExportManifest::read(opts.models)?;
     let model_dir = resolve_base(&manifest, opts.model)?;
     let _ = std::fs::write("/proc/self/clear_refs", "5"); // reset VmHWM
-    let sd = StableDiffusion::load(&model_dir, &Device::Cpu).with_context(|| format!("loading {}", model_dir.display()))?;
+    let sd = StableDiffusion::load(&model_dir, &crate::cli::device()?).with_context(|| format!("loading {}", model_dir.display()))?;
     let style = manifest.default_style();
     let library = atelier_server::styles::StyleLibrary::new(opts.library.to_path_buf())
         .with_shipped(PathBuf::from(super::train_style::SHIPPED_STYLES));

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_coreml;
+pub mod bench_torch;
 pub mod blend;
 pub mod datasets;
 pub mod deploy;
@@ -29,18 +30,21 @@ pub enum ExportCommand {
     Coreml(export_coreml::CoremlArgs),
 }
 
-/// The compute device: the first CUDA / Metal GPU in builds with those features, else the CPU.
+static DEVICE_CHOICE: std::sync::OnceLock<atelier_engine::device::DeviceChoice> = std::sync::OnceLock::new();
+
+/// Records the global `--device` (`ATELIER_DEVICE`) for [`device`]; the first call wins.
+pub fn set_device_choice(choice: atelier_engine::device::DeviceChoice) {
+    let _ = DEVICE_CHOICE.set(choice);
+}
+
+/// The compute device every command runs on: the global `--device` choice (default
+/// `auto`: CUDA, then Metal, then the CPU, as compiled), opened once per call.
+///
+/// # Errors
+/// A device this build lacks or the driver cannot open, saying what to do instead.
 pub fn device() -> anyhow::Result<candle_core::Device> {
-    #[cfg(feature = "cuda")]
-    {
-        return Ok(candle_core::Device::new_cuda(0)?);
-    }
-    #[cfg(all(feature = "metal", not(feature = "cuda")))]
-    {
-        return Ok(candle_core::Device::new_metal(0)?);
-    }
-    #[allow(unreachable_code)]
-    Ok(candle_core::Device::Cpu)
+    let choice = DEVICE_CHOICE.get().copied().unwrap_or_default();
+    Ok(choice.open()?)
 }
 
 /// `--max-memory`: a size such as `12GiB`, `512MiB` or a byte count.

@@ -45,6 +45,13 @@ pub trait Generator: Send + Sync {
     fn pipeline(&self) -> Option<&StableDiffusion> {
         None
     }
+    /// Where the model computes, as the studio shows it: (device, dtype), e.g. ("cpu", "f32").
+    fn compute(&self) -> (String, String) {
+        match self.pipeline() {
+            Some(sd) => (atelier_engine::device::name(sd.device()), sd.dtype().as_str().to_string()),
+            None => ("cpu".into(), "f32".into()),
+        }
+    }
 }
 
 impl Generator for StableDiffusion {

@@ -178,11 +178,7 @@ pub fn standard_tags() -> Vec<(&'static str, String)> {
 
 /// The device name as tagged on runs: `cpu`, `cuda:N`, `metal:N`.
 pub fn device_tag(device: &candle_core::Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
+    atelier_engine::device::name(device)
 }
 
 /// Flattens a JSON object of settings into params: nested objects as dotted keys

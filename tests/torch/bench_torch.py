@@ -1,0 +1,78 @@
+"""The PyTorch side of `atelier bench --against-torch`: the same workloads as Atelier's
+`sd15-unet` and `sd15-vae` cases, on diffusers' own models with the same configs and random
+weights, one JSON line per case on stdout.
+
+    python bench_torch.py --case sd15-unet --steps 3 --threads 2
+
+sd15-unet: UNet2DConditionModel with SD-1.5's config (runwayml/stable-diffusion-v1-5,
+unet/config.json), batch 2 (CFG), 4×64×64 latents, 77×768 text states, timestep 500.
+sd15-vae: AutoencoderKL with SD-1.5's VAE config, decode of one 4×64×64 latent (512×512).
+Both fp32 under torch.inference_mode() with diffusers' default attention processor
+(F.scaled_dot_product_attention). One untimed warm-up, then the median of --steps runs;
+peak_bytes is the process's peak RSS (ru_maxrss), weights included, as Atelier reports it.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--case", choices=["sd15-unet", "sd15-vae"], required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+    import diffusers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    if args.case == "sd15-unet":
+        model = diffusers.UNet2DConditionModel(**UNET).eval()
+        x = torch.randn(2, 4, 64, 64)
+        ctx = torch.randn(2, 77, 768)
+        t = torch.tensor(500.0)
+        run = lambda: model(x, t, encoder_hidden_states=ctx).sample
+        unit = "seconds_per_step"
+    else:
+        model = diffusers.AutoencoderKL(**VAE).eval()
+        z = torch.randn(1, 4, 64, 64)
+        run = lambda: model.decode(z).sample
+        unit = "seconds_per_decode"
+    times = []
+    with torch.inference_mode():
+        run()  # warm-up
+        for _ in range(max(1, args.steps)):
+            start = time.perf_counter()
+            out = run()
+            float(out.sum())
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({
+        "case": args.case, "engine": "pytorch", unit: statistics.median(times), "peak_bytes": peak,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
