@@ -24,7 +24,14 @@ use crate::AppState;
 /// Static files under the site root, then Leptos' 404 page: the router's fallback.
 pub fn service(state: AppState) -> Router {
     let site_root = state.leptos_options.site_root.to_string();
-    let not_found = leptos_axum::file_and_error_handler::<AppState, _>(app::shell).with_state(state);
+    // The 404 page renders the whole app shell, footer included, whose server functions
+    // need the backend as the pages have it.
+    let backend: app::server_fns::ssr::SharedBackend = std::sync::Arc::new(state.clone());
+    let not_found = leptos_axum::file_and_error_handler_with_context::<AppState, _>(
+        move || leptos::prelude::provide_context(backend.clone()),
+        app::shell,
+    )
+    .with_state(state);
     let files = ServeDir::new(site_root)
         .precompressed_br()
         .precompressed_gzip()
