@@ -1,7 +1,7 @@
 //! Which compute device the engine runs on: one choice (`--device`, `ATELIER_DEVICE`) for
 //! every entry point, resolved against the features this build was compiled with.
 
-use candle_core::{DType, Device, DeviceLocation};
+use candle_core::{Device, DeviceLocation};
 
 use crate::{Error, Result};
 
@@ -119,11 +119,6 @@ pub fn name(device: &Device) -> String {
     }
 }
 
-/// A dtype's short name (`f32`, `f16`, `bf16`).
-pub fn dtype_name(dtype: DType) -> &'static str {
-    dtype.as_str()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +155,5 @@ mod tests {
         let err = DeviceChoice::Metal(0).open().unwrap_err().to_string();
         assert!(err.contains("--features metal"), "{err}");
         assert_eq!(name(&Device::Cpu), "cpu");
-        assert_eq!(dtype_name(DType::F16), "f16");
     }
 }
