@@ -9,7 +9,9 @@ unet/config.json), batch 2 (CFG), 4×64×64 latents, 77×768 text states, timest
 sd15-vae: AutoencoderKL with SD-1.5's VAE config, decode of one 4×64×64 latent (512×512).
 Both fp32 under torch.inference_mode() with diffusers' default attention processor
 (F.scaled_dot_product_attention). One untimed warm-up, then the median of --steps runs;
-peak_bytes is the process's peak RSS (ru_maxrss), weights included, as Atelier reports it.
+peak_bytes is the process's peak RSS (ru_maxrss), weights included, as Atelier reports it;
+resident_bytes is VmRSS once the model and inputs exist, so peak − resident is the step's own
+working memory.
 """
 
 import argparse
@@ -32,6 +34,18 @@ VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
 )
+
+
+def resident_bytes():
+    """VmRSS now (Linux), in bytes; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def main() -> int:
@@ -58,6 +72,7 @@ def main() -> int:
         z = torch.randn(1, 4, 64, 64)
         run = lambda: model.decode(z).sample
         unit = "seconds_per_decode"
+    resident = resident_bytes()
     times = []
     with torch.inference_mode():
         run()  # warm-up
@@ -69,6 +84,7 @@ def main() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "case": args.case, "engine": "pytorch", unit: statistics.median(times), "peak_bytes": peak,
+        "resident_bytes": resident,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
     }))
     return 0

@@ -4,8 +4,9 @@
 /// floating-point tolerance; they differ in speed and peak memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum AttentionKind {
-    /// One batched softmax(QKᵀ/√d)·V over all heads: fastest for small images,
-    /// materialises the full (batch·heads, tokens, tokens) score matrix.
+    /// The plain reference: softmax(QKᵀ/√d)·V over all heads of one sample at a time,
+    /// holding that sample's whole (heads, tokens, tokens) score matrix (softmax in place
+    /// on the CPU).
     #[default]
     Original,
     /// Never holds the full score matrix (Apple's SPLIT_EINSUM idea): bounded memory for
@@ -106,21 +107,37 @@ pub fn scaled_dot_product(
     }
 }
 
+/// The plain reference: per sample, all heads' (q_len × kv_len) scores, their softmax, and
+/// the product with v. One sample at a time bounds the scores to `heads · q_len · kv_len`
+/// values (512 MiB for SD-1.5's 4096-token self-attention) instead of that times the batch,
+/// and on the CPU in f32 without gradients the softmax overwrites the scores
+/// ([`crate::cpu::exp::softmax_last_dim_in_place`]) instead of allocating a second matrix.
 fn original(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let (b, h, lq, d) = q.dims4()?;
+    let (b, h, lq, _d) = q.dims4()?;
     let lk = k.dim(2)?;
-    // The scores and their softmax: two (b·h, lq, lk) matrices.
-    crate::memory::check("attention scores", 2 * (b * h * lq) as u64 * lk as u64 * q.dtype().size_in_bytes() as u64)?;
-    let q = (q * scale)?.reshape((b * h, lq, d))?;
-    let k = k.reshape((b * h, lk, d))?;
-    let v = v.reshape((b * h, lk, d))?;
-    let scores = q.matmul(&k.t()?)?;
-    let scores = match mask {
-        Some(m) => scores.reshape((b, h, lq, lk))?.broadcast_add(m)?.reshape((b * h, lq, lk))?,
-        None => scores,
+    let in_place = q.device().is_cpu() && q.dtype() == candle_core::DType::F32 && !crate::layers::grad_enabled();
+    let copies = if in_place { 1 } else { 2 };
+    crate::memory::check("attention scores", copies * (h * lq) as u64 * lk as u64 * q.dtype().size_in_bytes() as u64)?;
+    let q = (q * scale)?;
+    let mask = match mask {
+        Some(m) => Some(m.broadcast_as((b, h, lq, lk))?),
+        None => None,
     };
-    let probs = crate::layers::softmax_last_dim(&scores)?;
-    probs.matmul(&v)?.reshape((b, h, lq, d))
+    let mut outs = Vec::with_capacity(b);
+    for bi in 0..b {
+        let mut scores = q.get(bi)?.matmul(&k.get(bi)?.t()?)?;
+        if let Some(m) = &mask {
+            scores = (scores + m.get(bi)?)?;
+        }
+        let probs = if in_place {
+            crate::cpu::exp::softmax_last_dim_in_place(&scores)?;
+            scores
+        } else {
+            crate::layers::softmax_last_dim(&scores)?
+        };
+        outs.push(probs.matmul(&v.get(bi)?)?);
+    }
+    Tensor::stack(&outs, 0)
 }
 
 /// One head at a time, queries in chunks: the full (heads, q, k) score tensor never exists.

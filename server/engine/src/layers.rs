@@ -122,10 +122,22 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Whether the CPU kernels that write over a fresh output apply: inference (no
+/// gradient) on the CPU in f32.
+pub(crate) fn in_place_ok(xs: &Tensor) -> bool {
+    !grad_enabled() && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32
+}
+
 /// A fully connected layer `y = x Wᵀ + b`, weights named `weight` / `bias`.
+///
+/// Inference on the CPU in f32 adds the bias (and with [`Linear::forward_residual`] the
+/// residual) over the product in one pass ([`crate::cpu::add`]) instead of allocating a
+/// tensor per addition.
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    /// The same weight without the bias: the product alone.
+    product: candle_nn::Linear,
     lora: LoraSlot,
 }
 
@@ -133,22 +145,59 @@ impl Linear {
     /// Loads `weight` [out, in] and `bias` [out] from `vb`.
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         let lora = register(vb.prefix(), SlotShape::Linear { in_dim, out_dim });
-        Ok(Self { inner: candle_nn::linear(in_dim, out_dim, vb)?, lora })
+        Ok(Self::wrap(candle_nn::linear(in_dim, out_dim, vb)?, lora))
     }
 
     /// Loads `weight` only.
     pub fn new_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         let lora = register(vb.prefix(), SlotShape::Linear { in_dim, out_dim });
-        Ok(Self { inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?, lora })
+        Ok(Self::wrap(candle_nn::linear_no_bias(in_dim, out_dim, vb)?, lora))
+    }
+
+    fn wrap(inner: candle_nn::Linear, lora: LoraSlot) -> Self {
+        let product = candle_nn::Linear::new(inner.weight().clone(), None);
+        Self { inner, product, lora }
     }
 
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
     }
 
+    /// The bias [out], if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
     /// The adapters attached to this layer.
     pub fn lora(&self) -> &LoraSlot {
         &self.lora
+    }
+
+    /// `x Wᵀ` plus the attached adapters, without the bias.
+    pub fn forward_no_bias(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = self.product.forward(xs)?;
+        self.add_lora(xs, ys)
+    }
+
+    /// `x Wᵀ + b + residual` (residual of the output's shape), in one pass over the
+    /// product on the CPU.
+    pub fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if !in_place_ok(xs) {
+            return self.forward(xs)? + residual;
+        }
+        let ys = self.forward_no_bias(xs)?;
+        crate::cpu::add::add_in_place(&ys, self.bias().map(|b| (b, 1)), Some(residual))?;
+        Ok(ys)
+    }
+
+    fn add_lora(&self, xs: &Tensor, mut ys: Tensor) -> Result<Tensor> {
+        if !self.lora.is_empty() {
+            for d in self.lora.get() {
+                let low = (matmul_t(xs, &d.down)? * d.scale)?;
+                ys = (ys + matmul_t(&low, &d.up)?)?;
+            }
+        }
+        Ok(ys)
     }
 }
 
@@ -162,14 +211,15 @@ fn matmul_t(xs: &Tensor, m: &Tensor) -> Result<Tensor> {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut ys = self.inner.forward(xs)?;
-        if !self.lora.is_empty() {
-            for d in self.lora.get() {
-                let low = (matmul_t(xs, &d.down)? * d.scale)?;
-                ys = (ys + matmul_t(&low, &d.up)?)?;
+        if in_place_ok(xs) {
+            let ys = self.forward_no_bias(xs)?;
+            if let Some(b) = self.bias() {
+                crate::cpu::add::add_in_place(&ys, Some((b, 1)), None)?;
             }
+            return Ok(ys);
         }
-        Ok(ys)
+        let ys = self.inner.forward(xs)?;
+        self.add_lora(xs, ys)
     }
 }
 
@@ -357,6 +407,7 @@ impl Module for Activation {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Activation::Silu => candle_nn::ops::silu(xs),
+            Activation::Gelu if in_place_ok(xs) => crate::cpu::geglu::gelu_erf(xs),
             Activation::Gelu => xs.gelu_erf(),
             Activation::GeluTanh => xs.gelu(),
             Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,

@@ -6,7 +6,18 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::attention::{multi_head, AttentionKind};
-use crate::layers::{conv2d, Conv2d, group_norm, layer_norm, Activation, GroupNorm, LayerNorm, Linear};
+use crate::layers::{conv2d, in_place_ok, Conv2d, group_norm, layer_norm, Activation, GroupNorm, LayerNorm, Linear};
+
+/// `fresh + residual`, written over `fresh` on the CPU in f32 inference. `fresh` must be a
+/// tensor just computed and held by nobody else (a layer's output).
+fn add_residual(fresh: Tensor, residual: &Tensor) -> Result<Tensor> {
+    if in_place_ok(&fresh) && fresh.is_contiguous() && fresh.dims() == residual.dims() {
+        crate::cpu::add::add_in_place(&fresh, None, Some(residual))?;
+        Ok(fresh)
+    } else {
+        fresh + residual
+    }
+}
 
 /// diffusers `ResnetBlock2D` (time-embedding scale-shift "default" only).
 pub struct ResnetBlock2D {
@@ -58,17 +69,23 @@ impl ResnetBlock2D {
         let h = self.conv1.forward(&self.norm1.forward_act(xs, self.act)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
-                let t = proj.forward(&self.act.forward(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
-                h.broadcast_add(&t)?
+                let t = proj.forward(&self.act.forward(t)?)?;
+                let (_, _, hh, ww) = h.dims4()?;
+                if in_place_ok(&h) && h.is_contiguous() && t.dims2()? == (h.dim(0)?, h.dim(1)?) {
+                    // One value per (sample, channel), repeated over the map.
+                    crate::cpu::add::add_in_place(&h, Some((&t, hh * ww)), None)?;
+                    h
+                } else {
+                    h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?
+                }
             }
             _ => h,
         };
         let h = self.conv2.forward(&self.norm2.forward_act(&h, self.act)?)?;
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(xs)?,
-            None => xs.clone(),
+        let out = match &self.conv_shortcut {
+            Some(c) => (c.forward(xs)? + h)?,
+            None => add_residual(h, xs)?,
         };
-        let out = (shortcut + h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -141,14 +158,23 @@ impl CrossAttention {
         })
     }
 
-    /// `xs`: (batch, tokens, dim); `context`: (batch, ctx_tokens, ctx_dim), or `None` for self-attention.
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, attn: AttentionKind) -> Result<Tensor> {
+    /// The heads' attention before the output projection: (batch, tokens, heads·head_dim).
+    fn attend(&self, xs: &Tensor, context: Option<&Tensor>, attn: AttentionKind) -> Result<Tensor> {
         let ctx = context.unwrap_or(xs);
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let o = multi_head(attn, &q, &k, &v, self.heads, None, (self.head_dim as f64).powf(-0.5))?;
-        self.to_out.forward(&o)
+        multi_head(attn, &q, &k, &v, self.heads, None, (self.head_dim as f64).powf(-0.5))
+    }
+
+    /// `xs`: (batch, tokens, dim); `context`: (batch, ctx_tokens, ctx_dim), or `None` for self-attention.
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, attn: AttentionKind) -> Result<Tensor> {
+        self.to_out.forward(&self.attend(xs, context, attn)?)
+    }
+
+    /// [`CrossAttention::forward`] plus `residual`, added in the output projection's pass.
+    pub fn forward_residual(&self, xs: &Tensor, context: Option<&Tensor>, attn: AttentionKind, residual: &Tensor) -> Result<Tensor> {
+        self.to_out.forward_residual(&self.attend(xs, context, attn)?, residual)
     }
 }
 
@@ -167,11 +193,19 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(xs)?;
-        let half = h.dim(2)? / 2;
-        let (x, gate) = (h.narrow(2, 0, half)?, h.narrow(2, half, half)?);
-        self.proj_out.forward(&(x * gate.gelu_erf()?)?)
+    /// `proj_out(GEGLU(proj_in(xs))) + residual`. On the CPU in f32 inference the gate
+    /// runs fused ([`crate::cpu::geglu`]) and the residual joins the last projection's pass.
+    fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let gated = match self.proj_in.bias() {
+            Some(bias) if in_place_ok(xs) => crate::cpu::geglu::geglu(&self.proj_in.forward_no_bias(xs)?, bias)?,
+            _ => {
+                let h = self.proj_in.forward(xs)?;
+                let half = h.dim(2)? / 2;
+                let (x, gate) = (h.narrow(2, 0, half)?, h.narrow(2, half, half)?);
+                (x * gate.gelu_erf()?)?
+            }
+        };
+        self.proj_out.forward_residual(&gated, residual)
     }
 }
 
@@ -198,9 +232,9 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor, attn: AttentionKind) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, attn)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context), attn)? + &xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        let xs = self.attn1.forward_residual(&self.norm1.forward(xs)?, None, attn, xs)?;
+        let xs = self.attn2.forward_residual(&self.norm2.forward(&xs)?, Some(context), attn, &xs)?;
+        self.ff.forward_residual(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
@@ -269,7 +303,7 @@ impl Transformer2D {
             Proj::Conv(conv) => conv.forward(&to_image(tokens)?)?,
             Proj::Linear(lin) => to_image(lin.forward(&tokens)?)?,
         };
-        out + residual
+        add_residual(out, residual)
     }
 }
 
@@ -309,6 +343,6 @@ impl VaeAttention {
         let kind = if attn == AttentionKind::Flash { AttentionKind::Original } else { attn };
         let o = self.out.forward(&multi_head(kind, &q, &k, &v, self.heads, None, (d as f64).powf(-0.5))?)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
-        o + xs
+        add_residual(o, xs)
     }
 }

@@ -87,10 +87,18 @@ struct Row {
     attention: AttentionKind,
     seconds: f64,
     peak_bytes: u64,
+    /// Resident memory once the model and inputs were built, before the first step: the
+    /// step's own working memory is `peak_bytes − resident_bytes`.
+    resident_bytes: u64,
     unit: &'static str,
 }
 
 impl Row {
+    /// The step's working memory: peak minus what was resident before it.
+    fn step_bytes(&self) -> u64 {
+        self.peak_bytes.saturating_sub(self.resident_bytes)
+    }
+
     /// The JSON key of the timing: seconds_per_step, seconds_per_decode or seconds_per_image.
     fn json_key(&self) -> &'static str {
         match self.unit {
@@ -106,8 +114,15 @@ fn peak_rss() -> u64 {
     atelier_engine::memory::peak_rss().unwrap_or(0)
 }
 
+/// Starts a case's peak afresh: freed memory goes back to the system first (the studio keeps
+/// it, see `memory::keep_freed_memory`), else the previous case's would count here.
 fn reset_peak() {
+    atelier_engine::memory::release_freed_memory();
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn resident() -> u64 {
+    atelier_engine::memory::resident_rss().unwrap_or(0)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -120,12 +135,13 @@ fn unet_case(name: &str, cfg: &UNetConfig, vb: candle_nn::VarBuilder, attn: Atte
     let unet = UNet2DConditionModel::new(cfg, vb)?;
     let x = Tensor::randn(0f32, 1., (2, cfg.in_channels, hw, hw), dev)?;
     let ctx = Tensor::randn(0f32, 1., (2, 77, cfg.cross_attention_dim), dev)?;
+    let resident_bytes = resident();
     let seconds = time_median(steps, || {
         let y = unet.forward(&x, 500.0, &ctx, attn)?;
         y.flatten_all()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         Ok(())
     })?;
-    Ok(Row { case: name.into(), attention: attn, seconds, peak_bytes: peak_rss(), unit: "s/step" })
+    Ok(Row { case: name.into(), attention: attn, seconds, peak_bytes: peak_rss(), resident_bytes, unit: "s/step" })
 }
 
 /// SD-1.5's VAE (random weights) decoding one 4×64×64 latent into a 512×512 image.
@@ -133,11 +149,12 @@ fn vae_case(attn: AttentionKind, steps: usize, dev: &Device) -> Result<Row> {
     reset_peak();
     let vae = atelier_engine::vae::AutoencoderKL::new(&atelier_engine::vae::VaeConfig::sd(), random_var_builder(DType::F32, dev))?;
     let z = Tensor::randn(0f32, 1., (1, 4, 64, 64), dev)?;
+    let resident_bytes = resident();
     let seconds = time_median(steps, || {
         vae.decode(&z, attn)?.flatten_all()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         Ok(())
     })?;
-    Ok(Row { case: "sd15-vae".into(), attention: attn, seconds, peak_bytes: peak_rss(), unit: "s/decode" })
+    Ok(Row { case: "sd15-vae".into(), attention: attn, seconds, peak_bytes: peak_rss(), resident_bytes, unit: "s/decode" })
 }
 
 /// Runs `f` once untimed, then `steps` timed times; the median in seconds.
@@ -219,6 +236,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         loras,
                         ..Default::default()
                     };
+                    let resident_bytes = resident();
                     sd.generate(&params, &mut |_| true)?; // warm-up
                     let mut times = Vec::new();
                     for _ in 0..steps.max(1) {
@@ -226,7 +244,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         sd.generate(&params, &mut |_| true)?;
                         times.push(t.elapsed().as_secs_f64());
                     }
-                    Row { case: case.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), unit: "s/image (20 steps, CFG)" }
+                    Row { case: case.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), resident_bytes, unit: "s/image (20 steps, CFG)" }
                 }
                 other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet, sd15-vae, e2e, blend or coreml-e2e"),
             };
@@ -234,7 +252,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 let key = row.json_key();
                 println!(
                     "{}",
-                    serde_json::json!({"case": row.case, "attention": row.attention.id(), key: row.seconds, "peak_bytes": row.peak_bytes})
+                    serde_json::json!({"case": row.case, "attention": row.attention.id(), key: row.seconds, "peak_bytes": row.peak_bytes, "resident_bytes": row.resident_bytes})
                 );
             }
             rows.push(row);
@@ -254,17 +272,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 &super::run_tags(&dev),
             )?;
             let key = r.json_key();
-            child.metrics(&[(key, r.seconds), ("peak_rss_mib", r.peak_bytes as f64 / 1048576.0)], 0)?;
+            child.metrics(&[(key, r.seconds), ("peak_rss_mib", r.peak_bytes as f64 / 1048576.0), ("step_memory_mib", r.step_bytes() as f64 / 1048576.0)], 0)?;
             child.finish()?;
         }
         parent.finish()?;
         args.track.finish();
     }
     if !args.json {
-        println!("| case | attention | seconds | unit | peak RSS |");
-        println!("|---|---|---|---|---|");
+        println!("| case | attention | seconds | unit | peak RSS | step memory (peak − resident before) |");
+        println!("|---|---|---|---|---|---|");
         for r in &rows {
-            println!("| {} | {} | {:.4} | {} | {:.1} MiB |", r.case, r.attention, r.seconds, r.unit, r.peak_bytes as f64 / 1048576.0);
+            let mib = |b: u64| b as f64 / 1048576.0;
+            println!("| {} | {} | {:.4} | {} | {:.1} MiB | {:.1} MiB |", r.case, r.attention, r.seconds, r.unit, mib(r.peak_bytes), mib(r.step_bytes()));
         }
     }
     if args.against_torch {
@@ -273,7 +292,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             anyhow::bail!("--against-torch compares {}; add --case with one of them", super::bench_torch::CASES.join(" or "));
         }
         let ours: Vec<super::bench_torch::Ours> =
-            rows.iter().map(|r| super::bench_torch::Ours { case: r.case.clone(), attention: r.attention.id(), seconds: r.seconds, peak_bytes: r.peak_bytes }).collect();
+            rows.iter().map(|r| super::bench_torch::Ours { case: r.case.clone(), attention: r.attention.id(), seconds: r.seconds, peak_bytes: r.peak_bytes, step_bytes: r.step_bytes() }).collect();
         super::bench_torch::compare(&torch_cases, steps, &ours, args.json)?;
     }
     Ok(())

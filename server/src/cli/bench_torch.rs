@@ -23,6 +23,8 @@ pub struct Ours {
     pub attention: &'static str,
     pub seconds: f64,
     pub peak_bytes: u64,
+    /// Peak minus the resident memory before the first step (weights, inputs).
+    pub step_bytes: u64,
 }
 
 /// PyTorch's result for one case, as the script prints it.
@@ -32,6 +34,9 @@ struct Theirs {
     #[serde(alias = "seconds_per_step", alias = "seconds_per_decode")]
     seconds: f64,
     peak_bytes: u64,
+    /// Resident memory after building the model and inputs (0 where the script cannot tell).
+    #[serde(default)]
+    resident_bytes: u64,
     threads: usize,
     torch: String,
     diffusers: String,
@@ -102,23 +107,27 @@ fn print_comparison(ours: &[Ours], theirs: &[Theirs], json: bool) {
         if let Some(t) = theirs.first() {
             println!("\nPyTorch {} + diffusers {}, {} threads:", t.torch, t.diffusers, t.threads);
         }
-        println!("| case | Atelier attention | Atelier s | PyTorch s | ratio | Atelier peak | PyTorch peak | peak ratio |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| case | Atelier attention | Atelier s | PyTorch s | ratio | Atelier peak | PyTorch peak | peak ratio | Atelier step memory | PyTorch step memory | step memory ratio |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
     }
     for t in theirs {
         for o in ours.iter().filter(|o| o.case == t.case) {
             let ratio = o.seconds / t.seconds;
             let peak_ratio = o.peak_bytes as f64 / t.peak_bytes.max(1) as f64;
+            let their_step = t.peak_bytes.saturating_sub(t.resident_bytes);
+            let step_ratio = o.step_bytes as f64 / their_step.max(1) as f64;
             if json {
                 println!(
                     "{}",
                     serde_json::json!({"case": t.case, "attention": o.attention, "atelier_seconds": o.seconds, "pytorch_seconds": t.seconds,
-                        "ratio": ratio, "atelier_peak_bytes": o.peak_bytes, "pytorch_peak_bytes": t.peak_bytes, "torch": t.torch, "threads": t.threads})
+                        "ratio": ratio, "atelier_peak_bytes": o.peak_bytes, "pytorch_peak_bytes": t.peak_bytes,
+                        "atelier_step_bytes": o.step_bytes, "pytorch_step_bytes": their_step, "torch": t.torch, "threads": t.threads})
                 );
             } else {
                 println!(
-                    "| {} | {} | {:.3} | {:.3} | {:.2}× | {:.0} MiB | {:.0} MiB | {:.2}× |",
-                    t.case, o.attention, o.seconds, t.seconds, ratio, mib(o.peak_bytes), mib(t.peak_bytes), peak_ratio
+                    "| {} | {} | {:.3} | {:.3} | {:.2}× | {:.0} MiB | {:.0} MiB | {:.2}× | {:.0} MiB | {:.0} MiB | {:.2}× |",
+                    t.case, o.attention, o.seconds, t.seconds, ratio, mib(o.peak_bytes), mib(t.peak_bytes), peak_ratio,
+                    mib(o.step_bytes), mib(their_step), step_ratio
                 );
             }
         }

@@ -6,9 +6,15 @@
 //! that belongs to its thread and is reused by every later task (no fresh pages), with one
 //! GEMM from the `gemm` crate; turns them into unnormalised probabilities with the
 //! vectorised [`super::exp`] in the same pass as the row sums; multiplies by v with a
-//! second GEMM straight into the output; and divides each output row by its sum. Peak
-//! extra memory is threads × block × keys floats (1 MiB per thread for 64×64 latents)
-//! instead of 2 × batch × heads × queries × keys.
+//! second GEMM; and writes each output row divided by its sum. Peak extra memory is
+//! threads × block × (keys + head_dim) floats (2 MiB per thread for 64×64 latents) plus
+//! one transposed copy of v, instead of 2 × batch × heads × queries × keys.
+//!
+//! Layouts are chosen so the `gemm` crate never re-packs k or v for each block (that
+//! copy cost as much as the arithmetic at head_dim 40): the score block and the block's
+//! output are column-major (queries consecutive, gemm's native layout), k is read in place
+//! as kᵀ with unit row stride, and v is transposed once per call so it is read with unit
+//! row stride too. The softmax then runs across queries ([`super::exp::exp_columns`]).
 //!
 //! Tensors stay token-major, (batch, tokens, heads·head_dim) as the projections make
 //! them: a head is a strided view, so splitting and merging heads copies nothing. This
@@ -21,8 +27,9 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Query rows per task: 64 rows × 4096 keys of scores = 1 MiB, about one L2 cache.
-pub const QUERY_BLOCK: usize = 64;
+/// Query rows per task: 128 rows × 4096 keys of scores = 2 MiB. Larger blocks give the
+/// score GEMM more rows per pass over k (fewer loads of k per FLOP).
+pub const QUERY_BLOCK: usize = 128;
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -73,6 +80,15 @@ impl CustomOp3 for Blocked {
             );
         }
         let d = width / self.heads;
+        // vᵀ per sample: (width, lk), so a head's v (lk × d) has unit row stride.
+        let mut vt = vec![0f32; b * width * lk];
+        vt.par_chunks_mut(width * lk).zip(v.par_chunks(lk * width)).for_each(|(dst, src)| {
+            for (j, row) in src.chunks_exact(width).enumerate() {
+                for (i, x) in row.iter().enumerate() {
+                    dst[i * lk + j] = *x;
+                }
+            }
+        });
         let mut out = vec![0f32; b * lq * width];
         let dst = Out(out.as_mut_ptr());
         let blocks = lq.div_ceil(QUERY_BLOCK);
@@ -84,18 +100,20 @@ impl CustomOp3 for Blocked {
             let head = |batch_len: usize, row: usize| (bi * batch_len + row) * width + hi * d;
             SCRATCH.with(|cell| {
                 let mut scratch = cell.borrow_mut();
-                if scratch.len() < rows * lk {
-                    scratch.resize(QUERY_BLOCK * lk, 0.0);
+                if scratch.len() < QUERY_BLOCK * (lk + d) {
+                    scratch.resize(QUERY_BLOCK * (lk + d), 0.0);
                 }
-                let scores = &mut scratch[..rows * lk];
+                let (scores, block_out) = scratch.split_at_mut(rows * lk);
+                let block_out = &mut block_out[..rows * d];
                 // SAFETY: every pointer and stride addresses inside its slice: `rows` query
-                // rows from `row0`, all `lk` key/value rows, `d` columns from the head's
-                // offset, row stride `width`; the output block is this task's alone.
+                // rows from `row0`, all `lk` key rows, `d` columns from the head's offset
+                // (row stride `width`); this head's `d` rows of vᵀ (row stride `lk`); the
+                // scratch blocks are this thread's.
                 unsafe {
-                    // scores (rows × lk) = scale · q_blk (rows × d) · kᵀ (d × lk)
+                    // scores (rows × lk, column-major) = scale · q_blk (rows × d) · kᵀ (d × lk)
                     gemm::gemm(
                         rows, lk, d,
-                        scores.as_mut_ptr(), 1, lk as isize,
+                        scores.as_mut_ptr(), rows as isize, 1,
                         false,
                         q.as_ptr().add(head(lq, row0)), 1, width as isize,
                         k.as_ptr().add(head(lk, 0)), width as isize, 1,
@@ -104,30 +122,30 @@ impl CustomOp3 for Blocked {
                         gemm::Parallelism::None,
                     );
                 }
+                let mut maxes = [0f32; QUERY_BLOCK];
                 let mut sums = [0f32; QUERY_BLOCK];
-                for (row, sum) in scores.chunks_exact_mut(lk).zip(sums.iter_mut()) {
-                    let m = super::exp::max(row);
-                    *sum = super::exp::exp_sub_sum(row, m);
-                }
-                let o = dst; // the whole wrapper moves into the closure, not its raw field
-                // SAFETY: as above; the output rows of this block and head are written here only.
+                super::exp::exp_columns(scores, &mut maxes[..rows], &mut sums[..rows]);
+                // SAFETY: as above.
                 unsafe {
-                    let out0 = o.0.add(head(lq, row0));
-                    // out_blk (rows × d) = p (rows × lk) · v (lk × d)
+                    // block_out (rows × d, column-major) = p (rows × lk) · v (lk × d)
                     gemm::gemm(
                         rows, d, lk,
-                        out0, 1, width as isize,
+                        block_out.as_mut_ptr(), rows as isize, 1,
                         false,
-                        scores.as_ptr(), 1, lk as isize,
-                        v.as_ptr().add(head(lk, 0)), 1, width as isize,
+                        scores.as_ptr(), rows as isize, 1,
+                        vt.as_ptr().add((bi * width + hi * d) * lk), lk as isize, 1,
                         0.0, 1.0,
                         false, false, false,
                         gemm::Parallelism::None,
                     );
-                    for (r, sum) in sums[..rows].iter().enumerate() {
-                        let inv = 1.0 / sum;
-                        let row = std::slice::from_raw_parts_mut(out0.add(r * width), d);
-                        row.iter_mut().for_each(|x| *x *= inv);
+                }
+                let o = dst; // the whole wrapper moves into the closure, not its raw field
+                for (r, sum) in sums[..rows].iter().enumerate() {
+                    let inv = 1.0 / sum;
+                    // SAFETY: row `row0 + r` of this head: `d` floats this task alone writes.
+                    let row = unsafe { std::slice::from_raw_parts_mut(o.0.add(head(lq, row0 + r)), d) };
+                    for (i, x) in row.iter_mut().enumerate() {
+                        *x = block_out[i * rows + r] * inv;
                     }
                 }
             });

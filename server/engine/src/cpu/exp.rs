@@ -79,6 +79,33 @@ fn exp_generic(xs: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+fn exp_columns_generic(xs: &mut [f32], maxes: &mut [f32], sums: &mut [f32]) {
+    let rows = sums.len();
+    maxes.fill(f32::NEG_INFINITY);
+    for col in xs.chunks_exact(rows) {
+        for (m, x) in maxes.iter_mut().zip(col) {
+            *m = m.max(*x);
+        }
+    }
+    sums.fill(0.0);
+    for col in xs.chunks_exact_mut(rows) {
+        for ((s, x), m) in sums.iter_mut().zip(col.iter_mut()).zip(maxes.iter()) {
+            *x = exp1(*x - *m);
+            *s += *x;
+        }
+    }
+}
+
+dispatch! {
+    /// The unnormalised softmax of each row of a column-major (rows × cols) block, in
+    /// place: `xs[j·rows + r] = exp(xs[j·rows + r] − max_j xs[j·rows + r])`, with
+    /// `rows = sums.len()`, each row's max left in `maxes` and its sum in `sums`. Vectorised
+    /// across rows (consecutive in memory), which is how the attention kernel's GEMM writes
+    /// its scores. `xs.len()` must be a multiple of `rows`; `maxes` as long as `sums`.
+    pub fn exp_columns(xs: &mut [f32], maxes: &mut [f32], sums: &mut [f32]) -> () => exp_columns_generic
+}
+
 dispatch! {
     /// In place `xs[i] = exp(xs[i] - shift)`; returns the sum of the results (f32, summed
     /// in 16 partial sums).
@@ -95,13 +122,42 @@ dispatch! {
     pub fn exp(xs: &mut [f32]) -> () => exp_generic
 }
 
-/// Softmax of each `row_len`-long row of `xs`, in place.
+/// Softmax of each `row_len`-long row of `xs`, in place; rows spread over Rayon's threads.
 pub fn softmax_rows(xs: &mut [f32], row_len: usize) {
-    for row in xs.chunks_exact_mut(row_len) {
+    use rayon::prelude::*;
+    xs.par_chunks_exact_mut(row_len).for_each(|row| {
         let m = max(row);
         let inv = 1.0 / exp_sub_sum(row, m);
         row.iter_mut().for_each(|x| *x *= inv);
+    });
+}
+
+/// Softmax over the last dimension of a contiguous f32 CPU tensor, written over its own
+/// storage (Candle's `softmax_last_dim` allocates a second tensor as large as the input:
+/// 512 MiB per sample for SD-1.5's 4096-token self-attention scores).
+///
+/// # Errors
+/// Another device or dtype, or a strided layout.
+pub fn softmax_last_dim_in_place(xs: &candle_core::Tensor) -> candle_core::Result<()> {
+    struct Softmax;
+    impl candle_core::InplaceOp1 for Softmax {
+        fn name(&self) -> &'static str {
+            "softmax-in-place"
+        }
+        fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+            let row_len = layout.dims().last().copied().unwrap_or(1).max(1);
+            let (a, b) = match layout.contiguous_offsets() {
+                Some(o) => o,
+                None => candle_core::bail!("softmax in place: the input must be contiguous"),
+            };
+            match storage {
+                candle_core::CpuStorage::F32(data) => softmax_rows(&mut data[a..b], row_len),
+                _ => candle_core::bail!("softmax in place: only f32 is supported"),
+            }
+            Ok(())
+        }
     }
+    xs.inplace_op1(&Softmax)
 }
 
 #[cfg(test)]
@@ -155,6 +211,50 @@ mod tests {
             let want = xs.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
             assert_eq!(max(&xs), want);
         }
+    }
+
+    #[test]
+    fn column_block_softmax_matches_the_row_softmax() {
+        // A column-major 37 × 53 block against its row-major transpose.
+        let (rows, cols) = (37, 53);
+        let col_major: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.71).sin() * 30.0).collect();
+        let mut row_major = vec![0f32; rows * cols];
+        for j in 0..cols {
+            for r in 0..rows {
+                row_major[r * cols + j] = col_major[j * rows + r];
+            }
+        }
+        let mut got = col_major.clone();
+        let (mut maxes, mut sums) = (vec![0f32; rows], vec![0f32; rows]);
+        exp_columns(&mut got, &mut maxes, &mut sums);
+        for r in 0..rows {
+            let row = &mut row_major[r * cols..(r + 1) * cols];
+            let m = max(row);
+            assert_eq!(maxes[r], m);
+            let s = exp_sub_sum(row, m);
+            assert!((sums[r] - s).abs() <= 1e-6 * s, "row {r}: {} vs {s}", sums[r]);
+            for j in 0..cols {
+                assert_eq!(got[j * rows + r], row[j], "({r}, {j})");
+            }
+        }
+        let mut baseline = col_major.clone();
+        let (mut m2, mut s2) = (vec![0f32; rows], vec![0f32; rows]);
+        exp_columns_generic(&mut baseline, &mut m2, &mut s2);
+        assert_eq!(got, baseline);
+        assert_eq!(sums, s2);
+    }
+
+    #[test]
+    fn softmax_in_place_matches_candle() -> candle_core::Result<()> {
+        let xs = candle_core::Tensor::randn(0f32, 5., (3, 4, 257), &candle_core::Device::Cpu)?;
+        let want = candle_nn::ops::softmax_last_dim(&xs)?;
+        let ys = xs.copy()?;
+        softmax_last_dim_in_place(&ys)?;
+        let diff = (&ys - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        // Probabilities ≤ 1: a few float ulps (6·10⁻⁸ each) from another exp and sum order.
+        assert!(diff < 1e-6, "differs by {diff}");
+        assert!(softmax_last_dim_in_place(&xs.transpose(1, 2)?).is_err(), "a strided view is refused");
+        Ok(())
     }
 
     #[test]

@@ -1,15 +1,19 @@
 //! CPU kernels that Candle lacks or runs slowly: blocked multi-head attention
 //! ([`attention`]), convolutions as shifted GEMMs without im2col ([`conv`]), GroupNorm
-//! fused with SiLU ([`norm`]) and a vectorised `exp` ([`exp`]).
+//! fused with SiLU ([`norm`]), a vectorised `exp` and in-place softmax ([`exp`]), the
+//! GEGLU gate and exact GELU ([`geglu`]), and bias/residual additions written over a
+//! layer's fresh output ([`add`]).
 //!
 //! Each kernel is plain Rust that the compiler vectorises, compiled for the baseline
 //! target and again for AVX2+FMA and AVX-512, and the widest the CPU has is chosen at
 //! run time: one binary runs on every x86-64 CPU and uses what it finds. Other
 //! architectures (Apple silicon, where NEON is baseline) use the baseline build.
 
+pub mod add;
 pub mod attention;
 pub mod conv;
 pub mod exp;
+pub mod geglu;
 pub mod norm;
 
 use candle_core::{CpuStorage, Layout, Result};
