@@ -30,6 +30,8 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Check the engine against reference data.
     Reference(cli::reference::ReferenceArgs),
+    /// Convert a single-file SD 1.x checkpoint (.safetensors, LDM layout) into a diffusers folder.
+    ConvertCheckpoint(cli::convert_checkpoint::ConvertCheckpointArgs),
     /// Measure generation speed.
     Bench(cli::bench::BenchArgs),
     /// Train the starter model from scratch on the procedural shapes world.
@@ -89,6 +91,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Reference(args) => cli::reference::run(args),
+        Command::ConvertCheckpoint(args) => cli::convert_checkpoint::run(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::TrainBase(args) => cli::train_base::run(args),
         Command::EvalStarter(args) => cli::eval_starter::run(args),

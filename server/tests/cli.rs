@@ -35,6 +35,70 @@ fn reference_command_writes_every_case_within_tolerance() {
     }
 }
 
+/// A single-file checkpoint: `convert-checkpoint` writes a diffusers folder that `generate`
+/// uses and that gives the same image as the original folder; `reference --model FILE
+/// --config DIR` converts into the cache and reproduces the cases; a second conversion onto
+/// an existing folder and an SDXL file are refused with what to do.
+#[test]
+fn single_file_checkpoints_convert_and_generate_like_their_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = fixtures().join("../single-file/sd-tiny.safetensors");
+    let convert = |src: &std::path::Path, out: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_atelier"))
+            .arg("convert-checkpoint")
+            .arg(src)
+            .arg("--config")
+            .arg(fixtures().join("pipeline"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let folder = dir.path().join("converted");
+    let out = convert(&file, &folder);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let image = |model: &std::path::Path, name: &str| {
+        let path = dir.path().join(name);
+        let out = Command::new(env!("CARGO_BIN_EXE_atelier"))
+            .args(["generate", "--prompt", "a red circle", "--steps", "3", "--seed", "5", "--model"])
+            .arg(model)
+            .arg("--out")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        image::open(path).unwrap().to_rgb8().into_raw()
+    };
+    assert_eq!(image(&folder, "file.png"), image(&fixtures().join("pipeline"), "folder.png"), "bit-identical weights give the same image");
+    let again = convert(&file, &folder);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let xl = convert(&fixtures().join("../single-file/sdxl-tiny.safetensors"), &dir.path().join("xl"));
+    assert!(!xl.status.success());
+    assert!(String::from_utf8_lossy(&xl.stderr).contains("SDXL checkpoint"), "{}", String::from_utf8_lossy(&xl.stderr));
+
+    let refs = dir.path().join("ref");
+    let out = Command::new(env!("CARGO_BIN_EXE_atelier"))
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .arg("reference")
+        .arg("--model")
+        .arg(&file)
+        .arg("--config")
+        .arg(fixtures().join("pipeline"))
+        .arg("--cases")
+        .arg(fixtures())
+        .arg("--out")
+        .arg(&refs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = candle_core::safetensors::load(refs.join("unet.safetensors"), &Device::Cpu).unwrap();
+    let exp = candle_core::safetensors::load(fixtures().join("unet.safetensors"), &Device::Cpu).unwrap();
+    assert!(max_abs_diff(&got["noise_pred"], &exp["noise_pred"]).unwrap() < 1e-4);
+    // A1111's short hash of the file names the cache folder.
+    assert!(dir.path().join("cache/atelier/checkpoints/d91fae3131-sd-tiny/model_index.json").is_file());
+}
+
 #[test]
 fn generate_writes_png_with_parameters_and_is_deterministic() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,6 +14,7 @@ pub mod export_ios;
 pub mod generate;
 pub mod optimize_negative;
 pub mod reference;
+pub mod convert_checkpoint;
 pub mod registry;
 pub mod runs;
 pub mod style_data;

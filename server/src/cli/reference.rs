@@ -12,9 +12,15 @@ use candle_core::Device;
 /// Arguments of `atelier reference`.
 #[derive(Debug, clap::Args)]
 pub struct ReferenceArgs {
-    /// The diffusers model folder the cases were computed with.
+    /// The diffusers model folder the cases were computed with, or a single-file SD 1.x
+    /// checkpoint (`.safetensors`, CompVis LDM key layout) with `--config`.
     #[arg(long)]
     pub model: PathBuf,
+    /// For a single-file `--model`: the diffusers folder whose configs and tokenizer it
+    /// uses (what weights cannot say: heads, groups, scheduler). The file is converted once
+    /// into the user cache (`~/.cache/atelier/checkpoints`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Folder holding case files (`NAME.json` + `NAME.safetensors`).
     #[arg(long)]
     pub cases: PathBuf,
@@ -33,7 +39,15 @@ pub fn run(args: ReferenceArgs) -> Result<()> {
         anyhow::bail!("no recognised case files in {}", args.cases.display());
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let runner = ReferenceRunner::new(&args.model, &Device::Cpu, attention)?;
+    let model = if args.model.is_file() {
+        let config = args.config.as_deref().with_context(|| {
+            format!("{} is a single file: add --config with the diffusers folder of its architecture (configs and tokenizer)", args.model.display())
+        })?;
+        atelier_engine::single_file::materialize(&args.model, config, &atelier_engine::single_file::default_cache())?
+    } else {
+        args.model.clone()
+    };
+    let runner = ReferenceRunner::new(&model, &Device::Cpu, attention)?;
     let bar = indicatif::ProgressBar::new(cases.len() as u64);
     for case in &cases {
         bar.set_message(case.name.clone());

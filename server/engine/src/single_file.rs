@@ -1,0 +1,406 @@
+//! Single-file checkpoints: the one `.safetensors` file per model that A1111, ComfyUI and
+//! Civitai use, in the key layout of the original Stable Diffusion code (CompVis LDM for
+//! SD 1.x), turned into the diffusers folder the engine loads.
+//!
+//! [`convert`] streams the file's tensors from a memory map straight into the three
+//! component files (no copy of the weights in memory), renaming every key to diffusers'
+//! name, and copies the configs and tokenizer from a diffusers folder of the same
+//! architecture (what diffusers' `from_single_file(path, config=folder)` reads: heads, group
+//! counts, activations, scheduler and tokenizer are not in the weights). [`materialize`]
+//! does that once per file into a cache folder keyed by the file's hash.
+//!
+//! Key layout (see `../shared/fixtures/single-file/README.md` for the whole table): UNet
+//! under `model.diffusion_model.` with `input_blocks.{1 + (L+1)·i + j}.{0,1}` for
+//! `down_blocks.i.{resnets,attentions}.j`, `input_blocks.{(L+1)(i+1)}.0.op` for the
+//! downsamplers, `middle_block.{0,1,2}`, `output_blocks.{(L+1)·i + j}.{0,1}` for
+//! `up_blocks.i.{resnets,attentions}.j` and the upsampler after the last of them, resnets
+//! with `in_layers.{0,2}`/`emb_layers.1`/`out_layers.{0,3}`/`skip_connection`; VAE under
+//! `first_stage_model.` with `down.i.block.j`, `up.{N-1-i}.block.j` (reversed levels),
+//! `mid.block_{1,2}`, `mid.attn_1.{norm,q,k,v,proj_out}` as 1×1 convolutions; CLIP text
+//! encoder under `cond_stage_model.transformer.` with transformers' own names.
+//!
+//! Pickled checkpoints (`.ckpt`, `.pt`, `.bin`) are refused, never unpickled: unpickling
+//! runs arbitrary code.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView, View};
+
+use crate::model::{read_config, ModelFiles};
+use crate::unet::UNetConfig;
+use crate::vae::VaeConfig;
+use crate::{Error, Result};
+
+/// What a single-file checkpoint holds, recognised from its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// SD 1.x: CLIP ViT-L text encoder under `cond_stage_model.transformer.`.
+    Sd1,
+    /// SD 2.x: OpenCLIP ViT-H text encoder under `cond_stage_model.model.`.
+    Sd2,
+    /// SDXL base: two text encoders under `conditioner.embedders.`.
+    Sdxl,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Sd1 => "SD 1.x",
+            Family::Sd2 => "SD 2.x",
+            Family::Sdxl => "SDXL",
+        }
+    }
+}
+
+const UNET: &str = "model.diffusion_model.";
+const VAE: &str = "first_stage_model.";
+const TEXT: &str = "cond_stage_model.transformer.";
+
+/// Recognises the family from tensor names, or says what the file looks like instead.
+///
+/// # Errors
+/// [`Error::Weights`] naming what the keys look like (a LoRA, an embedding, a diffusers
+/// component, a VAE alone) when they are no SD 1.x / 2.x / SDXL checkpoint.
+pub fn detect(path: &Path, names: &[&str]) -> Result<Family> {
+    let any = |p: &str| names.iter().any(|n| n.starts_with(p));
+    let has_unet = any(UNET);
+    if has_unet && any("conditioner.embedders.") {
+        return Ok(Family::Sdxl);
+    }
+    if has_unet && any("cond_stage_model.model.") {
+        return Ok(Family::Sd2);
+    }
+    if has_unet && any(TEXT) {
+        return Ok(Family::Sd1);
+    }
+    let looks = if any("lora_unet_") || any("lora_te") || names.iter().any(|n| n.contains(".lora_down.") || n.contains("lora_A")) {
+        "a LoRA / LyCORIS adapter (put it in the styles folder, not the model)".to_string()
+    } else if any("emb_params") || any("clip_l") || any("clip_g") || any("string_to_param") {
+        "a textual-inversion embedding".to_string()
+    } else if any("conv_in.") && any("down_blocks.") {
+        "one diffusers component (a UNet or VAE file from a model folder); pass the whole folder".to_string()
+    } else if any("encoder.down.") || any("decoder.up.") || any(&format!("{VAE}encoder.")) {
+        "a VAE alone".to_string()
+    } else if any("text_model.") {
+        "a text encoder alone".to_string()
+    } else {
+        let mut prefixes: Vec<&str> = names.iter().map(|n| n.split('.').next().unwrap_or(n)).collect();
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        prefixes.truncate(6);
+        format!("none of SD 1.x, SD 2.x or SDXL (top-level names: {})", prefixes.join(", "))
+    };
+    Err(Error::Weights { path: path.to_path_buf(), message: format!("is not a Stable Diffusion checkpoint: it looks like {looks}") })
+}
+
+/// Refuses pickled PyTorch checkpoints by extension or content, with how to convert them.
+///
+/// # Errors
+/// [`Error::Weights`] for a `.ckpt`/`.pt`/`.pth`/`.bin` file or one starting with a pickle or
+/// zip header.
+pub fn refuse_pickle(path: &Path, head: &[u8]) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let pickled = matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") || head.starts_with(&[0x80]) || head.starts_with(b"PK\x03\x04");
+    if pickled {
+        return Err(Error::Weights {
+            path: path.to_path_buf(),
+            message: "is a pickled PyTorch checkpoint, which Atelier never loads (unpickling runs arbitrary code); \
+                      convert it to .safetensors where you trust it, e.g. `python -c \"import torch, safetensors.torch as s; \
+                      sd = torch.load('MODEL.ckpt', weights_only=True); s.save_file({k: v.contiguous() for k, v in sd.get('state_dict', sd).items() if hasattr(v, 'contiguous')}, 'MODEL.safetensors')\"`"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Which diffusers component a checkpoint key belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    Unet,
+    Vae,
+    TextEncoder,
+}
+
+/// Resnet sub-layer names, LDM → diffusers.
+fn resnet_sub(rest: &str) -> Option<String> {
+    const MAP: &[(&str, &str)] = &[
+        ("in_layers.0.", "norm1."),
+        ("in_layers.2.", "conv1."),
+        ("emb_layers.1.", "time_emb_proj."),
+        ("out_layers.0.", "norm2."),
+        ("out_layers.3.", "conv2."),
+        ("skip_connection.", "conv_shortcut."),
+    ];
+    MAP.iter().find_map(|(from, to)| rest.strip_prefix(from).map(|tail| format!("{to}{tail}")))
+}
+
+/// `(index, rest)` of `"7.1.proj_in.weight"` → `(7, "1.proj_in.weight")`.
+fn index(s: &str) -> Option<(usize, &str)> {
+    let (n, rest) = s.split_once('.')?;
+    Some((n.parse().ok()?, rest))
+}
+
+/// A UNet key (after `model.diffusion_model.`) in diffusers' naming.
+fn unet_key(key: &str, cfg: &UNetConfig) -> Option<String> {
+    let per = cfg.layers_per_block + 1;
+    let levels = cfg.block_out_channels.len();
+    let has_attn = |types: &[String], i: usize| types.get(i).is_some_and(|t| t.contains("CrossAttn"));
+    let fixed: &[(&str, &str)] =
+        &[("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."), ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")];
+    if let Some(k) = fixed.iter().find_map(|(from, to)| key.strip_prefix(from).map(|t| format!("{to}{t}"))) {
+        return Some(k);
+    }
+    if let Some(rest) = key.strip_prefix("input_blocks.") {
+        let (b, rest) = index(rest)?;
+        if b % per == 0 {
+            // The downsampler closing level b/per − 1.
+            let tail = rest.strip_prefix("0.op.")?;
+            return Some(format!("down_blocks.{}.downsamplers.0.conv.{tail}", b / per - 1));
+        }
+        let (i, j) = ((b - 1) / per, (b - 1) % per);
+        let (sub, rest) = index(rest)?;
+        return match sub {
+            0 => Some(format!("down_blocks.{i}.resnets.{j}.{}", resnet_sub(rest)?)),
+            1 if has_attn(&cfg.down_block_types, i) => Some(format!("down_blocks.{i}.attentions.{j}.{rest}")),
+            _ => None,
+        };
+    }
+    if let Some(rest) = key.strip_prefix("middle_block.") {
+        let (sub, rest) = index(rest)?;
+        return match sub {
+            0 | 2 => Some(format!("mid_block.resnets.{}.{}", sub / 2, resnet_sub(rest)?)),
+            1 => Some(format!("mid_block.attentions.0.{rest}")),
+            _ => None,
+        };
+    }
+    if let Some(rest) = key.strip_prefix("output_blocks.") {
+        let (b, rest) = index(rest)?;
+        let (i, j) = (b / per, b % per);
+        let attn = has_attn(&cfg.up_block_types, i);
+        let (sub, rest) = index(rest)?;
+        let upsampler = if attn { 2 } else { 1 };
+        return match sub {
+            0 => Some(format!("up_blocks.{i}.resnets.{j}.{}", resnet_sub(rest)?)),
+            1 if attn => Some(format!("up_blocks.{i}.attentions.{j}.{rest}")),
+            s if s == upsampler && j == per - 1 && i + 1 < levels => Some(format!("up_blocks.{i}.upsamplers.0.{rest}")),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// A VAE key (after `first_stage_model.`) in diffusers' naming, and whether its weight is
+/// a 1×1 convolution that diffusers keeps as a linear layer.
+fn vae_key(key: &str, cfg: &VaeConfig) -> Option<(String, bool)> {
+    let levels = cfg.block_out_channels.len();
+    let (side, rest) = key.split_once('.')?;
+    if side != "encoder" && side != "decoder" {
+        // quant_conv, post_quant_conv keep their names.
+        return (key.starts_with("quant_conv.") || key.starts_with("post_quant_conv.")).then(|| (key.to_string(), false));
+    }
+    let resnet = |r: &str| -> String { r.replacen("nin_shortcut.", "conv_shortcut.", 1) };
+    for (from, to) in [("conv_in.", "conv_in."), ("conv_out.", "conv_out."), ("norm_out.", "conv_norm_out.")] {
+        if let Some(t) = rest.strip_prefix(from) {
+            return Some((format!("{side}.{to}{t}"), false));
+        }
+    }
+    if let Some(r) = rest.strip_prefix("mid.") {
+        if let Some(t) = r.strip_prefix("block_1.") {
+            return Some((format!("{side}.mid_block.resnets.0.{}", resnet(t)), false));
+        }
+        if let Some(t) = r.strip_prefix("block_2.") {
+            return Some((format!("{side}.mid_block.resnets.1.{}", resnet(t)), false));
+        }
+        let t = r.strip_prefix("attn_1.")?;
+        for (from, to) in [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")] {
+            if let Some(tail) = t.strip_prefix(from) {
+                return Some((format!("{side}.mid_block.attentions.0.{to}{tail}"), from != "norm." && tail == "weight"));
+            }
+        }
+        return None;
+    }
+    let (word, to_blocks) = if side == "encoder" { ("down.", "down_blocks") } else { ("up.", "up_blocks") };
+    let (level, r) = index(rest.strip_prefix(word)?)?;
+    let i = if side == "encoder" { level } else { levels.checked_sub(1 + level)? };
+    if let Some(t) = r.strip_prefix("block.") {
+        let (j, t) = index(t)?;
+        return Some((format!("{side}.{to_blocks}.{i}.resnets.{j}.{}", resnet(t)), false));
+    }
+    for (from, to) in [("downsample.", "downsamplers.0."), ("upsample.", "upsamplers.0.")] {
+        if let Some(t) = r.strip_prefix(from) {
+            return Some((format!("{side}.{to_blocks}.{i}.{to}{t}"), false));
+        }
+    }
+    None
+}
+
+/// Checkpoint keys with no diffusers counterpart that real files carry: EMA copies, the
+/// DDPM schedule buffers, CLIP's position ids.
+fn ignorable(key: &str) -> bool {
+    key.starts_with("model_ema.")
+        || key.ends_with("position_ids")
+        || ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar"]
+            .contains(&key)
+}
+
+/// A tensor of the memory-mapped file, written under a new name and possibly a new shape
+/// (the same bytes: only 1×1 kernels lose their trailing unit dimensions).
+struct Renamed<'a> {
+    view: TensorView<'a>,
+    shape: Vec<usize>,
+}
+
+impl View for Renamed<'_> {
+    fn dtype(&self) -> Dtype {
+        self.view.dtype()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.view.data())
+    }
+    fn data_len(&self) -> usize {
+        self.view.data().len()
+    }
+}
+
+/// Writes the diffusers folder `out` for the SD 1.x checkpoint `file`, with the configs and
+/// tokenizer of the diffusers folder `config`. Weights keep the file's dtype (fp16 files give
+/// fp16 components; the loader widens them to the compute dtype). The folder appears whole
+/// or not at all (written beside it, then renamed).
+///
+/// # Errors
+/// A pickle, a file that is not safetensors or no SD checkpoint, an SD 2.x / SDXL file (not
+/// supported yet), a `config` folder that is not a diffusers SD folder, keys the config does
+/// not explain (another architecture: the message names a few), I/O errors.
+pub fn convert(file: &Path, config: &Path, out: &Path) -> Result<()> {
+    let handle = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    // SAFETY: the map is read-only and lives while the views made from it are written; a
+    // file changed by another process meanwhile could give wrong numbers, not memory errors
+    // in this process beyond what any reader of a changing file sees.
+    let map = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| Error::io(file, e))?;
+    refuse_pickle(file, &map[..map.len().min(8)])?;
+    let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| Error::Weights {
+        path: file.to_path_buf(),
+        message: format!("is not a readable safetensors file ({e}); it may be truncated or corrupt — download it again"),
+    })?;
+    let names = st.names();
+    let family = detect(file, &names)?;
+    if family != Family::Sd1 {
+        return Err(Error::Weights {
+            path: file.to_path_buf(),
+            message: format!("is an {} checkpoint; single files of {} are not supported yet (SD 1.x files are): use its diffusers folder", family.name(), family.name()),
+        });
+    }
+    let files = ModelFiles::locate(config)?;
+    let unet_cfg: UNetConfig = read_config(&files.unet_config)?;
+    let vae_cfg: VaeConfig = read_config(&files.vae_config)?;
+
+    let mut parts: BTreeMap<Part, Vec<(String, Renamed)>> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for name in names {
+        let view = st.tensor(name).map_err(|e| Error::Weights { path: file.to_path_buf(), message: format!("tensor {name}: {e}") })?;
+        let shape = view.shape().to_vec();
+        let mapped = if let Some(k) = name.strip_prefix(UNET) {
+            unet_key(k, &unet_cfg).map(|n| (Part::Unet, n, shape))
+        } else if let Some(k) = name.strip_prefix(VAE) {
+            vae_key(k, &vae_cfg).map(|(n, linear)| {
+                let shape = if linear && shape.len() == 4 { shape[..2].to_vec() } else { shape };
+                (Part::Vae, n, shape)
+            })
+        } else if let Some(k) = name.strip_prefix(TEXT) {
+            (!ignorable(k)).then(|| (Part::TextEncoder, k.to_string(), shape))
+        } else {
+            None
+        };
+        match mapped {
+            Some((part, new_name, shape)) => parts.entry(part).or_default().push((new_name, Renamed { view, shape })),
+            None if ignorable(name) || name.ends_with("position_ids") => {}
+            None => unknown.push(name.to_string()),
+        }
+    }
+    if !unknown.is_empty() {
+        let n = unknown.len();
+        unknown.truncate(4);
+        return Err(Error::Weights {
+            path: file.to_path_buf(),
+            message: format!(
+                "has {n} tensor(s) that an SD 1.x model with the configs of {} does not have (e.g. {}): the file is another architecture or the config folder does not match it",
+                config.display(),
+                unknown.join(", ")
+            ),
+        });
+    }
+
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let leaf = out.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let staging = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let result = write_folder(&files, parts, &staging).and_then(|()| std::fs::rename(&staging, out).map_err(|e| Error::io(out, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// The configs, tokenizer and renamed weights under `root`.
+fn write_folder(files: &ModelFiles, parts: BTreeMap<Part, Vec<(String, Renamed)>>, root: &Path) -> Result<()> {
+    for (rel, src) in [
+        ("model_index.json", files.root.join("model_index.json")),
+        ("unet/config.json", files.unet_config.clone()),
+        ("vae/config.json", files.vae_config.clone()),
+        ("text_encoder/config.json", files.text_encoder_config.clone()),
+        ("scheduler/scheduler_config.json", files.scheduler_config.clone()),
+    ] {
+        copy(&src, &root.join(rel))?;
+    }
+    for entry in std::fs::read_dir(&files.tokenizer_dir).map_err(|e| Error::io(&files.tokenizer_dir, e))? {
+        let entry = entry.map_err(|e| Error::io(&files.tokenizer_dir, e))?;
+        if entry.path().is_file() {
+            copy(&entry.path(), &root.join("tokenizer").join(entry.file_name()))?;
+        }
+    }
+    for (part, tensors) in parts {
+        let rel = match part {
+            Part::Unet => "unet/diffusion_pytorch_model.safetensors",
+            Part::Vae => "vae/diffusion_pytorch_model.safetensors",
+            Part::TextEncoder => "text_encoder/model.safetensors",
+        };
+        let path = root.join(rel);
+        safetensors::serialize_to_file(tensors, None, &path).map_err(|e| Error::Weights { path: path.clone(), message: format!("could not be written: {e}") })?;
+    }
+    Ok(())
+}
+
+fn copy(src: &Path, dst: &Path) -> Result<()> {
+    if let Some(dir) = dst.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::copy(src, dst).map_err(|e| Error::io(src, e))?;
+    Ok(())
+}
+
+/// The diffusers folder for checkpoint `file` with the configs of `config`: converted once
+/// into `cache/<short hash>-<file stem>` (A1111's short hash of the file) and reused.
+///
+/// # Errors
+/// As [`convert`].
+pub fn materialize(file: &Path, config: &Path, cache: &Path) -> Result<PathBuf> {
+    let hash = crate::model::short_hash(file)?;
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    let out = cache.join(format!("{hash}-{stem}"));
+    if out.join("model_index.json").is_file() {
+        return Ok(out);
+    }
+    convert(file, config, &out)?;
+    Ok(out)
+}
+
+/// Where [`materialize`] keeps converted checkpoints: `~/.cache/atelier/checkpoints`.
+pub fn default_cache() -> PathBuf {
+    dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("atelier/checkpoints")
+}
