@@ -318,7 +318,7 @@ pub fn convert(file: &Path, config: &Path, out: &Path) -> Result<()> {
         };
         match mapped {
             Some((part, new_name, shape)) => parts.entry(part).or_default().push((new_name, Renamed { view, shape })),
-            None if ignorable(name) || name.ends_with("position_ids") => {}
+            None if ignorable(name) => {}
             None => unknown.push(name.to_string()),
         }
     }

@@ -83,7 +83,7 @@ impl ResnetBlock2D {
         };
         let h = self.conv2.forward(&self.norm2.forward_act(&h, self.act)?)?;
         let out = match &self.conv_shortcut {
-            Some(c) => (c.forward(xs)? + h)?,
+            Some(c) => add_residual(h, &c.forward(xs)?)?,
             None => add_residual(h, xs)?,
         };
         if self.output_scale_factor == 1.0 {

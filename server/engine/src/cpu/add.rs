@@ -48,17 +48,6 @@ struct Add {
     repeat: usize,
 }
 
-fn dst_f32<'a>(dst: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
-    let (a, b) = match layout.contiguous_offsets() {
-        Some(o) => o,
-        None => candle_core::bail!("add in place: the output must be contiguous"),
-    };
-    match dst {
-        CpuStorage::F32(d) => Ok(&mut d[a..b]),
-        _ => candle_core::bail!("add in place: only f32 is supported"),
-    }
-}
-
 impl Add {
     fn run(&self, y: &mut [f32], bias: Option<&[f32]>, residual: Option<&[f32]>) -> Result<()> {
         if residual.is_some_and(|r| r.len() != y.len()) {
@@ -98,7 +87,7 @@ impl InplaceOp2 for Add {
 
     fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, src: &CpuStorage, src_l: &Layout) -> Result<()> {
         let s = super::contiguous_f32(src, src_l, "add in place")?;
-        let y = dst_f32(dst, dst_l)?;
+        let y = super::contiguous_f32_mut(dst, dst_l, "add in place")?;
         if self.repeat == 0 {
             self.run(y, None, Some(s))
         } else {
@@ -115,7 +104,7 @@ impl InplaceOp3 for Add {
     fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, b: &CpuStorage, b_l: &Layout, r: &CpuStorage, r_l: &Layout) -> Result<()> {
         let b = super::contiguous_f32(b, b_l, "add in place")?;
         let r = super::contiguous_f32(r, r_l, "add in place")?;
-        let y = dst_f32(dst, dst_l)?;
+        let y = super::contiguous_f32_mut(dst, dst_l, "add in place")?;
         self.run(y, Some(b), Some(r))
     }
 }

@@ -146,14 +146,7 @@ pub fn softmax_last_dim_in_place(xs: &candle_core::Tensor) -> candle_core::Resul
         }
         fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
             let row_len = layout.dims().last().copied().unwrap_or(1).max(1);
-            let (a, b) = match layout.contiguous_offsets() {
-                Some(o) => o,
-                None => candle_core::bail!("softmax in place: the input must be contiguous"),
-            };
-            match storage {
-                candle_core::CpuStorage::F32(data) => softmax_rows(&mut data[a..b], row_len),
-                _ => candle_core::bail!("softmax in place: only f32 is supported"),
-            }
+            softmax_rows(super::contiguous_f32_mut(storage, layout, "softmax in place")?, row_len);
             Ok(())
         }
     }

@@ -33,6 +33,21 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &
     }
 }
 
+/// The f32 data of a contiguous CPU tensor, writable: the output of an in-place kernel.
+///
+/// # Errors
+/// Another dtype, or a strided layout; `op` names the kernel in the message.
+pub(crate) fn contiguous_f32_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    let (a, b) = match layout.contiguous_offsets() {
+        Some(o) => o,
+        None => candle_core::bail!("{op}: the output must be contiguous"),
+    };
+    match storage {
+        CpuStorage::F32(d) => Ok(&mut d[a..b]),
+        _ => candle_core::bail!("{op}: only f32 is supported"),
+    }
+}
+
 /// The widest vector instruction set this CPU offers that the kernels are built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Simd {
