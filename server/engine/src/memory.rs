@@ -233,7 +233,8 @@ pub fn admit_training(dir: &std::path::Path, dtype_bytes: u64, resolution: usize
 /// (text encoder, UNet and VAE), from the safetensors headers alone.
 pub fn weights_bytes(files: &crate::model::ModelFiles, dtype_bytes: u64) -> crate::Result<u64> {
     [&files.text_encoder_weights, &files.unet_weights, &files.vae_weights]
-        .iter()
+        .into_iter()
+        .chain(files.text_encoder_2.as_ref().map(|t| &t.weights))
         .map(|p| safetensors_elements(p).map(|n| n * dtype_bytes))
         .sum()
 }

@@ -23,6 +23,17 @@ pub struct ModelFiles {
     pub text_encoder_weights: PathBuf,
     pub tokenizer_dir: PathBuf,
     pub scheduler_config: PathBuf,
+    /// SDXL's second text encoder (`CLIPTextModelWithProjection`, OpenCLIP bigG) and its
+    /// tokenizer: present together or not at all.
+    pub text_encoder_2: Option<SecondEncoderFiles>,
+}
+
+/// The files of SDXL's second text encoder.
+#[derive(Debug, Clone)]
+pub struct SecondEncoderFiles {
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    pub tokenizer_dir: PathBuf,
 }
 
 /// Weight file names diffusers / transformers write, in order of preference.
@@ -64,6 +75,15 @@ impl ModelFiles {
             Err(Error::MissingComponent { dir: root.to_path_buf(), what })
         };
         need("model_index.json")?;
+        let text_encoder_2 = if root.join("text_encoder_2").exists() || root.join("tokenizer_2").exists() {
+            Some(SecondEncoderFiles {
+                config: need("text_encoder_2/config.json")?,
+                weights: weights("text_encoder_2")?,
+                tokenizer_dir: need("tokenizer_2")?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             root: root.to_path_buf(),
             unet_config: need("unet/config.json")?,
@@ -74,6 +94,7 @@ impl ModelFiles {
             text_encoder_weights: weights("text_encoder")?,
             tokenizer_dir: need("tokenizer")?,
             scheduler_config: need("scheduler/scheduler_config.json")?,
+            text_encoder_2,
         })
     }
 }
