@@ -23,6 +23,13 @@ pub struct ClipConfig {
     pub layer_norm_eps: f64,
     #[serde(default = "default_eos")]
     pub eos_token_id: i64,
+    /// Width of `text_projection` in `CLIPTextModelWithProjection` (SDXL's second text
+    /// encoder: 1280); `None` for a plain `CLIPTextModel`.
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    /// transformers' class names; `CLIPTextModelWithProjection` has a `text_projection`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
 }
 
 fn default_act() -> String {
@@ -48,7 +55,14 @@ impl ClipConfig {
             hidden_act: "quick_gelu".into(),
             layer_norm_eps: 1e-5,
             eos_token_id: 2,
+            projection_dim: None,
+            architectures: vec!["CLIPTextModel".into()],
         }
+    }
+
+    /// Whether the model has a `text_projection` (transformers `CLIPTextModelWithProjection`).
+    pub fn with_projection(&self) -> bool {
+        self.architectures.iter().any(|a| a == "CLIPTextModelWithProjection")
     }
 }
 
@@ -121,12 +135,24 @@ pub struct ClipOutput {
     pub pooler_output: Tensor,
 }
 
-/// `CLIPTextModel` with weights under `text_model.`.
+/// SDXL's view of a text encoder (diffusers `StableDiffusionXLPipeline.encode_prompt`).
+pub struct PenultimateOutput {
+    /// (batch, tokens, hidden): `hidden_states[-2]`, the output of the second-to-last
+    /// layer without the final layer norm.
+    pub penultimate: Tensor,
+    /// (batch, projection_dim): `text_embeds`, the final-layer-normed end-of-text state
+    /// through `text_projection`; only from a model with a projection.
+    pub text_embeds: Option<Tensor>,
+}
+
+/// `CLIPTextModel` with weights under `text_model.` (and `CLIPTextModelWithProjection`'s
+/// bias-free `text_projection.weight` [projection_dim, hidden] when the config names it).
 pub struct ClipTextModel {
     token_embedding: Tensor,
     position_embedding: Tensor,
     layers: Vec<ClipLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Tensor>,
     eos_token_id: i64,
 }
 
@@ -144,24 +170,70 @@ impl ClipTextModel {
             .map(|i| ClipLayer::new(c, act, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
-        Ok(Self { token_embedding, position_embedding, layers, final_layer_norm, eos_token_id: c.eos_token_id })
+        let text_projection = if c.with_projection() {
+            let p = c.projection_dim.unwrap_or(c.hidden_size);
+            Some(vb.root().get((p, c.hidden_size), "text_projection.weight")?)
+        } else {
+            None
+        };
+        Ok(Self { token_embedding, position_embedding, layers, final_layer_norm, text_projection, eos_token_id: c.eos_token_id })
+    }
+
+    /// Token plus position embeddings of `ids` and the causal mask.
+    fn embed(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t) = ids.dims2()?;
+        let tok = self.token_embedding.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let pos = self.position_embedding.narrow(0, 0, t)?;
+        let xs = tok.broadcast_add(&pos)?;
+        let mask = causal_mask(t, xs.dtype(), ids.device())?;
+        Ok((xs, mask))
     }
 
     /// Encodes token ids (batch, tokens) of dtype u32 or i64 with the causal mask only.
     pub fn forward(&self, ids: &Tensor, attn: AttentionKind) -> Result<ClipOutput> {
-        let (b, t) = ids.dims2()?;
-        let dev = ids.device();
         let ids_u32 = ids.to_dtype(DType::U32)?;
-        let tok = self.token_embedding.index_select(&ids_u32.flatten_all()?, 0)?.reshape((b, t, ()))?;
-        let pos = self.position_embedding.narrow(0, 0, t)?;
-        let mut xs = tok.broadcast_add(&pos)?;
-        let mask = causal_mask(t, xs.dtype(), dev)?;
+        let (mut xs, mask) = self.embed(&ids_u32)?;
         for layer in &self.layers {
             xs = layer.forward(&xs, &mask, attn)?;
         }
         let last_hidden_state = self.final_layer_norm.forward(&xs)?;
         let pooler_output = self.pool(&last_hidden_state, &ids_u32)?;
         Ok(ClipOutput { last_hidden_state, pooler_output })
+    }
+
+    /// SDXL's encoding: `hidden_states[-2]` and, when `with_text_embeds` (the model must
+    /// have a `text_projection`), the projected pooled output. Without `with_text_embeds`
+    /// the last layer is not run at all.
+    pub fn forward_penultimate(&self, ids: &Tensor, with_text_embeds: bool, attn: AttentionKind) -> Result<PenultimateOutput> {
+        let ids_u32 = ids.to_dtype(DType::U32)?;
+        let (mut xs, mask) = self.embed(&ids_u32)?;
+        let n = self.layers.len();
+        if n < 2 {
+            candle_core::bail!("a text encoder with {n} layer(s) has no penultimate hidden state");
+        }
+        for layer in &self.layers[..n - 1] {
+            xs = layer.forward(&xs, &mask, attn)?;
+        }
+        let text_embeds = if with_text_embeds {
+            let Some(proj) = &self.text_projection else {
+                candle_core::bail!("this text encoder has no text_projection (it is not a CLIPTextModelWithProjection)")
+            };
+            let last = self.final_layer_norm.forward(&self.layers[n - 1].forward(&xs, &mask, attn)?)?;
+            Some(self.pool(&last, &ids_u32)?.matmul(&proj.t()?)?)
+        } else {
+            None
+        };
+        Ok(PenultimateOutput { penultimate: xs, text_embeds })
+    }
+
+    /// Width of [`PenultimateOutput::text_embeds`], when the model has a projection.
+    pub fn projection_dim(&self) -> Option<usize> {
+        self.text_projection.as_ref().map(|p| p.dims()[0])
+    }
+
+    /// Width of the hidden states.
+    pub fn hidden_size(&self) -> usize {
+        self.position_embedding.dims()[1]
     }
 
     /// transformers' pooling: with the legacy config eos id 2 the end token is

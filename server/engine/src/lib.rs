@@ -15,6 +15,7 @@ pub use error::{Error, Result};
 pub mod device; // which compute device (--device), resolved against the compiled features
 pub mod model; // a diffusers folder: its files, configs, weights, the hub cache
 pub mod single_file; // single-file (LDM layout) checkpoints turned into diffusers folders
+pub mod ldm_names; // the original LDM/SGM names of UNet layers (kohya SDXL LoRA keys)
 pub mod layers; // linear, convolution and normalisation layers under checkpoint names
 pub mod conv; // 2-D convolution as im2col + matmul, for training on the CPU
 pub mod attention; // how attention is computed, selectable per run

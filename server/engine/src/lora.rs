@@ -16,9 +16,12 @@
 //! non-finite alpha or weight refuses the file, naming the key.
 //!
 //! Text-encoder keys: `lora_te_` (SD 1.x/2.x) and `lora_te1_` (the first text encoder,
-//! written by several trainers for SD 1.x files too) are the model's text encoder; a
-//! file with `lora_te2_` / `text_encoder_2.` keys (or other SDXL-only parts) is an SDXL
-//! LoRA and is refused.
+//! written by several trainers for SD 1.x files too) are the model's (first) text encoder;
+//! `lora_te2_` / `text_encoder_2.` are SDXL's second. UNet modules may use diffusers' names
+//! (`down_blocks_1_attentions_0_…`) or the original LDM/SGM block names kohya writes for
+//! SDXL (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`, see [`crate::ldm_names`]).
+//! An SDXL LoRA on an SD 1.x/2.x model, or the reverse, is refused at [`LoraAdapter::bind`]
+//! naming both sides.
 //!
 //! The file container is checked before it is read (see [`check_container`]): bytes
 //! after the last tensor are ignored with a warning in [`LoraAdapter::warnings`]; a file
@@ -49,6 +52,8 @@ use crate::{Error, Result};
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP bigG).
+    TextEncoder2,
 }
 
 impl Component {
@@ -57,6 +62,7 @@ impl Component {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
     }
 
@@ -65,6 +71,7 @@ impl Component {
         match self {
             Component::Unet => "lora_unet",
             Component::TextEncoder => "lora_te",
+            Component::TextEncoder2 => "lora_te2",
         }
     }
 }
@@ -151,8 +158,12 @@ const ALPHA: &str = ".alpha";
 const PEFT_DOWN: [&str; 3] = [".lora_A.weight", ".lora_A.default.weight", ".lora.down.weight"];
 const PEFT_UP: [&str; 3] = [".lora_B.weight", ".lora_B.default.weight", ".lora.up.weight"];
 /// kohya key prefixes; `lora_te1_` is the first (here: the only) text encoder.
-const KOHYA_PREFIXES: [(&str, Component); 3] =
-    [("lora_unet_", Component::Unet), ("lora_te1_", Component::TextEncoder), ("lora_te_", Component::TextEncoder)];
+const KOHYA_PREFIXES: [(&str, Component); 4] = [
+    ("lora_unet_", Component::Unet),
+    ("lora_te1_", Component::TextEncoder),
+    ("lora_te2_", Component::TextEncoder2),
+    ("lora_te_", Component::TextEncoder),
+];
 /// First parts of UNet layer names, for keys without a component prefix.
 const UNET_ROOTS: [&str; 6] = ["down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding."];
 
@@ -241,6 +252,13 @@ const SDXL_CONTEXT_DIM: usize = 2048;
 
 fn sdxl_refusal(key: &str, why: &str) -> String {
     format!("this is an SDXL LoRA ({why}, e.g. {key}); the loaded model is SD 1.x/2.x — use a LoRA made for SD 1.x/2.x")
+}
+
+fn sd1_on_sdxl_refusal(key: &str, width: usize) -> String {
+    let family = if width == 1024 { "SD 2.x" } else { "SD 1.x" };
+    format!(
+        "this is an {family} LoRA (its cross-attention reads {width}-wide text features, e.g. {key}); the loaded model is SDXL, which reads {SDXL_CONTEXT_DIM} — use a LoRA made for SDXL"
+    )
 }
 
 /// The first non-finite value of a tensor, if any.
@@ -336,12 +354,7 @@ impl LoraAdapter {
                 return Err(lora_err(name, format!("this is a {what} file (key {key}), which is not supported: {CONVERT_HINT}")));
             }
         }
-        for key in &keys {
-            if let Some(why) = sdxl_key(key) {
-                return Err(lora_err(name, sdxl_refusal(key, why)));
-            }
-        }
-        let format = if tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_") || k.starts_with("lora_te1_")) {
+        let format = if tensors.keys().any(|k| KOHYA_PREFIXES.iter().any(|(p, _)| k.starts_with(p))) {
             LoraFormat::Kohya
         } else {
             LoraFormat::Diffusers
@@ -446,6 +459,15 @@ impl LoraAdapter {
     /// any module has no layer or a layer of another shape.
     pub fn bind(this: &Arc<Self>, slots: &ModelSlots, device: &Device, dtype: DType) -> Result<BoundLora> {
         let s = this.as_ref();
+        if !slots.has(Component::TextEncoder2) {
+            // An SDXL LoRA on an SD 1.x/2.x model: say so rather than list missing layers.
+            for m in &s.modules {
+                let key = format!("{}.{}", m.component.peft_prefix(), m.name.as_str());
+                if let Some(why) = sdxl_key(&key) {
+                    return Err(lora_err(&s.name, sdxl_refusal(&key, why)));
+                }
+            }
+        }
         let mut bound = Vec::with_capacity(s.modules.len());
         let mut missing = Vec::new();
         let mut mismatched = Vec::new();
@@ -471,16 +493,24 @@ impl LoraAdapter {
             (n.contains("attn2_to_k") || n.contains("attn2.to_k") || n.contains("attn2_to_v") || n.contains("attn2.to_v"))
                 && m.down.dims().get(1) == Some(&SDXL_CONTEXT_DIM)
         });
-        if let Some(m) = sdxl.filter(|_| !missing.is_empty() || !mismatched.is_empty()) {
+        let broken = !missing.is_empty() || !mismatched.is_empty();
+        if let Some(m) = sdxl.filter(|_| broken && !slots.has(Component::TextEncoder2)) {
             let why = format!("its cross-attention reads {SDXL_CONTEXT_DIM}-wide text features, SDXL's width");
             return Err(lora_err(&s.name, sdxl_refusal(&format!("{}.{}", m.component.peft_prefix(), m.name.as_str()), &why)));
         }
+        if broken && slots.has(Component::TextEncoder2) {
+            let narrow = s.modules.iter().find_map(|m| {
+                let n = m.name.as_str();
+                let kv = n.contains("attn2_to_k") || n.contains("attn2.to_k") || n.contains("attn2_to_v") || n.contains("attn2.to_v");
+                let width = m.down.dims().get(1).copied()?;
+                (kv && matches!(width, 768 | 1024)).then(|| (format!("{}.{}", m.component.peft_prefix(), n), width))
+            });
+            if let Some((key, width)) = narrow {
+                return Err(lora_err(&s.name, sd1_on_sdxl_refusal(&key, width)));
+            }
+        }
         if !missing.is_empty() {
-            let hint = if missing.iter().any(|n| n.contains("input_blocks") || n.contains("output_blocks") || n.contains("middle_block")) {
-                "it uses the original (LDM) layer names, which are not supported; convert it to kohya or diffusers names"
-            } else {
-                "it was made for a different base model architecture"
-            };
+            let hint = "it was made for a different base model architecture";
             return Err(lora_err(
                 &s.name,
                 format!(
@@ -529,7 +559,7 @@ fn split_key(key: &str, format: LoraFormat) -> Option<(Component, ModuleName, us
             } else {
                 (key.strip_suffix(ALPHA)?, 2)
             };
-            for c in [Component::Unet, Component::TextEncoder] {
+            for c in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
                 if let Some(rest) = stem.strip_prefix(c.peft_prefix()).and_then(|r| r.strip_prefix('.')) {
                     return Some((c, ModuleName::Dotted(rest.to_string()), part));
                 }
@@ -601,7 +631,7 @@ impl PeftConfigs {
         let Some(text) = metadata.get("lora_adapter_metadata") else { return Ok(Self(out)) };
         let json: Value = serde_json::from_str(text)
             .map_err(|e| lora_err(name, format!("its lora_adapter_metadata is not valid JSON ({e})")))?;
-        for c in [Component::Unet, Component::TextEncoder] {
+        for c in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
             let get = |k: &str| json.get(format!("{}.{k}", c.peft_prefix()));
             let Some(alpha) = get("lora_alpha") else { continue };
             if get("use_dora").and_then(Value::as_bool) == Some(true) {
@@ -631,7 +661,7 @@ impl PeftConfigs {
 pub use atelier_blend::{Block, BlockWeights};
 
 fn block_of(component: Component, name: &str) -> Block {
-    Block::of_layer(component == Component::TextEncoder, name)
+    Block::of_layer(component != Component::Unet, name)
 }
 
 /// The layers of a loaded model that adapters can attach to.
@@ -664,6 +694,26 @@ impl ModelSlots {
     /// The layer at `index` (from [`Self::index_of`]).
     pub fn get(&self, index: usize) -> Option<(Component, &SlotInfo)> {
         self.slots.get(index).map(|(c, s)| (*c, s))
+    }
+
+    /// Registers the original LDM/SGM names of the UNet's layers (`input_blocks.4.1.…`,
+    /// see [`crate::ldm_names::unet_to_ldm`]) as aliases, dotted and underscored, so kohya
+    /// files that name SDXL blocks that way find their layers.
+    pub fn add_ldm_aliases(&mut self, config: &crate::unet::UNetConfig) {
+        for (i, (component, info)) in self.slots.iter().enumerate() {
+            if *component != Component::Unet {
+                continue;
+            }
+            if let Some(ldm) = crate::ldm_names::unet_to_ldm(&info.name, config) {
+                self.underscored.entry((Component::Unet, ldm.replace('.', "_"))).or_insert(i);
+                self.dotted.entry((Component::Unet, ldm)).or_insert(i);
+            }
+        }
+    }
+
+    /// Whether the model has layers of `component` (SDXL models have `TextEncoder2`).
+    pub fn has(&self, component: Component) -> bool {
+        self.slots.iter().any(|(c, _)| *c == component)
     }
 
     fn find(&self, component: Component, name: &ModuleName) -> Option<usize> {

@@ -14,7 +14,7 @@ use crate::model::{build_from_file, read_config, short_hash, ModelFiles};
 use crate::noise::Noise;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
-use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::unet::{AddedConditioning, MicroConditioning, UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
 use crate::{Error, Result};
 
@@ -22,6 +22,9 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
     pub prompt: String,
+    /// On a model whose `model_index.json` says `force_zeros_for_empty_prompt` (SDXL
+    /// base), an empty negative prompt means zero embeddings, as diffusers does when none
+    /// is given; elsewhere the empty text is encoded.
     pub negative_prompt: String,
     /// Number of denoising steps (1..=150).
     pub steps: usize,
@@ -128,6 +131,44 @@ pub struct Generated {
     pub adapters: Vec<(String, String)>,
 }
 
+/// A prompt's text conditioning, for one prompt (batch 1) or a batch.
+#[derive(Debug, Clone)]
+pub struct TextConditioning {
+    /// (batch, tokens, dim): the UNet's `encoder_hidden_states` (SDXL: both encoders'
+    /// penultimate states concatenated on the last axis).
+    pub context: Tensor,
+    /// (batch, pooled_dim): SDXL's pooled `text_embeds` from the second encoder; `None`
+    /// for SD 1.x / 2.x.
+    pub pooled: Option<Tensor>,
+}
+
+impl TextConditioning {
+    /// The same conditioning repeated for a batch of `n`.
+    pub fn repeat(&self, n: usize) -> Result<Self> {
+        Ok(Self { context: self.context.repeat((n, 1, 1))?, pooled: self.pooled.as_ref().map(|p| p.repeat((n, 1))).transpose()? })
+    }
+
+    /// All zeros of the same shapes: SDXL's unconditional input when no negative prompt is
+    /// given and the model says `force_zeros_for_empty_prompt` (diffusers).
+    pub fn zeros_like(&self) -> Result<Self> {
+        Ok(Self { context: self.context.zeros_like()?, pooled: self.pooled.as_ref().map(Tensor::zeros_like).transpose()? })
+    }
+
+    fn cat(a: &Self, b: &Self) -> Result<Self> {
+        let pooled = match (&a.pooled, &b.pooled) {
+            (Some(x), Some(y)) => Some(Tensor::cat(&[x, y], 0)?),
+            _ => None,
+        };
+        Ok(Self { context: Tensor::cat(&[&a.context, &b.context], 0)?, pooled })
+    }
+}
+
+/// SDXL's second text encoder with its tokenizer.
+struct SecondEncoder {
+    tokenizer: ClipTokenizer,
+    model: ClipTextModel,
+}
+
 /// A loaded Stable Diffusion model, ready to generate. `generate` takes `&self`, so one
 /// loaded model can serve many jobs in turn (share it behind an `Arc`).
 pub struct StableDiffusion {
@@ -136,6 +177,11 @@ pub struct StableDiffusion {
     dtype: DType,
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
+    /// SDXL's second text encoder; `None` for SD 1.x / 2.x.
+    text_encoder_2: Option<SecondEncoder>,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (SDXL base: true): without a
+    /// negative prompt the unconditional input is zeros instead of the encoded "".
+    force_zeros_for_empty_prompt: bool,
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
     scheduler_config: SchedulerConfig,
@@ -175,6 +221,25 @@ impl StableDiffusion {
         let (text_encoder, te_slots) =
             collect_slots(|| build_from_file(&files.text_encoder_weights, dtype, device, |vb| ClipTextModel::new(&clip_cfg, vb)));
         let text_encoder = text_encoder?;
+        let mut te2_slots = Vec::new();
+        let text_encoder_2 = match &files.text_encoder_2 {
+            None => None,
+            Some(f) => {
+                let cfg: ClipConfig = read_config(&f.config)?;
+                if !cfg.with_projection() {
+                    return Err(Error::Config {
+                        path: f.config.clone(),
+                        message: "text_encoder_2 is not a CLIPTextModelWithProjection (SDXL's second encoder needs its text_projection)".into(),
+                    });
+                }
+                let (model, slots) = collect_slots(|| build_from_file(&f.weights, dtype, device, |vb| ClipTextModel::new(&cfg, vb)));
+                te2_slots = slots;
+                Some(SecondEncoder { tokenizer: ClipTokenizer::from_dir(&f.tokenizer_dir)?, model: model? })
+            }
+        };
+        let index: serde_json::Value = read_config(&files.root.join("model_index.json"))?;
+        let force_zeros_for_empty_prompt =
+            index.get("force_zeros_for_empty_prompt").and_then(serde_json::Value::as_bool).unwrap_or(false);
         let unet_cfg: UNetConfig = read_config(&files.unet_config)?;
         unet_cfg
             .check_supported()
@@ -196,16 +261,37 @@ impl StableDiffusion {
                 ),
             });
         }
-        if clip_cfg.hidden_size != unet_cfg.cross_attention_dim {
+        let text_width = clip_cfg.hidden_size + text_encoder_2.as_ref().map_or(0, |t| t.model.hidden_size());
+        if text_width != unet_cfg.cross_attention_dim {
             return Err(Error::Config {
                 path: files.text_encoder_config.clone(),
                 message: format!(
-                    "text encoder hidden_size {} does not match the UNet's cross_attention_dim {}",
-                    clip_cfg.hidden_size, unet_cfg.cross_attention_dim
+                    "the text encoder{} give{} {text_width}-wide features but the UNet's cross_attention_dim is {}",
+                    if text_encoder_2.is_some() { "s (hidden sizes added)" } else { "'s hidden_size" },
+                    if text_encoder_2.is_some() { "" } else { "s" },
+                    unet_cfg.cross_attention_dim
+                ),
+            });
+        }
+        let pooled = text_encoder_2.as_ref().and_then(|t| t.model.projection_dim());
+        if pooled != unet_cfg.pooled_text_dim() {
+            let show = |d: Option<usize>| d.map_or("none".to_string(), |d| d.to_string());
+            return Err(Error::Config {
+                path: files.unet_config.clone(),
+                message: format!(
+                    "the UNet expects pooled text embeddings of width {} (SDXL's added conditioning) but the text encoders give {}: is a text_encoder_2 folder missing or extra?",
+                    show(unet_cfg.pooled_text_dim()),
+                    show(pooled)
                 ),
             });
         }
         let scheduler_config = SchedulerConfig::load(&files.scheduler_config)?;
+        let mut slots = ModelSlots::new(vec![
+            (Component::TextEncoder, te_slots),
+            (Component::TextEncoder2, te2_slots),
+            (Component::Unet, unet_slots),
+        ]);
+        slots.add_ldm_aliases(&unet_cfg);
         let hash = short_hash(&files.unet_weights)?;
         let weights_bytes = crate::memory::weights_bytes(&files, dtype.size_in_bytes() as u64)?;
         Ok(Self {
@@ -214,12 +300,14 @@ impl StableDiffusion {
             dtype,
             tokenizer,
             text_encoder,
+            text_encoder_2,
+            force_zeros_for_empty_prompt,
             unet,
             vae,
             scheduler_config,
             hash,
             weights_bytes,
-            slots: ModelSlots::new(vec![(Component::TextEncoder, te_slots), (Component::Unet, unet_slots)]),
+            slots,
             generating: std::sync::Mutex::new(()),
         })
     }
@@ -269,6 +357,21 @@ impl StableDiffusion {
         &self.text_encoder
     }
 
+    /// SDXL's second text encoder and its tokenizer.
+    pub fn text_encoder_2(&self) -> Option<(&ClipTokenizer, &ClipTextModel)> {
+        self.text_encoder_2.as_ref().map(|t| (&t.tokenizer, &t.model))
+    }
+
+    /// Whether this is an SDXL-architecture model (two text encoders, added conditioning).
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
+    }
+
+    /// Whether an empty negative prompt means zero embeddings (`force_zeros_for_empty_prompt`).
+    pub fn zeros_for_empty_negative(&self) -> bool {
+        self.force_zeros_for_empty_prompt
+    }
+
     pub fn unet(&self) -> &UNet2DConditionModel {
         &self.unet
     }
@@ -291,8 +394,9 @@ impl StableDiffusion {
         self.unet.config().sample_size.unwrap_or(64) * self.vae_scale_factor()
     }
 
-    /// Tokenizes and encodes one prompt to (1, tokens, dim); warns when it was truncated.
-    pub fn encode_prompt(&self, prompt: &str, attn: AttentionKind, warnings: &mut Vec<String>) -> Result<Tensor> {
+    /// Tokenizes and encodes one prompt as diffusers does (truncated to one 77-token
+    /// window): context (1, 77, dim), plus SDXL's pooled embeds; warns when it was truncated.
+    pub fn encode_prompt(&self, prompt: &str, attn: AttentionKind, warnings: &mut Vec<String>) -> Result<TextConditioning> {
         let enc = self.tokenizer.encode(prompt);
         if enc.truncated {
             let max = self.tokenizer.max_len();
@@ -304,7 +408,20 @@ impl StableDiffusion {
             ));
         }
         let ids = Tensor::new(enc.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        Ok(self.text_encoder.forward(&ids, attn)?.last_hidden_state)
+        let Some(second) = &self.text_encoder_2 else {
+            return Ok(TextConditioning { context: self.text_encoder.forward(&ids, attn)?.last_hidden_state, pooled: None });
+        };
+        let ids2 = Tensor::new(second.tokenizer.encode(prompt).ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        self.encode_sdxl_ids(&ids, &ids2, true, attn)
+    }
+
+    /// SDXL: both encoders' penultimate states concatenated, and (when `pooled`) the
+    /// second encoder's projected pooled output (diffusers `StableDiffusionXLPipeline.encode_prompt`).
+    fn encode_sdxl_ids(&self, ids: &Tensor, ids2: &Tensor, pooled: bool, attn: AttentionKind) -> Result<TextConditioning> {
+        let second = self.text_encoder_2.as_ref().ok_or_else(|| Error::invalid("model", "not an SDXL model"))?;
+        let a = self.text_encoder.forward_penultimate(ids, false, attn)?.penultimate;
+        let b = second.model.forward_penultimate(ids2, pooled, attn)?;
+        Ok(TextConditioning { context: Tensor::cat(&[&a, &b.penultimate], 2)?, pooled: b.text_embeds })
     }
 
     /// Encodes a prompt written in A1111's syntax to (1, 77·chunks, dim), as A1111's
@@ -319,6 +436,10 @@ impl StableDiffusion {
     /// A prompt as A1111 chunks it (extra-network tags removed, attention weights per
     /// token, 75-token chunks, `BREAK`), with the warnings about what was removed.
     fn chunked_prompt(&self, prompt: &str) -> Result<(Vec<crate::prompt::TokenChunk>, Vec<String>)> {
+        self.chunked_prompt_with(&self.tokenizer, prompt)
+    }
+
+    fn chunked_prompt_with(&self, tok: &ClipTokenizer, prompt: &str) -> Result<(Vec<crate::prompt::TokenChunk>, Vec<String>)> {
         use crate::prompt::{chunk_tokens, parse_extra_networks, parse_segments, Segment, TokenRun};
         let parsed = parse_extra_networks(prompt)?;
         let mut warnings = parsed.warnings();
@@ -326,7 +447,6 @@ impl StableDiffusion {
             let names: Vec<String> = parsed.loras.iter().map(|t| format!("<lora:{}>", t.name)).collect();
             warnings.push(format!("{} removed from the text and not applied here (LoRA tags are resolved by the caller)", names.join(", ")));
         }
-        let tok = &self.tokenizer;
         let runs: Vec<TokenRun> = parse_segments(&parsed.text)
             .into_iter()
             .map(|s| match s {
@@ -337,22 +457,63 @@ impl StableDiffusion {
         Ok((chunk_tokens(&runs, tok.max_len().saturating_sub(2), tok.token_to_id(",</w>")), warnings))
     }
 
-    pub fn encode_weighted_prompt(&self, prompt: &str, attn: AttentionKind, warnings: &mut Vec<String>) -> Result<Tensor> {
+    ///
+    /// SDXL: each text encoder reads the prompt through its own tokenizer, chunks and
+    /// weights it alone (as A1111's two SDXL embedders do), the chunks' penultimate states
+    /// are concatenated on the feature axis (the encoder with fewer chunks gets empty-prompt
+    /// chunks), and the pooled embeds are those of the first chunk.
+    pub fn encode_weighted_prompt(&self, prompt: &str, attn: AttentionKind, warnings: &mut Vec<String>) -> Result<TextConditioning> {
         let (chunks, notes) = self.chunked_prompt(prompt)?;
         warnings.extend(notes);
-        let tok = &self.tokenizer;
+        let Some(second) = &self.text_encoder_2 else {
+            let encoded = self.encode_chunks(&self.tokenizer, &chunks, &mut |ids, _| Ok((self.text_encoder.forward(ids, attn)?.last_hidden_state, None)))?;
+            let parts: Vec<Tensor> = encoded.into_iter().map(|(z, _)| z).collect();
+            return Ok(TextConditioning { context: Tensor::cat(&parts, 1)?, pooled: None });
+        };
+        let (chunks2, _) = self.chunked_prompt_with(&second.tokenizer, prompt)?;
+        let n = chunks.len().max(chunks2.len());
+        let pad = |mut c: Vec<crate::prompt::TokenChunk>| {
+            c.resize(n, crate::prompt::TokenChunk { ids: Vec::new(), weights: Vec::new() });
+            c
+        };
+        let (chunks, chunks2) = (pad(chunks), pad(chunks2));
+        let first = self.encode_chunks(&self.tokenizer, &chunks, &mut |ids, _| {
+            Ok((self.text_encoder.forward_penultimate(ids, false, attn)?.penultimate, None))
+        })?;
+        let second_out = self.encode_chunks(&second.tokenizer, &chunks2, &mut |ids, i| {
+            let o = second.model.forward_penultimate(ids, i == 0, attn)?;
+            Ok((o.penultimate, o.text_embeds))
+        })?;
+        let mut parts = Vec::with_capacity(n);
+        let mut pooled = None;
+        for ((a, _), (b, p)) in first.into_iter().zip(second_out) {
+            parts.push(Tensor::cat(&[&a, &b], 2)?);
+            pooled = pooled.or(p);
+        }
+        Ok(TextConditioning { context: Tensor::cat(&parts, 1)?, pooled })
+    }
+
+    /// Encodes each chunk with `encode` (ids (1, 77), chunk index → hidden states and an
+    /// optional pooled output), then applies the chunk's attention weights with A1111's
+    /// mean restoration: `z·w · mean(z) / mean(z·w)`.
+    fn encode_chunks(
+        &self,
+        tok: &ClipTokenizer,
+        chunks: &[crate::prompt::TokenChunk],
+        encode: &mut dyn FnMut(&Tensor, usize) -> Result<(Tensor, Option<Tensor>)>,
+    ) -> Result<Vec<(Tensor, Option<Tensor>)>> {
         let max = tok.max_len();
         let mut encoded = Vec::with_capacity(chunks.len());
-        for chunk in chunks {
+        for (i, chunk) in chunks.iter().enumerate() {
             let mut ids = Vec::with_capacity(max);
             ids.push(tok.bos_id());
             ids.extend_from_slice(&chunk.ids);
             ids.push(tok.eos_id());
             ids.resize(max, tok.pad_id());
             let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-            let z = self.text_encoder.forward(&ids, attn)?.last_hidden_state;
+            let (z, pooled) = encode(&ids, i)?;
             if chunk.weights.iter().all(|w| *w == 1.0) {
-                encoded.push(z);
+                encoded.push((z, pooled));
                 continue;
             }
             let mut weights = vec![1f32];
@@ -362,39 +523,48 @@ impl StableDiffusion {
             let before = z.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
             let weighted = z.broadcast_mul(&w)?;
             let after = weighted.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
-            encoded.push(if after == 0.0 || !after.is_finite() { weighted } else { (weighted * (before / after) as f64)? });
+            let z = if after == 0.0 || !after.is_finite() { weighted } else { (weighted * (before / after) as f64)? };
+            encoded.push((z, pooled));
         }
-        Ok(Tensor::cat(&encoded, 1)?)
+        Ok(encoded)
     }
 
     /// Pads the shorter of a prompt's and a negative prompt's encodings (from
     /// [`Self::encode_weighted_prompt`]) with encodings of the empty prompt until both
     /// have the same number of 77-token chunks, as A1111 does (`pad_cond` with
     /// `cond_stage_model_empty_prompt`), so the two can share one UNet batch.
-    pub fn pad_to_same_chunks(&self, cond: Tensor, uncond: Tensor, attn: AttentionKind) -> Result<(Tensor, Tensor)> {
-        let (c, u) = (cond.dim(1)?, uncond.dim(1)?);
+    /// The pooled embeds are left as they are.
+    pub fn pad_to_same_chunks(
+        &self,
+        cond: TextConditioning,
+        uncond: TextConditioning,
+        attn: AttentionKind,
+    ) -> Result<(TextConditioning, TextConditioning)> {
+        let (c, u) = (cond.context.dim(1)?, uncond.context.dim(1)?);
         if c == u {
             return Ok((cond, uncond));
         }
-        let empty = self.encode_weighted_prompt("", attn, &mut Vec::new())?;
+        let empty = self.encode_weighted_prompt("", attn, &mut Vec::new())?.context;
         let chunk = empty.dim(1)?;
-        let pad = |t: Tensor, n: usize| -> Result<Tensor> {
-            let mut parts = vec![t];
+        let pad = |t: TextConditioning, n: usize| -> Result<TextConditioning> {
+            let mut parts = vec![t.context];
             parts.extend(std::iter::repeat_n(empty.clone(), n / chunk));
-            Ok(Tensor::cat(&parts, 1)?)
+            Ok(TextConditioning { context: Tensor::cat(&parts, 1)?, pooled: t.pooled })
         };
         Ok(if c < u { (pad(cond, u - c)?, uncond) } else { (cond, pad(uncond, c - u)?) })
     }
 
-    /// The denoising loop from step `start` of `scheduler`. `cond` / `uncond` are
-    /// (batch, tokens, dim); with `uncond` the UNet sees `cat([uncond, cond])` and the
-    /// prediction is guided as `u + g·(c − u)`, exactly as diffusers does.
+    /// The denoising loop from step `start` of `scheduler`. `cond` / `uncond` hold
+    /// (batch, tokens, dim) contexts; with `uncond` the UNet sees `cat([uncond, cond])` and
+    /// the prediction is guided as `u + g·(c − u)`, exactly as diffusers does. SDXL models
+    /// also get the pooled embeds and `micro`'s time ids (the same for both halves).
     #[allow(clippy::too_many_arguments)]
     pub fn denoise(
         &self,
         mut latents: Tensor,
-        cond: &Tensor,
-        uncond: Option<&Tensor>,
+        cond: &TextConditioning,
+        uncond: Option<&TextConditioning>,
+        micro: &MicroConditioning,
         guidance: f64,
         scheduler: &mut dyn Scheduler,
         start: usize,
@@ -402,10 +572,22 @@ impl StableDiffusion {
         attn: AttentionKind,
         on_step: &mut dyn FnMut(usize, &Tensor) -> bool,
     ) -> Result<Tensor> {
-        let context = match uncond {
-            Some(u) => Tensor::cat(&[u, cond], 0)?,
+        let conditioning = match uncond {
+            Some(u) => TextConditioning::cat(u, cond)?,
             None => cond.clone(),
         };
+        let rows = conditioning.context.dim(0)?;
+        let added = if self.unet.needs_added_conditioning() {
+            let text_embeds = conditioning
+                .pooled
+                .clone()
+                .ok_or_else(|| Error::invalid("prompt", "an SDXL UNet needs the pooled text embeddings"))?;
+            let ids = Tensor::new(&micro.time_ids(), &self.device)?.unsqueeze(0)?.repeat((rows, 1))?;
+            Some(AddedConditioning { text_embeds, time_ids: ids })
+        } else {
+            None
+        };
+        let context = conditioning.context;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let input = match uncond {
@@ -413,7 +595,8 @@ impl StableDiffusion {
                 None => latents.clone(),
             };
             let input = scheduler.scale_model_input(&input, i)?;
-            let pred = self.unet.forward(&input, t, &context, attn)?;
+            let t = Tensor::full(t as f32, input.dim(0)?, &self.device)?;
+            let pred = self.unet.forward_added(&input, &t, &context, added.as_ref(), attn)?;
             let pred = match uncond {
                 Some(_) => {
                     let b = latents.dim(0)?;
@@ -498,11 +681,14 @@ impl StableDiffusion {
         let mut warnings = Vec::new();
         let cond1 = self.encode_weighted_prompt(&params.prompt, attn, &mut warnings)?;
         let use_cfg = params.guidance > 1.0;
-        let uncond1 =
-            if use_cfg { Some(self.encode_weighted_prompt(&params.negative_prompt, attn, &mut warnings)?) } else { None };
-        let (cond1, uncond1) = match uncond1 {
-            Some(u) => self.pad_to_same_chunks(cond1, u, attn).map(|(c, u)| (c, Some(u)))?,
-            None => (cond1, None),
+        let (cond1, uncond1) = if !use_cfg {
+            (cond1, None)
+        } else if params.negative_prompt.trim().is_empty() && self.force_zeros_for_empty_prompt {
+            let zeros = cond1.zeros_like()?;
+            (cond1, Some(zeros))
+        } else {
+            let u = self.encode_weighted_prompt(&params.negative_prompt, attn, &mut warnings)?;
+            self.pad_to_same_chunks(cond1, u, attn).map(|(c, u)| (c, Some(u)))?
         };
         for w in params.loras.iter().flat_map(|a| &a.lora.adapter.warnings) {
             if !warnings.contains(w) {
@@ -510,9 +696,8 @@ impl StableDiffusion {
             }
         }
         let n = params.batch_size;
-        let repeat = |t: &Tensor| t.repeat((n, 1, 1));
-        let cond = repeat(&cond1)?;
-        let uncond = uncond1.as_ref().map(repeat).transpose()?;
+        let cond = cond1.repeat(n)?;
+        let uncond = uncond1.as_ref().map(|u| u.repeat(n)).transpose()?;
 
         let mut scheduler = crate::scheduler::build(params.scheduler, &self.scheduler_config, params.steps)?;
         let (h, w) = (params.height / f, params.width / f);
@@ -553,7 +738,9 @@ impl StableDiffusion {
             let preview = latent_preview(x).ok();
             on_step(&StepProgress { step: i + 1 - start, total, preview })
         };
-        let latents = self.denoise(latents, &cond, uncond.as_ref(), params.guidance, scheduler.as_mut(), start, &mut noise, attn, &mut cb)?;
+        let micro = MicroConditioning::for_size(params.height, params.width);
+        let latents =
+            self.denoise(latents, &cond, uncond.as_ref(), &micro, params.guidance, scheduler.as_mut(), start, &mut noise, attn, &mut cb)?;
         let decoded = self.decode(&latents, attn)?;
         let images = tensor_to_images(&decoded)?;
         let adapters = params.loras.iter().map(|l| (l.lora.adapter.name.clone(), l.lora.adapter.hash.clone())).collect();

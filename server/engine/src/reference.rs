@@ -15,6 +15,7 @@ use crate::model::load_safetensors;
 use crate::noise::Noise;
 use crate::pipeline::StableDiffusion;
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
+use crate::unet::{AddedConditioning, MicroConditioning};
 use crate::{Error, Result};
 
 /// The kinds of case this runner understands, recognised by the case file's name.
@@ -22,6 +23,8 @@ use crate::{Error, Result};
 pub enum CaseKind {
     TokenizerIds,
     TextEncoder,
+    /// SDXL's two text encoders together (`text_encoders.json`).
+    TextEncoders,
     Unet,
     VaeEncode,
     VaeDecode,
@@ -35,6 +38,7 @@ impl CaseKind {
         let stem = stem.strip_prefix("lora_").unwrap_or(stem);
         let table = [
             ("tokenizer_ids", CaseKind::TokenizerIds),
+            ("text_encoders", CaseKind::TextEncoders),
             ("text_encoder", CaseKind::TextEncoder),
             ("vae_encode", CaseKind::VaeEncode),
             ("vae_decode", CaseKind::VaeDecode),
@@ -44,11 +48,13 @@ impl CaseKind {
         table.iter().find(|(p, _)| stem == *p || stem.starts_with(&format!("{p}_"))).map(|(_, k)| *k)
     }
 
-    /// Names of the EXPECTED tensors this kind produces.
+    /// Names of the EXPECTED tensors this kind produces for an SD 1.x/2.x model (a case's
+    /// own list, [`Case::expected`], is what to compare).
     pub fn outputs(self) -> &'static [&'static str] {
         match self {
             CaseKind::TokenizerIds => &["input_ids", "attention_mask", "lengths"],
             CaseKind::TextEncoder => &["last_hidden_state", "pooler_output"],
+            CaseKind::TextEncoders => &["text_encoder_penultimate", "text_encoder_2_penultimate", "prompt_embeds", "text_embeds"],
             CaseKind::Unet => &["noise_pred"],
             CaseKind::VaeEncode => &["latent_mean", "latent_logvar"],
             CaseKind::VaeDecode => &["decoded"],
@@ -67,6 +73,26 @@ pub struct Case {
     pub tensors_path: PathBuf,
     /// For LoRA cases (`lora_*`): which of the adapters' two files to load.
     pub lora_format: Option<LoraFormat>,
+    /// The tensors the case file marks EXPECTED (its `expected` map, or the `EXPECTED`
+    /// entries of `tensor_roles`), else [`CaseKind::outputs`]: what a run must produce.
+    pub expected: Vec<String>,
+}
+
+/// The EXPECTED tensor names a case JSON lists.
+fn expected_names(json_path: &Path, kind: CaseKind) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(json_path).map_err(|e| Error::io(json_path, e))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config { path: json_path.to_path_buf(), message: e.to_string() })?;
+    let mut names: Vec<String> = match (json.get("expected").and_then(Value::as_object), json.get("tensor_roles").and_then(Value::as_object)) {
+        (Some(e), _) => e.keys().cloned().collect(),
+        (None, Some(roles)) => {
+            roles.iter().filter(|(_, r)| r.as_str().is_some_and(|r| r.starts_with("EXPECTED"))).map(|(k, _)| k.clone()).collect()
+        }
+        (None, None) => Vec::new(),
+    };
+    if names.is_empty() {
+        names = kind.outputs().iter().map(|s| s.to_string()).collect();
+    }
+    Ok(names)
 }
 
 /// Lists the recognised cases of a folder (non-recursive), sorted by name.
@@ -84,6 +110,7 @@ pub fn discover(cases_dir: &Path) -> Result<Vec<Case>> {
         if !tensors_path.is_file() {
             continue;
         }
+        let expected = expected_names(&path, kind)?;
         if stem.starts_with("lora_") {
             // A LoRA case is reproduced from each of its adapters' two files.
             for (format, suffix) in [(LoraFormat::Kohya, "kohya"), (LoraFormat::Diffusers, "diffusers")] {
@@ -93,10 +120,11 @@ pub fn discover(cases_dir: &Path) -> Result<Vec<Case>> {
                     json_path: path.clone(),
                     tensors_path: tensors_path.clone(),
                     lora_format: Some(format),
+                    expected: expected.clone(),
                 });
             }
         } else {
-            cases.push(Case { name: stem.to_string(), kind, json_path: path, tensors_path, lora_format: None });
+            cases.push(Case { name: stem.to_string(), kind, json_path: path, tensors_path, lora_format: None, expected });
         }
     }
     cases.sort_by(|a, b| a.name.cmp(&b.name));
@@ -196,30 +224,50 @@ impl ReferenceRunner {
                     .pointer("/inputs/prompts")
                     .and_then(Value::as_array)
                     .ok_or_else(|| case_err(case, "inputs.prompts is missing"))?;
-                let tok = self.sd.tokenizer();
-                let (mut ids, mut mask, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
-                for p in prompts {
-                    let p = p.as_str().ok_or_else(|| case_err(case, "a prompt is not a string"))?;
-                    let enc = tok.encode(p);
-                    ids.extend(enc.ids.iter().map(|&i| i as i64));
-                    mask.extend((0..enc.ids.len()).map(|i| (i < enc.length) as i64));
-                    lengths.push(enc.length as i64);
+                let prompts: Vec<&str> =
+                    prompts.iter().map(|p| p.as_str().ok_or_else(|| case_err(case, "a prompt is not a string"))).collect::<Result<_>>()?;
+                let mut tokenizers = vec![("", self.sd.tokenizer())];
+                tokenizers.extend(self.sd.text_encoder_2().map(|(t, _)| ("_2", t)));
+                for (suffix, tok) in tokenizers {
+                    let (mut ids, mut mask, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
+                    for p in &prompts {
+                        let enc = tok.encode(p);
+                        ids.extend(enc.ids.iter().map(|&i| i as i64));
+                        mask.extend((0..enc.ids.len()).map(|i| (i < enc.length) as i64));
+                        lengths.push(enc.length as i64);
+                    }
+                    let n = prompts.len();
+                    let len = tok.max_len();
+                    out.insert(format!("input_ids{suffix}"), Tensor::from_vec(ids, (n, len), &Device::Cpu)?);
+                    out.insert(format!("attention_mask{suffix}"), Tensor::from_vec(mask, (n, len), &Device::Cpu)?);
+                    out.insert(format!("lengths{suffix}"), Tensor::from_vec(lengths, n, &Device::Cpu)?);
                 }
-                let n = prompts.len();
-                let len = tok.max_len();
-                out.insert("input_ids".into(), Tensor::from_vec(ids, (n, len), &Device::Cpu)?);
-                out.insert("attention_mask".into(), Tensor::from_vec(mask, (n, len), &Device::Cpu)?);
-                out.insert("lengths".into(), Tensor::from_vec(lengths, n, &Device::Cpu)?);
             }
             CaseKind::TextEncoder => {
                 let o = self.sd.text_encoder().forward(&input("input_ids")?, attn)?;
                 out.insert("last_hidden_state".into(), o.last_hidden_state);
                 out.insert("pooler_output".into(), o.pooler_output);
             }
+            CaseKind::TextEncoders => {
+                let (_, te2) = self.sd.text_encoder_2().ok_or_else(|| case_err(case, "an SDXL case needs a model with text_encoder_2"))?;
+                let a = self.sd.text_encoder().forward_penultimate(&input("input_ids")?, false, attn)?.penultimate;
+                let b = te2.forward_penultimate(&input("input_ids_2")?, true, attn)?;
+                out.insert("prompt_embeds".into(), Tensor::cat(&[&a, &b.penultimate], 2)?);
+                out.insert("text_encoder_penultimate".into(), a);
+                out.insert("text_encoder_2_penultimate".into(), b.penultimate);
+                out.insert("text_embeds".into(), b.text_embeds.ok_or_else(|| case_err(case, "no text_embeds"))?);
+            }
             CaseKind::Unet => {
                 let t = input("timestep")?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
                 let t = *t.first().ok_or_else(|| case_err(case, "timestep is empty"))?;
-                let pred = self.sd.unet().forward(&input("sample")?, t, &input("encoder_hidden_states")?, attn)?;
+                let sample = input("sample")?;
+                let added = if self.sd.unet().needs_added_conditioning() {
+                    Some(AddedConditioning { text_embeds: input("text_embeds")?, time_ids: input("time_ids")? })
+                } else {
+                    None
+                };
+                let t = Tensor::full(t as f32, sample.dim(0)?, &self.device)?;
+                let pred = self.sd.unet().forward_added(&sample, &t, &input("encoder_hidden_states")?, added.as_ref(), attn)?;
                 out.insert("noise_pred".into(), pred);
             }
             CaseKind::VaeEncode => {
@@ -233,7 +281,9 @@ impl ReferenceRunner {
             CaseKind::Pipeline => {
                 let s = |k: &str| json.get(k).and_then(Value::as_str).map(str::to_string);
                 let prompt = s("prompt").ok_or_else(|| case_err(case, "prompt is missing"))?;
-                let negative = s("negative_prompt").unwrap_or_default();
+                // diffusers: no negative prompt on a `force_zeros_for_empty_prompt` model
+                // means zero embeddings; otherwise it encodes "" (or the text).
+                let negative = s("negative_prompt");
                 let steps = json
                     .get("num_inference_steps")
                     .and_then(Value::as_u64)
@@ -243,18 +293,34 @@ impl ReferenceRunner {
                 let mut scheduler = crate::scheduler::build(kind, &config, steps)?;
                 let mut warnings = Vec::new();
                 let cond = self.sd.encode_prompt(&prompt, attn, &mut warnings)?;
-                let uncond =
-                    if guidance > 1.0 { Some(self.sd.encode_prompt(&negative, attn, &mut warnings)?) } else { None };
+                let uncond = match (guidance > 1.0, negative) {
+                    (false, _) => None,
+                    (true, None) if self.sd.zeros_for_empty_negative() => Some(cond.zeros_like()?),
+                    (true, n) => Some(self.sd.encode_prompt(&n.unwrap_or_default(), attn, &mut warnings)?),
+                };
                 let latents = (input("init_latents")? * scheduler.init_noise_sigma())?;
                 let b = latents.dim(0)?;
-                let cond = cond.repeat((b, 1, 1))?;
-                let uncond = uncond.map(|u| u.repeat((b, 1, 1))).transpose()?;
+                let cond = cond.repeat(b)?;
+                let uncond = uncond.map(|u| u.repeat(b)).transpose()?;
+                let pair = |k: &str| -> Option<(f64, f64)> {
+                    let a = json.get(k)?.as_array()?;
+                    Some((a.first()?.as_f64()?, a.get(1)?.as_f64()?))
+                };
+                let f = self.sd.vae_scale_factor();
+                let (h, w) = (latents.dim(2)? * f, latents.dim(3)? * f);
+                let size = (h as f64, w as f64);
+                let micro = MicroConditioning {
+                    original_size: pair("original_size").unwrap_or(size),
+                    crop_top_left: pair("crops_coords_top_left").unwrap_or((0.0, 0.0)),
+                    target_size: pair("target_size").unwrap_or(size),
+                };
                 let seed = json.get("seed").and_then(Value::as_u64).unwrap_or(0);
                 let mut noise = Noise::new(seed);
                 let final_latents = self.sd.denoise(
                     latents,
                     &cond,
                     uncond.as_ref(),
+                    &micro,
                     guidance,
                     scheduler.as_mut(),
                     0,

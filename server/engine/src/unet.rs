@@ -69,8 +69,17 @@ pub struct UNetConfig {
     pub sample_size: Option<usize>,
     #[serde(default)]
     pub class_embed_type: Option<String>,
+    /// `"text_time"` for SDXL: pooled text embeddings and the size/crop micro-conditioning
+    /// are embedded and added to the timestep embedding.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal embedding of each `time_ids` value (SDXL: 256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding`: pooled text width + 6 × `addition_time_embed_dim`
+    /// (SDXL base: 1280 + 6·256 = 2816).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub time_embedding_type: Option<String>,
     #[serde(default)]
@@ -142,8 +151,20 @@ impl UNetConfig {
             Some("UNetMidBlock2DCrossAttn") | None => {}
             Some(t) => return Err(format!("mid_block_type {t} is not supported")),
         }
-        if self.class_embed_type.is_some() || self.addition_embed_type.is_some() {
-            return Err("class / addition embeddings (SDXL, upscalers) are not supported".into());
+        if self.class_embed_type.is_some() {
+            return Err("class embeddings (upscalers, unCLIP) are not supported".into());
+        }
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                let (Some(t), Some(p)) = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim) else {
+                    return Err("addition_embed_type text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
+                };
+                if p <= 6 * t {
+                    return Err(format!("projection_class_embeddings_input_dim {p} leaves no room for the pooled text embeddings beside 6 × {t} time values"));
+                }
+            }
+            Some(t) => return Err(format!("addition_embed_type {t} is not supported (SDXL's text_time is)")),
         }
         if let Some(t) = &self.time_embedding_type {
             if t != "positional" {
@@ -181,6 +202,62 @@ impl UNetConfig {
 
     fn transformer_layers(&self, i: usize) -> usize {
         self.transformer_layers_per_block.as_ref().map(|t| t.get(i)).unwrap_or(1)
+    }
+
+    /// Width of the pooled text embedding the SDXL added conditioning expects, `None` for
+    /// UNets without it.
+    pub fn pooled_text_dim(&self) -> Option<usize> {
+        match (self.addition_embed_type.as_deref(), self.addition_time_embed_dim, self.projection_class_embeddings_input_dim) {
+            (Some("text_time"), Some(t), Some(p)) => Some(p - 6 * t),
+            _ => None,
+        }
+    }
+
+    /// SDXL base's UNet (`stabilityai/stable-diffusion-xl-base-1.0`, `unet/config.json`).
+    pub fn sdxl() -> Self {
+        let json = r#"{"block_out_channels":[320,640,1280],
+            "down_block_types":["DownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D"],
+            "up_block_types":["CrossAttnUpBlock2D","CrossAttnUpBlock2D","UpBlock2D"],
+            "cross_attention_dim":2048,"attention_head_dim":[5,10,20],"layers_per_block":2,
+            "transformer_layers_per_block":[1,2,10],"use_linear_projection":true,"sample_size":128,
+            "addition_embed_type":"text_time","addition_time_embed_dim":256,
+            "projection_class_embeddings_input_dim":2816}"#;
+        serde_json::from_str(json).expect("static config")
+    }
+}
+
+/// SDXL's added conditioning for one UNet batch (diffusers `added_cond_kwargs`).
+#[derive(Debug, Clone)]
+pub struct AddedConditioning {
+    /// (batch, pooled_dim): the second text encoder's projected pooled output.
+    pub text_embeds: Tensor,
+    /// (batch, 6): `[original_h, original_w, crop_top, crop_left, target_h, target_w]` in pixels.
+    pub time_ids: Tensor,
+}
+
+/// SDXL's micro-conditioning values in pixels (SDXL paper §2.2; diffusers
+/// `StableDiffusionXLPipeline._get_add_time_ids`). The default for an image of
+/// height × width is `original = target = (height, width)`, crop (0, 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MicroConditioning {
+    /// (height, width) the training image had before resizing.
+    pub original_size: (f64, f64),
+    /// (top, left) of the crop.
+    pub crop_top_left: (f64, f64),
+    /// (height, width) of the image asked for.
+    pub target_size: (f64, f64),
+}
+
+impl MicroConditioning {
+    pub fn for_size(height: usize, width: usize) -> Self {
+        let hw = (height as f64, width as f64);
+        Self { original_size: hw, crop_top_left: (0.0, 0.0), target_size: hw }
+    }
+
+    /// The six `time_ids` values in diffusers' order.
+    pub fn time_ids(&self) -> [f32; 6] {
+        let (a, b, c) = (self.original_size, self.crop_top_left, self.target_size);
+        [a.0, a.1, b.0, b.1, c.0, c.1].map(|v| v as f32)
     }
 }
 
@@ -224,6 +301,8 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// SDXL's `add_embedding` (linear_1, linear_2) and the width of each time value's embedding.
+    add_embedding: Option<(Linear, Linear, usize)>,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
@@ -262,6 +341,14 @@ impl UNet2DConditionModel {
         let conv_in = conv2d(c.in_channels, boc[0], 3, 1, 1, vb.pp("conv_in"))?;
         let time_linear_1 = Linear::new(boc[0], temb, vb.pp("time_embedding.linear_1"))?;
         let time_linear_2 = Linear::new(temb, temb, vb.pp("time_embedding.linear_2"))?;
+        let add_embedding = match (c.pooled_text_dim(), c.addition_time_embed_dim, c.projection_class_embeddings_input_dim) {
+            (Some(_), Some(t), Some(p)) => Some((
+                Linear::new(p, temb, vb.pp("add_embedding.linear_1"))?,
+                Linear::new(temb, temb, vb.pp("add_embedding.linear_2"))?,
+                t,
+            )),
+            _ => None,
+        };
 
         let mut down = Vec::with_capacity(n);
         let mut out_ch = boc[0];
@@ -332,6 +419,7 @@ impl UNet2DConditionModel {
             conv_in,
             time_linear_1,
             time_linear_2,
+            add_embedding,
             down,
             mid,
             up,
@@ -355,10 +443,50 @@ impl UNet2DConditionModel {
     /// As [`forward`](Self::forward) with one timestep per sample (`timesteps`: (batch,)),
     /// as training needs.
     pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, attn: AttentionKind) -> Result<Tensor> {
+        self.forward_added(sample, timesteps, context, None, attn)
+    }
+
+    /// Whether [`Self::forward_added`] needs SDXL's [`AddedConditioning`].
+    pub fn needs_added_conditioning(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// The timestep embedding (batch, 4·C₀), plus SDXL's added embedding when the UNet
+    /// has one: `linear_2(silu(linear_1(cat[text_embeds, sinusoid(time_ids)])))` with each
+    /// of the six time values embedded to `addition_time_embed_dim` sinusoids
+    /// (diffusers `UNet2DConditionModel.get_aug_embed`, "text_time").
+    pub fn time_embedding(&self, timesteps: &Tensor, added: Option<&AddedConditioning>, dtype: DType) -> Result<Tensor> {
         let c = &self.config;
-        let emb = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?
-            .to_dtype(sample.dtype())?;
+        let emb = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?.to_dtype(dtype)?;
         let emb = self.time_linear_2.forward(&self.act.forward(&self.time_linear_1.forward(&emb)?)?)?;
+        match (&self.add_embedding, added) {
+            (None, None) => Ok(emb),
+            (Some(_), None) => {
+                candle_core::bail!("this UNet (SDXL) needs the pooled text embeddings and size/crop time_ids (added conditioning)")
+            }
+            (None, Some(_)) => candle_core::bail!("added conditioning (text_embeds, time_ids) given to a UNet without addition embeddings"),
+            (Some((l1, l2, dim)), Some(a)) => {
+                let b = a.time_ids.dim(0)?;
+                let ids = a.time_ids.to_dtype(DType::F32)?.flatten_all()?;
+                let time = timestep_embedding(&ids, *dim, c.flip_sin_to_cos, c.freq_shift)?.reshape((b, ()))?;
+                let x = Tensor::cat(&[&a.text_embeds.to_dtype(dtype)?, &time.to_dtype(dtype)?], 1)?;
+                let aug = l2.forward(&self.act.forward(&l1.forward(&x)?)?)?;
+                emb.broadcast_add(&aug)
+            }
+        }
+    }
+
+    /// The full forward with optional SDXL added conditioning (required when
+    /// [`Self::needs_added_conditioning`]). `timesteps`: (batch,) or (1,) broadcast.
+    pub fn forward_added(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedConditioning>,
+        attn: AttentionKind,
+    ) -> Result<Tensor> {
+        let emb = self.time_embedding(timesteps, added, sample.dtype())?;
 
         let mut xs = self.conv_in.forward(sample)?;
         let mut skips = vec![xs.clone()];

@@ -21,7 +21,7 @@ fn repo() -> PathBuf {
 /// adapters are attached.
 fn unet_out(sd: &StableDiffusion) -> Vec<f32> {
     let mut warnings = Vec::new();
-    let ctx = sd.encode_prompt("a red circle on a blue background", AttentionKind::Original, &mut warnings).unwrap();
+    let ctx = sd.encode_prompt("a red circle on a blue background", AttentionKind::Original, &mut warnings).unwrap().context;
     let x = Noise::new(11).randn(&[1, 4, 8, 8], sd.device()).unwrap();
     let t = Tensor::new(&[500f32], sd.device()).unwrap();
     sd.unet().forward_timesteps(&x, &t, &ctx, AttentionKind::Original).unwrap().flatten_all().unwrap().to_vec1().unwrap()

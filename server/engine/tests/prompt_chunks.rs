@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use atelier_engine::attention::AttentionKind;
-use atelier_engine::pipeline::{GenerateParams, StableDiffusion};
+use atelier_engine::pipeline::{GenerateParams, StableDiffusion, TextConditioning};
 use candle_core::{Device, Tensor};
 
 fn model() -> StableDiffusion {
@@ -16,12 +16,12 @@ fn model() -> StableDiffusion {
 }
 
 fn plain(sd: &StableDiffusion, prompt: &str) -> Tensor {
-    sd.encode_prompt(prompt, AttentionKind::Original, &mut Vec::new()).unwrap()
+    sd.encode_prompt(prompt, AttentionKind::Original, &mut Vec::new()).unwrap().context
 }
 
 fn weighted(sd: &StableDiffusion, prompt: &str) -> (Tensor, Vec<String>) {
     let mut w = Vec::new();
-    let t = sd.encode_weighted_prompt(prompt, AttentionKind::Original, &mut w).unwrap();
+    let t = sd.encode_weighted_prompt(prompt, AttentionKind::Original, &mut w).unwrap().context;
     (t, w)
 }
 
@@ -84,7 +84,9 @@ fn a_short_negative_prompt_is_padded_with_empty_chunks() {
     let sd = model();
     let (cond, _) = weighted(&sd, "a red circle BREAK blue BREAK green");
     let (uncond, _) = weighted(&sd, "blurry");
-    let (c, u) = sd.pad_to_same_chunks(cond.clone(), uncond.clone(), AttentionKind::Original).unwrap();
+    let as_cond = |t: &Tensor| TextConditioning { context: t.clone(), pooled: None };
+    let (c, u) = sd.pad_to_same_chunks(as_cond(&cond), as_cond(&uncond), AttentionKind::Original).unwrap();
+    let (c, u) = (c.context, u.context);
     assert_eq!((c.dims(), u.dims()), (&[1, 231, 32][..], &[1, 231, 32][..]));
     assert_eq!(max_diff(&c, &cond), 0.0);
     assert_eq!(max_diff(&chunk(&u, 0), &uncond), 0.0);

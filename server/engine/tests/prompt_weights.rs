@@ -20,7 +20,7 @@ fn encode(sd: &StableDiffusion, prompt: &str, weighted: bool) -> Tensor {
     } else {
         sd.encode_prompt(prompt, AttentionKind::Original, &mut w)
     };
-    out.unwrap().squeeze(0).unwrap()
+    out.unwrap().context.squeeze(0).unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -177,6 +177,8 @@ fn targets(sd: &StableDiffusion, config: &StyleTrainConfig) -> Vec<Target> {
                     || (config.convs && info.name.contains("resnets") && matches!(info.shape, SlotShape::Conv { kernel: 3, .. }))
             }
             Component::TextEncoder => config.text_encoder && last(&TEXT_TARGETS),
+            // SDXL training is refused in `train_style` before targets are chosen.
+            Component::TextEncoder2 => false,
         };
         if wanted {
             out.push(Target { component, name: info.name.clone(), slot: i });
@@ -295,6 +297,12 @@ pub fn train_style(
 ) -> Result<StyleOutput> {
     if config.rank == 0 || config.batch == 0 || config.steps == 0 {
         return Err(Error::invalid("config", "rank, batch and steps must be at least 1"));
+    }
+    if sd.is_sdxl() {
+        return Err(Error::invalid(
+            "model",
+            "style training runs on SD 1.x/2.x models; this is an SDXL model (training on SDXL is not available yet): start the studio with an SD 1.x/2.x model to train",
+        ));
     }
     if config.dataset_hash != data.hash {
         return Err(Error::invalid("dataset", "the config's dataset hash is not the prepared dataset's"));
