@@ -1,11 +1,14 @@
 """The PyTorch side of `atelier bench --against-torch`: the same workloads as Atelier's
-`sd15-unet` and `sd15-vae` cases, on diffusers' own models with the same configs and random
+`sd15-unet`, `sdxl-unet` and `sd15-vae` cases, on diffusers' own models with the same configs and random
 weights, one JSON line per case on stdout.
 
     python bench_torch.py --case sd15-unet --steps 3 --threads 2
 
 sd15-unet: UNet2DConditionModel with SD-1.5's config (runwayml/stable-diffusion-v1-5,
 unet/config.json), batch 2 (CFG), 4×64×64 latents, 77×768 text states, timestep 500.
+sdxl-unet: UNet2DConditionModel with SDXL base's config (stabilityai/stable-diffusion-xl-base-1.0,
+unet/config.json), batch 2, 4×128×128 latents, 77×2048 text states, pooled text_embeds 1280 and
+time_ids (1024, 1024, 0, 0, 1024, 1024), timestep 500.
 sd15-vae: AutoencoderKL with SD-1.5's VAE config, decode of one 4×64×64 latent (512×512).
 Both fp32 under torch.inference_mode() with diffusers' default attention processor
 (F.scaled_dot_product_attention). One untimed warm-up, then the median of --steps runs;
@@ -27,6 +30,15 @@ UNET = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=768, attention_head_dim=8,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
 )
 VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
@@ -50,7 +62,7 @@ def resident_bytes():
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--case", choices=["sd15-unet", "sd15-vae"], required=True)
+    parser.add_argument("--case", choices=["sd15-unet", "sdxl-unet", "sd15-vae"], required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -66,6 +78,14 @@ def main() -> int:
         ctx = torch.randn(2, 77, 768)
         t = torch.tensor(500.0)
         run = lambda: model(x, t, encoder_hidden_states=ctx).sample
+        unit = "seconds_per_step"
+    elif args.case == "sdxl-unet":
+        model = diffusers.UNet2DConditionModel(**SDXL_UNET).eval()
+        x = torch.randn(2, 4, 128, 128)
+        ctx = torch.randn(2, 77, 2048)
+        added = {"text_embeds": torch.randn(2, 1280), "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2)}
+        t = torch.tensor(500.0)
+        run = lambda: model(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
         unit = "seconds_per_step"
     else:
         model = diffusers.AutoencoderKL(**VAE).eval()

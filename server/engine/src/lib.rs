@@ -16,6 +16,7 @@ pub mod device; // which compute device (--device), resolved against the compile
 pub mod model; // a diffusers folder: its files, configs, weights, the hub cache
 pub mod single_file; // single-file (LDM layout) checkpoints turned into diffusers folders
 pub mod ldm_names; // the original LDM/SGM names of UNet layers (kohya SDXL LoRA keys)
+pub mod presets; // SD 1.x / 2.x / SDXL recognised from a checkpoint's shapes, and their config folders
 pub mod layers; // linear, convolution and normalisation layers under checkpoint names
 pub mod conv; // 2-D convolution as im2col + matmul, for training on the CPU
 pub mod attention; // how attention is computed, selectable per run

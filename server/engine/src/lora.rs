@@ -122,6 +122,15 @@ impl LoraModule {
         self.name.as_str()
     }
 
+    /// The module's key stem as its file writes it (`lora_te2_text_model_…` in kohya files,
+    /// `text_encoder_2.text_model.…` in diffusers files), for messages.
+    pub fn file_key(&self, format: LoraFormat) -> String {
+        match format {
+            LoraFormat::Kohya => format!("{}_{}", self.component.kohya_prefix(), self.name.as_str()),
+            LoraFormat::Diffusers => format!("{}.{}", self.component.peft_prefix(), self.name.as_str()),
+        }
+    }
+
     pub fn rank(&self) -> usize {
         self.down.dims()[0]
     }
@@ -254,10 +263,16 @@ fn sdxl_refusal(key: &str, why: &str) -> String {
     format!("this is an SDXL LoRA ({why}, e.g. {key}); the loaded model is SD 1.x/2.x — use a LoRA made for SD 1.x/2.x")
 }
 
-fn sd1_on_sdxl_refusal(key: &str, width: usize) -> String {
-    let family = if width == 1024 { "SD 2.x" } else { "SD 1.x" };
+/// An adapter whose cross-attention reads `width`-wide text features on an SDXL model
+/// that reads `context`.
+fn sd1_on_sdxl_refusal(key: &str, width: usize, context: usize) -> String {
+    let family = match width {
+        768 => "an SD 1.x LoRA",
+        1024 => "an SD 2.x LoRA",
+        _ => "a LoRA for a one-text-encoder (SD 1.x/2.x-style) model",
+    };
     format!(
-        "this is an {family} LoRA (its cross-attention reads {width}-wide text features, e.g. {key}); the loaded model is SDXL, which reads {SDXL_CONTEXT_DIM} — use a LoRA made for SDXL"
+        "this is {family} (its cross-attention reads {width}-wide text features, e.g. {key}); the loaded model is SDXL, which reads {context} — use a LoRA made for SDXL"
     )
 }
 
@@ -462,7 +477,7 @@ impl LoraAdapter {
         if !slots.has(Component::TextEncoder2) {
             // An SDXL LoRA on an SD 1.x/2.x model: say so rather than list missing layers.
             for m in &s.modules {
-                let key = format!("{}.{}", m.component.peft_prefix(), m.name.as_str());
+                let key = m.file_key(s.format);
                 if let Some(why) = sdxl_key(&key) {
                     return Err(lora_err(&s.name, sdxl_refusal(&key, why)));
                 }
@@ -496,17 +511,22 @@ impl LoraAdapter {
         let broken = !missing.is_empty() || !mismatched.is_empty();
         if let Some(m) = sdxl.filter(|_| broken && !slots.has(Component::TextEncoder2)) {
             let why = format!("its cross-attention reads {SDXL_CONTEXT_DIM}-wide text features, SDXL's width");
-            return Err(lora_err(&s.name, sdxl_refusal(&format!("{}.{}", m.component.peft_prefix(), m.name.as_str()), &why)));
+            return Err(lora_err(&s.name, sdxl_refusal(&m.file_key(s.format), &why)));
         }
         if broken && slots.has(Component::TextEncoder2) {
+            // The width the model's cross-attention reads (its text features).
+            let context = slots.iter().find_map(|(c, info)| match info.shape {
+                SlotShape::Linear { in_dim, .. } if c == Component::Unet && info.name.ends_with("attn2.to_k") => Some(in_dim),
+                _ => None,
+            });
             let narrow = s.modules.iter().find_map(|m| {
                 let n = m.name.as_str();
                 let kv = n.contains("attn2_to_k") || n.contains("attn2.to_k") || n.contains("attn2_to_v") || n.contains("attn2.to_v");
                 let width = m.down.dims().get(1).copied()?;
-                (kv && matches!(width, 768 | 1024)).then(|| (format!("{}.{}", m.component.peft_prefix(), n), width))
+                (kv && Some(width) != context && m.component == Component::Unet).then(|| (m.file_key(s.format), width))
             });
-            if let Some((key, width)) = narrow {
-                return Err(lora_err(&s.name, sd1_on_sdxl_refusal(&key, width)));
+            if let (Some((key, width)), Some(context)) = (narrow, context) {
+                return Err(lora_err(&s.name, sd1_on_sdxl_refusal(&key, width, context)));
             }
         }
         if !missing.is_empty() {

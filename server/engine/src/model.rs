@@ -149,12 +149,18 @@ pub fn short_hash(path: &Path) -> Result<String> {
     Ok(digest.iter().take(5).map(|b| format!("{b:02x}")).collect())
 }
 
-/// Turns a `--model` value into a folder: an existing path is used as is; an id like
+/// Turns a `--model` value into a folder: a single-file checkpoint (`.safetensors` in the
+/// original LDM / SGM layout, as A1111 and Civitai have them) of a standard architecture is
+/// converted once into the checkpoint cache ([`crate::presets::materialize_checkpoint`]); an
+/// existing folder is used as is; an id like
 /// `runwayml/stable-diffusion-v1-5` is looked up in the standard Hugging Face cache
 /// (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`), at the
 /// snapshot that `refs/main` names (or the only snapshot there is).
 pub fn resolve(spec: &str) -> Result<PathBuf> {
     let path = Path::new(spec);
+    if path.is_file() {
+        return crate::presets::materialize_checkpoint(path, None, &crate::single_file::default_cache());
+    }
     if path.exists() {
         return Ok(path.to_path_buf());
     }

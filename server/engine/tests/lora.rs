@@ -147,7 +147,9 @@ fn files_that_do_not_fit_are_refused_by_name() {
 
     // SDXL: keys of its second text encoder.
     let mut sdxl = good.clone();
-    sdxl.insert("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight".into(), good[&format!("{q}.lora_down.weight")].clone());
+    for part in ["lora_down.weight", "lora_up.weight"] {
+        sdxl.insert(format!("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.{part}"), good[&format!("{q}.{part}")].clone());
+    }
     let msg = refused(sdxl);
     assert!(msg.contains("SDXL"), "{msg}");
 
@@ -267,22 +269,27 @@ fn te1_keys_are_the_text_encoder_and_sdxl_files_are_refused_as_sdxl() {
     // With a second text encoder (kohya and diffusers names).
     let mut te2 = variant(|k| k.replace("lora_te_", "lora_te1_"), Some(8.0));
     let q = te2["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"].clone();
+    let q_up = te2["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"].clone();
     te2.insert("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight".into(), q.clone());
+    te2.insert("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight".into(), q_up.clone());
     let msg = refused(te2);
     assert!(msg.contains(sdxl) && msg.contains("second text encoder") && msg.contains("lora_te2_text_model") && msg.contains(target), "{msg}");
     let mut d = tensors("lora_a.safetensors");
     d.insert("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight".into(), q.clone());
-    assert!(refused(d).contains(sdxl));
+    d.insert("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight".into(), q_up.clone());
+    let msg = refused(d);
+    assert!(msg.contains(sdxl) && msg.contains("text_encoder_2.text_model"), "{msg}");
     // SDXL-only UNet parts: deeper transformer stacks, the added embeddings.
-    for key in [
-        "lora_unet_down_blocks_2_attentions_0_transformer_blocks_5_attn1_to_q.lora_down.weight",
-        "lora_unet_input_blocks_7_1_transformer_blocks_3_attn2_to_k.lora_down.weight",
-        "lora_unet_add_embedding_linear_1.lora_down.weight",
+    for stem in [
+        "lora_unet_down_blocks_2_attentions_0_transformer_blocks_5_attn1_to_q",
+        "lora_unet_input_blocks_7_1_transformer_blocks_3_attn2_to_k",
+        "lora_unet_add_embedding_linear_1",
     ] {
         let mut f = tensors("lora_a_kohya.safetensors");
-        f.insert(key.into(), q.clone());
+        f.insert(format!("{stem}.lora_down.weight"), q.clone());
+        f.insert(format!("{stem}.lora_up.weight"), q_up.clone());
         let msg = refused(f);
-        assert!(msg.contains(sdxl) && msg.contains(key), "{msg}");
+        assert!(msg.contains(sdxl) && msg.contains(stem), "{msg}");
     }
     // Cross-attention reading SDXL's 2048-wide text features (found when binding).
     let mut wide = tensors("lora_a_kohya.safetensors");
@@ -424,4 +431,18 @@ fn an_adapter_for_another_model_is_refused() {
     let starter = StableDiffusion::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/starter"), &Device::Cpu).unwrap();
     let msg = starter.bind_lora(&Arc::new(adapter("lora_a.safetensors"))).unwrap_err().to_string();
     assert!(msg.contains("lora_a") && (msg.contains("do not fit") || msg.contains("do not exist")), "{msg}");
+}
+
+/// The reverse of the SDXL refusal: an SD 1.x LoRA on an SDXL model names both sides.
+#[test]
+fn an_sd1_lora_on_an_sdxl_model_is_refused_naming_both() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sdxl-tiny/pipeline");
+    let xl = StableDiffusion::load(&dir, &Device::Cpu).expect("sdxl-tiny");
+    let msg = xl.bind_lora(&Arc::new(adapter("lora_a_kohya.safetensors"))).expect_err("refused").to_string();
+    assert!(msg.contains("one-text-encoder") && msg.contains("32-wide") && msg.contains("SDXL, which reads 40"), "{msg}");
+    // The SDXL LoRA of the same fixture binds (and its reference cases match, tests/reference.rs).
+    let xl_lora = LoraAdapter::load(&dir.join("../lora/lora_xl_a_kohya.safetensors")).unwrap();
+    xl.bind_lora(&Arc::new(xl_lora.clone())).expect("an SDXL LoRA fits");
+    let msg = model().bind_lora(&Arc::new(xl_lora)).expect_err("refused on SD 1.x").to_string();
+    assert!(msg.contains("this is an SDXL LoRA") && msg.contains("the loaded model is SD 1.x/2.x"), "{msg}");
 }

@@ -19,7 +19,8 @@ use candle_core::{DType, Device, Tensor};
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// One case only: model-unet (the --model's UNet at its native size), starter-unet,
-    /// sd15-unet, sd15-vae (SD-1.5's VAE decoding a 64×64 latent to 512×512), e2e, blend (e2e with two shipped styles attached) or coreml-e2e (the
+    /// sd15-unet, sdxl-unet (SDXL base's UNet, batch 2, 128×128 latents, with the added
+    /// conditioning), sd15-vae (SD-1.5's VAE decoding a 64×64 latent to 512×512), e2e, blend (e2e with two shipped styles attached) or coreml-e2e (the
     /// workload of a Core ML export, --models, printed as the iOS app's Benchmark screen
     /// writes it: one "atelier-bench-v1" JSON line per timed image); default: model-unet,
     /// sd15-unet and e2e.
@@ -135,9 +136,19 @@ fn unet_case(name: &str, cfg: &UNetConfig, vb: candle_nn::VarBuilder, attn: Atte
     let unet = UNet2DConditionModel::new(cfg, vb)?;
     let x = Tensor::randn(0f32, 1., (2, cfg.in_channels, hw, hw), dev)?;
     let ctx = Tensor::randn(0f32, 1., (2, 77, cfg.cross_attention_dim), dev)?;
+    // SDXL: pooled text embeds and the micro-conditioning of a square image of this size.
+    let added = match cfg.pooled_text_dim() {
+        Some(p) => {
+            let px = (hw * 8) as f32;
+            let ids = Tensor::new(&[[px, px, 0., 0., px, px], [px, px, 0., 0., px, px]], dev)?;
+            Some(atelier_engine::unet::AddedConditioning { text_embeds: Tensor::randn(0f32, 1., (2, p), dev)?, time_ids: ids })
+        }
+        None => None,
+    };
+    let t = Tensor::new(&[500f32, 500.], dev)?;
     let resident_bytes = resident();
     let seconds = time_median(steps, || {
-        let y = unet.forward(&x, 500.0, &ctx, attn)?;
+        let y = unet.forward_added(&x, &t, &ctx, added.as_ref(), attn)?;
         y.flatten_all()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         Ok(())
     })?;
@@ -209,6 +220,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     let vb = random_var_builder(DType::F32, &dev);
                     unet_case(case, &UNetConfig::v1_5(), vb, attn, 64, steps, &dev)?
                 }
+                "sdxl-unet" => {
+                    let vb = random_var_builder(DType::F32, &dev);
+                    unet_case(case, &UNetConfig::sdxl(), vb, attn, 128, steps, &dev)?
+                }
                 "sd15-vae" => vae_case(attn, steps, &dev)?,
                 "e2e" | "blend" => {
                     reset_peak();
@@ -246,7 +261,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     }
                     Row { case: case.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), resident_bytes, unit: "s/image (20 steps, CFG)" }
                 }
-                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet, sd15-vae, e2e, blend or coreml-e2e"),
+                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet, sdxl-unet, sd15-vae, e2e, blend or coreml-e2e"),
             };
             if args.json {
                 let key = row.json_key();

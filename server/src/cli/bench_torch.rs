@@ -13,7 +13,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// The cases both engines run.
-pub const CASES: &[&str] = &["sd15-unet", "sd15-vae"];
+pub const CASES: &[&str] = &["sd15-unet", "sdxl-unet", "sd15-vae"];
 
 const SCRIPT: &str = include_str!("../../../tests/torch/bench_torch.py");
 

@@ -12,13 +12,16 @@ use candle_core::Device;
 /// Arguments of `atelier reference`.
 #[derive(Debug, clap::Args)]
 pub struct ReferenceArgs {
-    /// The diffusers model folder the cases were computed with, or a single-file SD 1.x
-    /// checkpoint (`.safetensors`, CompVis LDM key layout) with `--config`.
+    /// The diffusers model folder the cases were computed with, or a single-file checkpoint
+    /// (`.safetensors`, original LDM / SGM key layout): SD 1.x, 2.x and SDXL base are
+    /// recognised from their keys and shapes; anything else needs `--config`.
     #[arg(long)]
     pub model: PathBuf,
-    /// For a single-file `--model`: the diffusers folder whose configs and tokenizer it
-    /// uses (what weights cannot say: heads, groups, scheduler). The file is converted once
-    /// into the user cache (`~/.cache/atelier/checkpoints`).
+    /// For a single-file `--model` of a non-standard architecture (such as the tiny test
+    /// models): the diffusers folder whose configs and tokenizers it uses (what weights
+    /// cannot say: heads, groups, activations, scheduler), as diffusers'
+    /// `from_single_file(config=…)`. The file is converted once into the user cache
+    /// (`~/.cache/atelier/checkpoints`).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Folder holding case files (`NAME.json` + `NAME.safetensors`).
@@ -40,10 +43,7 @@ pub fn run(args: ReferenceArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let model = if args.model.is_file() {
-        let config = args.config.as_deref().with_context(|| {
-            format!("{} is a single file: add --config with the diffusers folder of its architecture (configs and tokenizer)", args.model.display())
-        })?;
-        atelier_engine::single_file::materialize(&args.model, config, &atelier_engine::single_file::default_cache())?
+        atelier_engine::presets::materialize_checkpoint(&args.model, args.config.as_deref(), &atelier_engine::single_file::default_cache())?
     } else {
         args.model.clone()
     };
