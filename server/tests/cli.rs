@@ -99,6 +99,39 @@ fn single_file_checkpoints_convert_and_generate_like_their_folder() {
     assert!(dir.path().join("cache/atelier/checkpoints/d91fae3131-sd-tiny/model_index.json").is_file());
 }
 
+/// An SDXL model generates from the command line like any other (two text encoders, micro-
+/// conditioning, the zero negative of `force_zeros_for_empty_prompt`), at its native size; a
+/// single file of a non-standard architecture is refused naming what it is and `--config`.
+#[test]
+fn sdxl_models_generate_and_odd_single_files_say_what_they_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let xl = fixtures().join("../sdxl-tiny/pipeline");
+    let run = |model: &std::path::Path, out: &std::path::Path, negative: &str| {
+        Command::new(env!("CARGO_BIN_EXE_atelier"))
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .args(["generate", "--prompt", "a lighthouse at dawn", "--steps", "3", "--seed", "7", "--negative-prompt", negative, "--model"])
+            .arg(model)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    let out = run(&xl, &a, "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(&a).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (64, 64), "sample_size 32 × VAE factor 2");
+    let out = run(&xl, &b, "blurry");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(img.into_raw(), image::open(&b).unwrap().to_rgb8().into_raw(), "the negative prompt is used");
+
+    let file = fixtures().join("../single-file/sdxl-tiny.safetensors");
+    let out = run(&file, &dir.path().join("c.png"), "");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a standard") && err.contains("UNet width 32") && err.contains("--config"), "{err}");
+}
+
 #[test]
 fn generate_writes_png_with_parameters_and_is_deterministic() {
     let dir = tempfile::tempdir().unwrap();

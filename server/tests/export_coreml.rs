@@ -69,6 +69,10 @@ fn a_blended_style_exports_to_packages_that_run_to_the_engines_numbers() {
     candle_core::safetensors::save(&other, &foreign).unwrap();
     let e = refused(atelier(&[&["export", "coreml", "--lora", &format!("{}:0.8", foreign.display()), "--out", out.to_str().unwrap()], &common[..]].concat()));
     assert!(e.contains("does not fit"), "{e}");
+    // An SDXL model is refused as such (the export converts SD 1.x/2.x).
+    let xl = repo().join("../shared/fixtures/sdxl-tiny/pipeline");
+    let e = refused(atelier(&["export", "coreml", "--model", xl.to_str().unwrap(), "--out", out.to_str().unwrap(), "--data-dir", data.to_str().unwrap()]));
+    assert!(e.contains("SDXL"), "{e}");
     assert!(!out.exists(), "a refused export writes nothing");
     assert_eq!(std::fs::read_dir(t).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).count(), 0);
 

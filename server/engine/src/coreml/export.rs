@@ -225,6 +225,12 @@ pub fn check(model_dir: &Path, styles: &[StyleExport], opts: &ExportOptions) -> 
 }
 
 fn check_configs(c: &Configs, styles: &[StyleExport], opts: &ExportOptions) -> Result<()> {
+    if c.unet.addition_embed_type.is_some() {
+        return Err(Error::invalid(
+            "model",
+            "this is an SDXL model: the Core ML export converts SD 1.x/2.x models (one text encoder, no added conditioning); export an SD 1.x/2.x model",
+        ));
+    }
     if opts.width == 0 || opts.height == 0 || opts.width % 8 != 0 || opts.height % 8 != 0 {
         return Err(Error::invalid("size", format!("{}×{} is not a multiple of 8 pixels; Stable Diffusion works on 8×8-pixel latents", opts.width, opts.height)));
     }
