@@ -577,3 +577,62 @@ pub fn materialize(file: &Path, config: &Path, cache: &Path) -> Result<PathBuf> 
 pub fn default_cache() -> PathBuf {
     dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("atelier/checkpoints")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors buffer holding one tensor `t` of `dtype` / `shape` with these bytes.
+    fn file(dtype: Dtype, shape: &[usize], bytes: &[u8]) -> Vec<u8> {
+        let view = TensorView::new(dtype, shape.to_vec(), bytes).unwrap();
+        safetensors::serialize([("t", view)], None).unwrap()
+    }
+
+    #[test]
+    fn transpose_moves_whole_elements_of_any_width() {
+        // [2,3] of 2-byte elements (f16 / bf16): element (r,c) holds bytes [10r+c, 100+10r+c].
+        let src: Vec<u8> = (0..2u8).flat_map(|r| (0..3u8).flat_map(move |c| [10 * r + c, 100 + 10 * r + c])).collect();
+        for dtype in [Dtype::F16, Dtype::BF16] {
+            let buf = file(dtype, &[2, 3], &src);
+            let st = safetensors::SafeTensors::deserialize(&buf).unwrap();
+            let t = Renamed::transposed(&st.tensor("t").unwrap()).unwrap();
+            assert_eq!((t.dtype, t.shape.as_slice()), (dtype, &[3usize, 2][..]));
+            let want: Vec<u8> = (0..3u8).flat_map(|c| (0..2u8).flat_map(move |r| [10 * r + c, 100 + 10 * r + c])).collect();
+            assert_eq!(&*t.data, &want[..]);
+        }
+        // f32: the numbers themselves.
+        let m: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let buf = file(Dtype::F32, &[3, 2], &m.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
+        let st = safetensors::SafeTensors::deserialize(&buf).unwrap();
+        let t = Renamed::transposed(&st.tensor("t").unwrap()).unwrap();
+        let got: Vec<f32> = t.data.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        assert_eq!((t.shape.as_slice(), got), (&[2usize, 3][..], vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0]));
+        assert!(matches!(t.data, Cow::Owned(_)));
+    }
+
+    #[test]
+    fn qkv_split_stays_in_the_buffer() {
+        let src: Vec<u8> = (0..6 * 2 * 2).map(|i| i as u8).collect();
+        let buf = file(Dtype::F16, &[6, 2], &src);
+        let st = safetensors::SafeTensors::deserialize(&buf).unwrap();
+        let [q, k, v] = Renamed::split3(&st.tensor("t").unwrap()).unwrap();
+        for (n, part) in [q, k, v].iter().enumerate() {
+            assert_eq!(part.shape, vec![2, 2]);
+            assert_eq!(&*part.data, &src[8 * n..8 * (n + 1)]);
+            assert!(matches!(part.data, Cow::Borrowed(_)));
+        }
+        let buf = file(Dtype::F16, &[4], &src[..8]);
+        let st = safetensors::SafeTensors::deserialize(&buf).unwrap();
+        assert!(Renamed::split3(&st.tensor("t").unwrap()).is_err());
+    }
+
+    #[test]
+    fn open_clip_names() {
+        assert_eq!(open_clip_key("positional_embedding"), Some(Clip2::Rename("text_model.embeddings.position_embedding.weight".into())));
+        assert_eq!(open_clip_key("transformer.resblocks.11.mlp.c_proj.bias"), Some(Clip2::Rename("text_model.encoder.layers.11.mlp.fc2.bias".into())));
+        assert_eq!(open_clip_key("transformer.resblocks.3.attn.in_proj_bias"), Some(Clip2::SplitQkv { prefix: "text_model.encoder.layers.3.self_attn.".into(), suffix: "bias" }));
+        assert_eq!(open_clip_key("text_projection"), Some(Clip2::Transpose("text_projection.weight".into())));
+        assert_eq!(open_clip_key("transformer.resblocks.3.attn.something"), None);
+        assert!(ignorable("logit_scale") && ignorable("attn_mask"));
+    }
+}
