@@ -159,9 +159,9 @@ fn single_file_refusals_say_what_the_file_is() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let e = convert(&cut);
     assert!(e.contains("not a readable safetensors file"), "{e}");
-    // SDXL: recognised, not supported yet.
+    // SDXL: recognised and supported, but not with an SD 1.x config folder.
     let e = convert(&single_files().join("sdxl-tiny.safetensors"));
-    assert!(e.contains("SDXL checkpoint") && e.contains("not supported yet"), "{e}");
+    assert!(e.contains("SDXL checkpoint") && e.contains("SD 1.x model"), "{e}");
     // A diffusers component file.
     let e = convert(&config.join("unet/diffusion_pytorch_model.safetensors"));
     assert!(e.contains("one diffusers component"), "{e}");
