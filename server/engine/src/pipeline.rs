@@ -292,7 +292,11 @@ impl StableDiffusion {
             (Component::Unet, unet_slots),
         ]);
         slots.add_ldm_aliases(&unet_cfg);
-        let hash = short_hash(&files.unet_weights)?;
+        // A folder converted from a single file carries that file's hash (A1111's "Model hash").
+        let hash = match crate::single_file::source_of(&files.root) {
+            Some((_, h)) => h,
+            None => short_hash(&files.unet_weights)?,
+        };
         let weights_bytes = crate::memory::weights_bytes(&files, dtype.size_in_bytes() as u64)?;
         Ok(Self {
             files,
@@ -335,7 +339,8 @@ impl StableDiffusion {
         &self.files.root
     }
 
-    /// A1111-style short model hash (first 10 hex digits of the UNet weights' sha256).
+    /// A1111-style short model hash: the first 10 hex digits of the sha256 of the single-file
+    /// checkpoint the folder was converted from (what A1111 writes), else of the UNet weights.
     pub fn model_hash(&self) -> &str {
         &self.hash
     }

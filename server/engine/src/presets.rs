@@ -319,16 +319,21 @@ pub fn header_shapes(file: &Path) -> Result<Vec<(String, Vec<usize>)>> {
 pub fn materialize_checkpoint(file: &Path, config: Option<&Path>, cache: &Path) -> Result<PathBuf> {
     let config = match config {
         Some(c) => c.to_path_buf(),
-        None => {
-            let shapes = header_shapes(file)?;
-            let named: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
-            let yaml = std::fs::read_to_string(file.with_extension("yaml")).ok();
-            let preset = Preset::detect(&named, yaml.as_deref())
-                .map_err(|why| Error::Weights { path: file.to_path_buf(), message: format!("cannot be loaded without --config: {why}") })?;
-            preset.config_dir(&default_root())?
-        }
+        None => preset_for(file)?.config_dir(&default_root())?,
     };
     crate::single_file::materialize(file, &config, cache)
+}
+
+/// The preset a checkpoint file's keys and shapes (and a `NAME.yaml` beside it) show.
+///
+/// # Errors
+/// As [`header_shapes`]; [`Preset::detect`]'s refusal as [`Error::Weights`] naming the file.
+pub fn preset_for(file: &Path) -> Result<Preset> {
+    let shapes = header_shapes(file)?;
+    let named: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+    let yaml = std::fs::read_to_string(file.with_extension("yaml")).ok();
+    Preset::detect(&named, yaml.as_deref())
+        .map_err(|why| Error::Weights { path: file.to_path_buf(), message: format!("cannot be loaded without --config: {why}") })
 }
 
 #[cfg(test)]

@@ -566,11 +566,26 @@ pub fn materialize(file: &Path, config: &Path, cache: &Path) -> Result<PathBuf> 
     let hash = crate::model::short_hash(file)?;
     let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     let out = cache.join(format!("{hash}-{stem}"));
-    if out.join("model_index.json").is_file() {
-        return Ok(out);
+    if !out.join("model_index.json").is_file() {
+        convert(file, config, &out)?;
     }
-    convert(file, config, &out)?;
+    // Which file the folder holds, so PNGs name the checkpoint and its hash as A1111 does.
+    let source = SOURCE_FILE;
+    if !out.join(source).is_file() {
+        let json = serde_json::json!({ "name": stem, "short_hash": hash, "file": file.display().to_string() });
+        crate::files::write_atomic_with(&out.join(source), |tmp| Ok(std::fs::write(tmp, json.to_string())?), |e| Error::io(&out.join(source), e))?;
+    }
     Ok(out)
+}
+
+/// The file [`materialize`] writes into a converted folder: `{"name", "short_hash", "file"}`
+/// of the checkpoint it came from.
+pub const SOURCE_FILE: &str = "atelier_checkpoint.json";
+
+/// The checkpoint a converted folder came from: (name, A1111 short hash), if it says.
+pub fn source_of(dir: &Path) -> Option<(String, String)> {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(SOURCE_FILE)).ok()?).ok()?;
+    Some((json.get("name")?.as_str()?.to_string(), json.get("short_hash")?.as_str()?.to_string()))
 }
 
 /// Where [`materialize`] keeps converted checkpoints: `~/.cache/atelier/checkpoints`.

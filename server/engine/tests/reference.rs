@@ -130,6 +130,22 @@ fn single_file_sd1_reproduces_the_folder() {
     check_model(&out, &fixtures().join("lora"), 12, AttentionKind::Original, Tolerance::F32);
 }
 
+/// `sdxl-tiny.safetensors` (SGM layout: OpenCLIP names for the second text encoder, fused
+/// q/k/v, transposed projection) converted with sdxl-tiny's configs reproduces every SDXL case
+/// and the SDXL LoRA cases (whose kohya keys name SGM blocks), and the folder carries the
+/// file's A1111 hash.
+#[test]
+fn single_file_sdxl_reproduces_the_folder_cases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = single_files().join("sdxl-tiny.safetensors");
+    let out = atelier_engine::single_file::materialize(&file, &sdxl_fixtures().join("pipeline"), tmp.path()).expect("convert");
+    check_model(&out, &sdxl_fixtures(), 8, AttentionKind::SplitEinsum, Tolerance::F32);
+    check_model(&out, &sdxl_fixtures().join("lora"), 4, AttentionKind::Original, Tolerance::F32);
+    let sd = atelier_engine::pipeline::StableDiffusion::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(sd.model_hash(), atelier_engine::model::short_hash(&file).unwrap());
+    assert!(sd.is_sdxl());
+}
+
 /// The same model stored in float16: read, widened to float32, within the fp16 tolerances.
 #[test]
 fn single_file_sd1_fp16_within_its_tolerances() {

@@ -1,6 +1,6 @@
-//! `atelier convert-checkpoint`: a single-file SD 1.x checkpoint (`.safetensors`, CompVis
-//! LDM key layout, as A1111 and Civitai use) written out as a diffusers folder, the way
-//! diffusers' `from_single_file(...).save_pretrained(...)` does.
+//! `atelier convert-checkpoint`: a single-file checkpoint (`.safetensors`, original LDM / SGM
+//! key layout, as A1111 and Civitai use) written out as a diffusers folder, the way diffusers'
+//! `from_single_file(...).save_pretrained(...)` does.
 
 use std::path::PathBuf;
 
@@ -11,10 +11,11 @@ use anyhow::Result;
 pub struct ConvertCheckpointArgs {
     /// The checkpoint file (`.safetensors`; pickled `.ckpt` files are refused).
     pub file: PathBuf,
-    /// A diffusers folder of the same architecture: its configs and tokenizer are copied
-    /// (the weights cannot tell heads, group counts or the scheduler).
+    /// A diffusers folder of the same architecture, whose configs and tokenizers are copied
+    /// (the weights cannot tell heads, activations or the scheduler). Not needed for the
+    /// standard SD 1.x and SDXL base architectures, which are recognised from the weights.
     #[arg(long)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// The diffusers folder to write; it must not exist yet.
     #[arg(long)]
     pub out: PathBuf,
@@ -24,7 +25,11 @@ pub fn run(args: ConvertCheckpointArgs) -> Result<()> {
     if args.out.exists() {
         anyhow::bail!("{} already exists; choose another --out or remove it", args.out.display());
     }
-    atelier_engine::single_file::convert(&args.file, &args.config, &args.out)?;
+    let config = match args.config {
+        Some(c) => c,
+        None => atelier_engine::presets::preset_for(&args.file)?.config_dir(&atelier_engine::presets::default_root())?,
+    };
+    atelier_engine::single_file::convert(&args.file, &config, &args.out)?;
     println!("wrote {} (use it as --model)", args.out.display());
     Ok(())
 }

@@ -185,7 +185,10 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
             let stem = args.out.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
             args.out.with_file_name(format!("{stem}-{k}.png"))
         };
-        let model_name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        // A converted single file is named after the file, as A1111 names it.
+        let model_name = atelier_engine::single_file::source_of(&model_dir)
+            .map(|(name, _)| name)
+            .or_else(|| model_dir.file_name().map(|n| n.to_string_lossy().into_owned()));
         let meta = ImageMetadata::for_generation(&params, &prompt, seed + k as u64, sd.model_hash(), model_name.as_deref(), &out.adapters);
         write_png_atomic(&path, img, &meta)?;
         println!("{} (seed {})", path.display(), seed + k as u64);

@@ -109,10 +109,9 @@ impl LoadedModel {
         let resolved = atelier_engine::model::resolve(&dir.to_string_lossy())?;
         let dir = resolved.as_path();
         let sd = StableDiffusion::load(dir, device)?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| dir.display().to_string());
+        let name = atelier_engine::single_file::source_of(dir).map(|(name, _)| name).unwrap_or_else(|| {
+            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string())
+        });
         let note = model_note(dir, &sd);
         let size = sd.default_size();
         Ok(Self { sd, name, default_size: (size, size), note, styles: None, bound: Default::default() })
