@@ -2,9 +2,9 @@
 //! under their checkpoint names, normalisation layers, and activations.
 //!
 //! `Linear` and `Conv2d` are our own types (not candle-nn's): each carries a
-//! [`LoraSlot`] where low-rank adapters attach at run time without being merged into
-//! the weights, so several adapters can be active at once with exact, changeable
-//! weights. Building a model inside [`collect_slots`] lists every slot by its
+//! [`LoraSlot`] where adapters (LoRA, LoCon, LyCORIS LoHa and LoKr: [`DeltaWeights`])
+//! attach at run time without being merged into the weights, so several adapters can be
+//! active at once with exact, changeable weights. Building a model inside [`collect_slots`] lists every slot by its
 //! checkpoint name (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`).
 
 use std::cell::{Cell, RefCell};

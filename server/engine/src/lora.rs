@@ -1,12 +1,30 @@
 //! LoRA adapters: reading kohya and diffusers/PEFT files, checking them against a
 //! loaded model, and the per-layer updates they attach.
 //!
-//! A file is read into an [`LoraAdapter`]: one [`LoraModule`] per adapted layer, with
-//! `down` (kohya `lora_down`, PEFT `lora_A`), `up` (`lora_up`, `lora_B`) and the scale
-//! `alpha / rank` (kohya: the module's `.alpha` tensor; PEFT: `lora_alpha`, `r`,
-//! `alpha_pattern`, `use_rslora` from the `lora_adapter_metadata` JSON that diffusers'
-//! `save_lora_weights` writes). Linear and convolution layers (LoCon: a k×k `down`
-//! kernel and a 1×1 `up` kernel) are both supported.
+//! A file is read into an [`LoraAdapter`]: one [`LoraModule`] per adapted layer, with its
+//! [`ModuleWeights`] and scale. For a LoRA: `down` (kohya `lora_down`, PEFT `lora_A`),
+//! `up` (`lora_up`, `lora_B`) and the scale `alpha / rank` (kohya: the module's `.alpha`
+//! tensor; PEFT: `lora_alpha`, `r`, `alpha_pattern`, `use_rslora` from the
+//! `lora_adapter_metadata` JSON that diffusers' `save_lora_weights` writes). Linear and
+//! convolution layers (LoCon: a k×k `down` kernel and a 1×1 `up` kernel) are both supported.
+//!
+//! LyCORIS LoHa and LoKr files in kohya naming (`lora_unet_…`, `lora_te_…`/`lora_te1_…`/
+//! `lora_te2_…` + `.hada_w1_a` …, `.lokr_w1` …, `.alpha`; LyCORIS `modules/loha.py`,
+//! `modules/lokr.py` `weight_list`) are read too, for linear and convolution layers:
+//! - LoHa: ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/r, r = `hada_w1_b`'s rows (LyCORIS
+//!   `make_module_from_state_dict` takes `lora_dim = w1b.size(0)`).
+//! - LoKr: ΔW = (w1 ⊗ w2) · scale with w1 = `lokr_w1` or `lokr_w1_a`·`lokr_w1_b`, w2 likewise
+//!   (`lokr_w2_b` may be [r, d·k·k] or [r, d, k, k]); scale = alpha/r with r the rank of the
+//!   low-rank factor, w1's if both are (LyCORIS takes `w1a.size(1)`, else `w2a.size(1)`),
+//!   and scale = 1 when neither factor is low-rank (LyCORIS `LokrModule.__init__`: `if
+//!   self.use_w2 and self.use_w1: alpha = lora_dim`; `functional/lokr.py` `diff_weight`:
+//!   `rank = gamma` then).
+//! - A missing alpha or alpha 0 means alpha = r (scale 1) for both (`alpha = lora_dim if
+//!   alpha is None or alpha == 0`), as for kohya LoRA.
+//! For a convolution ΔW is reshaped to [out, in, k, k]. The scale is applied once, as
+//! LyCORIS' `forward` and `bypass_forward` do. The CP-decomposed (Tucker) conv variants
+//! (`hada_t1`/`hada_t2`, `lokr_t2`) and LoHa/LoKr keys in PEFT naming are refused naming
+//! the key. How each is applied without merging: see [`crate::layers::DeltaWeights`].
 //!
 //! Alpha follows kohya's loader (sd-scripts `networks/lora.py`, `LoRAModule.__init__`:
 //! `alpha = lora_dim if alpha is None or alpha == 0 else alpha`): a missing alpha and an
@@ -32,8 +50,8 @@
 //! when a module does not exist or has the wrong shape (for example an SDXL LoRA on an
 //! SD 1.5 model). The bound adapter is then attached, with a weight per adapter and
 //! optional per-block weights, by [`crate::pipeline::StableDiffusion::set_loras`]:
-//! each layer computes `W x + Σᵢ wᵢ · sᵢ · upᵢ(downᵢ(x))`, so adapters are never merged
-//! into each other or into the base weights.
+//! each layer computes `W x + Σᵢ wᵢ · sᵢ · ΔWᵢ x` (for a LoRA `upᵢ(downᵢ(x))`), so adapters
+//! are never merged into each other or into the base weights.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
