@@ -21,6 +21,7 @@
 //!   `rank = gamma` then).
 //! - A missing alpha or alpha 0 means alpha = r (scale 1) for both (`alpha = lora_dim if
 //!   alpha is None or alpha == 0`), as for kohya LoRA.
+//!
 //! For a convolution ΔW is reshaped to [out, in, k, k]. The scale is applied once, as
 //! LyCORIS' `forward` and `bypass_forward` do. The CP-decomposed (Tucker) conv variants
 //! (`hada_t1`/`hada_t2`, `lokr_t2`) and LoHa/LoKr keys in PEFT naming are refused naming
