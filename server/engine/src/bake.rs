@@ -1,7 +1,9 @@
 //! Baking a blend of adapters into one file, or into the model's weights.
 //!
 //! For a layer W with adapters i (weight wᵢ, block multiplier bᵢ, file scale sᵢ = alpha/r),
-//! the blend adds ΔW = Σᵢ cᵢ·upᵢ·downᵢ with cᵢ = wᵢ·bᵢ·sᵢ. Three ways to keep it:
+//! the blend adds ΔW = Σᵢ cᵢ·upᵢ·downᵢ with cᵢ = wᵢ·bᵢ·sᵢ. A LoHa or LoKr module enters as
+//! its ΔWᵢ [out, n] written exactly as a pair of rank min(out, n) (ΔWᵢ with the identity on
+//! the shorter side). Three ways to keep it:
 //!
 //! - **exact**: one LoRA whose rank is Σ rᵢ: `down` is the downᵢ stacked, `up` the cᵢ·upᵢ side
 //!   by side, alpha = rank (scale 1). Each cᵢ is applied on one side only, so nothing is
@@ -17,7 +19,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::layers::SlotShape;
+use crate::layers::{DeltaWeights, SlotShape};
 use crate::lora::{ActiveLora, Component, ModelSlots};
 use crate::model::{load_safetensors, save_safetensors_atomic, save_safetensors_with_metadata_atomic};
 use crate::{Error, Result};
@@ -52,10 +54,25 @@ fn stacked(active: &[ActiveLora]) -> Result<BTreeMap<usize, (Tensor, Tensor)>> {
             if c == 0.0 {
                 continue;
             }
-            let r = m.down.dims()[0];
-            let down = m.down.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.reshape((r, ()))?;
-            let up = m.up.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-            let up = (up.reshape((up.dims()[0], r))? * c)?;
+            let (down, up) = match &m.delta {
+                DeltaWeights::LowRank { down, up } => {
+                    let r = down.dims()[0];
+                    let down = down.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.reshape((r, ()))?;
+                    let up = up.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                    (down, (up.reshape((up.dims()[0], r))? * c)?)
+                }
+                // LoHa/LoKr: ΔW [out, n] exactly as a rank-min(out, n) pair, the identity on
+                // the shorter side.
+                other => {
+                    let delta = (other.map(|t| t.to_device(&Device::Cpu)?.to_dtype(DType::F32))?.matrix()? * c)?;
+                    let (out, n) = delta.dims2()?;
+                    if out <= n {
+                        (delta, Tensor::eye(out, DType::F32, &Device::Cpu)?)
+                    } else {
+                        (Tensor::eye(n, DType::F32, &Device::Cpu)?, delta)
+                    }
+                }
+            };
             let e = parts.entry(m.slot()).or_default();
             e.0.push(down);
             e.1.push(up);

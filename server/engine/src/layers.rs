@@ -2,9 +2,9 @@
 //! under their checkpoint names, normalisation layers, and activations.
 //!
 //! `Linear` and `Conv2d` are our own types (not candle-nn's): each carries a
-//! [`LoraSlot`] where low-rank adapters attach at run time without being merged into
-//! the weights, so several adapters can be active at once with exact, changeable
-//! weights. Building a model inside [`collect_slots`] lists every slot by its
+//! [`LoraSlot`] where adapters (LoRA, LoCon, LyCORIS LoHa and LoKr: [`DeltaWeights`])
+//! attach at run time without being merged into the weights, so several adapters can be
+//! active at once with exact, changeable weights. Building a model inside [`collect_slots`] lists every slot by its
 //! checkpoint name (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`).
 
 use std::cell::{Cell, RefCell};
@@ -31,23 +31,87 @@ pub struct LoraDelta {
     pub scale: f64,
 }
 
+/// The weight update ΔW an adapter adds to one layer, in the form the layer applies it
+/// without forming `W + ΔW`.
+#[derive(Debug, Clone)]
+pub enum DeltaWeights {
+    /// ΔW = up · down (LoRA, LoCon; a LoHa re-expressed at rank r₁·r₂): shapes as in
+    /// [`LoraDelta`].
+    LowRank { down: Tensor, up: Tensor },
+    /// ΔW itself: [out, in] for a linear layer, [out, in, k, k] for a convolution
+    /// (applied with the layer's stride and padding).
+    Dense { delta: Tensor },
+    /// ΔW = w1 ⊗ w2 (Kronecker product, LyCORIS LoKr): for a linear layer `w1` [a, c] and
+    /// `w2` [b, d] with out = a·b, in = c·d; for a convolution `w1` [a, c] and `w2`
+    /// [b, d, k, k] (ΔW[i·b+p, j·d+q] = w1[i, j] · w2[p, q], LyCORIS
+    /// `functional/lokr.py` `make_kron`, which unsqueezes `w1` to [a, c, 1, 1]). Applied
+    /// without forming ΔW: `y = w1 · X · w2ᵀ` on the input reshaped to X [c, d] per
+    /// position, and for a convolution `conv(x_j, w2)` on each of the c input groups,
+    /// mixed by `w1`.
+    Kron { w1: Tensor, w2: Tensor },
+}
+
+impl DeltaWeights {
+    /// ΔW as a matrix [out, in·k·k] (the kernel flattened as PyTorch stores it).
+    pub fn matrix(&self) -> Result<Tensor> {
+        match self {
+            DeltaWeights::LowRank { down, up } => up.flatten_from(1)?.matmul(&down.flatten_from(1)?),
+            DeltaWeights::Dense { delta } => delta.flatten_from(1),
+            DeltaWeights::Kron { w1, w2 } => {
+                // ΔW[i·b+p, j·(d·kk)+q] = w1[i, j] · w2[p, q] with w2 flattened to [b, d·kk].
+                let (a, c) = w1.dims2()?;
+                let w2 = w2.flatten_from(1)?;
+                let (b, dk) = w2.dims2()?;
+                w1.reshape((a, 1, c, 1))?.broadcast_mul(&w2.reshape((1, b, 1, dk))?)?.reshape((a * b, c * dk))
+            }
+        }
+    }
+
+    /// The same update with `f` applied to each tensor (e.g. moved to a device).
+    pub fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(match self {
+            DeltaWeights::LowRank { down, up } => DeltaWeights::LowRank { down: f(down)?, up: f(up)? },
+            DeltaWeights::Dense { delta } => DeltaWeights::Dense { delta: f(delta)? },
+            DeltaWeights::Kron { w1, w2 } => DeltaWeights::Kron { w1: f(w1)?, w2: f(w2)? },
+        })
+    }
+}
+
+/// One update attached to a layer: `y += scale · ΔW x` (see [`DeltaWeights`]).
+#[derive(Debug, Clone)]
+pub struct AdapterDelta {
+    pub weights: DeltaWeights,
+    pub scale: f64,
+}
+
+impl From<LoraDelta> for AdapterDelta {
+    fn from(d: LoraDelta) -> Self {
+        AdapterDelta { weights: DeltaWeights::LowRank { down: d.down, up: d.up }, scale: d.scale }
+    }
+}
+
 /// The adapters currently attached to one layer (shared by clones of the layer).
 #[derive(Debug, Clone, Default)]
-pub struct LoraSlot(Arc<RwLock<Vec<LoraDelta>>>);
+pub struct LoraSlot(Arc<RwLock<Vec<AdapterDelta>>>);
 
 impl LoraSlot {
-    /// Replaces the attached updates.
+    /// Replaces the attached updates with low-rank ones.
     pub fn set(&self, deltas: Vec<LoraDelta>) {
+        self.set_deltas(deltas.into_iter().map(AdapterDelta::from).collect());
+    }
+
+    /// Replaces the attached updates.
+    pub fn set_deltas(&self, deltas: Vec<AdapterDelta>) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = deltas;
     }
 
     /// Detaches every update.
     pub fn clear(&self) {
-        self.set(Vec::new());
+        self.set_deltas(Vec::new());
     }
 
     /// The attached updates.
-    pub fn get(&self) -> Vec<LoraDelta> {
+    pub fn get(&self) -> Vec<AdapterDelta> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -193,12 +257,45 @@ impl Linear {
     fn add_lora(&self, xs: &Tensor, mut ys: Tensor) -> Result<Tensor> {
         if !self.lora.is_empty() {
             for d in self.lora.get() {
-                let low = (matmul_t(xs, &d.down)? * d.scale)?;
-                ys = (ys + matmul_t(&low, &d.up)?)?;
+                match &d.weights {
+                    DeltaWeights::LowRank { down, up } => {
+                        let low = (matmul_t(xs, down)? * d.scale)?;
+                        ys = (ys + matmul_t(&low, up)?)?;
+                    }
+                    DeltaWeights::Dense { delta } => ys = (ys + (matmul_t(xs, delta)? * d.scale)?)?,
+                    DeltaWeights::Kron { w1, w2 } => ys = (ys + (kron_linear(xs, w1, w2)? * d.scale)?)?,
+                }
             }
         }
         Ok(ys)
     }
+}
+
+/// `w1 · t[i]` for each i: w1 [a, c], t [n, c, m] → [n, a, m], as one matrix product.
+fn mix_groups(w1: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let (a, _) = w1.dims2()?;
+    let (n, c, m) = t.dims3()?;
+    if n == 1 {
+        return w1.matmul(&t.reshape((c, m))?)?.reshape((1, a, m));
+    }
+    let flat = t.transpose(0, 1)?.contiguous()?.reshape((c, n * m))?;
+    w1.matmul(&flat)?.reshape((a, n, m))?.transpose(0, 1)?.contiguous()
+}
+
+/// `x · (w1 ⊗ w2)ᵀ` for x [.., c·d], w1 [a, c], w2 [b, d], without forming the product:
+/// with x's last axis read as X [c, d] (index j·d + q), the result is w1 · X · w2ᵀ [a, b]
+/// read as [a·b] (index i·b + p), since (w1 ⊗ w2)[i·b+p, j·d+q] = w1[i, j] · w2[p, q].
+fn kron_linear(xs: &Tensor, w1: &Tensor, w2: &Tensor) -> Result<Tensor> {
+    let (a, c) = w1.dims2()?;
+    let (b, d) = w2.dims2()?;
+    let lead: Vec<usize> = xs.dims()[..xs.rank() - 1].to_vec();
+    let n: usize = lead.iter().product();
+    // [n·c, d] · w2ᵀ → [n, c, b]; then w1 [a, c] mixes the c groups → [n, a, b].
+    let xw2 = xs.reshape((n * c, d))?.matmul(&w2.t()?)?.reshape((n, c, b))?;
+    let ys = mix_groups(w1, &xw2)?;
+    let mut out = lead;
+    out.push(a * b);
+    ys.reshape(out)
 }
 
 /// `x · mᵀ` for x of rank 2 or more and a matrix m.
@@ -282,6 +379,23 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The convolution of x [n, c·d, h, w] with the kernel w1 ⊗ w2 (w1 [a, c], w2
+    /// [b, d, k, k]; see [`DeltaWeights::Kron`]) without forming it: each of the c input
+    /// groups x_j = x[:, j·d..(j+1)·d] is convolved with w2 (the layer's stride and
+    /// padding), giving [n, c, b, ho, wo], and output channel i·b + p is Σⱼ w1[i, j] ·
+    /// conv(x_j, w2)[p].
+    fn kron_conv(&self, xs: &Tensor, w1: &Tensor, w2: &Tensor) -> Result<Tensor> {
+        let (a, c) = w1.dims2()?;
+        let (b, d, _, _) = w2.dims4()?;
+        let (n, _, h, w) = xs.dims4()?;
+        let grouped = self.conv(&xs.reshape((n * c, d, h, w))?, w2, None, self.geometry)?;
+        let (_, _, ho, wo) = grouped.dims4()?;
+        let mixed = mix_groups(w1, &grouped.reshape((n, c, b * ho * wo))?)?;
+        mixed.reshape((n, a * b, ho, wo))
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let g = self.geometry;
@@ -298,8 +412,14 @@ impl Module for Conv2d {
         if !self.lora.is_empty() {
             let one = crate::conv::ConvGeometry { kernel: 1, stride: 1, padding: 0 };
             for d in self.lora.get() {
-                let low = (self.conv(xs, &d.down, None, self.geometry)? * d.scale)?;
-                ys = (ys + self.conv(&low, &d.up, None, one)?)?;
+                match &d.weights {
+                    DeltaWeights::LowRank { down, up } => {
+                        let low = (self.conv(xs, down, None, self.geometry)? * d.scale)?;
+                        ys = (ys + self.conv(&low, up, None, one)?)?;
+                    }
+                    DeltaWeights::Dense { delta } => ys = (ys + (self.conv(xs, delta, None, self.geometry)? * d.scale)?)?,
+                    DeltaWeights::Kron { w1, w2 } => ys = (ys + (self.kron_conv(xs, w1, w2)? * d.scale)?)?,
+                }
             }
         }
         Ok(ys)

@@ -271,6 +271,17 @@ mod tests {
     }
 
     #[test]
+    fn lyco_tags_are_lora_tags() {
+        // A1111's built-in Lora extension registers `lyco` as an alias of `lora`.
+        let (text, tags) = extract_lora_tags("a cat <lyco:fur_loha:0.6>, <lora:ink:1.2>").unwrap();
+        let (plain, plain_tags) = extract_lora_tags("a cat <lora:fur_loha:0.6>, <lora:ink:1.2>").unwrap();
+        assert_eq!((text, tags), (plain, plain_tags.clone()));
+        assert_eq!((plain_tags[0].name.as_str(), plain_tags[0].weight), ("fur_loha", 0.6));
+        let parsed = parse_extra_networks("<lyco:fur_loha> a cat").unwrap();
+        assert_eq!((parsed.loras[0].name.as_str(), parsed.loras[0].weight, parsed.others.len()), ("fur_loha", 1.0, 0));
+    }
+
+    #[test]
     fn a_malformed_tag_is_invalid_input_with_the_same_message() {
         let e = Error::from(extract_lora_tags("a <lora:x:abc>").unwrap_err());
         assert!(matches!(&e, Error::InvalidInput { field: "prompt", .. }), "{e:?}");

@@ -71,7 +71,8 @@ pub struct Case {
     pub kind: CaseKind,
     pub json_path: PathBuf,
     pub tensors_path: PathBuf,
-    /// For LoRA cases (`lora_*`): which of the adapters' two files to load.
+    /// For LoRA cases (`lora_*`): which of the adapters' files to load (a case whose
+    /// adapters name only `file_kohya`, as the LyCORIS cases do, is run from that alone).
     pub lora_format: Option<LoraFormat>,
     /// The tensors the case file marks EXPECTED (its `expected` map, or the `EXPECTED`
     /// entries of `tensor_roles`), else [`CaseKind::outputs`]: what a run must produce.
@@ -95,6 +96,23 @@ fn expected_names(json_path: &Path, kind: CaseKind) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The file layouts a LoRA case can be run from: those (`file_kohya`, `file_diffusers`)
+/// that every adapter it uses names; both when none is common (running then says which
+/// file is missing).
+fn lora_formats(json_path: &Path) -> Result<Vec<(LoraFormat, &'static str)>> {
+    let text = std::fs::read_to_string(json_path).map_err(|e| Error::io(json_path, e))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config { path: json_path.to_path_buf(), message: e.to_string() })?;
+    let both = [(LoraFormat::Kohya, "kohya"), (LoraFormat::Diffusers, "diffusers")];
+    let Some(adapters) = json.get("adapters").and_then(Value::as_object) else { return Ok(both.to_vec()) };
+    let active: Vec<&str> = match json.get("active_adapters").and_then(Value::as_array) {
+        Some(a) => a.iter().filter_map(Value::as_str).collect(),
+        None => adapters.keys().map(String::as_str).collect(),
+    };
+    let have = |key: &str| active.iter().all(|name| adapters.get(*name).and_then(|a| a.get(key)).and_then(Value::as_str).is_some());
+    let found: Vec<_> = both.iter().copied().filter(|(_, suffix)| have(&format!("file_{suffix}"))).collect();
+    Ok(if found.is_empty() { both.to_vec() } else { found })
+}
+
 /// Lists the recognised cases of a folder (non-recursive), sorted by name.
 pub fn discover(cases_dir: &Path) -> Result<Vec<Case>> {
     let entries = std::fs::read_dir(cases_dir).map_err(|e| Error::io(cases_dir, e))?;
@@ -112,8 +130,9 @@ pub fn discover(cases_dir: &Path) -> Result<Vec<Case>> {
         }
         let expected = expected_names(&path, kind)?;
         if stem.starts_with("lora_") {
-            // A LoRA case is reproduced from each of its adapters' two files.
-            for (format, suffix) in [(LoraFormat::Kohya, "kohya"), (LoraFormat::Diffusers, "diffusers")] {
+            // A LoRA case is reproduced from each of its adapters' files (kohya and
+            // diffusers, or the one layout every adapter has, e.g. LyCORIS' kohya naming).
+            for (format, suffix) in lora_formats(&path)? {
                 cases.push(Case {
                     name: format!("{stem}-{suffix}"),
                     kind,

@@ -573,7 +573,8 @@ pub fn materialize(file: &Path, config: &Path, cache: &Path) -> Result<PathBuf> 
     let source = SOURCE_FILE;
     if !out.join(source).is_file() {
         let json = serde_json::json!({ "name": stem, "short_hash": hash, "file": file.display().to_string() });
-        crate::files::write_atomic_with(&out.join(source), |tmp| Ok(std::fs::write(tmp, json.to_string())?), |e| Error::io(&out.join(source), e))?;
+        let path = out.join(source);
+        crate::files::write_atomic_with(&path, |tmp| std::fs::write(tmp, json.to_string()).map_err(|e| Error::io(tmp, e)), |e| Error::io(&path, e))?;
     }
     Ok(out)
 }
