@@ -130,6 +130,20 @@ fn sdxl_models_generate_and_odd_single_files_say_what_they_need() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a standard") && err.contains("UNet width 32") && err.contains("--config"), "{err}");
+
+    // A truncated download and a pickle are refused before anything is converted.
+    let bytes = std::fs::read(&file).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run(&cut, &dir.path().join("d.png"), "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("truncated") && err.contains("cut.safetensors"), "{err}");
+    let pickle = dir.path().join("old.safetensors");
+    std::fs::write(&pickle, b"\x80\x02}q\x00(X\x05\x00\x00\x00state").unwrap();
+    let out = run(&pickle, &dir.path().join("e.png"), "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("pickle"), "{err}");
+    assert!(!dir.path().join("cache/atelier/checkpoints").exists() || std::fs::read_dir(dir.path().join("cache/atelier/checkpoints")).unwrap().next().is_none(), "nothing converted");
 }
 
 #[test]

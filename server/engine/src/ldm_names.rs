@@ -37,20 +37,17 @@ pub fn unet_to_ldm(name: &str, config: &UNetConfig) -> Option<String> {
     let mut parts = name.splitn(5, '.');
     let (a, b, c, d) = (parts.next()?, parts.next()?, parts.next()?, parts.next());
     let rest = parts.next();
-    let join = |block: String, sub: Option<&str>| match sub {
-        Some(s) if !s.is_empty() => format!("{block}.{s}"),
-        _ => block,
+    // `{resnets,attentions}.j.REST` of a level whose first LDM block is `first`.
+    let member = |blocks: &str, first: usize| -> Option<String> {
+        let j: usize = d?.parse().ok()?;
+        let (slot, sub) = if c == "resnets" { (0, resnet_sub(rest?)?) } else { (1, rest?.to_string()) };
+        Some(format!("{blocks}.{}.{slot}.{sub}", first + j))
     };
     match (a, b) {
         ("down_blocks", i) => {
             let i: usize = i.parse().ok()?;
             match c {
-                "resnets" | "attentions" => {
-                    let j: usize = d?.parse().ok()?;
-                    let slot = if c == "resnets" { 0 } else { 1 };
-                    let sub = if c == "resnets" { resnet_sub(rest?)? } else { rest?.to_string() };
-                    Some(join(format!("input_blocks.{}.{slot}", 1 + per_level * i + j), Some(&sub)))
-                }
+                "resnets" | "attentions" => member("input_blocks", 1 + per_level * i),
                 "downsamplers" if d == Some("0") && rest == Some("conv") => Some(format!("input_blocks.{}.0.op", per_level * (i + 1))),
                 _ => None,
             }
@@ -67,12 +64,7 @@ pub fn unet_to_ldm(name: &str, config: &UNetConfig) -> Option<String> {
         ("up_blocks", i) => {
             let i: usize = i.parse().ok()?;
             match c {
-                "resnets" | "attentions" => {
-                    let j: usize = d?.parse().ok()?;
-                    let slot = if c == "resnets" { 0 } else { 1 };
-                    let sub = if c == "resnets" { resnet_sub(rest?)? } else { rest?.to_string() };
-                    Some(join(format!("output_blocks.{}.{slot}", per_level * i + j), Some(&sub)))
-                }
+                "resnets" | "attentions" => member("output_blocks", per_level * i),
                 "upsamplers" if d == Some("0") && rest == Some("conv") => {
                     let has_attention = config.up_block_types.get(i)? == "CrossAttnUpBlock2D";
                     Some(format!("output_blocks.{}.{}.conv", per_level * i + per_level - 1, if has_attention { 2 } else { 1 }))
