@@ -231,8 +231,8 @@ const TOY_CHANNELS: u64 = 320;
 
 /// Shown in the UI and `/api/model` for tiny models without a model card.
 pub const NOISE_NOTE: &str = "This is a tiny untrained test model: its images are coloured noise. \
-Start the server with --model pointing at a real Stable Diffusion 1.x/2.x diffusers folder (or \
-hub id) for real images.";
+Start the server with --model pointing at a real Stable Diffusion 1.x, 2.x or SDXL model (a \
+diffusers folder, a hub id or a single-file .safetensors checkpoint) for real images.";
 
 /// What the UI says about a model: the `note` of its `atelier.json` card (the starter
 /// model has one), a warning for tiny models without one, nothing for real SD models.
