@@ -16,7 +16,8 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "ATELIER_ADDR", default_value = "127.0.0.1:3000")]
     addr: SocketAddr,
-    /// Diffusers-layout Stable Diffusion folder to load (the built-in test model paints noise).
+    /// The model to load: a diffusers folder, a hub id in the Hugging Face cache, or a single-file
+    /// `.safetensors` checkpoint (SD 1.x / SDXL base, recognised from its weights).
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     model: PathBuf,
     /// Folder for the gallery (images and their database); created if missing.

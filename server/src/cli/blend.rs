@@ -18,7 +18,7 @@ use super::train_style::SHIPPED_STYLES;
 pub struct BlendArgs {
     #[command(subcommand)]
     pub action: BlendAction,
-    /// Model folder (diffusers layout) or hub id.
+    /// Model folder (diffusers layout), hub id, or single-file `.safetensors` checkpoint.
     #[arg(long, global = true, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: String,
     /// The style library (besides the styles shipped in models/styles).

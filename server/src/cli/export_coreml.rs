@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Arguments of `atelier export coreml`.
 #[derive(Debug, clap::Args)]
 pub struct CoremlArgs {
-    /// Model folder (diffusers layout) or hub id.
+    /// Model folder (diffusers layout), hub id, or single-file `.safetensors` checkpoint.
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: String,
     /// A blend to bake in: a share link or a saved blend's name. Repeat for several styles

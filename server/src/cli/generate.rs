@@ -55,7 +55,7 @@ pub struct GenerateArgs {
     /// Images to generate; image k uses seed + k.
     #[arg(long, default_value_t = atelier_blend::defaults::generate::BATCH_SIZE)]
     pub batch: usize,
-    /// Model folder (diffusers layout) or hub id.
+    /// Model folder (diffusers layout), hub id, or single-file `.safetensors` checkpoint.
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: String,
     /// LoRA file to apply, as `FILE`, `FILE:WEIGHT` (weight 1 when omitted, negative

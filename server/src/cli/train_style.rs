@@ -91,7 +91,7 @@ pub struct TrainStyleArgs {
     pub tracking: PathBuf,
     #[command(flatten)]
     pub tracking_uri: super::TrackingUri,
-    /// Base model folder (diffusers layout) or hub id.
+    /// Base model folder (diffusers layout), hub id, or single-file `.safetensors` checkpoint.
     #[arg(long, env = "ATELIER_MODEL", default_value = "models/starter")]
     pub model: String,
     /// The style library the style is written to.
