@@ -26,6 +26,7 @@ pub mod clip; // CLIP text encoder
 pub mod unet_blocks; // ResNet, sampler and transformer blocks of the UNet and VAE
 pub mod unet; // the denoising UNet
 pub mod vae; // the autoencoder between images and latents
+pub mod taesd; // TAESD tiny decoders for live previews that look like the image
 pub mod lora; // LoRA adapter files, checked against a model and attached to it
 pub mod bake; // a blend of adapters baked into one file or into the weights
 

@@ -190,6 +190,8 @@ pub struct StableDiffusion {
     weights_bytes: u64,
     /// The layers adapters attach to.
     slots: ModelSlots,
+    /// TAESD decoder for step previews, when its file is beside the model ([`crate::taesd`]).
+    preview_decoder: Option<crate::taesd::TinyDecoder>,
     /// Held while a generation runs, since the attached adapters are model state.
     generating: std::sync::Mutex<()>,
 }
@@ -292,6 +294,15 @@ impl StableDiffusion {
             (Component::Unet, unet_slots),
         ]);
         slots.add_ldm_aliases(&unet_cfg);
+        // A broken preview decoder must not stop the model: previews fall back to the
+        // latent approximation, and the log says why.
+        let preview_decoder = match crate::taesd::TinyDecoder::find(&files.root, text_encoder_2.is_some(), device) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("TAESD preview decoder not used: {e}");
+                None
+            }
+        };
         // A folder converted from a single file carries that file's hash (A1111's "Model hash").
         let hash = match crate::single_file::source_of(&files.root) {
             Some((_, h)) => h,
@@ -312,6 +323,7 @@ impl StableDiffusion {
             hash,
             weights_bytes,
             slots,
+            preview_decoder,
             generating: std::sync::Mutex::new(()),
         })
     }
@@ -387,6 +399,25 @@ impl StableDiffusion {
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {
         &self.scheduler_config
+    }
+
+    /// Uses `decoder` (or, with `None`, the latent approximation) for step previews.
+    pub fn set_preview_decoder(&mut self, decoder: Option<crate::taesd::TinyDecoder>) {
+        self.preview_decoder = decoder;
+    }
+
+    /// The TAESD decoder previews use, if any.
+    pub fn preview_decoder(&self) -> Option<&crate::taesd::TinyDecoder> {
+        self.preview_decoder.as_ref()
+    }
+
+    /// A step preview of the first latent of a batch: TAESD's decoding when a decoder is
+    /// loaded, else [`latent_preview`] (one pixel per latent cell).
+    pub fn preview(&self, latents: &Tensor) -> Result<RgbImage> {
+        match &self.preview_decoder {
+            Some(d) => d.preview(latents),
+            None => latent_preview(latents),
+        }
     }
 
     /// Pixels per latent cell (8 for SD, 2 for the tiny test model).
@@ -740,7 +771,7 @@ impl StableDiffusion {
 
         let total = scheduler.timesteps().len() - start;
         let mut cb = |i: usize, x: &Tensor| -> bool {
-            let preview = latent_preview(x).ok();
+            let preview = self.preview(x).ok();
             on_step(&StepProgress { step: i + 1 - start, total, preview })
         };
         let micro = MicroConditioning::for_size(params.height, params.width);
