@@ -100,6 +100,27 @@ fn sdxl_lora_cases_from_both_file_formats() {
     check_model(&sdxl_fixtures().join("pipeline"), &sdxl_fixtures().join("lora"), 4, AttentionKind::Original, Tolerance::F32);
 }
 
+/// SD-Turbo / SDXL-Turbo sampling (Euler ancestral, trailing spacing, one step, guidance 0,
+/// no negative prompt) on the SDXL fixture and on the SD-architecture starter model, as
+/// diffusers runs it (`tests/diffusers/make_turbo_cases.py`).
+#[test]
+fn turbo_one_step_cases() {
+    let turbo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/diffusers/turbo");
+    let tmp = tempfile::tempdir().unwrap();
+    for (model, case) in [
+        (sdxl_fixtures().join("pipeline"), "pipeline_turbo_sdxl"),
+        (PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/starter"), "pipeline_turbo_sd"),
+    ] {
+        // One case per folder, so each model sees only its own.
+        let dir = tmp.path().join(case);
+        std::fs::create_dir_all(&dir).unwrap();
+        for ext in ["json", "safetensors"] {
+            std::fs::copy(turbo.join(format!("{case}.{ext}")), dir.join(format!("{case}.{ext}"))).unwrap();
+        }
+        check_model(&model, &dir, 1, AttentionKind::Original, Tolerance::F32);
+    }
+}
+
 fn single_files() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/single-file")
 }
