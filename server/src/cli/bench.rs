@@ -20,7 +20,8 @@ use candle_core::{DType, Device, Tensor};
 pub struct BenchArgs {
     /// One case only: model-unet (the --model's UNet at its native size), starter-unet,
     /// sd15-unet, sdxl-unet (SDXL base's UNet, batch 2, 128×128 latents, with the added
-    /// conditioning), sd15-vae (SD-1.5's VAE decoding a 64×64 latent to 512×512), e2e, blend (e2e with two shipped styles attached) or coreml-e2e (the
+    /// conditioning), sd15-vae (SD-1.5's VAE decoding a 64×64 latent to 512×512),
+    /// sd-turbo-1step (an SD-Turbo-size 512×512 image in one step: text encoder, UNet, VAE), e2e, blend (e2e with two shipped styles attached) or coreml-e2e (the
     /// workload of a Core ML export, --models, printed as the iOS app's Benchmark screen
     /// writes it: one "atelier-bench-v1" JSON line per timed image); default: model-unet,
     /// sd15-unet and e2e.
@@ -168,6 +169,44 @@ fn vae_case(attn: AttentionKind, steps: usize, dev: &Device) -> Result<Row> {
     Ok(Row { case: "sd15-vae".into(), attention: attn, seconds, peak_bytes: peak_rss(), resident_bytes, unit: "s/decode" })
 }
 
+/// An SD-Turbo-size one-step image with random weights: SD 2.1-base's architecture (OpenCLIP
+/// ViT-H text encoder of 23 layers, UNet with 1024-wide cross-attention, the SD VAE), a 512×512
+/// image: tokenize and encode the prompt, one UNet step at batch 1 (guidance 0, Euler ancestral
+/// with trailing spacing: the last step ends at σ = 0), VAE decode — the whole of what a Turbo
+/// image costs.
+fn turbo_case(attn: AttentionKind, steps: usize, dev: &Device) -> Result<Row> {
+    use atelier_engine::presets::Preset;
+    reset_peak();
+    let dir = Preset::Sd2Base.config_dir(&atelier_engine::presets::default_root())?;
+    let clip_cfg: atelier_engine::clip::ClipConfig = read_config(&dir.join("text_encoder/config.json"))?;
+    let unet_cfg: UNetConfig = read_config(&dir.join("unet/config.json"))?;
+    let vae_cfg: atelier_engine::vae::VaeConfig = read_config(&dir.join("vae/config.json"))?;
+    let sched_cfg = atelier_engine::scheduler::SchedulerConfig {
+        timestep_spacing: Some(atelier_engine::scheduler::TimestepSpacing::Trailing),
+        ..atelier_engine::scheduler::SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json"))?
+    };
+    let tok = atelier_engine::tokenizer::ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+    let te = atelier_engine::clip::ClipTextModel::new(&clip_cfg, random_var_builder(DType::F32, dev))?;
+    let unet = UNet2DConditionModel::new(&unet_cfg, random_var_builder(DType::F32, dev))?;
+    let vae = atelier_engine::vae::AutoencoderKL::new(&vae_cfg, random_var_builder(DType::F32, dev))?;
+    let resident_bytes = resident();
+    let seconds = time_median(steps, || {
+        let ids = Tensor::new(tok.encode("a photograph of a lighthouse at dawn").ids.as_slice(), dev)?.unsqueeze(0)?;
+        let ctx = te.forward(&ids, attn)?.last_hidden_state;
+        let mut sched = atelier_engine::scheduler::build(SchedulerKind::EulerAncestral, &sched_cfg, 1)?;
+        let mut noise = atelier_engine::noise::Noise::new(1);
+        let x = (noise.randn(&[1, 4, 64, 64], dev)? * sched.init_noise_sigma())?;
+        let t = sched.timesteps()[0];
+        let input = sched.scale_model_input(&x, 0)?;
+        let pred = unet.forward(&input, t, &ctx, attn)?;
+        let latents = sched.step(&pred, 0, &x, &mut noise)?;
+        let image = vae.decode(&(latents / vae_cfg.scaling_factor)?, attn)?;
+        image.flatten_all()?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    Ok(Row { case: "sd-turbo-1step".into(), attention: attn, seconds, peak_bytes: peak_rss(), resident_bytes, unit: "s/image (512², 1 step)" })
+}
+
 /// Runs `f` once untimed, then `steps` timed times; the median in seconds.
 fn time_median(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
@@ -225,6 +264,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     unet_case(case, &UNetConfig::sdxl(), vb, attn, 128, steps, &dev)?
                 }
                 "sd15-vae" => vae_case(attn, steps, &dev)?,
+                "sd-turbo-1step" => turbo_case(attn, steps, &dev)?,
                 "e2e" | "blend" => {
                     reset_peak();
                     let sd = StableDiffusion::load(&args.model, &dev)
@@ -261,7 +301,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     }
                     Row { case: case.into(), attention: attn, seconds: median(times), peak_bytes: peak_rss(), resident_bytes, unit: "s/image (20 steps, CFG)" }
                 }
-                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet, sdxl-unet, sd15-vae, e2e, blend or coreml-e2e"),
+                other => anyhow::bail!("unknown case {other}; use model-unet, starter-unet, sd15-unet, sdxl-unet, sd15-vae, sd-turbo-1step, e2e, blend or coreml-e2e"),
             };
             if args.json {
                 let key = row.json_key();
