@@ -340,24 +340,19 @@ pub fn conv2d(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = candle_nn::Conv2dConfig { padding, stride, dilation: 1, groups: 1, cudnn_fwd_algo: None };
-    let lora = register(vb.prefix(), SlotShape::Conv { in_c, out_c, kernel });
-    Ok(Conv2d {
-        inner: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?,
-        geometry: crate::conv::ConvGeometry { kernel, stride, padding },
-        lora,
-    })
+    conv_layer(in_c, out_c, kernel, stride, padding, true, vb)
 }
 
 /// A convolution without bias (as [`conv2d`]).
 pub fn conv2d_no_bias(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
+    conv_layer(in_c, out_c, kernel, stride, padding, false, vb)
+}
+
+fn conv_layer(in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
     let cfg = candle_nn::Conv2dConfig { padding, stride, dilation: 1, groups: 1, cudnn_fwd_algo: None };
     let lora = register(vb.prefix(), SlotShape::Conv { in_c, out_c, kernel });
-    Ok(Conv2d {
-        inner: candle_nn::conv2d_no_bias(in_c, out_c, kernel, cfg, vb)?,
-        geometry: crate::conv::ConvGeometry { kernel, stride, padding },
-        lora,
-    })
+    let inner = if bias { candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)? } else { candle_nn::conv2d_no_bias(in_c, out_c, kernel, cfg, vb)? };
+    Ok(Conv2d { inner, geometry: crate::conv::ConvGeometry { kernel, stride, padding }, lora })
 }
 
 impl Conv2d {

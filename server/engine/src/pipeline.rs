@@ -448,15 +448,15 @@ impl StableDiffusion {
             return Ok(TextConditioning { context: self.text_encoder.forward(&ids, attn)?.last_hidden_state, pooled: None });
         };
         let ids2 = Tensor::new(second.tokenizer.encode(prompt).ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        self.encode_sdxl_ids(&ids, &ids2, true, attn)
+        self.encode_sdxl_ids(&ids, &ids2, attn)
     }
 
-    /// SDXL: both encoders' penultimate states concatenated, and (when `pooled`) the
-    /// second encoder's projected pooled output (diffusers `StableDiffusionXLPipeline.encode_prompt`).
-    fn encode_sdxl_ids(&self, ids: &Tensor, ids2: &Tensor, pooled: bool, attn: AttentionKind) -> Result<TextConditioning> {
+    /// SDXL: both encoders' penultimate states concatenated, and the second encoder's
+    /// projected pooled output (diffusers `StableDiffusionXLPipeline.encode_prompt`).
+    fn encode_sdxl_ids(&self, ids: &Tensor, ids2: &Tensor, attn: AttentionKind) -> Result<TextConditioning> {
         let second = self.text_encoder_2.as_ref().ok_or_else(|| Error::invalid("model", "not an SDXL model"))?;
         let a = self.text_encoder.forward_penultimate(ids, false, attn)?.penultimate;
-        let b = second.model.forward_penultimate(ids2, pooled, attn)?;
+        let b = second.model.forward_penultimate(ids2, true, attn)?;
         Ok(TextConditioning { context: Tensor::cat(&[&a, &b.penultimate], 2)?, pooled: b.text_embeds })
     }
 
